@@ -1,3 +1,48 @@
-"""fd-onestep: one-step generators from diffusion models by FD-loss."""
+"""fd-onestep: one-step generators from multi-step diffusion models by FD-loss.
+
+Public names are imported lazily so that ``import fd_onestep`` stays cheap (no diffusers or
+transformers import until a pipeline or encoder is actually used).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # Fréchet math
+    "frechet_distance": "fd_onestep.frechet",
+    "frechet_distance_to_reference": "fd_onestep.frechet",
+    "sqrtm_psd": "fd_onestep.frechet",
+    # statistics
+    "FeatureMoments": "fd_onestep.moments",
+    "ReferenceStats": "fd_onestep.reference_stats",
+    # populations and losses
+    "EMAPopulation": "fd_onestep.populations",
+    "QueuePopulation": "fd_onestep.populations",
+    "ExactPopulation": "fd_onestep.populations",
+    "build_population": "fd_onestep.populations",
+    "FDLoss": "fd_onestep.losses",
+    "MultiEncoderFDLoss": "fd_onestep.losses",
+    # encoders
+    "FeatureEncoder": "fd_onestep.encoders",
+    "load_encoder": "fd_onestep.encoders",
+    # one-step generators
+    "FDOneStepPipeline": "fd_onestep.pipelines.pipeline_fd_onestep",
+    "OneStepGenerator": "fd_onestep.onestep",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fd_onestep' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
