@@ -1,0 +1,597 @@
+"""Reference statistics (mean and covariance of encoder features) of a real image dataset.
+
+One pass over the images feeds every requested encoder; moments are accumulated in float64
+(:class:`~fd_onestep.moments.FeatureMoments`). Sources:
+
+- a 🤗 ``datasets`` dataset: a hub id or a local dataset folder (e.g. an ``imagefolder`` layout),
+  ``split``, ``image_column``, optionally ``streaming`` for sets too large to download first;
+- a plain folder of image files (read like pytorch-fid: ``PIL.Image.open(f).convert("RGB")``);
+- image tensors / uint8 arrays in memory (e.g. an ADM reference batch's ``arr_0``).
+
+Under ``accelerate launch`` (or any initialized ``torch.distributed`` process group) each process
+reads its own contiguous shard (``datasets.distributed.split_dataset_by_node`` for datasets) and the
+moments are summed over processes at the end, so N processes give the statistics of one process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .encoders import FeatureEncoder, encoder_file_stem, load_encoder
+from .images import (
+    ImageFileDataset,
+    batches_by_size,
+    center_crop_resize,
+    list_image_files,
+    pil_to_rgb,
+    pil_to_tensor,
+    to_image_tensor,
+)
+
+EncodersArg = Union[Mapping[str, FeatureEncoder], Sequence[Union[str, FeatureEncoder]], str, FeatureEncoder]
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+def process_info() -> Tuple[int, int]:
+    """(rank, world size) of the default ``torch.distributed`` group; (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def contiguous_shard(n: int, rank: int, world_size: int) -> range:
+    """Indices of the ``rank``-th of ``world_size`` contiguous shards of ``range(n)`` (sizes differ by <= 1)."""
+    div, mod = divmod(n, world_size)
+    start = div * rank + min(rank, mod)
+    return range(start, start + div + (1 if rank < mod else 0))
+
+
+def library_version() -> str:
+    import fd_onestep
+
+    import transformers
+
+    return f"fd_onestep {fd_onestep.__version__}; torch {torch.__version__}; transformers {transformers.__version__}; python {platform.python_version()}"
+
+
+# --- encoders ------------------------------------------------------------------------------------
+
+
+def resolve_encoders(encoders: EncodersArg, **load_kwargs) -> Dict[str, FeatureEncoder]:
+    """Names / ids / encoder objects -> ``{short name: FeatureEncoder}``.
+
+    Strings are loaded with :func:`~fd_onestep.encoders.load_encoder` (``load_kwargs`` forwarded);
+    the short name (used for output file names and result keys) is a file-name-safe form of the
+    string, e.g. ``"dinov2"``, ``"inception"``, ``"tiny-dinov2"``.
+    """
+    if isinstance(encoders, (str, FeatureEncoder)):
+        encoders = [encoders]
+    if isinstance(encoders, Mapping):
+        resolved = dict(encoders)
+    else:
+        resolved = {}
+        for item in encoders:
+            if isinstance(item, FeatureEncoder):
+                key = item.name
+            else:
+                key = encoder_file_stem(item)
+                item = load_encoder(item, **load_kwargs)
+            if key in resolved:
+                raise ValueError(f"Encoder {key!r} is listed twice; list each encoder once.")
+            resolved[key] = item
+    if not resolved:
+        raise ValueError("No encoders given; pass at least one, e.g. ['inception', 'dinov2'].")
+    for key, encoder in resolved.items():
+        if not isinstance(encoder, FeatureEncoder):
+            raise TypeError(f"Encoder {key!r} is a {type(encoder).__name__}, expected a FeatureEncoder (see load_encoder).")
+    return resolved
+
+
+# --- image sources -------------------------------------------------------------------------------
+
+
+def _find_image_column(features, column_names: Sequence[str], image_column: Optional[str], dataset_name: str) -> str:
+    if image_column is not None:
+        if image_column not in column_names:
+            raise ValueError(
+                f"Dataset '{dataset_name}' has no column {image_column!r}; its columns are {list(column_names)}. "
+                "Pass the right one with image_column= (CLI: --image_column)."
+            )
+        return image_column
+    import datasets
+
+    if features is not None:
+        for name, feature in features.items():
+            if isinstance(feature, datasets.Image):
+                return name
+    for name in ("image", "img", "images", "pixel_values"):
+        if name in column_names:
+            return name
+    raise ValueError(
+        f"Could not find an image column in dataset '{dataset_name}' (columns: {list(column_names)}). "
+        "Pass it with image_column= (CLI: --image_column)."
+    )
+
+
+def open_dataset(
+    dataset: str | os.PathLike,
+    *,
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: Optional[str | os.PathLike] = None,
+    image_column: Optional[str] = None,
+    name: Optional[str] = None,
+):
+    """Load one split of a 🤗 dataset and find its image column.
+
+    ``dataset``: a hub id (``"cifar10"``, ``"ILSVRC/imagenet-1k"``), a local folder that
+    ``datasets.load_dataset`` understands (e.g. an ``imagefolder`` layout: images, optionally in
+    ``train/``, ``validation/`` subfolders), or a folder written by ``Dataset.save_to_disk``.
+
+    Returns ``(dataset, image_column)``; raises ``ValueError`` for an unknown split or column and
+    ``FileNotFoundError`` when the dataset cannot be found (offline, typo).
+    """
+    import datasets
+
+    path = Path(dataset).expanduser()
+    try:
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"Dataset '{dataset}' has no split {split!r}; its splits are {list(loaded)}.")
+                loaded = loaded[split]
+            if streaming:
+                loaded = loaded.to_iterable_dataset()
+        else:
+            loaded = datasets.load_dataset(
+                str(path) if path.exists() else str(dataset),
+                name,
+                split=split,
+                streaming=streaming,
+                cache_dir=str(cache_dir) if cache_dir is not None else None,
+            )
+    except ValueError as err:
+        message = str(err)
+        if "split" in message.lower() or "Unknown split" in message:
+            raise ValueError(
+                f"Dataset '{dataset}' has no split {split!r} ({message.splitlines()[0]}). "
+                "Pick one of its splits with split= (CLI: --split)."
+            ) from None
+        raise
+    except FileNotFoundError as err:
+        if type(err).__name__ == "EmptyDatasetError" or (path.is_dir() and not list_image_files(path)):
+            raise ValueError(
+                f"The dataset folder '{dataset}' contains no images (no data files): there is nothing to compute "
+                "statistics from. Point --dataset at a folder of images (optionally in train/ and validation/ subfolders)."
+            ) from None
+        raise FileNotFoundError(
+            f"Could not load dataset '{dataset}' ({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "Pass an existing local folder, or a hub id that is in the datasets cache (download it on a "
+            "connected machine with `huggingface-cli download --repo-type dataset <id>` or "
+            "`datasets.load_dataset(<id>)` and copy $HF_HOME over), or go online."
+        ) from None
+    except (ConnectionError, OSError) as err:
+        raise FileNotFoundError(
+            f"Could not load dataset '{dataset}' ({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "It is not a local folder and the hub is unreachable (offline?). Download it on a connected "
+            "machine (`huggingface-cli download --repo-type dataset <id>`) and copy the HF cache "
+            "($HF_HOME) over, or pass a local folder."
+        ) from None
+    try:
+        column = _find_image_column(getattr(loaded, "features", None), loaded.column_names or [], image_column, str(dataset))
+    except ValueError:
+        if path.is_dir() and image_column is None and not list_image_files(path):
+            raise ValueError(
+                f"The dataset folder '{dataset}' contains no image files: there is nothing to compute statistics "
+                "from. Point --dataset at a folder of images, or name the image column with --image_column."
+            ) from None
+        raise
+    return loaded, column
+
+
+def _dataset_items_for_process(ds, max_samples: Optional[int], rank: int, world_size: int):
+    """Apply ``max_samples`` (globally) and keep this process's contiguous shard."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    if isinstance(ds, datasets.Dataset):
+        if max_samples is not None and max_samples < len(ds):
+            ds = ds.select(range(max_samples))
+        if len(ds) == 0:
+            raise ValueError("The dataset split is empty: there are no images to compute statistics from.")
+    elif max_samples is not None:
+        ds = ds.take(max_samples)
+    if world_size > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds
+
+
+def _pil_batch_to_tensors(images: Iterable, resolution: Optional[int]) -> List[torch.Tensor]:
+    tensors = []
+    for image in images:
+        if image is None:
+            continue
+        if isinstance(image, dict) and ("bytes" in image or "path" in image):
+            import io
+
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+        if not hasattr(image, "convert"):  # arrays / tensors stored in the dataset
+            tensor = to_image_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)[0]
+            tensors.append(tensor)
+            continue
+        image = center_crop_resize(image, resolution) if resolution is not None else pil_to_rgb(image)
+        tensors.append(pil_to_tensor(image))
+    return tensors
+
+
+def iter_dataset_batches(
+    ds,
+    image_column: str,
+    *,
+    batch_size: int = 64,
+    resolution: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tuple[Iterator[torch.Tensor], Optional[int]]:
+    """Batches (B, 3, H, W) float32 in [-1, 1] of this process's shard of a 🤗 dataset.
+
+    Returns ``(iterator, number of images in this shard or None when unknown (streaming))``.
+    Images of different sizes (when ``resolution`` is None) come in separate, smaller batches.
+    """
+    ds = _dataset_items_for_process(ds, max_samples, rank, world_size)
+    ds = ds.select_columns([image_column])
+    total = len(ds) if hasattr(ds, "__len__") and not _is_iterable_dataset(ds) else None
+
+    def generate():
+        if total is not None:
+            for start in range(0, total, batch_size):
+                rows = ds[start : start + batch_size][image_column]
+                yield from batches_by_size(_pil_batch_to_tensors(rows, resolution))
+        else:
+            buffer = []
+            for row in ds:
+                buffer.append(row[image_column])
+                if len(buffer) == batch_size:
+                    yield from batches_by_size(_pil_batch_to_tensors(buffer, resolution))
+                    buffer = []
+            if buffer:
+                yield from batches_by_size(_pil_batch_to_tensors(buffer, resolution))
+
+    return generate(), total
+
+
+def _is_iterable_dataset(ds) -> bool:
+    import datasets
+
+    return isinstance(ds, datasets.IterableDataset)
+
+
+def iter_folder_batches(
+    folder: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    resolution: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    recursive: bool = True,
+) -> Tuple[Iterator[torch.Tensor], int]:
+    """Batches (B, 3, H, W) in [-1, 1] of this process's contiguous shard of the sorted image files."""
+    files = list_image_files(folder, recursive=recursive)
+    if max_samples is not None:
+        files = files[:max_samples]
+    if not files:
+        raise ValueError(
+            f"No images found in '{folder}' (extensions: png, jpg, jpeg, webp, bmp, tif, tiff, ppm, pgm); "
+            "there is nothing to compute statistics from."
+        )
+    files = [files[i] for i in contiguous_shard(len(files), rank, world_size)]
+    dataset = ImageFileDataset(files, resolution)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=batches_by_size
+    )
+
+    def generate():
+        for groups in loader:
+            yield from groups
+
+    return generate(), len(files)
+
+
+def iter_array_batches(
+    images, *, batch_size: int = 64, rank: int = 0, world_size: int = 1
+) -> Tuple[Iterator[torch.Tensor], int]:
+    """Batches in [-1, 1] of this process's shard of in-memory images.
+
+    ``images``: uint8 array (N, H, W, C) (e.g. ADM's ``arr_0``), or a float tensor (N, C, H, W) in [-1, 1].
+    """
+    n = len(images)
+    if n == 0:
+        raise ValueError("Got an empty image array: there are no images to compute statistics from.")
+    shard = contiguous_shard(n, rank, world_size)
+
+    def generate():
+        for start in range(shard.start, shard.stop, batch_size):
+            chunk = images[start : min(start + batch_size, shard.stop)]
+            if isinstance(chunk, torch.Tensor) and torch.is_floating_point(chunk):
+                yield chunk
+            else:
+                yield to_image_tensor(np.asarray(chunk) if not isinstance(chunk, torch.Tensor) else chunk)
+
+    return generate(), len(shard)
+
+
+# --- accumulation --------------------------------------------------------------------------------
+
+
+def accumulate_moments(
+    batches: Iterable[torch.Tensor],
+    encoders: Mapping[str, FeatureEncoder],
+    *,
+    total: Optional[int] = None,
+    show_progress: bool = True,
+    description: str = "features",
+    all_reduce: bool = True,
+):
+    """Feed every batch to every encoder; float64 moments per encoder.
+
+    Args:
+        batches: float tensors (B, C, H, W) in [-1, 1].
+        encoders: ``{name: FeatureEncoder}``.
+        total: number of images (for the progress bar), if known.
+        all_reduce: sum the moments over ``torch.distributed`` processes at the end (every process
+            must call this function then).
+    Returns:
+        ``{name: FeatureMoments}`` (global counts after the reduction).
+    """
+    from tqdm.auto import tqdm
+
+    from .moments import FeatureMoments
+
+    rank, _ = process_info()
+    moments = {name: FeatureMoments(encoder.feature_dim) for name, encoder in encoders.items()}
+    progress = tqdm(total=total, desc=description, unit="img", disable=not show_progress or rank != 0)
+    with torch.no_grad():
+        for batch in batches:
+            for name, encoder in encoders.items():
+                moments[name].update(encoder(batch).double())
+            progress.update(batch.shape[0])
+    progress.close()
+    if all_reduce:
+        for m in moments.values():
+            m.all_reduce()
+    return moments
+
+
+def stats_from_moments(
+    moments: Mapping[str, "object"],
+    encoders: Mapping[str, FeatureEncoder],
+    *,
+    dataset: str,
+    split: str = "",
+    resolution: Optional[int] = None,
+    extra_metadata: Optional[Mapping[str, str]] = None,
+):
+    """``{name: FeatureMoments}`` -> ``{name: ReferenceStats}`` with the standard metadata."""
+    from .reference_stats import ReferenceStats
+
+    stats = {}
+    for name, m in moments.items():
+        if m.count < 2:
+            raise ValueError(
+                f"Only {m.count} image(s) were read for '{dataset}'{f' split {split!r}' if split else ''}; "
+                "a covariance needs at least 2 (FD needs many more: 10k-50k is standard)."
+            )
+        encoder = encoders[name]
+        image_side = (
+            f"RGB; center-crop-resize to {resolution} (ADM: box downsample + bicubic)" if resolution else "RGB; native size"
+        )
+        metadata = {
+            "encoder_id": encoder.encoder_id,
+            "encoder_name": name,
+            "feature_dim": str(encoder.feature_dim),
+            "resolution": str(resolution) if resolution else "native",
+            "encoder_input_size": str(encoder.input_size),
+            "preprocessing": f"{image_side}; {encoder.describe_preprocessing()}",
+            "dataset": str(dataset),
+            "split": str(split),
+            "num_images": str(m.count),
+            "library_version": library_version(),
+        }
+        if extra_metadata:
+            metadata.update({k: str(v) for k, v in extra_metadata.items()})
+        stats[name] = ReferenceStats.from_moments(m, **metadata)
+    return stats
+
+
+def _batches_for_source(
+    *,
+    dataset,
+    images_dir,
+    images,
+    split,
+    image_column,
+    streaming,
+    cache_dir,
+    batch_size,
+    resolution,
+    max_samples,
+    num_workers,
+    rank,
+    world_size,
+):
+    given = [x is not None for x in (dataset, images_dir, images)]
+    if sum(given) != 1:
+        raise ValueError("Pass exactly one image source: dataset= (hub id or dataset folder), images_dir= or images=.")
+    if dataset is not None:
+        ds, column = open_dataset(dataset, split=split, streaming=streaming, cache_dir=cache_dir, image_column=image_column)
+        return iter_dataset_batches(
+            ds, column, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank, world_size=world_size
+        )
+    if images_dir is not None:
+        return iter_folder_batches(
+            images_dir, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
+            world_size=world_size, num_workers=num_workers,
+        )
+    if max_samples is not None:
+        images = images[:max_samples]
+    return iter_array_batches(images, batch_size=batch_size, rank=rank, world_size=world_size)
+
+
+def compute_reference_stats(
+    encoders: EncodersArg,
+    dataset: Optional[str | os.PathLike] = None,
+    *,
+    images_dir: Optional[str | os.PathLike] = None,
+    images=None,
+    split: str = "train",
+    image_column: Optional[str] = None,
+    streaming: bool = False,
+    cache_dir: Optional[str | os.PathLike] = None,
+    max_samples: Optional[int] = None,
+    batch_size: int = 64,
+    resolution: Optional[int] = None,
+    validation_split: Optional[str] = None,
+    validation_images_dir: Optional[str | os.PathLike] = None,
+    num_workers: int = 0,
+    show_progress: bool = True,
+    source_name: Optional[str] = None,
+    **load_kwargs,
+):
+    """Reference statistics of a real-image set for one or several encoders, in one pass.
+
+    Args:
+        encoders: names/ids (loaded with ``load_encoder(**load_kwargs)``), encoders, or a dict.
+        dataset / images_dir / images: the source (exactly one): a 🤗 dataset id or folder, a plain
+            folder of image files, or in-memory images (uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1]).
+        split, image_column, streaming, cache_dir: 🤗 dataset options.
+        max_samples: use the first ``max_samples`` images (before sharding over processes).
+        batch_size: images per encoder call (per process).
+        resolution: center-crop-resize every image to ``resolution`` x ``resolution`` first (the
+            generator's output size; ADM's protocol). None keeps native sizes (the encoder resizes).
+        validation_split / validation_images_dir: a held-out real set; its FD against the
+            reference is stored as ``validation_fd`` (the denominator of FD_r).
+        show_progress: tqdm bar on the main process.
+    Returns:
+        ``{encoder name: ReferenceStats}``; identical on every process.
+    Raises:
+        ValueError for an empty source, unknown split/column, FileNotFoundError for a missing source.
+    """
+    encoders = resolve_encoders(encoders, **load_kwargs)
+    rank, world_size = process_info()
+    source = dict(
+        images=images, streaming=streaming, cache_dir=cache_dir, image_column=image_column, batch_size=batch_size,
+        resolution=resolution, max_samples=max_samples, num_workers=num_workers, rank=rank, world_size=world_size,
+    )
+    batches, total = _batches_for_source(dataset=dataset, images_dir=images_dir, split=split, **source)
+    moments = accumulate_moments(batches, encoders, total=total, show_progress=show_progress, description="reference")
+    name = source_name or str(dataset if dataset is not None else images_dir if images_dir is not None else "in-memory images")
+    split_name = split if dataset is not None else ""
+    stats = stats_from_moments(moments, encoders, dataset=name, split=split_name, resolution=resolution)
+
+    if validation_split is not None or validation_images_dir is not None:
+        if validation_split is not None and dataset is None:
+            raise ValueError("validation_split needs a dataset=; for image folders pass validation_images_dir=.")
+        source["images"] = None
+        val_batches, val_total = _batches_for_source(
+            dataset=dataset if validation_split is not None else None,
+            images_dir=validation_images_dir if validation_split is None else None,
+            split=validation_split or "",
+            **source,
+        )
+        val_moments = accumulate_moments(val_batches, encoders, total=val_total, show_progress=show_progress, description="validation")
+        for key, ref in stats.items():
+            m = val_moments[key]
+            if m.count < 2:
+                raise ValueError(f"The validation set has {m.count} image(s); it needs at least 2 to compute validation_fd.")
+            ref.validation_fd = float(ref.frechet_distance(m.mean, m.covariance()))
+            ref.metadata["validation_split"] = str(validation_split or validation_images_dir)
+            ref.metadata["validation_num_images"] = str(m.count)
+    return stats
+
+
+def save_reference_stats(stats: Mapping[str, "object"], output_dir: str | os.PathLike) -> Dict[str, Path]:
+    """Write ``{name: ReferenceStats}`` as ``<output_dir>/<name>.safetensors`` (main process only)."""
+    rank, _ = process_info()
+    output_dir = Path(output_dir)
+    paths = {name: output_dir / f"{name}.safetensors" for name in stats}
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, ref in stats.items():
+            ref.save(paths[name])
+    return paths
+
+
+# --- .npz import / export ----------------------------------------------------------------------
+
+
+def import_npz_stats(
+    path: str | os.PathLike,
+    *,
+    encoders: Optional[EncodersArg] = None,
+    encoder_id: Optional[str] = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+    **load_kwargs,
+):
+    """Reference statistics from a ``.npz`` file (read with ``allow_pickle=False``).
+
+    - pytorch-fid stats / ADM precomputed stats (``mu``, ``sigma``): imported as they are, for
+      ``encoder_id`` (default: the FID Inception id) -- pass ``encoders=None``.
+    - ADM reference batches (``arr_0``: uint8 images (N, H, W, 3)): the images are encoded with
+      ``encoders`` (one pass, several encoders).
+
+    Returns ``{name: ReferenceStats}``.
+    """
+    from .encoders import INCEPTION_ENCODER_ID
+    from .reference_stats import ReferenceStats
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' does not exist; pass a pytorch-fid or ADM reference .npz file.")
+    with np.load(path, allow_pickle=False) as data:
+        keys = set(data.files)
+        if encoders is not None:
+            if "arr_0" not in keys:
+                raise ValueError(
+                    f"'{path}' has no images ('arr_0'; keys: {sorted(keys)}): it holds precomputed statistics only, "
+                    "which belong to the encoder that made them. Import them without encoders (and with encoder_id=)."
+                )
+            images = data["arr_0"]
+            if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
+                raise ValueError(
+                    f"'arr_0' in '{path}' must be uint8 images (N, H, W, 3) (ADM reference batch); got "
+                    f"{images.dtype} {images.shape}."
+                )
+            return compute_reference_stats(
+                encoders, images=images, batch_size=batch_size, show_progress=show_progress,
+                source_name=f"{path.name} (arr_0)", **load_kwargs,
+            )
+    if not {"mu", "sigma"} <= keys:
+        raise ValueError(
+            f"'{path}' has neither 'mu'/'sigma' nor images: keys {sorted(keys)}. Pass a pytorch-fid stats .npz "
+            "(mu, sigma) or an ADM reference batch (arr_0 [, mu, sigma])."
+        )
+    ref = ReferenceStats.from_npz(path, encoder_id=encoder_id or INCEPTION_ENCODER_ID)
+    return {encoder_file_stem(ref.encoder_id.split(":")[0].split("/")[0]): ref}
+
+
+def export_npz_stats(stats_path: str | os.PathLike, npz_path: str | os.PathLike) -> Path:
+    """Write a saved ReferenceStats as a pytorch-fid-compatible ``.npz`` (keys ``mu``, ``sigma``)."""
+    from .reference_stats import ReferenceStats
+
+    ReferenceStats.load(stats_path).to_npz(npz_path)
+    return Path(npz_path)

@@ -1,0 +1,83 @@
+"""Small ``torch.distributed`` helpers for the FD populations.
+
+Every helper is a no-op (or the identity) when ``torch.distributed`` is not available, not initialized,
+or the world has a single process, so the same code runs in a plain script, under
+``accelerate launch`` with one process, and under DDP with many.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "get_world_size",
+    "is_distributed",
+    "all_reduce_sum",
+    "all_gather_cat",
+    "sum_over_processes_with_local_grad",
+]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialized with more than one process."""
+    return get_world_size() > 1
+
+
+def get_world_size() -> int:
+    """Number of processes of the default process group (1 when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes; returns a new detached tensor (the input is not modified).
+
+    Identity (a detached copy) when not distributed.
+    """
+    out = tensor.detach().clone()
+    if is_distributed():
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (B_r, ...) from every process along dim 0, in rank order (detached).
+
+    Processes may hold different B_r (e.g. the last, smaller batch of an epoch): sizes are exchanged
+    first and the rows are padded for the collective, then trimmed.
+    """
+    tensor = tensor.detach()
+    if not is_distributed():
+        return tensor.clone()
+    world = get_world_size()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    max_rows = max(sizes)
+    padded = tensor.new_zeros((max_rows, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(chunks, padded.contiguous())
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
+
+
+def sum_over_processes_with_local_grad(local: torch.Tensor) -> torch.Tensor:
+    """Global sum of ``local`` over processes whose gradient flows only into this process's ``local``.
+
+    Returns ``sg(sum_r local_r) + W * (local - sg(local))`` with W the world size. Its value is the
+    global sum; its gradient with respect to ``local`` is ``W * dL/d(global)``. DDP averages parameter
+    gradients over the W processes (divides the sum by W), so the averaged parameter gradient is
+    ``sum_r dL/d(global) * d local_r / d theta``: exactly the single-process gradient of the loss of the
+    global batch. Without the factor W the gradient would be W times too small.
+
+    Identity (the tensor itself, gradient untouched) when not distributed.
+    """
+    world = get_world_size()
+    if world == 1:
+        return local
+    total = all_reduce_sum(local)
+    if not local.requires_grad:
+        return total
+    return total + world * (local - local.detach())

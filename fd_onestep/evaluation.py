@@ -1,0 +1,361 @@
+"""FD in several representations, FD_r and FD_r^k.
+
+Definitions (per representation X, i.e. encoder + its reference statistics):
+
+- ``FD_X``: Fréchet distance between the generated feature distribution (mean and unbiased
+  covariance of N generated images, float64) and the reference statistics.
+- ``FDr_X = FD_X / FD_X(validation)``: FD relative to the FD that a held-out *real* validation set
+  reaches against the same reference (``ReferenceStats.validation_fd``, stored by
+  ``fd-onestep stats --validation_split``). FDr = 1 means "as close to the reference as real
+  held-out images"; it makes FDs of different representations comparable (raw FDs have
+  representation-specific scales).
+- ``FD_r^k``: the k-representation summary, the arithmetic mean of FDr_X over the k
+  representations that have a validation FD. A generator can game one representation (e.g. match
+  Inception's ImageNet class histogram); it cannot easily game several at once. Each FDr_X is
+  reported too. Compare FD_r^k only between runs with the same set of representations and the
+  same number of generated samples (FD is biased upwards for small N).
+
+The core, :func:`evaluate_images`, works on in-memory tensors (validation during training,
+comparing generators); :func:`evaluate_pipeline` and :func:`evaluate_folder` feed it from a diffusers
+pipeline / callable or an image folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .encoders import FeatureEncoder
+from .images import to_image_tensor
+
+
+@dataclass
+class RepresentationResult:
+    """FD of the generated images in one representation."""
+
+    encoder: str
+    encoder_id: str
+    fd: float
+    validation_fd: Optional[float]
+    fd_r: Optional[float]
+    num_samples: int
+    reference_num_samples: int
+    reference_dataset: str = ""
+
+
+@dataclass
+class EvaluationResult:
+    """All representations of one evaluation.
+
+    Attributes:
+        representations: ``{encoder name: RepresentationResult}``.
+        num_samples: number of generated images evaluated.
+        fd_r_k: mean FDr over the representations with a validation FD (None if none has one).
+        k: number of representations in ``fd_r_k``.
+        metadata: free-form strings (source, seed, ...).
+    """
+
+    representations: Dict[str, RepresentationResult]
+    num_samples: int
+    fd_r_k: Optional[float]
+    k: int
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def fd(self) -> Dict[str, float]:
+        return {name: r.fd for name, r in self.representations.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "num_samples": self.num_samples,
+            "fd_r_k": self.fd_r_k,
+            "k": self.k,
+            "fd_r_k_definition": "mean over the k representations of FD / validation FD",
+            "representations": {name: asdict(r) for name, r in self.representations.items()},
+            "metadata": dict(self.metadata),
+        }
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvaluationResult":
+        reps = {name: RepresentationResult(**r) for name, r in data["representations"].items()}
+        return cls(reps, int(data["num_samples"]), data.get("fd_r_k"), int(data.get("k", 0)), dict(data.get("metadata", {})))
+
+    def to_markdown(self) -> str:
+        """A markdown table: one row per representation, then the FD_r^k summary."""
+
+        def fmt(x):
+            return "-" if x is None else f"{x:.4f}"
+
+        lines = [
+            "| representation | encoder id | FD | validation FD | FDr | N |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name, r in self.representations.items():
+            lines.append(f"| {name} | `{r.encoder_id}` | {fmt(r.fd)} | {fmt(r.validation_fd)} | {fmt(r.fd_r)} | {r.num_samples} |")
+        if self.fd_r_k is not None:
+            lines.append(f"| **FD_r^{self.k}** (mean FDr) | | | | **{fmt(self.fd_r_k)}** | |")
+        return "\n".join(lines)
+
+
+def _check_references(encoders: Mapping[str, FeatureEncoder], references: Mapping[str, "object"]) -> None:
+    missing = [name for name in encoders if name not in references]
+    if missing:
+        raise ValueError(
+            f"No reference statistics for encoder(s) {missing}; references are given for {sorted(references)}. "
+            "Pass one ReferenceStats per encoder, under the same name."
+        )
+    for name, encoder in encoders.items():
+        references[name].check_compatible(encoder.encoder_id, encoder.feature_dim)
+
+
+def _iter_batches(images_or_batches, batch_size: Optional[int]) -> Iterator[torch.Tensor]:
+    if isinstance(images_or_batches, torch.Tensor):
+        step = batch_size or images_or_batches.shape[0]
+        for start in range(0, images_or_batches.shape[0], step):
+            yield images_or_batches[start : start + step]
+        return
+    for batch in images_or_batches:
+        yield batch if isinstance(batch, torch.Tensor) and torch.is_floating_point(batch) else to_image_tensor(batch)
+
+
+def results_from_moments(
+    moments: Mapping[str, "object"],
+    encoders: Mapping[str, FeatureEncoder],
+    references: Mapping[str, "object"],
+    metadata: Optional[Mapping[str, str]] = None,
+) -> EvaluationResult:
+    """``{name: FeatureMoments}`` of generated features -> :class:`EvaluationResult`."""
+    reps = {}
+    for name, m in moments.items():
+        if m.count < 2:
+            raise ValueError(f"{m.count} generated image(s) evaluated; FD needs at least 2 (10k-50k is standard).")
+        ref = references[name]
+        fd = float(ref.frechet_distance(m.mean, m.covariance()))
+        val = ref.validation_fd
+        reps[name] = RepresentationResult(
+            encoder=name,
+            encoder_id=encoders[name].encoder_id,
+            fd=fd,
+            validation_fd=None if val is None else float(val),
+            fd_r=None if not val else fd / float(val),
+            num_samples=int(m.count),
+            reference_num_samples=int(ref.num_samples),
+            reference_dataset=str(ref.metadata.get("dataset", "")),
+        )
+    ratios = [r.fd_r for r in reps.values() if r.fd_r is not None]
+    fd_r_k = float(sum(ratios) / len(ratios)) if ratios else None
+    n = next(iter(reps.values())).num_samples if reps else 0
+    return EvaluationResult(reps, n, fd_r_k, len(ratios), dict(metadata or {}))
+
+
+def evaluate_images(
+    images_or_batches: Union[torch.Tensor, Iterable],
+    encoders: Mapping[str, FeatureEncoder],
+    references: Mapping[str, "object"],
+    *,
+    batch_size: Optional[int] = None,
+    all_reduce: bool = False,
+    show_progress: bool = False,
+    total: Optional[int] = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> EvaluationResult:
+    """FD / FDr / FD_r^k of images against reference statistics, in every representation.
+
+    Args:
+        images_or_batches: a float tensor (N, C, H, W) in [-1, 1], or an iterable of such batches
+            (or of PIL lists / numpy batches, converted with ``to_image_tensor``).
+        encoders: ``{name: FeatureEncoder}``.
+        references: ``{name: ReferenceStats}`` with the same names; each is checked against its
+            encoder (``check_compatible``) before any image is encoded.
+        batch_size: split a tensor input into batches of this size (memory).
+        all_reduce: sum the moments over ``torch.distributed`` processes (each process passes its
+            own share of the images and every process must call this).
+    Returns:
+        :class:`EvaluationResult` (identical on every process when ``all_reduce``).
+    """
+    from .dataset_stats import accumulate_moments
+
+    _check_references(encoders, references)
+    moments = accumulate_moments(
+        _iter_batches(images_or_batches, batch_size), encoders, total=total, show_progress=show_progress,
+        description="evaluate", all_reduce=all_reduce,
+    )
+    return results_from_moments(moments, encoders, references, metadata)
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+def _pipeline_output_images(output) -> torch.Tensor:
+    images = getattr(output, "images", output)
+    if isinstance(output, tuple):
+        images = output[0]
+    return to_image_tensor(images)
+
+
+def generate_batches(
+    generator: Callable,
+    num_samples: int,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    class_labels: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
+    prompts: Optional[Sequence[str]] = None,
+    pipeline_kwargs: Optional[dict] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Generate this process's share of ``num_samples`` images as (B, C, H, W) batches in [-1, 1].
+
+    ``generator`` is a diffusers pipeline (called as ``pipe(batch_size=b, generator=g,
+    output_type="pt", [class_labels=...], [prompt=...])``; outputs in [0, 1] (pt), numpy or PIL are
+    converted) or any callable ``n -> images``.
+
+    Sample i uses a ``torch.Generator`` seeded with ``seed + batch index`` and, when conditioning is
+    needed, label ``class_labels[i % len]`` (or ``i % num_classes``, balanced) / prompt ``prompts[i % len]``,
+    so results do not depend on the number of processes' split beyond batch boundaries.
+    """
+    from diffusers import DiffusionPipeline
+
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 to compute a covariance, got {num_samples}.")
+    is_pipeline = isinstance(generator, DiffusionPipeline)
+    if not is_pipeline and not callable(generator):
+        raise TypeError(f"Expected a diffusers pipeline or a callable n -> images, got {type(generator).__name__}.")
+    params = inspect.signature(generator.__call__).parameters if is_pipeline else {}
+    if class_labels is None and num_classes is not None:
+        class_labels = list(range(num_classes))
+    device = getattr(generator, "device", torch.device("cpu")) if is_pipeline else torch.device("cpu")
+
+    num_batches = math.ceil(num_samples / batch_size)
+    for b in range(num_batches):
+        if b % world_size != rank:
+            continue
+        start = b * batch_size
+        n = min(batch_size, num_samples - start)
+        if not is_pipeline:
+            out = generator(n)
+            images = out if isinstance(out, torch.Tensor) else _pipeline_output_images(out)
+            yield images
+            continue
+        kwargs = dict(pipeline_kwargs or {})
+        kwargs["generator"] = torch.Generator(device=device if device.type != "mps" else "cpu").manual_seed(seed + b)
+        if "output_type" in params:
+            kwargs["output_type"] = "pt"
+        if class_labels is not None:
+            if "class_labels" not in params:
+                raise ValueError(f"{type(generator).__name__} takes no class_labels; drop --class_labels/--num_classes.")
+            kwargs["class_labels"] = [int(class_labels[(start + i) % len(class_labels)]) for i in range(n)]
+            if "batch_size" in params:
+                kwargs["batch_size"] = n
+        elif prompts is not None:
+            prompt_key = "prompt" if "prompt" in params else None
+            if prompt_key is None:
+                raise ValueError(f"{type(generator).__name__} takes no prompt; drop --prompts.")
+            kwargs[prompt_key] = [prompts[(start + i) % len(prompts)] for i in range(n)]
+        else:
+            if "batch_size" in params:
+                kwargs["batch_size"] = n
+            elif "num_images_per_prompt" in params:
+                kwargs["num_images_per_prompt"] = n
+        with torch.no_grad():
+            images = _pipeline_output_images(generator(**kwargs))
+        if images.shape[0] != n:
+            raise RuntimeError(f"The pipeline returned {images.shape[0]} images for a batch of {n}.")
+        yield images
+
+
+def evaluate_pipeline(
+    generator: Callable,
+    encoders: Mapping[str, FeatureEncoder],
+    references: Mapping[str, "object"],
+    num_samples: int,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    class_labels: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
+    prompts: Optional[Sequence[str]] = None,
+    pipeline_kwargs: Optional[dict] = None,
+    show_progress: bool = True,
+) -> EvaluationResult:
+    """Generate ``num_samples`` images and evaluate them (see :func:`generate_batches`).
+
+    Under ``torch.distributed`` every process generates every ``world_size``-th batch and the
+    moments are summed, so the result equals the single-process one.
+    """
+    from .dataset_stats import process_info
+
+    _check_references(encoders, references)
+    rank, world_size = process_info()
+    batches = generate_batches(
+        generator, num_samples, batch_size=batch_size, seed=seed, class_labels=class_labels, num_classes=num_classes,
+        prompts=prompts, pipeline_kwargs=pipeline_kwargs, rank=rank, world_size=world_size,
+    )
+    name = getattr(getattr(generator, "config", None), "_name_or_path", None) or type(generator).__name__
+    return evaluate_images(
+        batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=num_samples,
+        metadata={"source": str(name), "seed": str(seed)},
+    )
+
+
+def evaluate_folder(
+    folder: str | os.PathLike,
+    encoders: Mapping[str, FeatureEncoder],
+    references: Mapping[str, "object"],
+    *,
+    batch_size: int = 64,
+    max_samples: Optional[int] = None,
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate the images of a folder (sorted, read like pytorch-fid) against the references."""
+    from .dataset_stats import iter_folder_batches, process_info
+
+    _check_references(encoders, references)
+    rank, world_size = process_info()
+    batches, total = iter_folder_batches(
+        folder, batch_size=batch_size, max_samples=max_samples, rank=rank, world_size=world_size, num_workers=num_workers
+    )
+    return evaluate_images(
+        batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=total,
+        metadata={"source": str(folder)},
+    )
+
+
+def load_references(paths: Sequence[str | os.PathLike], encoders: Mapping[str, FeatureEncoder]) -> Dict[str, "object"]:
+    """Match saved ReferenceStats files to encoders by encoder id (order-independent).
+
+    Raises ``ValueError`` naming the encoder ids when an encoder has no matching file.
+    """
+    from .reference_stats import ReferenceStats
+
+    loaded = [ReferenceStats.load(p) for p in paths]
+    references = {}
+    for name, encoder in encoders.items():
+        match = [ref for ref in loaded if ref.encoder_id == encoder.encoder_id]
+        if not match:
+            if len(loaded) == len(encoders):
+                # Same count, no id match: pair by order so check_compatible reports the mismatch.
+                references[name] = loaded[list(encoders).index(name)]
+                continue
+            raise ValueError(
+                f"None of the reference stats {[str(p) for p in paths]} (encoder ids {[r.encoder_id for r in loaded]}) "
+                f"was computed with encoder '{name}' ({encoder.encoder_id}). Compute them with "
+                f"`fd-onestep stats --encoders {name} ...` or drop the encoder."
+            )
+        references[name] = match[0]
+    return references

@@ -1,0 +1,308 @@
+"""Exact Fréchet distance between Gaussians, through the symmetric route, with a closed-form gradient.
+
+    FD(p, q) = |mu_p - mu_q|^2 + tr(S_p) + tr(S_q) - 2 tr((A S_q A)^1/2),     A = S_p^1/2
+
+``A S_q A`` is symmetric positive semi-definite and similar to ``S_p S_q``, so one symmetric
+eigen-decomposition (``eigvalsh`` for the value, ``eigh`` when a gradient is needed) replaces the
+non-symmetric ``scipy.linalg.sqrtm(S_p @ S_q)`` of pytorch-fid: it is real, never returns complex
+round-off, and stays finite for singular covariances. ``A`` belongs to the reference and is computed
+once (see :class:`fd_onestep.reference_stats.ReferenceStats`).
+
+Gradient (custom backward, float64):
+
+    dF/dmu_q = 2 (mu_q - mu_p)
+    dF/dS_q  = I - A U diag(max(lambda, floor)^-1/2) U^T A,      A S_q A = U diag(lambda) U^T
+
+Eigenvalue floor: ``floor = max(lambda_max, tiny) * d * eps_float64`` (about 4.5e-13 * lambda_max at
+d = 2048), i.e. the round-off level of an eigenvalue of a d x d float64 matrix. Eigenvalues below it
+are numerically zero (a rank-deficient S_q, e.g. fewer samples than dimensions): the value counts them
+as 0 (their square roots would otherwise add ~sqrt(floor) of noise each) and the backward floors them,
+which keeps the gradient finite. For S_q built from features, ``A u`` of a null eigenvector ``u`` is orthogonal to every
+centred feature, so those (large but finite) entries multiply zero in the feature gradient.
+
+All functions take numpy arrays or torch tensors and compute in float64. The reference side (mu_p,
+S_p) is a constant: asking for its gradient raises a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fd_onestep.reference_stats import ReferenceStats
+
+__all__ = [
+    "frechet_distance",
+    "frechet_distance_to_reference",
+    "frechet_distance_from_sqrt",
+    "sqrtm_psd",
+    "validate_stats",
+    "eigenvalue_floor",
+]
+
+_F64_EPS = torch.finfo(torch.float64).eps
+_F64_TINY = torch.finfo(torch.float64).tiny
+# A covariance may come from float32 features through a BLAS gemm, which is not bitwise symmetric.
+_SYMMETRY_RTOL = 1e-5
+# sqrtm_psd clamps negative round-off eigenvalues; anything more negative than this (relative to the
+# largest eigenvalue) is not a covariance matrix at all.
+_PSD_RTOL = 1e-3
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise TypeError(f"{name} has dtype {arr.dtype}; pass a real float array (numpy or torch).")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}.")
+
+
+def validate_stats(mu, sigma, name: str = "stats") -> None:
+    """Check a Gaussian's statistics; raise ``ValueError`` naming the problem and the fix.
+
+    Args:
+        mu: mean, shape (d,).
+        sigma: covariance, shape (d, d), symmetric (max |S - S^T| <= 1e-5 * max |S|, the float32
+            round-off of a covariance computed by a matrix product) and finite.
+        name: what to call these statistics in the message (e.g. "reference", "generated").
+    """
+    mu = _as_tensor(mu, f"{name} mu")
+    sigma = _as_tensor(sigma, f"{name} sigma")
+    if mu.ndim != 1:
+        raise ValueError(
+            f"{name}: mu must be a vector of shape (d,), got shape {tuple(mu.shape)}; "
+            "pass the feature mean (e.g. features.mean(0)), not the features themselves."
+        )
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise ValueError(
+            f"{name}: sigma must be a square (d, d) covariance matrix, got shape {tuple(sigma.shape)}; "
+            "pass the covariance of the features (e.g. numpy.cov(features, rowvar=False))."
+        )
+    if sigma.shape[0] != mu.shape[0]:
+        raise ValueError(
+            f"{name}: mu has dimension {mu.shape[0]} but sigma is {tuple(sigma.shape)}; "
+            "mu and sigma must come from the same features (same encoder and feature dimension)."
+        )
+    if not bool(torch.isfinite(mu).all()):
+        raise ValueError(
+            f"{name}: mu contains NaN or Inf; recompute the statistics from finite features "
+            "(check the encoder output and the input images)."
+        )
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError(
+            f"{name}: sigma contains NaN or Inf; recompute the statistics from finite features "
+            "(check the encoder output and the input images)."
+        )
+    if sigma.numel() > 0:
+        s = sigma.detach()
+        scale = float(s.abs().max())
+        asym = float((s - s.mT).abs().max())
+        rtol = max(_SYMMETRY_RTOL, 10 * torch.finfo(s.dtype).eps) if s.is_floating_point() else 0.0
+        if asym > rtol * max(scale, _F64_TINY):
+            raise ValueError(
+                f"{name}: sigma is not symmetric (max |S - S^T| = {asym:.3e}, max |S| = {scale:.3e}); "
+                "a covariance matrix must be symmetric: pass a covariance, or symmetrize it with (S + S.T) / 2."
+            )
+
+
+def _check_pair(mu_p: torch.Tensor, mu_q: torch.Tensor) -> None:
+    if mu_p.shape != mu_q.shape:
+        raise ValueError(
+            f"feature dimensions differ: reference has d={mu_p.shape[0]}, generated has d={mu_q.shape[0]}; "
+            "compute both statistics with the same encoder (same feature dimension)."
+        )
+
+
+def sqrtm_psd(sigma) -> torch.Tensor:
+    """Symmetric PSD square root ``sigma^1/2`` in float64 via ``torch.linalg.eigh``.
+
+    Args:
+        sigma: (d, d) symmetric positive semi-definite matrix (numpy or torch, any float dtype).
+
+    Returns:
+        (d, d) float64 tensor ``V diag(sqrt(max(lambda, 0))) V^T``, exactly symmetric. Negative
+        round-off eigenvalues are clamped to 0; an eigenvalue below ``-1e-3 * lambda_max`` means the
+        input is not a covariance and raises ``ValueError``.
+    """
+    sigma = _as_tensor(sigma, "sigma").detach().to(torch.float64)
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise ValueError(f"sqrtm_psd needs a square (d, d) matrix, got shape {tuple(sigma.shape)}.")
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError("sqrtm_psd: the matrix contains NaN or Inf; pass finite covariance statistics.")
+    sym = (sigma + sigma.mT) * 0.5
+    lam, vec = torch.linalg.eigh(sym)
+    if lam.numel():
+        lam_max = float(lam.abs().max())
+        if float(lam.min()) < -_PSD_RTOL * lam_max:
+            raise ValueError(
+                f"sqrtm_psd: the matrix has eigenvalue {float(lam.min()):.3e} (largest {lam_max:.3e}), "
+                "so it is not positive semi-definite; pass a covariance matrix."
+            )
+    half = vec * lam.clamp(min=0).pow(0.25)
+    root = half @ half.mT
+    return (root + root.mT) * 0.5
+
+
+def eigenvalue_floor(eigenvalues: torch.Tensor) -> float:
+    """The eigenvalue floor of the backward: ``max(lambda_max, tiny) * d * eps_float64``."""
+    d = eigenvalues.shape[-1]
+    lam_max = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
+    return max(lam_max, _F64_TINY) * max(d, 1) * _F64_EPS
+
+
+def _sandwich(sqrt_sigma_p: torch.Tensor, sigma_q: torch.Tensor) -> torch.Tensor:
+    m = sqrt_sigma_p @ sigma_q @ sqrt_sigma_p
+    # exact symmetry, so eigh/eigvalsh see precisely the matrix whose trace root we want
+    return (m + m.mT) * 0.5
+
+
+def _value(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p, lam) -> torch.Tensor:
+    diff = mu_q - mu_p
+    # eigenvalues below the floor are round-off (float64 cannot resolve them): count them as 0
+    tr_sqrt = torch.where(lam > eigenvalue_floor(lam), lam, 0.0).sqrt().sum()
+    return diff.dot(diff) + trace_sigma_p + sigma_q.diagonal().sum() - 2.0 * tr_sqrt
+
+
+class _FrechetDistanceFunction(torch.autograd.Function):
+    """FD with the closed-form backward w.r.t. (mu_q, sigma_q); the reference side is constant."""
+
+    @staticmethod
+    def forward(ctx, mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p):
+        m = _sandwich(sqrt_sigma_p, sigma_q)
+        if ctx.needs_input_grad[1]:
+            lam, vec = torch.linalg.eigh(m)
+        else:
+            lam, vec = torch.linalg.eigvalsh(m), None
+        value = _value(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p, lam)
+        ctx.save_for_backward(mu_q - mu_p, sqrt_sigma_p, lam, vec if vec is not None else lam)
+        ctx.has_vec = vec is not None
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        diff, sqrt_sigma_p, lam, vec = ctx.saved_tensors
+        grad_mu = grad_sigma = None
+        if ctx.needs_input_grad[0]:
+            grad_mu = 2.0 * grad_out * diff
+        if ctx.needs_input_grad[1] and ctx.has_vec:
+            floor = eigenvalue_floor(lam)
+            # A U diag(lam^-1/2) U^T A = W W^T with W = A U diag(lam^-1/4): two matrix products
+            w = (sqrt_sigma_p @ vec) * lam.clamp(min=floor).pow(-0.25)
+            g = -(w @ w.mT)
+            g = (g + g.mT) * 0.5
+            g.diagonal().add_(1.0)
+            grad_sigma = grad_out * g
+        return grad_mu, grad_sigma, None, None, None
+
+
+def frechet_distance_from_sqrt(
+    mu_p: torch.Tensor,
+    sqrt_sigma_p: torch.Tensor,
+    trace_sigma_p: torch.Tensor | float,
+    mu_q,
+    sigma_q,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """FD when ``A = S_p^1/2`` is already known (the hot path; no square root is computed).
+
+    Args:
+        mu_p: (d,) float64 reference mean.
+        sqrt_sigma_p: (d, d) float64 ``A = S_p^1/2`` (symmetric).
+        trace_sigma_p: ``tr(S_p)`` (float or 0-dim float64 tensor).
+        mu_q, sigma_q: (d,), (d, d) generated statistics; may require grad.
+        validate: check mu_q/sigma_q (shape, symmetry, finiteness); costs two passes over sigma_q.
+
+    Returns:
+        0-dim float64 tensor, differentiable w.r.t. mu_q and sigma_q (closed-form backward).
+    """
+    mu_q = _as_tensor(mu_q, "generated mu")
+    sigma_q = _as_tensor(sigma_q, "generated sigma")
+    if validate:
+        validate_stats(mu_q, sigma_q, "generated")
+        _check_pair(mu_p, mu_q)
+    device = mu_p.device
+    mu_q = mu_q.to(device=device, dtype=torch.float64)
+    sigma_q = sigma_q.to(device=device, dtype=torch.float64)
+    trace_sigma_p = torch.as_tensor(trace_sigma_p, dtype=torch.float64, device=device)
+    if torch.is_grad_enabled() and (mu_q.requires_grad or sigma_q.requires_grad):
+        return _FrechetDistanceFunction.apply(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p)
+    with torch.no_grad():
+        lam = torch.linalg.eigvalsh(_sandwich(sqrt_sigma_p, sigma_q))
+        return _value(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p, lam)
+
+
+def _reject_reference_grad(mu_p, sigma_p) -> None:
+    for name, t in (("mu_p", mu_p), ("sigma_p", sigma_p)):
+        if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but the reference statistics are a constant of FD-loss and "
+                f"frechet_distance differentiates only w.r.t. mu_q and sigma_q; pass {name}.detach() "
+                "(or swap the arguments if the differentiable statistics are the generated ones)."
+            )
+
+
+def frechet_distance(mu_p, sigma_p, mu_q, sigma_q) -> torch.Tensor:
+    """Fréchet distance ``FD(N(mu_p, S_p), N(mu_q, S_q))`` in float64 (symmetric eigen route).
+
+    Args:
+        mu_p: (d,) reference mean (numpy or torch, any float dtype). Constant: no gradient.
+        sigma_p: (d, d) reference covariance. Constant: no gradient.
+        mu_q: (d,) generated mean; may require grad.
+        sigma_q: (d, d) generated covariance; may require grad.
+
+    Returns:
+        0-dim float64 tensor (on the device of ``mu_p``), in squared feature units, differentiable
+        w.r.t. ``mu_q`` and ``sigma_q`` through the closed-form backward of the module docstring.
+
+    Raises:
+        ValueError: mismatched dims, non-square or non-symmetric sigma, NaN/Inf, or a reference that
+            requires grad.
+
+    For repeated distances to the same reference, use :class:`ReferenceStats` (it caches ``A``).
+    """
+    mu_p = _as_tensor(mu_p, "reference mu")
+    sigma_p = _as_tensor(sigma_p, "reference sigma")
+    mu_q = _as_tensor(mu_q, "generated mu")
+    sigma_q = _as_tensor(sigma_q, "generated sigma")
+    _reject_reference_grad(mu_p, sigma_p)
+    validate_stats(mu_p, sigma_p, "reference")
+    validate_stats(mu_q, sigma_q, "generated")
+    _check_pair(mu_p, mu_q)
+    mu_p = mu_p.detach().to(torch.float64)
+    sigma_p = sigma_p.detach().to(torch.float64)
+    sqrt_sigma_p = sqrtm_psd(sigma_p)
+    return frechet_distance_from_sqrt(
+        mu_p, sqrt_sigma_p, sigma_p.diagonal().sum(), mu_q, sigma_q, validate=False
+    )
+
+
+def frechet_distance_to_reference(reference: "ReferenceStats", mu_q, sigma_q) -> torch.Tensor:
+    """FD between a :class:`ReferenceStats` and generated statistics, reusing the cached ``A``.
+
+    Args:
+        reference: reference statistics; its ``A = sigma^1/2`` is computed once and cached per device.
+        mu_q: (d,) generated mean (numpy or torch); may require grad.
+        sigma_q: (d, d) generated covariance; may require grad.
+
+    Returns:
+        0-dim float64 tensor on the device of ``mu_q`` (torch input) or the CPU (numpy input).
+    """
+    mu_q = _as_tensor(mu_q, "generated mu")
+    sigma_q = _as_tensor(sigma_q, "generated sigma")
+    validate_stats(mu_q, sigma_q, "generated")
+    if mu_q.shape[0] != reference.feature_dim:
+        raise ValueError(
+            f"feature dimensions differ: reference (encoder {reference.encoder_id!r}) has "
+            f"d={reference.feature_dim}, generated has d={mu_q.shape[0]}; compute the generated "
+            "features with the encoder the reference statistics were made with."
+        )
+    mu_p, sqrt_sigma_p, trace_sigma_p = reference.tensors_on(mu_q.device)
+    return frechet_distance_from_sqrt(mu_p, sqrt_sigma_p, trace_sigma_p, mu_q, sigma_q, validate=False)
+

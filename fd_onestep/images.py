@@ -1,0 +1,166 @@
+"""Image loading and conversion helpers.
+
+Everything converges on the library convention: float tensors (N, C, H, W) in [-1, 1], RGB.
+Decoding follows pytorch-fid (``PIL.Image.open(path).convert("RGB")`` then ``ToTensor``) so that
+statistics of an image folder match pytorch-fid's on the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+# The extensions pytorch-fid reads from a folder.
+IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
+
+
+def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> List[Path]:
+    """Sorted image files in ``folder`` (recursively by default; pytorch-fid reads only the top level).
+
+    Raises ``FileNotFoundError`` if the folder does not exist.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder '{root}' does not exist or is not a directory; pass a folder of images.")
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB.
+
+    Grayscale (L, I, I;16, F) is replicated to three channels, palette images are expanded
+    (through RGBA when they carry transparency), and alpha (RGBA, LA) is dropped -- what
+    ``convert("RGB")`` does, hence what pytorch-fid does.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit / float grayscale: scale to 8 bit by the type's range instead of clipping.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") and array.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+        image = Image.fromarray(np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image (any mode) -> float32 tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(pil_to_rgb(image), dtype=np.uint8)
+    x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255.0)
+    return x * 2 - 1
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` and center-crop to a square (ADM's preprocessing).
+
+    Large downscales first halve with a box filter, then resize with bicubic, as the reference
+    batches of guided-diffusion (ADM) were made; returns an RGB image (resolution, resolution).
+    """
+    image = pil_to_rgb(image)
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left = (image.size[0] - resolution) // 2
+    top = (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_image(path: str | os.PathLike, resolution: Optional[int] = None) -> torch.Tensor:
+    """Read one image file -> (3, H, W) float32 in [-1, 1] (optionally center-crop-resized)."""
+    with Image.open(path) as image:
+        image.load()
+        if resolution is not None:
+            image = center_crop_resize(image, resolution)
+        return pil_to_tensor(image)
+
+
+def to_image_tensor(images, *, value_range: str = "auto") -> torch.Tensor:
+    """Convert generator / pipeline outputs to float32 (N, C, H, W) in [-1, 1].
+
+    Accepts a list of PIL images, a numpy array (N, H, W, C) or a tensor (N, C, H, W) (also a
+    single image without the batch dimension).
+
+    ``value_range``: ``"-1,1"``, ``"0,1"``, ``"0,255"`` or ``"auto"``: uint8 -> [0, 255];
+    float numpy arrays -> [0, 1] (what diffusers' ``output_type="np"`` returns); float tensors ->
+    [0, 1] when ``min >= 0`` (``output_type="pt"``) else [-1, 1].
+    """
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        return torch.stack([pil_to_tensor(im) for im in images])
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], (torch.Tensor, np.ndarray)):
+        if isinstance(images[0], torch.Tensor):
+            images = torch.stack(list(images))
+        else:
+            images = np.stack(images)
+    is_numpy = isinstance(images, np.ndarray)
+    if is_numpy:
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4:
+            raise ValueError(f"Expected a numpy array (N, H, W, C), got shape {images.shape}.")
+        integer = np.issubdtype(images.dtype, np.integer)
+        tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    elif isinstance(images, torch.Tensor):
+        tensor = images if images.ndim == 4 else images.unsqueeze(0)
+        integer = not torch.is_floating_point(tensor)
+    else:
+        raise TypeError(
+            f"Cannot convert {type(images).__name__} to images; pass PIL images, a numpy array "
+            "(N, H, W, C) or a tensor (N, C, H, W)."
+        )
+    if value_range == "auto":
+        if integer:
+            value_range = "0,255"
+        elif is_numpy:
+            value_range = "0,1"
+        else:
+            value_range = "0,1" if float(tensor.detach().min()) >= 0 else "-1,1"
+    tensor = tensor.float() if integer else tensor.to(torch.float32)
+    if value_range == "0,255":
+        return tensor / 127.5 - 1
+    if value_range == "0,1":
+        return tensor * 2 - 1
+    if value_range == "-1,1":
+        return tensor
+    raise ValueError(f"Unknown value_range {value_range!r}; use 'auto', '-1,1', '0,1' or '0,255'.")
+
+
+def tensor_to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """(N, C, H, W) in [-1, 1] -> list of RGB PIL images (uint8, rounded)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()[..., :3]) for a in x]
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Map-style dataset over image files: item i -> (3, H, W) float32 in [-1, 1]."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], resolution: Optional[int] = None):
+        self.files = list(files)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.files[index], self.resolution)
+
+
+def batches_by_size(images: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """Stack (C, H, W) tensors into batches of equal size (images of different sizes cannot stack)."""
+    groups: dict = {}
+    for image in images:
+        groups.setdefault(tuple(image.shape), []).append(image)
+    return [torch.stack(group) for group in groups.values()]

@@ -1,0 +1,1201 @@
+# Copyright 2025 The fd-onestep authors. Licensed under the Apache License, Version 2.0.
+"""``FDOneStepPipeline``: a diffusers model turned into a one-step generator.
+
+This file is self-contained (torch, diffusers, transformers and the standard library; peft and
+safetensors are imported lazily by the LoRA methods) so that it can travel inside a Hub repository::
+
+    pipe = DiffusionPipeline.from_pretrained("user/repo", custom_pipeline="pipeline_fd_onestep",
+                                             trust_remote_code=True)
+
+The one step
+------------
+Pure noise is fed to the denoiser as the noisy sample ``x_t`` at one noise level (``timestep`` in the
+pipeline config; default the top of the schedule) and the model output is converted to the clean-sample
+estimate ``x0`` for its parameterization, with ``a = alphas_cumprod[t]`` (DDPM-style schedules) or the
+flow-matching sigma ``s`` (``x_t = (1 - s) x0 + s noise``, velocity ``v = noise - x0``):
+
+=================  ==========================================
+prediction_type    clean sample
+=================  ==========================================
+``epsilon``        x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)
+``v_prediction``   x0 = sqrt(a) x_t - sqrt(1 - a) v
+``sample``         x0 = model output
+``flow``           x0 = x_t - s v
+=================  ==========================================
+
+The epsilon conversion multiplies the network's error by ``sqrt(1 - a) / sqrt(a)``; it is undefined at a
+zero-terminal-SNR top level (``a = 0``) and badly conditioned near it (157x at t = 999 of the default linear
+DDPM schedule): construction raises or warns there (see :func:`check_one_step_conditioning`).
+
+Pipeline config (``pipe.config``; saved in ``model_index.json``)
+-----------------------------------------------------------------
+- ``family``: "unet2d" | "dit" | "sd" | "sd3" | "flux" (detected from the components).
+- ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
+  last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
+  num_train_timesteps, i.e. sigma = 1); the scheduler's ``shift`` (or its resolution-dependent dynamic
+  shift) is applied exactly as the scheduler does.
+- ``prediction_type``: "epsilon" | "v_prediction" | "sample" | "flow" (default: the scheduler's).
+- ``guidance_scale``: float, classifier-free guidance inside the one step (1.0 = off). Class-conditional
+  models use the null class ``null_class_label``; text models a negative prompt ("" by default) batched
+  with the prompt; guidance-distilled Flux models receive it as their guidance embedding (one forward).
+- ``output_bound``: None | "tanh" | "clamp": bound applied to the image in [-1, 1] (pixel families: to
+  ``x0``; latent families: to the decoded image). "tanh" keeps gradients everywhere (use it for training
+  an ill-conditioned map); "clamp" is a hard clip.
+- ``sample_size``: spatial size of the generator input (pixels for "unet2d", latents otherwise).
+- ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label).
+- ``max_sequence_length``: T5 tokens for "sd3" / "flux".
+
+LoRA file format
+----------------
+One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of the denoiser prefixed with the
+component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.weight``) and the PEFT
+``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. "sd", "sd3" and "flux" are
+written and read by diffusers' own loaders (``StableDiffusionLoraLoaderMixin``, ``SD3LoraLoaderMixin``,
+``FluxLoraLoaderMixin``), so an "sd" one-step LoRA also loads into a stock ``StableDiffusionPipeline``;
+"unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, fields, replace
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    ImagePipelineOutput,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+
+logger = logging.get_logger(__name__)
+
+PIPELINE_FILE_NAME = "pipeline_fd_onestep.py"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"
+
+# family -> (denoiser component, denoiser class, latent?, conditioning, LoRA route)
+SUPPORTED_FAMILIES = {
+    "unet2d": ("unet", UNet2DModel, False, "class-or-none", "peft"),
+    "dit": ("transformer", DiTTransformer2DModel, True, "class", "peft"),
+    "sd": ("unet", UNet2DConditionModel, True, "text", "StableDiffusionLoraLoaderMixin"),
+    "sd3": ("transformer", SD3Transformer2DModel, True, "text", "SD3LoraLoaderMixin"),
+    "flux": ("transformer", FluxTransformer2DModel, True, "text", "FluxLoraLoaderMixin"),
+}
+DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION_TYPES = ("flow",)
+OUTPUT_BOUNDS = (None, "tanh", "clamp")
+# error amplification of the epsilon conversion above which construction warns
+EPSILON_AMPLIFICATION_WARN = 10.0
+
+# default LoRA targets per family (module-name suffixes, PEFT ``target_modules``)
+DEFAULT_LORA_TARGETS = {
+    "unet2d": ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"],
+    "dit": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "sd": ["to_q", "to_k", "to_v", "to_out.0"],
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0"],
+    "flux": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+
+
+def _supported_text() -> str:
+    return ", ".join(f"{name} ({spec[1].__name__})" for name, spec in SUPPORTED_FAMILIES.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameterization math (the single implementation; fd_onestep.onestep imports it)
+# --------------------------------------------------------------------------------------------------
+def is_flow_matching_scheduler(scheduler) -> bool:
+    """True for flow-matching schedulers (sigmas, no ``alphas_cumprod``), e.g. FlowMatchEulerDiscreteScheduler."""
+    return "FlowMatch" in type(scheduler).__name__ or (
+        not hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "sigmas") and "shift" in scheduler.config
+    )
+
+
+def default_timestep(scheduler) -> int:
+    """The top noise level: last DDPM training index (N - 1), or N for flow matching (sigma = 1)."""
+    n = int(scheduler.config.num_train_timesteps)
+    return n if is_flow_matching_scheduler(scheduler) else n - 1
+
+
+def flow_sigma(scheduler, timestep: float, image_seq_len: int | None = None) -> float:
+    """Flow-matching sigma in [0, 1] at training timestep ``timestep`` (in (0, N]), shifted as the scheduler does.
+
+    Static shift: s' = shift * s / (1 + (shift - 1) s) with s = timestep / N. Dynamic (resolution-dependent)
+    shift: the scheduler's ``time_shift(mu, 1, s)`` with mu interpolated from ``image_seq_len`` between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as FluxPipeline computes it.
+    """
+    cfg = scheduler.config
+    n = float(cfg.num_train_timesteps)
+    if not 0 < timestep <= n:
+        raise ValueError(f"flow-matching timestep must be in (0, {int(n)}], got {timestep}.")
+    s = torch.tensor(float(timestep) / n, dtype=torch.float64)
+    if cfg.get("use_dynamic_shifting", False):
+        if image_seq_len is None:
+            raise ValueError("this scheduler uses dynamic shifting: pass image_seq_len (number of latent tokens).")
+        m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+        mu = image_seq_len * m + (cfg.base_shift - m * cfg.base_image_seq_len)
+        s = scheduler.time_shift(mu, 1.0, s)
+    else:
+        shift = float(getattr(scheduler, "shift", cfg.get("shift", 1.0)))
+        s = shift * s / (1 + (shift - 1) * s)
+    return float(s)
+
+
+def noise_level(scheduler, timestep: int, image_seq_len: int | None = None) -> dict:
+    """The noise level of the one step: ``{"kind": "ddpm", "alpha_prod": a}`` or ``{"kind": "flow", "sigma": s}``.
+
+    DDPM-style: ``a = scheduler.alphas_cumprod[timestep]`` (float, exact float64 of the stored value).
+    """
+    if is_flow_matching_scheduler(scheduler):
+        return {"kind": "flow", "sigma": flow_sigma(scheduler, timestep, image_seq_len)}
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(
+            f"{type(scheduler).__name__} has neither alphas_cumprod (DDPM-style) nor flow-matching sigmas; use a "
+            "DDPM/DDIM/PNDM/Euler-style scheduler or FlowMatchEulerDiscreteScheduler."
+        )
+    n = len(scheduler.alphas_cumprod)
+    if not 0 <= int(timestep) < n:
+        raise ValueError(f"timestep must be an int in [0, {n - 1}] for this scheduler, got {timestep}.")
+    return {"kind": "ddpm", "alpha_prod": float(scheduler.alphas_cumprod[int(timestep)].double())}
+
+
+def epsilon_error_amplification(alpha_prod: float) -> float:
+    """Factor sqrt(1 - a) / sqrt(a) by which the epsilon -> x0 conversion multiplies the model's error (inf at a=0)."""
+    return math.inf if alpha_prod <= 0 else math.sqrt(1.0 - alpha_prod) / math.sqrt(alpha_prod)
+
+
+def check_one_step_conditioning(prediction_type: str, level: dict, timestep: int, output_bound=None) -> float:
+    """Raise where the one-step map is undefined and warn where it is ill-conditioned.
+
+    Returns the error amplification factor of the conversion (1.0 for v / sample / flow).
+    Raises ValueError for epsilon prediction at a zero-terminal-SNR top level (a = 0); warns (UserWarning)
+    when the epsilon amplification exceeds ``EPSILON_AMPLIFICATION_WARN`` and no ``output_bound`` is set.
+    """
+    if level["kind"] != "ddpm" or prediction_type != "epsilon":
+        return 1.0
+    a = level["alpha_prod"]
+    if a <= 1e-12:
+        raise ValueError(
+            f"epsilon prediction is undefined at timestep {timestep}: alphas_cumprod = {a:.3g} (zero terminal SNR), "
+            "so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero. Use an earlier `timestep`, or a "
+            "v-prediction teacher (where x0 = -v at the top)."
+        )
+    amp = epsilon_error_amplification(a)
+    if amp > EPSILON_AMPLIFICATION_WARN and output_bound is None:
+        warnings.warn(
+            f"ill-conditioned one-step map: epsilon prediction at timestep {timestep} has alphas_cumprod = {a:.3g}, "
+            f"so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) amplifies the network's error {amp:.0f}x and one-step outputs "
+            "can leave [-1, 1] by far. Fix: use a v-prediction teacher (zero-terminal-SNR betas give x0 = -v), "
+            "an earlier `timestep` (e.g. 600), or output_bound='tanh'.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return amp
+
+
+def prediction_to_sample(
+    model_output: torch.Tensor,
+    noisy_sample: torch.Tensor,
+    prediction_type: str,
+    level: dict,
+) -> torch.Tensor:
+    """Clean-sample estimate x0 from a model output at noise level ``level`` (see :func:`noise_level`).
+
+    Args:
+        model_output: (B, C, H, W) epsilon / v / x0 / velocity (already split from learned-sigma channels).
+        noisy_sample: (B, C, H, W) the denoiser input x_t (here: the pure noise).
+        prediction_type: "epsilon" | "v_prediction" | "sample" | "flow".
+    Returns:
+        x0 with the dtype of ``model_output``; differentiable in both inputs.
+    """
+    if prediction_type == "sample":
+        return model_output
+    if level["kind"] == "flow":
+        if prediction_type != "flow":
+            raise ValueError(f"flow-matching schedulers take prediction_type 'flow', got {prediction_type!r}.")
+        return noisy_sample - level["sigma"] * model_output
+    a = level["alpha_prod"]
+    if prediction_type == "epsilon":
+        if a <= 0:
+            raise ValueError("epsilon prediction is undefined where alphas_cumprod = 0; use an earlier timestep.")
+        return (noisy_sample - math.sqrt(1.0 - a) * model_output) / math.sqrt(a)
+    if prediction_type == "v_prediction":
+        return math.sqrt(a) * noisy_sample - math.sqrt(1.0 - a) * model_output
+    raise ValueError(
+        f"unsupported prediction_type {prediction_type!r}; supported: {DDPM_PREDICTION_TYPES} for DDPM-style "
+        f"schedulers and {FLOW_PREDICTION_TYPES} for flow matching."
+    )
+
+
+def apply_output_bound(images: torch.Tensor, output_bound: str | None) -> torch.Tensor:
+    """None: identity; "tanh": tanh (smooth, gradients everywhere); "clamp": hard clip to [-1, 1]."""
+    if output_bound is None:
+        return images
+    if output_bound == "tanh":
+        return torch.tanh(images)
+    if output_bound == "clamp":
+        return images.clamp(-1.0, 1.0)
+    raise ValueError(f"output_bound must be one of {OUTPUT_BOUNDS}, got {output_bound!r}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditioning
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class OneStepConditioning:
+    """Per-sample conditioning of the one step (batch dimension first in every tensor).
+
+    - ``class_labels``: (B,) int64 class ids (class-conditional families).
+    - ``prompt_embeds``: (B, L, D) text embeddings ("sd": CLIP hidden states; "sd3": CLIP+T5 joint;
+      "flux": T5); ``pooled_prompt_embeds``: (B, P) ("sd3", "flux").
+    - ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds``: the unconditional branch of guidance.
+    """
+
+    class_labels: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+    def _tensors(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def __len__(self) -> int:
+        tensors = self._tensors()
+        return next(iter(tensors.values())).shape[0] if tensors else 0
+
+    def __getitem__(self, index) -> "OneStepConditioning":
+        """Rows ``index`` (int, slice or index tensor) of every tensor; for micro-batching."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return replace(self, **{k: v[index] for k, v in self._tensors().items()})
+
+    def to(self, device=None, dtype=None) -> "OneStepConditioning":
+        """Move to ``device``; ``dtype`` applies to the float embeddings only (labels stay int64)."""
+        out = {}
+        for k, v in self._tensors().items():
+            out[k] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+        return replace(self, **out)
+
+    def repeat_interleave(self, repeats: int) -> "OneStepConditioning":
+        return replace(self, **{k: v.repeat_interleave(repeats, dim=0) for k, v in self._tensors().items()})
+
+    @staticmethod
+    def cat(items) -> "OneStepConditioning":
+        items = list(items)
+        names = items[0]._tensors().keys()
+        return OneStepConditioning(**{k: torch.cat([it._tensors()[k] for it in items], dim=0) for k in names})
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA helpers (PEFT; lazy imports)
+# --------------------------------------------------------------------------------------------------
+def _has_peft_adapters(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def family_of_denoiser(denoiser: torch.nn.Module) -> str:
+    """Family name of a denoiser instance (ValueError listing the supported classes otherwise)."""
+    for name, (_, cls, _, _, _) in SUPPORTED_FAMILIES.items():
+        if type(denoiser) is cls:
+            return name
+    for name, (_, cls, _, _, _) in SUPPORTED_FAMILIES.items():
+        if isinstance(denoiser, cls):
+            return name
+    raise ValueError(
+        f"unsupported denoiser class {type(denoiser).__name__}; supported families: {_supported_text()}."
+    )
+
+
+def add_lora_to_denoiser(
+    denoiser: torch.nn.Module,
+    rank: int = 8,
+    alpha: float | None = None,
+    target_modules: list[str] | None = None,
+    adapter_name: str = "default",
+    init_lora_weights: bool | str = True,
+) -> torch.nn.Module:
+    """Freeze the denoiser and add a trainable PEFT LoRA adapter to it (in place; returns it).
+
+    ``target_modules``: PEFT module-name suffixes; default ``DEFAULT_LORA_TARGETS[family]``.
+    ``alpha`` defaults to ``rank`` (scale 1). Models with diffusers' ``PeftAdapterMixin`` use
+    ``add_adapter``; UNet2DModel and DiT use ``peft.inject_adapter_in_model``.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    family = family_of_denoiser(denoiser)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=list(target_modules or DEFAULT_LORA_TARGETS[family]),
+        init_lora_weights=init_lora_weights,
+    )
+    denoiser.requires_grad_(False)
+    if hasattr(denoiser, "add_adapter") and SUPPORTED_FAMILIES[family][4] != "peft":
+        denoiser.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+        _peft_configs(denoiser)[adapter_name] = config
+    return denoiser
+
+
+def _peft_configs(model) -> dict:
+    if not isinstance(getattr(model, "peft_config", None), dict):
+        # nn.Module.__setattr__ keeps plain dicts as attributes
+        model.peft_config = {}
+    return model.peft_config
+
+
+def denoiser_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict:
+    """PEFT state dict (``<module>.lora_A.weight`` ...) of one adapter, unwrapped from DDP/compile wrappers."""
+    from peft import get_peft_model_state_dict
+
+    while hasattr(denoiser, "module") or hasattr(denoiser, "_orig_mod"):
+        denoiser = getattr(denoiser, "module", None) or denoiser._orig_mod
+    if not _has_peft_adapters(denoiser):
+        raise ValueError("the denoiser has no LoRA adapter; add one with add_lora_to_denoiser(...) before saving.")
+    return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+
+
+def _lora_mixin(family: str):
+    import diffusers.loaders as loaders
+
+    return getattr(loaders, SUPPORTED_FAMILIES[family][4])
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+class FDOneStepPipeline(DiffusionPipeline):
+    r"""One-step generator from a diffusers model: one denoiser forward (two with guidance) from pure noise.
+
+    Components (registered the diffusers way; only what the family needs is set):
+        scheduler: a DDPM-style scheduler with ``alphas_cumprod`` or ``FlowMatchEulerDiscreteScheduler``
+            (only its noise schedule is used).
+        unet (`UNet2DModel` | `UNet2DConditionModel`) or transformer (`DiTTransformer2DModel` |
+            `SD3Transformer2DModel` | `FluxTransformer2DModel`): the denoiser.
+        vae (`AutoencoderKL`): latent families.
+        text_encoder / tokenizer (CLIP), text_encoder_2 / tokenizer_2 (second CLIP for SD3, none for SD),
+        text_encoder_3 / tokenizer_3 (T5 for SD3, optional as in SD3); Flux uses text_encoder (CLIP) and
+        text_encoder_2 (T5).
+
+    One-step settings (all in the pipeline config, see the module docstring): ``family``, ``timestep``,
+    ``prediction_type``, ``guidance_scale``, ``output_bound``, ``sample_size``, ``null_class_label``,
+    ``max_sequence_length``.
+    """
+
+    SUPPORTED_FAMILIES = SUPPORTED_FAMILIES
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
+    _optional_components = [
+        "unet",
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+    ]
+
+    def __init__(
+        self,
+        scheduler,
+        unet=None,
+        transformer=None,
+        vae: AutoencoderKL | None = None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        family: str | None = None,
+        timestep: int | None = None,
+        prediction_type: str | None = None,
+        guidance_scale: float = 1.0,
+        output_bound: str | None = None,
+        sample_size: int | None = None,
+        null_class_label: int | None = None,
+        max_sequence_length: int | None = None,
+    ):
+        super().__init__()
+        denoiser = unet if unet is not None else transformer
+        if denoiser is None:
+            raise ValueError(
+                "FDOneStepPipeline needs a denoiser: pass `unet` or `transformer`. Supported families: "
+                f"{_supported_text()}."
+            )
+        detected = family_of_denoiser(denoiser)
+        if family is not None and family != detected:
+            raise ValueError(f"family={family!r} does not match the denoiser ({type(denoiser).__name__} is {detected!r}).")
+        family = detected
+        slot = SUPPORTED_FAMILIES[family][0]
+        if (slot == "unet" and unet is None) or (slot == "transformer" and transformer is None):
+            raise ValueError(f"a {type(denoiser).__name__} must be passed as `{slot}`, not as the other slot.")
+        if family == "sd" and getattr(denoiser.config, "addition_embed_type", None) is not None:
+            raise ValueError(
+                f"UNet2DConditionModel with addition_embed_type={denoiser.config.addition_embed_type!r} (e.g. SDXL) "
+                f"is not supported; supported families: {_supported_text()}."
+            )
+        if SUPPORTED_FAMILIES[family][2] and vae is None:
+            raise ValueError(f"the {family!r} family is a latent model: pass its `vae` (AutoencoderKL).")
+        if family in ("sd", "sd3", "flux") and (text_encoder is None or tokenizer is None):
+            raise ValueError(f"the {family!r} family needs `text_encoder` and `tokenizer`.")
+        if family == "sd3" and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ValueError("the 'sd3' family needs both CLIP encoders: pass `text_encoder_2` and `tokenizer_2`.")
+        if family == "flux" and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ValueError("the 'flux' family needs the T5 encoder: pass `text_encoder_2` and `tokenizer_2`.")
+
+        flow = is_flow_matching_scheduler(scheduler)
+        if family in ("sd3", "flux") and not flow:
+            raise ValueError(f"the {family!r} family needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler).")
+        if prediction_type is None:
+            prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
+        allowed = FLOW_PREDICTION_TYPES if flow else DDPM_PREDICTION_TYPES
+        if prediction_type not in allowed:
+            raise ValueError(
+                f"unsupported prediction_type {prediction_type!r} for {type(scheduler).__name__}; supported: "
+                f"{', '.join(allowed)} (DDPM-style: {', '.join(DDPM_PREDICTION_TYPES)}; flow matching: flow)."
+            )
+        if output_bound not in OUTPUT_BOUNDS:
+            raise ValueError(f"output_bound must be one of {OUTPUT_BOUNDS}, got {output_bound!r}.")
+        if timestep is None:
+            timestep = default_timestep(scheduler)
+        timestep = int(timestep)
+        guidance_scale = float(guidance_scale)
+
+        if sample_size is None:
+            cfg_size = denoiser.config.get("sample_size", None)
+            if family == "flux":
+                cfg_size = 128  # FluxPipeline.default_sample_size (latent pixels)
+            if cfg_size is None:
+                raise ValueError("the denoiser config has no sample_size; pass `sample_size=` (generator input side).")
+            sample_size = cfg_size if isinstance(cfg_size, int) else int(cfg_size[0])
+        if family == "dit" and null_class_label is None:
+            null_class_label = int(denoiser.config.num_embeds_ada_norm)
+        if max_sequence_length is None and family in ("sd3", "flux"):
+            max_sequence_length = 256 if family == "sd3" else 512
+
+        self.register_modules(
+            scheduler=scheduler,
+            unet=unet,
+            transformer=transformer,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        self.register_to_config(
+            family=family,
+            timestep=timestep,
+            prediction_type=prediction_type,
+            guidance_scale=guidance_scale,
+            output_bound=output_bound,
+            sample_size=int(sample_size),
+            null_class_label=null_class_label,
+            max_sequence_length=max_sequence_length,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.amplification = check_one_step_conditioning(
+            prediction_type, self.noise_level(), timestep, output_bound
+        )
+
+    # ------------------------------------------------------------------ description
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that the one step runs (``unet`` or ``transformer``)."""
+        return getattr(self, SUPPORTED_FAMILIES[self.config.family][0])
+
+    @property
+    def is_latent(self) -> bool:
+        return SUPPORTED_FAMILIES[self.config.family][2]
+
+    @property
+    def num_classes(self) -> int | None:
+        cfg = self.denoiser.config
+        if self.family == "dit":
+            return int(cfg.num_embeds_ada_norm)
+        if self.family == "unet2d" and cfg.get("num_class_embeds") is not None:
+            return int(cfg.num_class_embeds)
+        return None
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return SUPPORTED_FAMILIES[self.config.family][3] == "text"
+
+    @property
+    def frozen_component_names(self) -> list[str]:
+        """Components that stay frozen in training (VAE, text encoders)."""
+        names = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+        return [n for n in names if getattr(self, n, None) is not None]
+
+    def noise_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one generator input: pixels ("unet2d") or unpacked VAE latents."""
+        cfg = self.denoiser.config
+        channels = cfg.in_channels // 4 if self.family == "flux" else cfg.in_channels
+        s = self.config.sample_size
+        return (int(channels), s, s)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one generated image."""
+        c, h, w = self.noise_shape()
+        if not self.is_latent:
+            return (int(self.denoiser.config.out_channels), h, w)
+        return (int(self.vae.config.out_channels), h * self.vae_scale_factor, w * self.vae_scale_factor)
+
+    def noise_level(self) -> dict:
+        """``{"kind": "ddpm", "alpha_prod": a}`` or ``{"kind": "flow", "sigma": s}`` of the configured timestep."""
+        seq_len = None
+        if self.family == "flux":
+            seq_len = (self.config.sample_size // 2) ** 2
+        return noise_level(self.scheduler, self.config.timestep, image_seq_len=seq_len)
+
+    # ------------------------------------------------------------------ text
+    def _tokenize(self, tokenizer, prompts, max_length):
+        return tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def _clip_embeds(self, encoder, tokenizer, prompts, device):
+        ids = self._tokenize(tokenizer, prompts, tokenizer.model_max_length).to(device)
+        out = encoder(ids, output_hidden_states=True)
+        # SD3 (CLIPTextModelWithProjection): penultimate hidden state + projected pooled embedding
+        return out.hidden_states[-2], out[0]
+
+    def _t5_embeds(self, encoder, tokenizer, prompts, device, joint_dim, dtype):
+        L = self.config.max_sequence_length
+        if encoder is None:
+            return torch.zeros((len(prompts), L, joint_dim), device=device, dtype=dtype)
+        ids = self._tokenize(tokenizer, prompts, L).to(device)
+        return encoder(ids)[0]
+
+    def _encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fam = self.family
+        if fam == "sd":
+            ids = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length).to(device)
+            mask = None
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                mask = (ids != self.tokenizer.pad_token_id).long()
+            return self.text_encoder(ids, attention_mask=mask)[0], None
+        if fam == "sd3":
+            e1, p1 = self._clip_embeds(self.text_encoder, self.tokenizer, prompts, device)
+            e2, p2 = self._clip_embeds(self.text_encoder_2, self.tokenizer_2, prompts, device)
+            clip = torch.cat([e1, e2], dim=-1)
+            t5 = self._t5_embeds(
+                self.text_encoder_3, self.tokenizer_3, prompts, device,
+                self.transformer.config.joint_attention_dim, clip.dtype,
+            )
+            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+            return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([p1, p2], dim=-1)
+        if fam == "flux":
+            ids = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length).to(device)
+            pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
+            t5 = self._t5_embeds(self.text_encoder_2, self.tokenizer_2, prompts, device, None, None)
+            return t5, pooled
+        raise ValueError(f"the {fam!r} family takes no prompt; use class_labels or batch_size.")
+
+    def _uses_negative_branch(self, guidance_scale: float) -> bool:
+        if guidance_scale <= 1.0:
+            return False
+        return not (self.family == "flux" and self.transformer.config.guidance_embeds)
+
+    def encode_conditioning(
+        self,
+        prompt: str | list[str] | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> OneStepConditioning | None:
+        """Build the conditioning for ``one_step`` (prompts encoded with the text encoders; not cached here).
+
+        Returns ``None`` for unconditional models. Each prompt / label is repeated ``num_images_per_prompt``
+        times (consecutive rows). With guidance (> 1) text families also get negative embeddings.
+        """
+        device = torch.device(device) if device is not None else self._execution_device
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if self.is_text_conditional:
+            if class_labels is not None:
+                raise ValueError(f"the {self.family!r} family is text-conditioned: pass `prompt`, not `class_labels`.")
+            if prompt is None:
+                raise ValueError(f"the {self.family!r} family is text-conditioned: pass `prompt` (str or list of str).")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            embeds, pooled = self._encode_text(prompts, device)
+            cond = OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+            if self._uses_negative_branch(guidance_scale):
+                neg = negative_prompt if negative_prompt is not None else ""
+                negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+                if len(negs) != len(prompts):
+                    raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts; pass one per prompt.")
+                n_embeds, n_pooled = self._encode_text(negs, device)
+                cond = replace(cond, negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled)
+            return cond.repeat_interleave(num_images_per_prompt)
+        if prompt is not None:
+            raise ValueError(f"the {self.family!r} family takes no prompt; use class_labels (class-conditional) or batch_size.")
+        if self.is_class_conditional:
+            if class_labels is None:
+                raise ValueError(
+                    f"this {type(self.denoiser).__name__} is class-conditional ({self.num_classes} classes): pass "
+                    "`class_labels` (int or list of ints)."
+                )
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"class_labels must be in [0, {self.num_classes - 1}], got {labels.tolist()}.")
+            return OneStepConditioning(class_labels=labels.to(device)).repeat_interleave(num_images_per_prompt)
+        if class_labels is not None:
+            raise ValueError("this model is unconditional: drop `class_labels` (use batch_size).")
+        return None
+
+    # ------------------------------------------------------------------ the one step
+    def _forward_denoiser(self, denoiser, x, cond: OneStepConditioning | None, guidance_scale: float):
+        """Raw model output (B, C, h, w) in the unpacked latent / pixel layout (learned-sigma half dropped)."""
+        fam = self.family
+        b = x.shape[0]
+        level = self.noise_level()
+        params = denoiser.parameters() if isinstance(denoiser, torch.nn.Module) else None
+        dtype = next(params if params is not None else self.denoiser.parameters(), None)
+        dtype = dtype.dtype if dtype is not None else next(self.denoiser.parameters()).dtype
+        use_negative = self._uses_negative_branch(guidance_scale)
+        if cond is not None and len(cond) != b:
+            raise ValueError(f"conditioning has {len(cond)} rows but the noise has {b}; pass one row per sample.")
+
+        def batched(t):
+            return torch.cat([t, t], dim=0) if use_negative else t
+
+        xin = batched(x).to(dtype)
+        n = xin.shape[0]
+        if level["kind"] == "ddpm":
+            t = torch.full((n,), self.config.timestep, device=x.device, dtype=torch.long)
+        else:
+            t = torch.full((n,), level["sigma"] * self.scheduler.config.num_train_timesteps, device=x.device, dtype=dtype)
+
+        if fam in ("unet2d", "dit"):
+            labels = None
+            if self.is_class_conditional:
+                if cond is None or cond.class_labels is None:
+                    raise ValueError("class-conditional model: conditioning.class_labels is required.")
+                labels = cond.class_labels.to(x.device)
+                if use_negative:
+                    if self.config.null_class_label is None:
+                        raise ValueError(
+                            "guidance needs an unconditional class: set `null_class_label` in the pipeline config "
+                            "(the label the model was trained with for dropped conditioning), or guidance_scale=1."
+                        )
+                    labels = torch.cat([labels, torch.full_like(labels, self.config.null_class_label)])
+            elif use_negative:
+                raise ValueError("guidance needs a conditional model; this one is unconditional: use guidance_scale=1.")
+            if fam == "unet2d":
+                out = denoiser(xin, t, class_labels=labels, return_dict=False)[0]
+            else:
+                out = denoiser(xin, timestep=t, class_labels=labels, return_dict=False)[0]
+        else:
+            if cond is None or cond.prompt_embeds is None:
+                raise ValueError(f"the {fam!r} family needs prompt embeddings: build them with encode_conditioning(prompt=...).")
+            embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
+            if use_negative:
+                if cond.negative_prompt_embeds is None:
+                    raise ValueError(
+                        "guidance_scale > 1 needs negative prompt embeddings: build the conditioning with "
+                        "encode_conditioning(..., guidance_scale=<same value>)."
+                    )
+                embeds = torch.cat([embeds, cond.negative_prompt_embeds])
+                if pooled is not None:
+                    pooled = torch.cat([pooled, cond.negative_pooled_prompt_embeds])
+            embeds = embeds.to(x.device, dtype)
+            pooled = pooled.to(x.device, dtype) if pooled is not None else None
+            if fam == "sd":
+                out = denoiser(xin, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            elif fam == "sd3":
+                out = denoiser(
+                    hidden_states=xin, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                    return_dict=False,
+                )[0]
+            else:  # flux: packed 2x2 latent patches, timestep in [0, 1]
+                from diffusers import FluxPipeline
+
+                c, h, w = xin.shape[1:]
+                packed = FluxPipeline._pack_latents(xin, n, c, h, w)
+                img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, dtype)
+                txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
+                guidance = None
+                if self.transformer.config.guidance_embeds:
+                    guidance = torch.full((n,), guidance_scale, device=x.device, dtype=torch.float32)
+                out = denoiser(
+                    hidden_states=packed, timestep=t / self.scheduler.config.num_train_timesteps, guidance=guidance,
+                    pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False,
+                )[0]
+                out = FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
+                                                   self.vae_scale_factor)
+        if out.shape[1] == 2 * x.shape[1]:
+            # learned-sigma models (DiT, improved DDPM): the first half is the mean prediction
+            out = out[:, : x.shape[1]]
+        if use_negative:
+            cond_out, uncond_out = out.chunk(2)
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        return out
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> images (B, C, H, W) float32, nominally in [-1, 1] (differentiable)."""
+        cfg = self.vae.config
+        latents = latents / cfg.scaling_factor
+        if cfg.get("shift_factor", None) is not None:
+            latents = latents + cfg.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+
+    def one_step(
+        self,
+        latents: torch.Tensor,
+        conditioning: OneStepConditioning | None = None,
+        denoiser: torch.nn.Module | None = None,
+        decode: bool = True,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Differentiable one-step map (no ``torch.no_grad``): noise -> clean sample.
+
+        Args:
+            latents: (B, *noise_shape()) pure noise (the generator input).
+            conditioning: from ``encode_conditioning`` (None for unconditional models).
+            denoiser: the network to run instead of ``self.denoiser`` (e.g. accelerate/DDP-wrapped or
+                PEFT-wrapped copy being trained); must accept the same call signature.
+            decode: True: images (B, C, H, W) float32 (VAE-decoded for latent families, ``output_bound``
+                applied; in [-1, 1] when a bound is set). False: the clean sample in model space (latents
+                as the denoiser sees them, or pixels), float32, no bound.
+            guidance_scale: overrides the config's value.
+        """
+        denoiser = self.denoiser if denoiser is None else denoiser
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        expected = self.noise_shape()
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
+            raise ValueError(f"latents must have shape (B, {', '.join(map(str, expected))}), got {tuple(latents.shape)}.")
+        out = self._forward_denoiser(denoiser, latents, conditioning, guidance_scale)
+        # float64 conversion: the epsilon route divides by sqrt(a), which would magnify float32 rounding
+        x0 = prediction_to_sample(out.double(), latents.double(), self.config.prediction_type, self.noise_level())
+        x0 = x0.float()
+        if not decode:
+            return x0
+        images = self.decode_latents(x0) if self.is_latent else x0
+        return apply_output_bound(images, self.config.output_bound)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Generate images in one denoiser forward (two branches batched together with guidance).
+
+        Args:
+            prompt: text families ("sd", "sd3", "flux").
+            class_labels: class-conditional families ("dit", class-conditional "unet2d").
+            batch_size: number of images for unconditional models (default 1, or taken from ``latents``).
+            num_images_per_prompt: images per prompt / label (or multiplier of ``batch_size``).
+            generator: torch generator(s) for the noise (bit-identical results for the same seed).
+            latents: (B, *noise_shape()) pre-drawn noise; overrides ``generator``.
+            guidance_scale: overrides the config's guidance scale.
+            negative_prompt: text families with guidance ("" by default).
+            output_type: "pil" | "np" (B, H, W, C) in [0, 1] | "pt" (B, C, H, W) in [0, 1] | "latent" (the
+                clean sample in model space: latents, or pixels in [-1, 1] for "unet2d").
+            return_dict: return ``ImagePipelineOutput`` (else a tuple).
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        device = self._execution_device
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if not self.is_text_conditional and not self.is_class_conditional and prompt is None and class_labels is None:
+            if batch_size is None:
+                batch_size = latents.shape[0] // num_images_per_prompt if latents is not None else 1
+            cond = None
+            n = batch_size * num_images_per_prompt
+        else:
+            if batch_size is not None:
+                raise ValueError("batch_size is for unconditional models; pass one prompt / class label per image.")
+            cond = self.encode_conditioning(
+                prompt=prompt, class_labels=class_labels, negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale, device=device,
+            )
+            n = len(cond)
+        shape = (n, *self.noise_shape())
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}.")
+        latents = latents.to(device)
+
+        if output_type == "latent":
+            image = self.one_step(latents, cond, decode=False, guidance_scale=guidance_scale)
+        else:
+            image = self.one_step(latents, cond, decode=True, guidance_scale=guidance_scale)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    # ------------------------------------------------------------------ building and saving
+    @classmethod
+    def from_teacher(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        timestep: int | None = None,
+        prediction_type: str | None = None,
+        guidance_scale: float = 1.0,
+        output_bound: str | None = None,
+        **kwargs,
+    ) -> "FDOneStepPipeline":
+        """Build a one-step pipeline from a multi-step diffusers pipeline (Hub id or local folder).
+
+        The family is detected from ``model_index.json`` (``unet`` / ``transformer`` class); only the
+        components the one step needs are loaded (no safety checker, feature extractor, ...). Other
+        ``kwargs`` (``torch_dtype``, ``revision``, ``variant``, ``local_files_only``, ``sample_size``,
+        components to override, ...) go to ``from_pretrained``.
+        """
+        config = DiffusionPipeline.load_config(
+            pretrained_model_name_or_path,
+            **{k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs},
+        )
+        supported = {spec[1].__name__: name for name, spec in SUPPORTED_FAMILIES.items()}
+        found = None
+        for slot in ("unet", "transformer"):
+            entry = config.get(slot)
+            if isinstance(entry, (list, tuple)) and entry[1] is not None:
+                found = entry[1]
+                if entry[1] not in supported:
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path}: unsupported {slot} class {entry[1]} "
+                        f"(pipeline {config.get('_class_name')}); supported families: {_supported_text()}."
+                    )
+        if found is None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: model_index.json has no `unet` or `transformer`; supported "
+                f"families: {_supported_text()}."
+            )
+        family = supported[found]
+        if family == "sd" and config.get("text_encoder_2") not in (None, [None, None]):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} ({config.get('_class_name')}) has two text encoders (SDXL-style); "
+                f"supported families: {_supported_text()}."
+            )
+        return cls.from_pretrained(
+            pretrained_model_name_or_path,
+            family=family,
+            timestep=timestep,
+            prediction_type=prediction_type,
+            guidance_scale=guidance_scale,
+            output_bound=output_bound,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` plus this pipeline file, so the folder (or a Hub repo made of it)
+        loads with ``FDOneStepPipeline.from_pretrained(dir)`` and with stock
+        ``DiffusionPipeline.from_pretrained(dir, custom_pipeline="pipeline_fd_onestep", trust_remote_code=True)``.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        source = inspect.getsourcefile(type(self)) or __file__
+        target = os.path.join(save_directory, PIPELINE_FILE_NAME)
+        if os.path.abspath(source) != os.path.abspath(target):
+            shutil.copyfile(source, target)
+
+    def _settings(self) -> dict:
+        keys = ("family", "timestep", "prediction_type", "guidance_scale", "output_bound", "sample_size",
+                "null_class_label", "max_sequence_length")
+        return {k: self.config[k] for k in keys}
+
+    def with_denoiser(self, denoiser: torch.nn.Module) -> "FDOneStepPipeline":
+        """A pipeline sharing every component but the denoiser (e.g. a trained copy)."""
+        components = {k: v for k, v in self.components.items()}
+        components[SUPPORTED_FAMILIES[self.family][0]] = denoiser
+        return type(self)(**components, **self._settings())
+
+    def save_one_step(self, save_directory: str | os.PathLike, denoiser: torch.nn.Module | None = None, **kwargs) -> str:
+        """Save the pipeline with ``denoiser`` (default: its own) as a plain full model.
+
+        A denoiser carrying LoRA adapters is merged into a copy first (the live model is untouched).
+        """
+        import copy
+
+        model = self.denoiser if denoiser is None else denoiser
+        if _has_peft_adapters(model):
+            model = copy.deepcopy(model)
+            _merge_and_remove_lora(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the conditioning warning was already given for this pipeline
+            pipe = self if model is self.denoiser else self.with_denoiser(model)
+        pipe.save_pretrained(save_directory, **kwargs)
+        return str(save_directory)
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        **kwargs,
+    ):
+        """Load a LoRA (diffusers format, see the module docstring) into the denoiser.
+
+        "sd" / "sd3" / "flux": diffusers' loaders (their key conversions included; text-encoder LoRA
+        weights in the file are ignored with a warning, the one step uses the denoiser only).
+        "unet2d" / "dit": PEFT ``inject_adapter_in_model`` + ``set_peft_model_state_dict``.
+        """
+        route = SUPPORTED_FAMILIES[self.family][4]
+        adapter_name = adapter_name or _next_adapter_name(self.denoiser)
+        if route != "peft":
+            mixin = _lora_mixin(self.family)
+            if self.family == "sd3":
+                state_dict, metadata = mixin.lora_state_dict(
+                    pretrained_model_name_or_path_or_dict, weight_name=weight_name, return_lora_metadata=True, **kwargs
+                )
+                alphas = None
+            elif self.family == "flux":
+                state_dict, alphas, metadata = mixin.lora_state_dict(
+                    pretrained_model_name_or_path_or_dict, weight_name=weight_name, return_alphas=True,
+                    return_lora_metadata=True, **kwargs,
+                )
+            else:
+                state_dict, alphas, metadata = mixin.lora_state_dict(
+                    pretrained_model_name_or_path_or_dict, weight_name=weight_name, return_lora_metadata=True, **kwargs
+                )
+            prefix = SUPPORTED_FAMILIES[self.family][0]
+            ignored = [k for k in state_dict if not k.startswith(prefix + ".")]
+            if ignored and len(ignored) < len(state_dict):
+                logger.warning(f"ignoring {len(ignored)} LoRA weights outside `{prefix}` (e.g. {ignored[0]}).")
+                state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+            if self.family == "sd":
+                mixin.load_lora_into_unet(state_dict, alphas, unet=self.unet, adapter_name=adapter_name,
+                                          _pipeline=self, metadata=metadata)
+            elif self.family == "sd3":
+                mixin.load_lora_into_transformer(state_dict, transformer=self.transformer, adapter_name=adapter_name,
+                                                 _pipeline=self, metadata=metadata)
+            else:
+                mixin.load_lora_into_transformer(state_dict, alphas, transformer=self.transformer,
+                                                 adapter_name=adapter_name, metadata=metadata, _pipeline=self)
+            return
+        state_dict, config = _read_peft_lora(pretrained_model_name_or_path_or_dict, weight_name, **kwargs)
+        _load_peft_lora(self.denoiser, state_dict, config, SUPPORTED_FAMILIES[self.family][0], adapter_name)
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None):
+        """Merge the loaded LoRA(s) into the denoiser weights (``unfuse_lora`` restores them)."""
+        model = self.denoiser
+        if not _has_peft_adapters(model):
+            raise ValueError("no LoRA is loaded: call load_lora_weights(...) before fuse_lora().")
+        if hasattr(model, "fuse_lora"):
+            model.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+        else:
+            _merge_lora(model, lora_scale, safe_fusing, adapter_names)
+
+    def unfuse_lora(self):
+        """Undo ``fuse_lora`` (the adapters stay loaded)."""
+        model = self.denoiser
+        if hasattr(model, "unfuse_lora"):
+            model.unfuse_lora()
+        else:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.unmerge()
+
+    def unload_lora_weights(self):
+        """Remove all LoRA layers from the denoiser (the base weights stay as they are: unfuse first)."""
+        model = self.denoiser
+        if hasattr(model, "unload_lora"):
+            if _has_peft_adapters(model):
+                model.unload_lora()
+            return
+        from diffusers.utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(model)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        denoiser_lora_layers: dict,
+        family: str,
+        weight_name: str | None = None,
+        lora_config=None,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+    ) -> str:
+        """Write a denoiser LoRA (PEFT state dict, e.g. ``denoiser_lora_state_dict(model)``) in diffusers' format.
+
+        Args:
+            family: the pipeline family ("unet2d", "dit", "sd", "sd3", "flux").
+            lora_config: the PEFT ``LoraConfig`` (or its dict); stored as ``lora_adapter_metadata``.
+        Returns the path of the written file (``<dir>/pytorch_lora_weights.safetensors`` by default).
+        """
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"unknown family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}.")
+        weight_name = weight_name or LORA_WEIGHT_NAME
+        meta = None
+        if lora_config is not None:
+            meta = lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config)
+            meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        route = SUPPORTED_FAMILIES[family][4]
+        prefix = SUPPORTED_FAMILIES[family][0]
+        if route != "peft":
+            mixin = _lora_mixin(family)
+            mixin.save_lora_weights(
+                save_directory,
+                is_main_process=is_main_process,
+                weight_name=weight_name,
+                safe_serialization=safe_serialization,
+                **{f"{prefix}_lora_layers": denoiser_lora_layers, f"{prefix}_lora_adapter_metadata": meta},
+            )
+            return os.path.join(save_directory, weight_name)
+        if not is_main_process:
+            return os.path.join(save_directory, weight_name)
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        tensors = {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in denoiser_lora_layers.items()}
+        metadata = {"format": "pt"}
+        if meta is not None:
+            # as diffusers' LoRA writers do: the config keys prefixed with the component name
+            metadata[LORA_METADATA_KEY] = json.dumps({f"{prefix}.{k}": v for k, v in meta.items()}, indent=2,
+                                                     sort_keys=True)
+        path = os.path.join(save_directory, weight_name)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+        return path
+
+    def save_lora(self, save_directory: str | os.PathLike, adapter_name: str = "default", **kwargs) -> str:
+        """Save this pipeline's denoiser LoRA ``adapter_name`` (see ``save_lora_weights``)."""
+        config = getattr(self.denoiser, "peft_config", {}).get(adapter_name)
+        return self.save_lora_weights(
+            save_directory, denoiser_lora_state_dict(self.denoiser, adapter_name), family=self.family,
+            lora_config=config, **kwargs,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT plumbing for denoisers without a diffusers LoRA loader (UNet2DModel, DiT)
+# --------------------------------------------------------------------------------------------------
+def _next_adapter_name(model) -> str:
+    existing = getattr(model, "peft_config", None) or {}
+    i = 0
+    while f"default_{i}" in existing:
+        i += 1
+    return f"default_{i}"
+
+
+def _merge_lora(model, lora_scale=1.0, safe_fusing=False, adapter_names=None):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            if lora_scale != 1.0:
+                module.scale_layer(lora_scale)
+            module.merge(safe_merge=safe_fusing, adapter_names=adapter_names)
+
+
+def _merge_and_remove_lora(model):
+    """Fold every adapter into the base weights and drop the LoRA layers (in place)."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    _merge_lora(model)
+    recurse_remove_peft_layers(model)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+
+
+def _read_peft_lora(path_or_dict, weight_name=None, **kwargs):
+    """(state dict with prefixed keys, LoraConfig dict or None) from a dict, a file, a folder or a Hub repo."""
+    if isinstance(path_or_dict, dict):
+        return dict(path_or_dict), None
+    from diffusers.utils import _get_model_file
+    from safetensors import safe_open
+
+    path = str(path_or_dict)
+    if os.path.isfile(path):
+        file = path
+    else:
+        file = _get_model_file(
+            path,
+            weights_name=weight_name or LORA_WEIGHT_NAME,
+            cache_dir=kwargs.get("cache_dir"),
+            force_download=kwargs.get("force_download", False),
+            proxies=kwargs.get("proxies"),
+            local_files_only=kwargs.get("local_files_only"),
+            token=kwargs.get("token"),
+            revision=kwargs.get("revision"),
+            subfolder=kwargs.get("subfolder"),
+            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+        )
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata() or {}
+        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta[LORA_METADATA_KEY]) if LORA_METADATA_KEY in meta else None
+    return state_dict, config
+
+
+def _load_peft_lora(model, state_dict, config, prefix, adapter_name):
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    keyed = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    if not keyed:
+        raise ValueError(
+            f"no LoRA weights with prefix `{prefix}.` found; this file is not a {prefix} LoRA in diffusers' format "
+            f"(keys like `{prefix}.<module>.lora_A.weight`)."
+        )
+    if config is None:
+        # infer rank and targets from the weights (alpha = rank: scale 1)
+        ranks = {k.split(".lora_A")[0]: v.shape[0] for k, v in keyed.items() if ".lora_A" in k}
+        r = max(ranks.values())
+        config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": {
+            k: v for k, v in ranks.items() if v != r}}
+    config = {k[len(prefix) + 1 :] if k.startswith(prefix + ".") else k: v for k, v in config.items()}
+    for key in ("peft_type", "task_type", "base_model_name_or_path", "revision", "auto_mapping"):
+        config.pop(key, None)
+    lora_config = LoraConfig(**{k: v for k, v in config.items() if k in inspect.signature(LoraConfig).parameters})
+    inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(model, keyed, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    lora_unexpected = [k for k in unexpected if "lora_" in k]
+    if lora_unexpected:
+        raise ValueError(f"LoRA weights do not match the model: unexpected keys {lora_unexpected[:5]}.")
+    _peft_configs(model)[adapter_name] = lora_config

@@ -1,0 +1,133 @@
+"""compare_generators: grid, FD table in every representation (held-out marked, FD_r), class coverage."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from fd_onestep import digits
+from fd_onestep.comparison import compare_generators, naive_one_step_teacher, teacher_sampler
+
+NAMES = digits.TRAINING_ENCODERS + digits.HELD_OUT_ENCODERS
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from fd_onestep.encoders import load_encoder
+    from fd_onestep.reference_stats import ReferenceStats
+
+    encoders = {n: load_encoder(str(digits.encoder_path(n)), local_files_only=True) for n in NAMES}
+    references = {n: ReferenceStats.load(digits.stats_path(n)) for n in NAMES}
+    return encoders, references, digits.load_digit_classifier()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from diffusers import DDPMPipeline
+
+    return DDPMPipeline.from_pretrained(digits.TEACHER_PATH, local_files_only=True)
+
+
+def real_digits(batch_size, generator):
+    """Draws validation-split digits: a generator as good as the data."""
+    images, _ = digits.load_digits_split("validation")
+    return images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+
+
+def noise(batch_size, generator):
+    return torch.rand(batch_size, 1, 16, 16, generator=generator) * 2 - 1
+
+
+def test_writes_grid_table_and_json_with_every_representation(tmp_path, bundled):
+    encoders, references, classifier = bundled
+    report = compare_generators(
+        {"real digits": real_digits, "noise": noise},
+        encoders,
+        references,
+        num_samples=300,
+        output_dir=tmp_path,
+        held_out=set(digits.HELD_OUT_ENCODERS),
+        classifier=classifier,
+        grid_samples=16,
+    )
+    assert json.loads((tmp_path / "comparison.json").read_text()) == json.loads(json.dumps(report))
+    grid = Image.open(tmp_path / "comparison_grid.png")
+    assert grid.width > 1.5 * grid.height  # two square blocks side by side, not stacked
+
+    assert set(report["representations"]) == set(NAMES)
+    for name in NAMES:
+        info = report["representations"][name]
+        assert info["held_out"] == (name in digits.HELD_OUT_ENCODERS)
+        assert info["validation_fd"] == pytest.approx(references[name].validation_fd)
+        real, bad = report["generators"]["real digits"], report["generators"]["noise"]
+        assert real["fd"][name] < bad["fd"][name] / 5
+        assert real["fd_r"][name] == pytest.approx(real["fd"][name] / info["validation_fd"])
+
+    table = (tmp_path / "comparison.md").read_text()
+    for name in digits.HELD_OUT_ENCODERS:
+        assert f"FD {name} (held out)" in table
+    for name in digits.TRAINING_ENCODERS:
+        assert f"FD {name} |" in table and f"FD_r {name}" in table
+    assert "| validation split (reference) |" in table and "| real digits |" in table and "| noise |" in table
+
+    hist = report["generators"]["real digits"]["class_histogram"]
+    assert hist["num_samples"] == 300 and hist["classes_present"] == 10
+
+
+def test_same_seed_gives_the_same_report(bundled):
+    encoders, references, _ = bundled
+    kwargs = dict(num_samples=64, grid_samples=0, seed=3)
+    first = compare_generators({"real": real_digits}, encoders, references, **kwargs)
+    second = compare_generators({"real": real_digits}, encoders, references, **kwargs)
+    assert first["generators"]["real"]["fd"] == second["generators"]["real"]["fd"]
+
+
+def test_rejects_mismatched_inputs(bundled):
+    encoders, references, _ = bundled
+    with pytest.raises(ValueError, match="same names"):
+        compare_generators({"real": real_digits}, encoders, {}, num_samples=8)
+    with pytest.raises(ValueError, match="held_out"):
+        compare_generators({"real": real_digits}, encoders, references, num_samples=8, held_out={"inception"})
+    swapped = dict(references)
+    swapped["dinov2-digits"] = references["siglip-digits"]
+    with pytest.raises(ValueError):
+        compare_generators({"real": real_digits}, encoders, swapped, num_samples=8, grid_samples=0)
+    with pytest.raises(ValueError, match="returned"):
+        compare_generators({"flat": lambda b, g: torch.zeros(b, 16, 16)}, encoders, references, num_samples=8)
+    with pytest.raises(ValueError, match="NaN"):
+        compare_generators({"nan": lambda b, g: torch.full((b, 1, 16, 16), float("nan"))}, encoders, references, num_samples=8)
+
+
+def test_naive_one_step_teacher_is_minus_v_at_the_top_timestep(teacher):
+    generate = naive_one_step_teacher(teacher)
+    images = generate(4, torch.Generator().manual_seed(0))
+    x_t = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = teacher.unet(x_t, torch.full((4,), 999)).sample
+    torch.testing.assert_close(images, -v)
+
+
+def test_naive_one_step_rejects_epsilon_prediction_at_zero_snr():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon"))
+    with pytest.raises(ValueError, match="smaller timestep"):
+        naive_one_step_teacher(pipe)
+    assert naive_one_step_teacher(pipe, timestep=600)(2, torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
+
+def test_teacher_multi_step_beats_naive_one_step_on_held_out_representations(bundled, teacher):
+    encoders, references, _ = bundled
+    held_out = {n: encoders[n] for n in digits.HELD_OUT_ENCODERS}
+    report = compare_generators(
+        {"naive": naive_one_step_teacher(teacher), "teacher": teacher_sampler(teacher, 10)},
+        held_out,
+        {n: references[n] for n in held_out},
+        num_samples=256,
+        grid_samples=0,
+    )
+    for name in held_out:
+        assert report["generators"]["teacher"]["fd"][name] * 5 < report["generators"]["naive"]["fd"][name]

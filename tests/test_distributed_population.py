@@ -1,0 +1,90 @@
+"""Two real processes (CPU, gloo, DDP) with batch b each == one process with batch 2b.
+
+For every population kind the FD-loss value and the DDP-averaged parameter gradient of a tiny
+generator must equal the single-process run on the concatenated batch, over several optimizer steps
+(so the populations' state advances identically too).
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from fd_onestep.losses import FDLoss
+from fd_onestep.populations import build_population
+from fd_onestep.reference_stats import ReferenceStats
+
+D, D_IN, B, STEPS, WARM_CHUNKS = 6, 4, 8, 3, 3
+KINDS = {
+    "ema": {"beta": 0.7},
+    "queue": {"queue_size": 20, "storage_dtype": torch.float64},
+    "exact": {"micro_batches": 2},
+}
+
+
+def _data():
+    g = torch.Generator().manual_seed(123)
+    reference = torch.randn(300, D, generator=g, dtype=torch.float64) * 1.3 + 0.4
+    steps = [torch.randn(2 * B, D_IN, generator=g, dtype=torch.float64) for _ in range(STEPS)]
+    warm = [torch.randn(2 * 5, D, generator=g, dtype=torch.float64) for _ in range(WARM_CHUNKS)]
+    return ReferenceStats.from_features(reference, encoder_id="toy"), steps, warm
+
+
+def _run(kind, world, rank):
+    """Train STEPS SGD steps; return [(loss, [param grads])] (grads after DDP averaging)."""
+    reference, steps, warm = _data()
+    torch.manual_seed(0)
+    generator = torch.nn.Sequential(torch.nn.Linear(D_IN, D), torch.nn.Tanh(), torch.nn.Linear(D, D)).double()
+    model = DistributedDataParallel(generator) if world > 1 else generator
+    population = build_population(kind, D, **KINDS[kind])
+    loss_fn = FDLoss(reference, population)
+    if population.supports_warm_start:
+        population.warm_start(chunk.chunk(world)[rank] for chunk in warm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    history = []
+    for noise in steps:
+        local = noise.chunk(world)[rank]
+        optimizer.zero_grad()
+        if kind == "exact":
+            micro = local.chunk(2)
+            population.begin_step()
+            with torch.no_grad():
+                for m in micro:
+                    population.accumulate(model(m))
+            for i, m in enumerate(micro):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if (last or world == 1) else model.no_sync():
+                    loss = loss_fn(model(m))
+                    loss.backward()
+        else:
+            loss = loss_fn(model(local))
+            loss.backward()
+        history.append((float(loss.detach()), [p.grad.detach().clone() for p in model.parameters()]))
+        optimizer.step()
+    return history
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {kind: _run(kind, world, rank) for kind in KINDS}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for kind in KINDS:
+        single = _run(kind, world=1, rank=0)
+        for step, (loss_1, grads_1) in enumerate(single):
+            for r in range(2):
+                loss_2, grads_2 = ranks[r][kind][step]
+                assert abs(loss_2 - loss_1) <= 1e-10 * abs(loss_1), (kind, step, r)
+                for g2, g1 in zip(grads_2, grads_1):
+                    assert float((g2 - g1).norm()) <= 1e-9 * float(g1.norm()), (kind, step, r)

@@ -1,0 +1,80 @@
+"""Specification of fd_onestep.moments.FeatureMoments: streamed float64 raw moments."""
+
+import numpy as np
+import pytest
+import torch
+
+from fd_onestep.moments import FeatureMoments
+
+
+def test_streamed_chunks_give_numpy_cov_and_mean():
+    x = torch.randn(500, 12, dtype=torch.float32) * 3 + 1
+    moments = FeatureMoments(12)
+    for chunk in x.split(64):
+        moments.update(chunk)
+    assert moments.count == 500
+    assert moments.sum.dtype == torch.float64 and moments.sum_outer.shape == (12, 12)
+    x64 = x.double().numpy()
+    np.testing.assert_allclose(moments.mean.numpy(), x64.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.covariance().numpy(), np.cov(x64, rowvar=False), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(moments.covariance(unbiased=False).numpy(), np.cov(x64, rowvar=False, bias=True),
+                               rtol=1e-10, atol=1e-12)
+    cov = moments.covariance()
+    assert torch.equal(cov, cov.T)
+
+
+def test_merge_equals_one_accumulator():
+    x = torch.randn(300, 7, dtype=torch.float64)
+    a, b = FeatureMoments(7).update(x[:100]), FeatureMoments(7).update(x[100:])
+    whole = FeatureMoments(7).update(x)
+    a.merge(b)
+    assert a.count == whole.count
+    assert torch.allclose(a.sum_outer, whole.sum_outer, rtol=1e-13)
+    with pytest.raises(ValueError, match="same encoder"):
+        a.merge(FeatureMoments(8))
+
+
+def test_all_reduce_without_distributed_is_a_no_op():
+    m = FeatureMoments(4).update(torch.randn(10, 4))
+    before = m.state_dict()
+    m.all_reduce()
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_state_dict_round_trip_is_tensors_only(tmp_path):
+    m = FeatureMoments(5).update(torch.randn(20, 5))
+    state = m.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    torch.save(state, tmp_path / "m.pt")
+    restored = FeatureMoments(5)
+    restored.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert restored.count == 20 and torch.equal(restored.sum_outer, m.sum_outer)
+    with pytest.raises(ValueError, match="same feature dimension"):
+        FeatureMoments(6).load_state_dict(state)
+
+
+def test_nan_or_inf_features_raise_with_a_hint():
+    m = FeatureMoments(3)
+    bad = torch.randn(4, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf.*generator output"):
+        m.update(bad)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        m.update(bad)
+    assert m.count == 0  # nothing half-added
+
+
+def test_wrong_feature_dim_or_shape_raises_naming_the_fix():
+    m = FeatureMoments(3)
+    with pytest.raises(ValueError, match="dimension 4 but 3 was expected.*feature_dim"):
+        m.update(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"shape \(B, d\).*flatten"):
+        m.update(torch.randn(2, 3, 1))
+
+
+def test_covariance_needs_two_samples():
+    m = FeatureMoments(3).update(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        m.covariance()

@@ -1,0 +1,68 @@
+"""The offline embedded default, CI-sized: with no model / encoders / stats arguments the script trains the
+bundled digits teacher with the bundled encoders, and writes the pipeline, the samples, the teacher-vs-student
+comparison grid and FD table (training and held-out representations); the training FD goes down.
+
+The full-size run (the defaults, minutes on CPU) is the README's; here a few steps with small sample counts.
+"""
+
+import json
+
+import pytest
+import torch
+from train_fixtures import run_script
+
+from fd_onestep import digits
+from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
+    import importlib.util
+
+    from train_fixtures import SCRIPT
+
+    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--output_dir", str(tmp_path)])
+    assert args.embedded_default is True
+    assert args.pretrained_model_name_or_path == str(digits.TEACHER_PATH)
+    assert args.encoders == [str(digits.encoder_path(n)) for n in digits.TRAINING_ENCODERS]
+    assert args.eval_encoders == [str(digits.encoder_path(n)) for n in digits.HELD_OUT_ENCODERS]
+    assert args.reference_stats == [str(digits.stats_path(n)) for n in digits.TRAINING_ENCODERS]
+    for key, value in script.EMBEDDED_DEFAULTS.items():
+        if value is not None:
+            assert getattr(args, key) == value, key
+    # held-out encoders never select checkpoints
+    assert args.keep_best_by not in args.eval_encoders and args.compare_with_teacher is True
+
+
+def test_embedded_default_trains_the_digits_teacher_and_compares_it(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "digits-onestep"
+    run_script([
+        "--output_dir", str(out),
+        "--max_train_steps", "6", "--train_batch_size", "32", "--learning_rate", "1e-4", "--lr_warmup_steps", "1",
+        "--fd_ema_beta", "0.5", "--fd_warmup_samples", "64", "--sample_batch_size", "64",
+        "--validation_steps", "3", "--num_validation_samples", "64", "--num_validation_images", "8",
+        "--checkpointing_steps", "3", "--num_output_samples", "20", "--num_comparison_samples", "64",
+        "--teacher_num_inference_steps", "2",
+    ])
+    pipe = FDOneStepPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 1, 16, 16)
+    assert len(list((out / "samples").glob("*.png"))) == 20
+    assert (out / "comparison_grid.png").is_file() and (out / "comparison.md").is_file()
+    report = json.loads((out / "comparison.json").read_text())
+    assert len(report["generators"]) == 3
+    for result in report["generators"].values():
+        assert set(result["fd"]) == set(digits.TRAINING_ENCODERS) | set(digits.HELD_OUT_ENCODERS)
+    assert {name for name, r in report["representations"].items() if r["held_out"]} == set(digits.HELD_OUT_ENCODERS)
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    for name in digits.TRAINING_ENCODERS:
+        fds = [e.value for e in events.Scalars(f"fd/{name}")]
+        assert fds[-1] < fds[0], f"training FD in {name} did not go down: {fds}"

@@ -1,0 +1,175 @@
+"""Early, clear errors of the training script (before any training step), and the Hub push path up to the
+network call. These run the script's ``main`` in-process with tiny models."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from train_fixtures import FAST_ARGS, SCRIPT, build_all, encoder_args
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(assets, out, *extra, teacher="unet2d", encoders=("dinov2", "siglip")):
+    return ["--pretrained_model_name_or_path", assets["teachers"][teacher], *encoder_args(assets, encoders),
+            "--output_dir", str(out), *FAST_ARGS, *extra]
+
+
+def _nothing_trained(out):
+    return not list(out.glob("checkpoint-*")) and not (out / "model_index.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def test_model_encoders_and_stats_go_together(script):
+    with pytest.raises(ValueError, match="together"):
+        script.parse_args(["--encoders", "dinov2", "--reference_stats", "x.safetensors"])
+
+
+def test_one_stats_file_per_encoder(script, assets, tmp_path):
+    with pytest.raises(ValueError, match="one stats file per encoder"):
+        script.parse_args(["--pretrained_model_name_or_path", assets["teachers"]["unet2d"],
+                           "--encoders", assets["encoders"]["dinov2"], assets["encoders"]["siglip"],
+                           "--reference_stats", assets["stats"]["dinov2"], "--output_dir", str(tmp_path)])
+
+
+def test_missing_stats_file_names_the_stats_command(script, assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="fd-onestep stats"):
+        script.parse_args(["--pretrained_model_name_or_path", assets["teachers"]["unet2d"],
+                           "--encoders", "dinov2", "--reference_stats", str(tmp_path / "missing.safetensors")])
+
+
+def test_exact_population_replaces_gradient_accumulation(script, assets, tmp_path):
+    with pytest.raises(ValueError, match="--fd_micro_batches instead of --gradient_accumulation_steps"):
+        script.parse_args(_args(assets, tmp_path, "--fd_population", "exact", "--gradient_accumulation_steps", "2"))
+
+
+def test_checkpoint_selection_never_uses_a_held_out_encoder(script, assets, tmp_path):
+    with pytest.raises(ValueError, match="tune the held-out measure"):
+        script.parse_args(_args(assets, tmp_path, "--eval_encoders", assets["encoders"]["siglip_eval"],
+                                "--eval_reference_stats", assets["stats"]["siglip_eval"],
+                                "--keep_best_by", "tiny-siglip-eval"))
+
+
+def test_keep_best_by_accepts_the_encoder_as_given_or_its_short_name(script, assets, tmp_path):
+    by_path = script.parse_args(_args(assets, tmp_path, "--keep_best_by", assets["encoders"]["dinov2"]))
+    by_name = script.parse_args(_args(assets, tmp_path, "--keep_best_by", "tiny-dinov2"))
+    assert by_path.keep_best_by == by_name.keep_best_by == "tiny-dinov2"
+    with pytest.raises(ValueError, match="unknown"):
+        script.parse_args(_args(assets, tmp_path, "--keep_best_by", "inception"))
+
+
+def test_general_defaults_apply_when_a_model_is_given(script, assets, tmp_path):
+    args = script.parse_args(["--pretrained_model_name_or_path", assets["teachers"]["unet2d"],
+                              *encoder_args(assets), "--output_dir", str(tmp_path)])
+    for key, value in script.GENERAL_DEFAULTS.items():
+        assert getattr(args, key) == value, key
+    assert args.embedded_default is False and args.compare_with_teacher is False
+
+
+# ------------------------------------------------------------------------------------------ before training
+def test_reference_stats_of_another_encoder_are_an_early_error(script, assets, tmp_path):
+    argv = ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"],
+            "--encoders", assets["encoders"]["dinov2"], "--reference_stats", assets["stats"]["siglip"],
+            "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    with pytest.raises(ValueError) as err:
+        script.main(script.parse_args(argv))
+    message = str(err.value)
+    assert "tiny-dinov2" in message and "siglip" in message
+    assert _nothing_trained(tmp_path / "out")
+
+
+def test_unsupported_model_is_an_early_error_listing_the_supported_families(script, assets, tmp_path):
+    model = tmp_path / "dance"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({
+        "_class_name": "DanceDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet1DModel"], "scheduler": ["diffusers", "IPNDMScheduler"]}))
+    argv = ["--pretrained_model_name_or_path", str(model), *encoder_args(assets), "--output_dir", str(tmp_path / "out"),
+            *FAST_ARGS]
+    with pytest.raises(ValueError, match="UNet1DModel.*supported families"):
+        script.main(script.parse_args(argv))
+    assert _nothing_trained(tmp_path / "out")
+
+
+def test_push_without_a_token_fails_before_training(script, assets, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="hf auth login"):
+        script.main(script.parse_args(_args(assets, tmp_path / "out", "--push_to_hub")))
+    assert _nothing_trained(tmp_path / "out")
+
+
+def test_push_while_offline_fails_before_training(script, assets, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="offline"):
+        script.main(script.parse_args(_args(assets, tmp_path / "out", "--push_to_hub", "--hub_token", "hf_x")))
+    assert _nothing_trained(tmp_path / "out")
+
+
+def test_push_uploads_the_trained_pipeline_and_its_validated_card(script, assets, tmp_path, monkeypatch):
+    """The whole run with --push_to_hub; the Hub calls are captured at the HfApi / HTTP-session boundary."""
+    import huggingface_hub
+    import huggingface_hub.repocard as repocard
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.hf_api import RepoUrl
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_from_login")
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, self.token, kwargs))
+        return RepoUrl(f"https://huggingface.co/someone/{repo_id.split('/')[-1]}")
+
+    def upload_folder(self, **kwargs):
+        folder = kwargs["folder_path"]
+        snapshot = sorted(p.name for p in Path(folder).iterdir())
+        calls.append(("upload_folder", kwargs["repo_id"], self.token, {**kwargs, "snapshot": snapshot}))
+        return "commit-info"
+
+    class Response:
+        status_code = 200
+        text = ""
+
+    class Session:
+        def post(self, url, json=None, headers=None, **kwargs):
+            calls.append(("validate", url, None, json))
+            return Response()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(repocard, "get_session", lambda: Session())
+    monkeypatch.setattr(repocard, "hf_raise_for_status", lambda response: None)
+
+    out = tmp_path / "my-onestep"
+    script.main(script.parse_args(_args(assets, out, "--push_to_hub", "--checkpointing_steps", "1")))
+
+    names = [c[0] for c in calls]
+    assert names == ["validate", "create_repo", "upload_folder"]
+    _, url, _, body = calls[0]
+    assert url.endswith("/api/validate-yaml") and body["content"] == (out / "README.md").read_text()
+    _, repo_id, token, kwargs = calls[1]
+    assert (repo_id, token, kwargs["exist_ok"]) == ("my-onestep", "hf_from_login", True)
+    _, repo_id, token, kwargs = calls[2]
+    assert (repo_id, token, kwargs["folder_path"]) == ("someone/my-onestep", "hf_from_login", str(out))
+    assert {"README.md", "model_index.json", "unet", "pipeline_fd_onestep.py"} <= set(kwargs["snapshot"])
+    assert "checkpoint-*" in kwargs["ignore_patterns"] and (out / "checkpoint-2").is_dir()
+    shutil.rmtree(out)

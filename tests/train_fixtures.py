@@ -1,0 +1,225 @@
+"""Shared fixtures of the training-script tests: tiny teachers, tiny encoders and their reference statistics.
+
+Everything is built from configs (no downloads) once per test session into pytest's base temp dir, and
+the script is run on it the way a user runs it (``python train_scripts/train_fd_onestep.py ...`` or
+``accelerate launch ...``) in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "train_scripts" / "train_fd_onestep.py"
+
+# A subprocess environment: offline, one CPU thread per process (the 2 cores are shared), quiet.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONHASHSEED": "0",
+    "DIFFUSERS_VERBOSITY": "error",
+    "ACCELERATE_DISABLE_RICH": "1",
+}
+
+# Arguments every CI run uses: a handful of steps, tiny batches, small validation.
+FAST_ARGS = [
+    "--max_train_steps", "2",
+    "--train_batch_size", "4",
+    "--learning_rate", "1e-4",
+    "--lr_scheduler", "constant",
+    "--lr_warmup_steps", "0",
+    "--fd_warmup_samples", "16",
+    "--sample_batch_size", "16",
+    "--validation_steps", "0",
+    "--num_validation_images", "4",
+    "--num_validation_samples", "16",
+    "--report_to", "none",
+    "--seed", "0",
+]
+
+
+# ----------------------------------------------------------------------------------------------- teachers
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 8
+    return tok
+
+
+def _clip_text_config(vocab_size: int, hidden: int = 16):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=8, projection_dim=hidden,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+
+
+def _unet2d(num_class_embeds=None):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds)
+
+
+def build_teacher(family: str):
+    """A tiny multi-step diffusers pipeline of ``family`` ("unet2d", "unet2d_class", "dit", "sd", "sd3")."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(0)
+    if family == "unet2d":
+        return DDPMPipeline(unet=_unet2d(), scheduler=DDPMScheduler(prediction_type="v_prediction",
+                                                                     rescale_betas_zero_snr=True))
+    if family == "unet2d_class":
+        return DDPMPipeline(unet=_unet2d(num_class_embeds=10),
+                            scheduler=DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True))
+    if family == "dit":
+        from diffusers import DiTPipeline, DiTTransformer2DModel
+
+        transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                            num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                            norm_num_groups=4)
+        return DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDPMScheduler(prediction_type="epsilon"))
+    if family == "sd":
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        tok = _clip_tokenizer()
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                    norm_num_groups=4, attention_head_dim=4)
+        scheduler = DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                  beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+        return StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_clip_text_config(len(tok))), tokenizer=tok,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       image_encoder=None, requires_safety_checker=False)
+    if family == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import CLIPTextModelWithProjection
+
+        tok1, tok2 = _clip_tokenizer(), _clip_tokenizer()
+        transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                            caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                            pos_embed_max_size=8)
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
+            text_encoder=CLIPTextModelWithProjection(_clip_text_config(len(tok1))), tokenizer=tok1,
+            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(len(tok2))), tokenizer_2=tok2,
+            text_encoder_3=None, tokenizer_3=None,
+        )
+    raise ValueError(family)
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+def _real_images(n: int, seed: int, channels: int = 3, size: int = 16) -> torch.Tensor:
+    """Smooth random 'real' images in [-1, 1] (blurred noise), (n, channels, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size // 4, size // 4, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return torch.tanh(x)
+
+
+def build_encoders_and_stats(root: Path) -> dict:
+    """Tiny DINOv2 + SigLIP (+ a held-out tiny SigLIP) saved locally, and ReferenceStats for each."""
+    from fd_onestep.encoders import load_encoder
+    from fd_onestep.encoders.testing import save_tiny_dinov2, save_tiny_siglip
+    from fd_onestep.reference_stats import ReferenceStats
+
+    folders = {
+        "dinov2": save_tiny_dinov2(root / "tiny-dinov2", image_size=28, hidden_size=16),
+        "siglip": save_tiny_siglip(root / "tiny-siglip", image_size=16, hidden_size=16),
+        "siglip_eval": save_tiny_siglip(root / "tiny-siglip-eval", image_size=16, hidden_size=8, seed=1),
+    }
+    out = {"encoders": {}, "stats": {}}
+    train_images, val_images = _real_images(256, 0), _real_images(128, 1)
+    for name, folder in folders.items():
+        encoder = load_encoder(str(folder))
+        with torch.no_grad():
+            feats = encoder(train_images).double()
+            val_feats = encoder(val_images).double()
+        stats = ReferenceStats.from_features(feats, encoder_id=encoder.encoder_id, dataset="tiny-random", split="train")
+        val_fd = float(stats.frechet_distance(val_feats.mean(0), torch.cov(val_feats.T)))
+        stats.validation_fd = val_fd
+        path = root / f"{name}.safetensors"
+        stats.save(path)
+        out["encoders"][name] = str(folder)
+        out["stats"][name] = str(path)
+    return out
+
+
+def build_all(root: Path) -> dict:
+    """Teachers + encoders + stats under ``root`` (skipped if already built in this session)."""
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    teachers = {}
+    for family in ("unet2d", "unet2d_class", "dit", "sd", "sd3"):
+        path = root / "teachers" / family
+        build_teacher(family).save_pretrained(path)
+        teachers[family] = str(path)
+    data = {"teachers": teachers, **build_encoders_and_stats(root / "encoders")}
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green cat\n")
+    data["prompts_file"] = str(prompts)
+    captions = root / "captions"
+    captions.mkdir(exist_ok=True)
+    with open(captions / "train.jsonl", "w") as f:
+        for caption in ("a small dog", "two cats", "a big house", "the sea"):
+            f.write(json.dumps({"text": caption}) + "\n")
+    data["captions_dataset"] = str(captions)
+    manifest.write_text(json.dumps(data, indent=2))
+    return data
+
+
+def encoder_args(assets: dict, names=("dinov2", "siglip")) -> list[str]:
+    return ["--encoders", *[assets["encoders"][n] for n in names],
+            "--reference_stats", *[assets["stats"][n] for n in names]]
+
+
+def run_script(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the training script in a subprocess; on failure the assertion shows its output."""
+    cmd = [*(launcher or [sys.executable]), str(SCRIPT), *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**SUBPROCESS_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-12000:]}")
+    return proc
+
+
+def accelerate_launch(num_processes: int) -> list[str]:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", "1"]
+    if num_processes > 1:
+        launcher.append("--multi_gpu")
+    return launcher

@@ -1,0 +1,1267 @@
+#!/usr/bin/env python
+# Copyright 2025 The fd-onestep authors. Licensed under the Apache License, Version 2.0.
+"""Turn a multi-step diffusers model into a one-step generator by optimizing FD-loss.
+
+    accelerate launch train_scripts/train_fd_onestep.py \
+        --pretrained_model_name_or_path google/ddpm-cifar10-32 \
+        --encoders inception dinov2 --reference_stats stats/inception.safetensors stats/dinov2.safetensors \
+        --output_dir ddpm-cifar10-onestep
+
+With no ``--pretrained_model_name_or_path`` / ``--encoders`` / ``--reference_stats`` the script runs the
+offline embedded default: the bundled digits teacher, the bundled digit encoders and their reference
+statistics (``fd_onestep/assets/digits``), on CPU in minutes, and writes a teacher-vs-student comparison.
+
+The loss: images = G(noise, cond) (one denoiser forward from pure noise), features f_i = E_i(images) for
+every encoder i, L = sum_i w_i F_i / (sg(F_i) + eps_i) with F_i the Fréchet distance between the reference
+statistics and the generated *population* (EMA / queue of past batches / exact two-pass large batch) in
+which only the current batch carries gradient. Under several processes the population is the global batch
+and the parameter gradient equals the single-process gradient of the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Runnable as `python train_scripts/train_fd_onestep.py` from a checkout without installing.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from fd_onestep.training_utils import (  # noqa: E402
+    CheckpointableGenerator,
+    TrainingProgress,
+    check_checkpoint_compatible,
+    check_output_dir_compatible,
+    check_push_to_hub,
+    fingerprint_digest,
+    load_state_file,
+    parse_float_list,
+    parse_name_list,
+    prune_checkpoints,
+    public_args,
+    push_folder_to_hub,
+    render_model_card,
+    resolve_resume_checkpoint,
+    run_fingerprint,
+    save_checkpoint_atomically,
+    save_state_file,
+    write_run_args,
+)
+
+logger = logging.getLogger("train_fd_onestep")
+
+# --------------------------------------------------------------------------------------------------------
+# Defaults. Arguments listed here default to None on the command line and are filled from one of these two
+# dicts: EMBEDDED_DEFAULTS when the offline embedded default runs (no model / encoders / stats given),
+# GENERAL_DEFAULTS otherwise. A value given on the command line always wins. Tune the digits run here.
+GENERAL_DEFAULTS = {
+    "train_batch_size": 32,
+    "max_train_steps": 2000,
+    "learning_rate": 3e-6,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 100,
+    "fd_population": "ema",
+    "fd_ema_beta": 0.999,
+    "fd_warmup_samples": 10000,
+    "fd_queue_size": 8192,
+    "fd_micro_batches": 4,
+    "checkpointing_steps": 500,
+    "validation_steps": 500,
+    "num_validation_samples": 1000,
+    "num_validation_images": 16,
+    "keep_best_by": None,
+    "final_weights": "last",
+    "onestep_timestep": None,  # the teacher's top training timestep
+    "output_bound": None,
+    "compare_with_teacher": False,
+    "num_output_samples": 0,
+    "num_comparison_samples": 1000,
+    "eval_encoders": [],
+    "seed": 0,
+}
+EMBEDDED_DEFAULTS = {
+    "train_batch_size": 128,
+    "max_train_steps": 400,
+    "learning_rate": 3e-6,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 40,
+    "fd_population": "ema",
+    "fd_ema_beta": 0.99,
+    "fd_warmup_samples": 2048,
+    "fd_queue_size": 2048,
+    "fd_micro_batches": 4,
+    "checkpointing_steps": 100,
+    "validation_steps": 100,
+    "num_validation_samples": 1000,
+    "num_validation_images": 40,
+    # Selection uses the *training* encoders only: the held-out ones stay an honest measure.
+    "keep_best_by": "fd_r_mean",
+    "final_weights": "best",
+    "onestep_timestep": None,
+    "output_bound": "tanh",
+    "compare_with_teacher": True,
+    "num_output_samples": 1000,
+    "num_comparison_samples": 1000,
+    "eval_encoders": None,  # filled with the bundled held-out encoders
+    "seed": 0,
+}
+DEFAULTED_ARGS = tuple(GENERAL_DEFAULTS)
+
+POPULATIONS = ("ema", "queue", "exact")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+OUTPUT_BOUND_CHOICES = ("none", "tanh", "clamp")
+
+
+def _positive_int(value: str) -> int:
+    out = int(value)
+    if out < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="FD-loss one-step training (see the module docstring and the README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="Multi-step diffusers pipeline (Hub id or folder): DDPM/DDIM UNet2DModel, DiT, Stable "
+                        "Diffusion 1.x/2.x, SD3 or Flux. Omit (with --encoders and --reference_stats) for the "
+                        "offline embedded digits default.")
+    g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    g.add_argument("--onestep_timestep", type=int, default=None,
+                   help="Noise level the one step is taken from (DDPM index, or flow timestep). Default: the top "
+                        "of the schedule (embedded default: see EMBEDDED_DEFAULTS).")
+    g.add_argument("--prediction_type", type=str, default=None,
+                   help="Override the teacher's parameterization (epsilon, v_prediction, sample, flow).")
+    g.add_argument("--output_bound", type=str, default=None, choices=OUTPUT_BOUND_CHOICES,
+                   help="Bound on the generated image: tanh (smooth, recommended for ill-conditioned maps), "
+                        "clamp, or none.")
+    g.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="Classifier-free guidance inside the one step (1 = off; stored in the pipeline).")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Image resolution in pixels (default: the model's sample size).")
+
+    g = p.add_argument_group("output and logging")
+    g.add_argument("--output_dir", type=str, default="fd-onestep-output",
+                   help="Where the pipeline, checkpoints, samples, logs and model card go.")
+    g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard dir, relative to --output_dir.")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help='Trackers for accelerate ("tensorboard", "wandb", "all" or "none").')
+    g.add_argument("--tracker_project_name", type=str, default="fd-onestep")
+    g.add_argument("--seed", type=int, default=None, help="Seed for weights-independent randomness (noise, labels).")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train_batch_size", type=_positive_int, default=None,
+                   help="Samples per process per forward (exact population: per micro-batch).")
+    g.add_argument("--max_train_steps", type=_positive_int, default=None, help="Optimizer steps.")
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute denoiser activations in backward.")
+    g.add_argument("--learning_rate", type=float, default=None)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rate by gradient_accumulation_steps * train_batch_size * processes.")
+    g.add_argument("--lr_scheduler", type=str, default=None, choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=None)
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts only.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="polynomial only.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (<= 0: no clipping, norm still logged).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Default: accelerate's config (no on CPU).")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator weights (used for validation and saving).")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="Generator-weights EMA maximum decay.")
+    g.add_argument("--ema_update_after_step", type=int, default=0)
+    g.add_argument("--ema_use_warmup", action="store_true", help="EMA decay warm-up (inv_gamma, power).")
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    g.add_argument("--ema_power", type=float, default=2 / 3)
+
+    g = p.add_argument_group("LoRA (PEFT; base weights frozen)")
+    g.add_argument("--use_lora", action="store_true", help="Train a LoRA instead of the full denoiser.")
+    g.add_argument("--lora_rank", type=_positive_int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
+    g.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
+                   help="Module-name suffixes (comma or space separated). Default: per family.")
+
+    g = p.add_argument_group("FD-loss")
+    g.add_argument("--encoders", type=str, nargs="+", default=None,
+                   help="Encoders of the loss: names (inception, dinov2, siglip, clip), hub ids or folders.")
+    g.add_argument("--reference_stats", type=str, nargs="+", default=None,
+                   help="One ReferenceStats file per encoder (.safetensors, or pytorch-fid .npz), same order.")
+    g.add_argument("--encoder_loss_weights", type=str, nargs="+", default=None, help="One weight per encoder (default 1).")
+    g.add_argument("--fd_population", type=str, default=None, choices=POPULATIONS,
+                   help="Generated statistics: ema (beta), queue (past batches) or exact (two-pass large batch).")
+    g.add_argument("--fd_ema_beta", type=float, default=None, help="EMA population decay.")
+    g.add_argument("--fd_warmup_samples", type=int, default=None,
+                   help="Warm-start the population from the exact moments of this many generated samples (0: off).")
+    g.add_argument("--fd_queue_size", type=_positive_int, default=None,
+                   help="Queue population: past generated samples kept (not batches).")
+    g.add_argument("--fd_micro_batches", type=_positive_int, default=None,
+                   help="Exact population: micro-batches (of --train_batch_size) per step.")
+    g.add_argument("--fd_eps", type=float, default=None,
+                   help="Relative eps of the loss normalization, eps_i = fd_eps * tr(sigma_ref_i) (default: the library's).")
+    g.add_argument("--encoder_autocast", type=str, default="no", choices=["no", "fp16", "bf16"],
+                   help="Autocast dtype for the encoders' forward.")
+    g.add_argument("--encoder_gradient_checkpointing", action="store_true")
+    g.add_argument("--sample_batch_size", type=_positive_int, default=256,
+                   help="Per-process batch for no-grad generation (warm start, validation, samples).")
+
+    g = p.add_argument_group("conditioning")
+    g.add_argument("--class_label_distribution", type=str, default="uniform", choices=["uniform", "reference"],
+                   help="Class-conditional models: uniform labels, or the reference label histogram (from "
+                        "--class_histogram or the reference stats' 'class_histogram' metadata).")
+    g.add_argument("--class_histogram", type=str, default=None, help="JSON file: list of per-class counts.")
+    g.add_argument("--prompts_file", type=str, default=None, help="Text models: training prompts, one per line.")
+    g.add_argument("--dataset_name", type=str, default=None, help="Text models: a datasets id/folder with captions.")
+    g.add_argument("--dataset_config_name", type=str, default=None)
+    g.add_argument("--dataset_split", type=str, default="train")
+    g.add_argument("--caption_column", type=str, default="text")
+    g.add_argument("--max_prompts", type=int, default=None, help="Use at most this many captions.")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='A checkpoint folder, or "latest" (the newest complete one in --output_dir, if any).')
+    g.add_argument("--stop_after_steps", type=int, default=None,
+                   help="Stop this invocation at this global step (after checkpointing), e.g. to fit a job time "
+                        "limit; resume later with --resume_from_checkpoint latest.")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps (0: only at the end).")
+    g.add_argument("--num_validation_images", type=int, default=None, help="Images in the validation grid.")
+    g.add_argument("--num_validation_samples", type=int, default=None,
+                   help="Fresh samples for the validation FDs (0: no fresh-sample FD).")
+    g.add_argument("--eval_encoders", type=str, nargs="*", default=None,
+                   help="Extra encoders for validation only (never in the loss).")
+    g.add_argument("--eval_reference_stats", type=str, nargs="*", default=None, help="One stats file per --eval_encoders.")
+    g.add_argument("--keep_best_by", type=str, default=None,
+                   help="Keep the pipeline with the lowest fresh-sample FD in DIR/best: a training encoder name, "
+                        "'fd_mean' or 'fd_r_mean' (mean FD_r over the training encoders).")
+    g.add_argument("--final_weights", type=str, default=None, choices=["last", "best"],
+                   help="Which weights the pipeline in --output_dir gets at the end.")
+    g.add_argument("--fresh_fd_warning_ratio", type=float, default=3.0,
+                   help="Warn when fresh-sample FD / population FD exceeds this.")
+
+    g = p.add_argument_group("outputs of the embedded default")
+    g.add_argument("--compare_with_teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="At the end, compare teacher (naive one step, multi-step) and student: grid + FD table.")
+    g.add_argument("--num_output_samples", type=int, default=None, help="Student samples written to DIR/samples/ as PNG.")
+    g.add_argument("--num_comparison_samples", type=int, default=None, help="Samples per generator for the comparison FDs.")
+    g.add_argument("--teacher_sampler", type=str, default="dpmsolver++", choices=["dpmsolver++", "ddim", "ddpm"],
+                   help="The teacher's multi-step sampler in the comparison.")
+    g.add_argument("--teacher_num_inference_steps", type=int, default=20)
+
+    g = p.add_argument_group("Hub")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: the output dir's name).")
+    g.add_argument("--hub_token", type=str, default=None,
+                   help="Prefer `hf auth login`: a token on the command line is visible in the shell history.")
+    g.add_argument("--hub_private_repo", action="store_true")
+
+    g = p.add_argument_group("debugging")
+    g.add_argument("--debug_dump_first_step_grad", type=str, default=None,
+                   help="Write the first step's (DDP-averaged, unclipped) gradients of the trainable parameters "
+                        "to this safetensors file.")
+    g.add_argument("--debug_float64", action="store_true",
+                   help="Run the denoiser, VAE and encoders in float64 (slow): checks such as 'N processes give "
+                        "the 1-process gradient' then compare the algorithm, not float32 round-off of different "
+                        "batch shapes.")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def encoder_label(name: str) -> str:
+    """Short name of an encoder for logs, metrics and tables: its folder name for local paths
+    ("/x/tiny-dinov2" -> "tiny-dinov2"), else the name with path separators replaced."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path.resolve().name
+    return name.strip().replace("/", "_").replace(":", "_").replace("@", "_")
+
+
+def encoder_labels(names: list[str], what: str) -> list[str]:
+    labels = [encoder_label(n) for n in names]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{what} {names} have clashing short names {labels}; rename the folders so they differ.")
+    return labels
+
+
+def is_embedded_default(args) -> bool:
+    return args.pretrained_model_name_or_path is None and args.encoders is None and args.reference_stats is None
+
+
+def finalize_args(args) -> argparse.Namespace:
+    """Apply the defaults (embedded or general) and validate everything that needs no model.
+
+    Raises ValueError / FileNotFoundError naming the argument and the fix.
+    """
+    args.embedded_default = is_embedded_default(args)
+    defaults = EMBEDDED_DEFAULTS if args.embedded_default else GENERAL_DEFAULTS
+    for key in DEFAULTED_ARGS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, defaults[key])
+    if args.output_bound == "none":
+        args.output_bound = None
+
+    if args.embedded_default:
+        from fd_onestep import digits
+
+        args.pretrained_model_name_or_path = str(digits.TEACHER_PATH)
+        # the bundled folders load through load_encoder exactly like a user's local encoder folder
+        args.encoders = [str(digits.encoder_path(name)) for name in digits.TRAINING_ENCODERS]
+        args.reference_stats = [str(digits.stats_path(name)) for name in digits.TRAINING_ENCODERS]
+        if args.eval_encoders is None:
+            args.eval_encoders = [str(digits.encoder_path(name)) for name in digits.HELD_OUT_ENCODERS]
+            args.eval_reference_stats = [str(digits.stats_path(name)) for name in digits.HELD_OUT_ENCODERS]
+    else:
+        missing = [n for n in ("pretrained_model_name_or_path", "encoders", "reference_stats") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(
+                "give --pretrained_model_name_or_path, --encoders and --reference_stats together (missing: "
+                + ", ".join("--" + m for m in missing)
+                + "), or none of them for the offline embedded digits default."
+            )
+    args.encoders = parse_name_list(args.encoders)
+    args.reference_stats = parse_name_list(args.reference_stats)
+    args.eval_encoders = parse_name_list(args.eval_encoders)
+    args.eval_reference_stats = parse_name_list(args.eval_reference_stats)
+    args.lora_target_modules = parse_name_list(args.lora_target_modules) or None
+
+    if not args.encoders:
+        raise ValueError("--encoders is empty: name at least one encoder for the FD-loss.")
+    if len(set(args.encoders)) != len(args.encoders):
+        raise ValueError(f"--encoders lists an encoder twice: {args.encoders}; name each once.")
+    if len(args.reference_stats) != len(args.encoders):
+        raise ValueError(
+            f"--reference_stats has {len(args.reference_stats)} files for {len(args.encoders)} encoders "
+            f"({args.encoders}); pass one stats file per encoder, in the same order."
+        )
+    if len(args.eval_reference_stats) != len(args.eval_encoders):
+        raise ValueError(
+            f"--eval_reference_stats has {len(args.eval_reference_stats)} files for {len(args.eval_encoders)} "
+            "--eval_encoders; pass one stats file per eval encoder, in the same order."
+        )
+    overlap = set(args.eval_encoders) & set(args.encoders)
+    if overlap:
+        raise ValueError(
+            f"{sorted(overlap)} are both training and eval encoders; training encoders are always evaluated, "
+            "drop them from --eval_encoders."
+        )
+    for path in [*args.reference_stats, *args.eval_reference_stats]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"reference statistics file {path!r} does not exist; compute it with `fd-onestep stats` "
+                "(one file per encoder) and pass its path."
+            )
+    weights = parse_float_list(args.encoder_loss_weights, "encoder_loss_weights")
+    if weights and len(weights) != len(args.encoders):
+        raise ValueError(
+            f"--encoder_loss_weights has {len(weights)} values for {len(args.encoders)} encoders; pass one per encoder."
+        )
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"--encoder_loss_weights must be finite and >= 0, got {weights}.")
+    args.encoder_loss_weights = weights or [1.0] * len(args.encoders)
+
+    if not 0.0 <= args.fd_ema_beta < 1.0:
+        raise ValueError(f"--fd_ema_beta must be in [0, 1), got {args.fd_ema_beta}.")
+    if args.fd_warmup_samples < 0:
+        raise ValueError(f"--fd_warmup_samples must be >= 0, got {args.fd_warmup_samples}.")
+    if args.fd_eps is not None and args.fd_eps <= 0:
+        raise ValueError(f"--fd_eps must be > 0, got {args.fd_eps}.")
+    if args.fd_population == "exact" and args.gradient_accumulation_steps != 1:
+        raise ValueError(
+            "--fd_population exact already accumulates gradients exactly over --fd_micro_batches; use "
+            "--fd_micro_batches instead of --gradient_accumulation_steps (set it to 1)."
+        )
+    if args.fd_population == "exact" and args.fd_micro_batches < 2:
+        raise ValueError("--fd_population exact needs --fd_micro_batches >= 2 (1 is the plain batch: use ema or queue).")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
+    if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
+        raise ValueError("--adam_beta1 and --adam_beta2 must be in [0, 1).")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints_total_limit must be >= 1 (omit it to keep every checkpoint).")
+    for name in ("checkpointing_steps", "validation_steps", "num_validation_images", "num_validation_samples",
+                 "num_output_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if args.use_ema and not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
+    train_labels = encoder_labels(args.encoders, "--encoders")
+    eval_labels = encoder_labels(args.eval_encoders, "--eval_encoders")
+    if set(train_labels) & set(eval_labels):
+        raise ValueError(f"--encoders {train_labels} and --eval_encoders {eval_labels} share short names; rename one.")
+    if args.keep_best_by is not None:
+        by_raw = dict(zip(args.encoders + args.eval_encoders, train_labels + eval_labels))
+        args.keep_best_by = by_raw.get(args.keep_best_by, args.keep_best_by)
+        allowed = {"fd_mean", "fd_r_mean", *train_labels}
+        if args.keep_best_by in eval_labels:
+            raise ValueError(
+                f"--keep_best_by {args.keep_best_by!r} is an eval-only encoder: selecting checkpoints with it would "
+                "tune the held-out measure. Use a training encoder, 'fd_mean' or 'fd_r_mean'."
+            )
+        if args.keep_best_by not in allowed:
+            raise ValueError(f"--keep_best_by {args.keep_best_by!r} is unknown; use one of {sorted(allowed)}.")
+        if not args.num_validation_samples:
+            raise ValueError("--keep_best_by needs fresh-sample FDs: set --num_validation_samples > 0.")
+    if args.final_weights == "best" and args.keep_best_by is None:
+        raise ValueError("--final_weights best needs --keep_best_by (which FD decides what is best).")
+    if args.prompts_file is not None and args.dataset_name is not None:
+        raise ValueError("give either --prompts_file or --dataset_name for the prompts, not both.")
+    if args.prompts_file is not None and not Path(args.prompts_file).is_file():
+        raise FileNotFoundError(f"--prompts_file {args.prompts_file!r} does not exist; pass a text file, one prompt per line.")
+    if args.class_histogram is not None and not Path(args.class_histogram).is_file():
+        raise FileNotFoundError(f"--class_histogram {args.class_histogram!r} does not exist; pass a JSON list of counts.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
+    if args.resolution is not None and args.resolution < 1:
+        raise ValueError(f"--resolution must be >= 1, got {args.resolution}.")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise ValueError("--stop_after_steps must be >= 1.")
+    if args.report_to == "none":
+        args.report_to = None
+    return args
+
+
+def parse_args(input_args=None) -> argparse.Namespace:
+    args = build_parser().parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    return finalize_args(args)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+def local_range(global_n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, end) of a global batch of ``global_n`` that process ``rank`` of ``world`` owns."""
+    base, extra = divmod(global_n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def load_prompts(args) -> list[str] | None:
+    if args.prompts_file is not None:
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
+        return prompts[: args.max_prompts] if args.max_prompts else prompts
+    if args.dataset_name is not None:
+        import datasets
+
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+        if args.caption_column not in dataset.column_names:
+            raise ValueError(
+                f"--caption_column {args.caption_column!r} is not a column of {args.dataset_name} "
+                f"({dataset.column_names}); pass the caption column's name."
+            )
+        if args.max_prompts:
+            dataset = dataset.select(range(min(args.max_prompts, len(dataset))))
+        prompts = []
+        for caption in dataset[args.caption_column]:
+            if isinstance(caption, (list, tuple)):
+                prompts.extend(str(c) for c in caption if str(c).strip())
+            elif caption is not None and str(caption).strip():
+                prompts.append(str(caption))
+        if not prompts:
+            raise ValueError(f"no captions in column {args.caption_column!r} of {args.dataset_name}.")
+        return prompts
+    return None
+
+
+def load_class_histogram(args, references) -> list[float] | None:
+    if args.class_label_distribution == "uniform":
+        return None
+    if args.class_histogram is not None:
+        hist = json.loads(Path(args.class_histogram).read_text())
+        if isinstance(hist, dict):
+            hist = hist.get("counts", hist.get("class_histogram"))
+        return [float(h) for h in hist]
+    for ref in references.values():
+        raw = (ref.metadata or {}).get("class_histogram")
+        if raw:
+            return [float(h) for h in (json.loads(raw) if isinstance(raw, str) else raw)]
+    raise ValueError(
+        "--class_label_distribution reference: no label histogram found (none of the reference stats has "
+        "'class_histogram' metadata); pass --class_histogram FILE (JSON list of per-class counts) or use uniform."
+    )
+
+
+def load_reference(path: str, encoder_id: str):
+    from fd_onestep.reference_stats import ReferenceStats
+
+    if str(path).endswith(".npz"):
+        return ReferenceStats.from_npz(path, encoder_id=encoder_id)
+    return ReferenceStats.load(path)
+
+
+def _unwrap(accelerator, model):
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _family_slot(pipe) -> str:
+    return pipe.SUPPORTED_FAMILIES[pipe.family][0]
+
+
+def _save_images_png(images: torch.Tensor, folder: Path, start_index: int) -> None:
+    """images (N, C, H, W) in [-1, 1] -> folder/000123.png."""
+    from PIL import Image
+
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    arr = arr.permute(0, 2, 3, 1).numpy()
+    for i, a in enumerate(arr):
+        img = Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a[..., :3])
+        img.save(folder / f"{start_index + i:06d}.png")
+
+
+def _grid_image(images: torch.Tensor, rows: int | None = None):
+    """images (N, C, H, W) in [-1, 1] -> one PIL grid (diffusers.utils.make_image_grid)."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    n = images.shape[0]
+    cols = math.ceil(math.sqrt(n)) if rows is None else math.ceil(n / rows)
+    rows = math.ceil(n / cols)
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
+    pils = [Image.fromarray(a[..., 0], mode="L").convert("RGB") if a.shape[-1] == 1 else Image.fromarray(a[..., :3]) for a in arr]
+    pils += [Image.new("RGB", pils[0].size) for _ in range(rows * cols - n)]
+    return make_image_grid(pils, rows=rows, cols=cols)
+
+
+# --------------------------------------------------------------------------------------------------------
+def main(args) -> dict:
+    """Train; returns a summary dict (also written to DIR/fd_onestep_summary.json)."""
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
+    logging_dir = output_dir / args.logging_dir
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+        # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA: N CPU processes (gloo).
+        cpu=not torch.cuda.is_available(),
+    )
+    log = get_logger("train_fd_onestep", log_level="INFO")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info() if os.environ.get("FD_ONESTEP_VERBOSE") else None
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    log.info(accelerator.state, main_process_only=False)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+
+    # ---------------------------------------------------------------- early checks (nothing trained yet)
+    hub_repo_id = hub_token = None
+    if args.push_to_hub:
+        hub_repo_id, hub_token = check_push_to_hub(args.hub_token, args.hub_model_id, output_dir)
+    elif args.hub_token:
+        log.warning("--hub_token is ignored without --push_to_hub (and is never saved or logged).")
+    fingerprint = run_fingerprint(args, world)
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    check_output_dir_compatible(output_dir, fingerprint)
+    if resume_path is not None:
+        check_checkpoint_compatible(resume_path, fingerprint)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_args(output_dir, args, fingerprint)
+    accelerator.wait_for_everyone()
+
+    set_seed(args.seed)
+
+    # ---------------------------------------------------------------- one-step generator from the teacher
+    from fd_onestep.onestep import OneStepGenerator, add_lora_to_denoiser
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    teacher_kwargs = {}
+    if args.revision is not None:
+        teacher_kwargs["revision"] = args.revision
+    if args.variant is not None:
+        teacher_kwargs["variant"] = args.variant
+    pipe = FDOneStepPipeline.from_teacher(
+        args.pretrained_model_name_or_path,
+        timestep=args.onestep_timestep,
+        prediction_type=args.prediction_type,
+        guidance_scale=args.guidance_scale,
+        output_bound=args.output_bound,
+        **teacher_kwargs,
+    )
+    if args.resolution is not None:
+        factor = pipe.vae_scale_factor if pipe.is_latent else 1
+        if args.resolution % factor:
+            raise ValueError(
+                f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}; "
+                f"use a multiple of {factor}."
+            )
+        pipe.register_to_config(sample_size=args.resolution // factor)
+
+    # ---------------------------------------------------------------- encoders and reference statistics
+    from fd_onestep.encoders import load_encoder
+
+    encoder_autocast = None if args.encoder_autocast == "no" else args.encoder_autocast
+
+    def build_encoders(names, stats_paths):
+        """{label: FeatureEncoder}, {label: ReferenceStats}; stats checked against their encoder first."""
+        encoders, references = {}, {}
+        for name, path in zip(names, stats_paths):
+            label = encoder_label(name)
+            enc = load_encoder(name, device=device, autocast_dtype=encoder_autocast,
+                               gradient_checkpointing=args.encoder_gradient_checkpointing)
+            enc.requires_grad_(False)
+            enc.eval()
+            ref = load_reference(path, enc.encoder_id)
+            try:
+                ref.check_compatible(enc.encoder_id, enc.feature_dim)
+            except ValueError as err:
+                raise ValueError(f"--encoders {name!r} with reference stats {path!r}: {err}") from None
+            encoders[label], references[label] = enc, ref
+        return encoders, references
+
+    train_names = encoder_labels(args.encoders, "--encoders")
+    eval_names = encoder_labels(args.eval_encoders, "--eval_encoders")
+    encoders, references = build_encoders(args.encoders, args.reference_stats)
+    eval_encoders, eval_references = build_encoders(args.eval_encoders, args.eval_reference_stats)
+
+    prompts = load_prompts(args) if pipe.is_text_conditional else None
+    if pipe.is_text_conditional and prompts is None:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is a text-to-image model ({pipe.family}): pass training prompts "
+            "with --prompts_file FILE or --dataset_name NAME --caption_column COLUMN."
+        )
+    if not pipe.is_text_conditional and (args.prompts_file or args.dataset_name):
+        raise ValueError(f"{args.pretrained_model_name_or_path} is not a text model: drop --prompts_file/--dataset_name.")
+    class_histogram = load_class_histogram(args, references) if pipe.is_class_conditional else None
+    if not pipe.is_class_conditional and args.class_label_distribution != "uniform":
+        raise ValueError("--class_label_distribution reference needs a class-conditional model.")
+
+    if args.compare_with_teacher and not (pipe.family == "unet2d" and not pipe.is_class_conditional):
+        raise ValueError(
+            f"--compare_with_teacher supports unconditional pixel (UNet2DModel) teachers; this is a {pipe.family!r} "
+            "model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and evaluate with "
+            "`fd-onestep evaluate`."
+        )
+    if args.debug_float64:
+        for module in [pipe.denoiser, *(getattr(pipe, n) for n in pipe.frozen_component_names),
+                       *encoders.values(), *eval_encoders.values()]:
+            module.to(torch.float64)
+    gen = OneStepGenerator(pipe, prompts=prompts, class_histogram=class_histogram, device=device)
+    denoiser = gen.denoiser
+    if args.use_lora:
+        add_lora_to_denoiser(denoiser, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
+    else:
+        denoiser.requires_grad_(True)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters (check --lora_target_modules: it matched no module).")
+
+    # ---------------------------------------------------------------- FD-loss
+    from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
+    from fd_onestep.populations import build_population
+
+    def make_population(dim):
+        if args.fd_population == "ema":
+            return build_population("ema", dim, beta=args.fd_ema_beta)
+        if args.fd_population == "queue":
+            return build_population("queue", dim, queue_size=args.fd_queue_size)
+        return build_population("exact", dim, micro_batches=args.fd_micro_batches)
+
+    populations = {name: make_population(encoders[name].feature_dim) for name in train_names}
+    fd_losses = {name: FDLoss(references[name], populations[name]) for name in train_names}
+    loss_weights = dict(zip(train_names, args.encoder_loss_weights))
+    mel_kwargs = {} if args.fd_eps is None else {"eps": args.fd_eps}
+    fd_loss = MultiEncoderFDLoss(fd_losses, weights=loss_weights, **mel_kwargs)
+
+    # ---------------------------------------------------------------- optimizer, schedule, EMA
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
+    optimizer = torch.optim.AdamW(
+        trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    # AcceleratedScheduler steps once per process per optimizer step: scale so the schedule is world-size free.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world, num_training_steps=args.max_train_steps * world,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(trainable, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
+                       use_ema_warmup=args.ema_use_warmup, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+        ema.to(device)
+
+    sampling_rng = CheckpointableGenerator(args.seed)
+    progress = TrainingProgress()
+    slot = _family_slot(pipe)
+
+    # ---------------------------------------------------------------- checkpoint hooks (all as safetensors)
+    def save_model_hook(models, weights, ckpt_dir):
+        if accelerator.is_main_process:
+            ckpt_dir = Path(ckpt_dir)
+            for model in models:
+                model = _unwrap(accelerator, model)
+                if args.use_lora:
+                    gen.save_lora(ckpt_dir / f"{slot}_lora", denoiser=model)
+                else:
+                    model.save_pretrained(ckpt_dir / slot)
+            save_state_file({name: pop.state_dict() for name, pop in populations.items()}, ckpt_dir / "fd_populations.safetensors")
+            if ema is not None:
+                save_state_file(ema.state_dict(), ckpt_dir / "generator_ema.safetensors")
+            save_state_file({"sampling_rng": sampling_rng.state_dict(), "progress": progress.state_dict()},
+                            ckpt_dir / "training_state.safetensors")
+            write_run_args(ckpt_dir, args, fingerprint)
+        while weights:
+            weights.pop()  # the denoiser is saved above in diffusers format, not as model.safetensors
+
+    def load_model_hook(models, ckpt_dir):
+        ckpt_dir = Path(ckpt_dir)
+        while models:
+            model = _unwrap(accelerator, models.pop())
+            if args.use_lora:
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                lora_file = ckpt_dir / f"{slot}_lora" / "pytorch_lora_weights.safetensors"
+                state = {k[len(slot) + 1:]: v for k, v in load_file(str(lora_file)).items() if k.startswith(slot + ".")}
+                result = set_peft_model_state_dict(model, state, adapter_name="default")
+                unexpected = [k for k in (getattr(result, "unexpected_keys", None) or []) if "lora_" in k]
+                if unexpected:
+                    raise RuntimeError(f"checkpoint LoRA does not match the model: unexpected keys {unexpected[:5]}.")
+            else:
+                loaded = type(model).from_pretrained(ckpt_dir / slot)
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+        pop_states = load_state_file(ckpt_dir / "fd_populations.safetensors")
+        for name, pop in populations.items():
+            pop.load_state_dict(pop_states[name])
+        if ema is not None:
+            ema.load_state_dict(load_state_file(ckpt_dir / "generator_ema.safetensors"))
+            ema.to(device)
+        state = load_state_file(ckpt_dir / "training_state.safetensors")
+        sampling_rng.load_state_dict(state["sampling_rng"])
+        progress.load_state_dict(state["progress"])
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+
+    if accelerator.is_main_process and args.report_to:
+        tracker_config = {}
+        for k, v in public_args(args).items():
+            tracker_config[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+
+    global_batch = args.train_batch_size * world
+    steps_per_update = args.fd_micro_batches if args.fd_population == "exact" else args.gradient_accumulation_steps
+    log.info("***** FD-loss one-step training *****")
+    log.info(f"  family = {pipe.family}, prediction = {pipe.config.prediction_type}, timestep = {pipe.config.timestep}, "
+             f"output_bound = {pipe.config.output_bound}, noise shape = {gen.noise_shape}, image shape = {gen.image_shape}")
+    log.info(f"  encoders = {train_names} (eval only: {eval_names}), population = {args.fd_population}")
+    log.info(f"  batch per process = {args.train_batch_size}, processes = {world}, samples per update = "
+             f"{global_batch * steps_per_update}, steps = {args.max_train_steps}, trainable parameters = "
+             f"{sum(p.numel() for p in trainable):,}{' (LoRA)' if args.use_lora else ''}")
+    log.info(f"  run fingerprint = {fingerprint_digest(fingerprint)}")
+
+    # ---------------------------------------------------------------- generation helpers
+    def draw(global_n: int, rng: torch.Generator):
+        """The global batch's noise + conditioning drawn identically on every process; keep our rows."""
+        noise = gen.sample_noise(global_n, generator=rng, device=device)
+        cond = gen.sample_conditioning(global_n, generator=rng, device=device)
+        start, end = local_range(global_n, rank, world)
+        return noise[start:end], (cond[start:end] if cond is not None else None)
+
+    def encode(images, encoder_set):
+        # Clamped as saving the images would: the encoders measure exactly what a user gets (a no-op under
+        # --output_bound tanh/clamp; unbounded outputs lose the gradient of their out-of-range pixels only).
+        images = images.clamp(-1.0, 1.0)
+        return {name: enc(images) for name, enc in encoder_set.items()}
+
+    ema_depth = [0]
+
+    @contextlib.contextmanager
+    def ema_weights():
+        """Generator-EMA weights swapped in (validation and saving use them when --use_ema); re-entrant."""
+        if ema is None or ema_depth[0] > 0:
+            ema_depth[0] += 1
+            try:
+                yield
+            finally:
+                ema_depth[0] -= 1
+            return
+        ema.store(trainable)
+        ema.copy_to(trainable)
+        ema_depth[0] += 1
+        try:
+            yield
+        finally:
+            ema_depth[0] -= 1
+            ema.restore(trainable)
+
+    def stream_features(total: int, seed: int, encoder_set, on_images=None):
+        """Yield per-chunk feature dicts of ``total`` fresh samples (global count, split over processes)."""
+        rng = torch.Generator().manual_seed(seed)
+        done = 0
+        model = _unwrap(accelerator, denoiser)
+        while done < total:
+            n = min(args.sample_batch_size * world, total - done)
+            noise, cond = draw(n, rng)
+            with torch.no_grad(), accelerator.autocast():
+                images = gen(model, noise, cond).float() if noise.shape[0] else None
+            if images is not None:
+                if on_images is not None:
+                    on_images(images, done + local_range(n, rank, world)[0])
+                yield encode(images, encoder_set)
+            else:
+                yield None
+            done += n
+
+    def fresh_sample_fds(total: int, seed: int):
+        """FD of ``total`` fresh samples vs the references, in every training and eval encoder."""
+        from fd_onestep.moments import FeatureMoments
+
+        all_encoders = {**encoders, **eval_encoders}
+        all_refs = {**references, **eval_references}
+        moments = {name: FeatureMoments(enc.feature_dim, device=device) for name, enc in all_encoders.items()}
+        for feats in stream_features(total, seed, all_encoders):
+            if feats is not None:
+                for name, f in feats.items():
+                    moments[name].update(f)
+        out = {}
+        for name, m in moments.items():
+            m.all_reduce()
+            fd = float(all_refs[name].frechet_distance(m.mean, m.covariance()))
+            vfd = all_refs[name].validation_fd
+            out[name] = {"fresh_fd": fd, "fd_r": (fd / vfd) if vfd else None, "in_loss": name in encoders}
+        return out
+
+    # ---------------------------------------------------------------- resume or warm start
+    if resume_path is not None:
+        log.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        log.info(f"  resumed at step {progress.global_step}")
+    elif args.fd_warmup_samples > 0 and args.fd_population != "exact":
+        # One generation pass for all encoders; the features (fd_warmup_samples x d float32 per encoder and
+        # process) are kept until every population has taken them (its warm_start reduces over processes).
+        log.info(f"Warm-starting the FD populations from {args.fd_warmup_samples} generated samples")
+        chunks = {name: [] for name in encoders}
+        for feats in stream_features(args.fd_warmup_samples, args.seed + 1, encoders):
+            for name in encoders:
+                chunks[name].append(feats[name].detach() if feats is not None
+                                    else torch.zeros(0, encoders[name].feature_dim, device=device))
+        for name, population in populations.items():
+            population.warm_start(chunks[name])
+        del chunks
+
+    # ---------------------------------------------------------------- validation
+    samples_dir = output_dir / "validation"
+    best_dir = output_dir / "best"
+    last_population_fds: dict[str, float] = {}
+
+    def keep_metric(fds) -> float:
+        if args.keep_best_by == "fd_mean":
+            return sum(fds[n]["fresh_fd"] for n in train_names) / len(train_names)
+        if args.keep_best_by == "fd_r_mean":
+            rs = [fds[n]["fd_r"] for n in train_names]
+            if any(r is None for r in rs):
+                raise ValueError(
+                    "--keep_best_by fd_r_mean needs validation_fd in every training encoder's reference stats "
+                    "(compute them with a validation split), or use 'fd_mean' or an encoder name."
+                )
+            return sum(rs) / len(rs)
+        return fds[args.keep_best_by]["fresh_fd"]
+
+    def save_pipeline_atomically(target: Path):
+        """Main process: write the one-step pipeline (EMA weights when --use_ema) to ``target`` atomically."""
+        tmp = target.with_name(f".{target.name}.partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        with ema_weights():
+            model = _unwrap(accelerator, denoiser)
+            if args.use_lora:
+                gen.save_lora(tmp, denoiser=model)
+                (tmp / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(), indent=2))
+            else:
+                gen.save_pipeline(tmp, denoiser=model)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def lora_base_info():
+        return {
+            "base_model": args.pretrained_model_name_or_path,
+            "revision": args.revision,
+            "variant": args.variant,
+            "one_step_settings": {k: pipe.config[k] for k in ("timestep", "prediction_type", "guidance_scale",
+                                                              "output_bound", "sample_size")},
+            "how_to_load": "FDOneStepPipeline.from_teacher(base_model, **one_step_settings).load_lora_weights(dir)",
+        }
+
+    def validate(step: int) -> dict:
+        model = _unwrap(accelerator, denoiser)
+        was_training = model.training
+        model.eval()
+        result = {"step": step}
+        with ema_weights():
+            if args.num_validation_images and accelerator.is_main_process:
+                rng = torch.Generator().manual_seed(args.seed + 2)
+                noise = gen.sample_noise(args.num_validation_images, generator=rng, device=device)
+                cond = gen.sample_conditioning(args.num_validation_images, generator=rng, device=device)
+                with torch.no_grad(), accelerator.autocast():
+                    images = gen(model, noise, cond).float()
+                samples_dir.mkdir(parents=True, exist_ok=True)
+                grid = _grid_image(images)
+                grid.save(samples_dir / f"grid_{step:06d}.png")
+                grid.save(output_dir / "validation_grid.png")
+                for tracker in accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        np_images = ((images.clamp(-1, 1) + 1) / 2).cpu().numpy()
+                        tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
+            if args.num_validation_samples:
+                fds = fresh_sample_fds(args.num_validation_samples, args.seed + 3)
+                logs = {}
+                for name, r in fds.items():
+                    logs[f"fresh_fd/{name}"] = r["fresh_fd"]
+                    if r["fd_r"] is not None:
+                        logs[f"fd_r/{name}"] = r["fd_r"]
+                    pop_fd = last_population_fds.get(name)
+                    r["population_fd"] = pop_fd
+                    if pop_fd is not None and pop_fd > 0:
+                        ratio = r["fresh_fd"] / pop_fd
+                        logs[f"fresh_over_population/{name}"] = ratio
+                        if ratio > args.fresh_fd_warning_ratio:
+                            log.warning(
+                                f"step {step}: fresh-sample FD in {name} is {ratio:.1f}x the population FD "
+                                f"({r['fresh_fd']:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
+                                "population statistics or gaming the encoder. Lower --learning_rate, raise "
+                                "--fd_ema_beta / the batch, or use --fd_population exact; --keep_best_by keeps "
+                                "the best pipeline so far."
+                            )
+                accelerator.log(logs, step=step)
+                result["fds"] = fds
+                log.info(f"step {step}: fresh-sample FD " + ", ".join(
+                    f"{n}={r['fresh_fd']:.4g}" + (f" (FD_r {r['fd_r']:.3g})" if r["fd_r"] is not None else "")
+                    for n, r in fds.items()))
+                if args.keep_best_by is not None:
+                    metric = keep_metric(fds)
+                    result["keep_metric"] = metric
+                    if progress.best_metric is None or metric < progress.best_metric:
+                        progress.best_metric, progress.best_step = metric, step
+                        if accelerator.is_main_process:
+                            save_pipeline_atomically(best_dir)
+                            (best_dir / "fd_onestep_best.json").write_text(json.dumps(
+                                {"step": step, "keep_best_by": args.keep_best_by, "metric": metric, "fds": fds},
+                                indent=2))
+                        log.info(f"step {step}: new best {args.keep_best_by} = {metric:.4g} -> {best_dir}")
+                progress.history.append({"step": step, **{f"fresh_fd/{n}": r["fresh_fd"] for n, r in fds.items()}})
+        accelerator.wait_for_everyone()
+        model.train(was_training)
+        return result
+
+    # ---------------------------------------------------------------- training loop
+    from tqdm.auto import tqdm
+
+    first_step = progress.global_step
+    stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
+    progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    train_start = time.time()
+    last_validation = None
+    grad_dumped = False
+
+    def dump_grads():
+        from safetensors.torch import save_file
+
+        model = _unwrap(accelerator, denoiser)
+        grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters()
+                 if p.requires_grad and p.grad is not None}
+        path = Path(args.debug_dump_first_step_grad)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(grads, str(path), metadata={"step": str(progress.global_step + 1), "processes": str(world)})
+
+    while progress.global_step < stop_at:
+        step_logs = {}
+        if args.fd_population == "exact":
+            # Pass 1: no-grad features of every micro-batch (inputs kept) -> the step's total moments.
+            micro = [draw(global_batch, sampling_rng.generator) for _ in range(args.fd_micro_batches)]
+            for population in populations.values():
+                population.begin_step()
+            with torch.no_grad(), accelerator.autocast():
+                for noise, cond in micro:
+                    feats = encode(gen(denoiser, noise, cond).float(), encoders)
+                    for name, f in feats.items():
+                        populations[name].accumulate(f)
+            for population in populations.values():
+                population.end_accumulation()  # sum over processes (collective)
+            # Pass 2: one micro-batch's activations at a time; the summed gradient is the full-batch one.
+            loss_total = 0.0
+            for i, (noise, cond) in enumerate(micro):
+                sync = i == len(micro) - 1
+                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(denoiser)
+                with ctx:
+                    with accelerator.autocast():
+                        images = gen(denoiser, noise, cond).float()
+                    # value: FD of the whole large batch; gradient: through micro-batch i only
+                    loss, raw_fds = fd_loss(encode(images, encoders))
+                    accelerator.backward(loss)
+                loss_total += float(loss.detach()) / len(micro)
+            step_loss = loss_total
+        else:
+            step_loss = 0.0
+            for _ in range(args.gradient_accumulation_steps):
+                with accelerator.accumulate(denoiser):
+                    noise, cond = draw(global_batch, sampling_rng.generator)
+                    with accelerator.autocast():
+                        images = gen(denoiser, noise, cond).float()
+                    loss, raw_fds = fd_loss(encode(images, encoders))
+                    accelerator.backward(loss)
+                    step_loss += float(loss.detach()) / args.gradient_accumulation_steps
+        if args.debug_dump_first_step_grad and not grad_dumped and accelerator.is_main_process:
+            dump_grads()
+        grad_dumped = True
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(trainable)
+        progress.global_step += 1
+        step = progress.global_step
+        progress_bar.update(1)
+
+        last_population_fds.update({k: float(v) for k, v in raw_fds.items()})
+        step_logs["loss"] = step_loss
+        step_logs["lr"] = lr_scheduler.get_last_lr()[0]
+        step_logs["grad_norm"] = float(grad_norm)
+        step_logs.update({f"fd/{k}": float(v) for k, v in raw_fds.items()})
+        accelerator.log(step_logs, step=step)
+        progress_bar.set_postfix(loss=f"{step_loss:.4g}", **{k: f"{float(v):.4g}" for k, v in raw_fds.items()})
+
+        if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
+            last_validation = validate(step)
+        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+            path = save_checkpoint_atomically(accelerator, output_dir, step,
+                                              {"fingerprint_digest": fingerprint_digest(fingerprint)})
+            if accelerator.is_main_process:
+                prune_checkpoints(output_dir, args.checkpoints_total_limit, protect=[path])
+            log.info(f"Saved state to {path}")
+
+    progress_bar.close()
+    train_seconds = time.time() - train_start
+    accelerator.wait_for_everyone()
+    summary = {"global_step": progress.global_step, "train_seconds": train_seconds,
+               "final_population_fds": dict(last_population_fds)}
+    if progress.global_step < args.max_train_steps:
+        log.info(f"Stopped at step {progress.global_step} (--stop_after_steps); resume with --resume_from_checkpoint latest.")
+        accelerator.end_training()
+        return summary
+
+    # ---------------------------------------------------------------- the end: final validation, save, card, push
+    if args.validation_steps is not None and (args.num_validation_samples or args.num_validation_images):
+        last_validation = validate(progress.global_step)
+    summary["final_validation"] = last_validation
+    use_best = args.final_weights == "best" and progress.best_step is not None and best_dir.is_dir()
+    if accelerator.is_main_process:
+        if use_best:
+            log.info(f"--final_weights best: the output pipeline is the step-{progress.best_step} one "
+                     f"({args.keep_best_by} = {progress.best_metric:.4g}).")
+            for entry in best_dir.iterdir():
+                target = output_dir / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target)
+        else:
+            with ema_weights():
+                model = _unwrap(accelerator, denoiser)
+                if args.use_lora:
+                    gen.save_lora(output_dir, denoiser=model)
+                    (output_dir / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(), indent=2))
+                else:
+                    gen.save_pipeline(output_dir, denoiser=model)
+    summary["final_weights"] = {"which": "best" if use_best else "last",
+                                "step": progress.best_step if use_best else progress.global_step}
+    accelerator.wait_for_everyone()
+
+    # Student samples as PNG files (all processes generate their share).
+    if args.num_output_samples:
+        sample_folder = output_dir / "samples"
+        if accelerator.is_main_process:
+            if sample_folder.exists():
+                shutil.rmtree(sample_folder)
+            sample_folder.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        with ema_weights():
+            for _ in stream_features(args.num_output_samples, args.seed + 4, {},
+                                     on_images=lambda imgs, start: _save_images_png(imgs, sample_folder, start)):
+                pass
+        accelerator.wait_for_everyone()
+
+    comparison = None
+    if args.compare_with_teacher and accelerator.is_main_process:
+        log.info("Comparing the student with its teacher (naive one step, multi-step sampler)")
+        with ema_weights():
+            comparison = run_comparison(args, output_dir, gen, _unwrap(accelerator, denoiser), encoders, references,
+                                        eval_encoders, eval_references, device)
+        summary["comparison_table"] = str(output_dir / "comparison.md")
+    summary["comparison"] = comparison
+
+    if accelerator.is_main_process:
+        card = write_model_card(args, pipe, output_dir, encoders, references, eval_encoders, eval_references,
+                                last_validation, last_population_fds, progress, world, hub_repo_id)
+        summary["model_card"] = str(output_dir / "README.md")
+        (output_dir / "fd_onestep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if args.push_to_hub:
+            card.validate()  # the Hub's own card validation (network)
+            push_folder_to_hub(output_dir, hub_repo_id, hub_token, private=args.hub_private_repo or None)
+            log.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def run_comparison(args, output_dir: Path, gen, model, encoders, references, eval_encoders, eval_references, device):
+    """Teacher used naively in one step, teacher with its multi-step sampler, and the student: side-by-side grid
+    (``comparison_grid.png``) and FD table (``comparison.md`` / ``comparison.json``) in every training and
+    held-out representation, through :func:`fd_onestep.comparison.compare_generators`."""
+    from diffusers import DiffusionPipeline
+
+    from fd_onestep import comparison
+
+    teacher_kwargs = {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k) is not None}
+    teacher = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **teacher_kwargs).to(device)
+    teacher.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def student(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        noise = gen.sample_noise(batch_size, generator=generator, device=device)
+        cond = gen.sample_conditioning(batch_size, generator=generator, device=device)
+        return gen(model, noise, cond).float()
+
+    generators = {
+        "teacher, 1 step (naive)": comparison.naive_one_step_teacher(teacher),
+        f"teacher, {args.teacher_sampler} {args.teacher_num_inference_steps} steps":
+            comparison.teacher_sampler(teacher, args.teacher_num_inference_steps, args.teacher_sampler),
+        "student, 1 step (FD-loss)": student,
+    }
+    classifier = None
+    if args.embedded_default:
+        from fd_onestep import digits
+
+        classifier = digits.load_digit_classifier(device=device)
+    return comparison.compare_generators(
+        generators,
+        {**encoders, **eval_encoders},
+        {**references, **eval_references},
+        num_samples=args.num_comparison_samples,
+        output_dir=output_dir,
+        held_out=set(eval_encoders),
+        classifier=classifier,
+        batch_size=args.sample_batch_size,
+        seed=args.seed,
+    )
+
+
+def write_model_card(args, pipe, output_dir, encoders, references, eval_encoders, eval_references,
+                     last_validation, population_fds, progress, world, repo_id):
+    def describe(names, encs, refs, stats_paths, weights=None):
+        rows = []
+        for i, name in enumerate(names):
+            meta = refs[name].metadata or {}
+            row = {"name": name, "encoder_id": encs[name].encoder_id, "feature_dim": encs[name].feature_dim,
+                   "stats": f"{Path(stats_paths[i]).name} ({refs[name].num_samples} images"
+                            + (f", {meta['dataset']}" if meta.get("dataset") else "") + ")"}
+            if weights is not None:
+                row["weight"] = weights[i]
+            rows.append(row)
+        return rows
+
+    final_fds = []
+    fds = (last_validation or {}).get("fds") or {}
+    for name in [*encoders, *eval_encoders]:
+        r = fds.get(name, {})
+        final_fds.append({"encoder": name, "in_loss": name in encoders, "population_fd": population_fds.get(name),
+                          "fresh_fd": r.get("fresh_fd"), "fd_r": r.get("fd_r")})
+    training = {
+        "steps": progress.global_step,
+        "batch per process": args.train_batch_size,
+        "processes": world,
+        "samples per update": args.train_batch_size * world * (
+            args.fd_micro_batches if args.fd_population == "exact" else args.gradient_accumulation_steps),
+        "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
+        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}; weight decay {args.adam_weight_decay})",
+        "FD population": {"ema": f"EMA, beta {args.fd_ema_beta}", "queue": f"queue of {args.fd_queue_size} samples",
+                          "exact": f"exact two-pass, {args.fd_micro_batches} micro-batches"}[args.fd_population]
+                         + (f", warm start from {args.fd_warmup_samples} samples" if args.fd_warmup_samples else ""),
+        "one-step timestep": pipe.config.timestep,
+        "parameterization": pipe.config.prediction_type,
+        "output bound": pipe.config.output_bound or "none",
+        "trained weights": f"LoRA rank {args.lora_rank}" if args.use_lora else "full denoiser",
+        "generator EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+        "mixed precision": args.mixed_precision or "no",
+    }
+    if progress.best_step is not None:
+        training["best checkpoint"] = f"step {progress.best_step} by {args.keep_best_by} ({progress.best_metric:.4g})"
+    base = args.pretrained_model_name_or_path
+    if args.embedded_default:
+        base = "fd_onestep bundled digits teacher (fd_onestep/assets/digits/teacher)"
+    conditioning = "text" if pipe.is_text_conditional else "class" if pipe.is_class_conditional else "unconditional"
+    grid = "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None
+    card = render_model_card(
+        base_model=base, model_family=pipe.family,
+        encoders=describe(list(encoders), encoders, references, args.reference_stats, args.encoder_loss_weights),
+        eval_encoders=describe(list(eval_encoders), eval_encoders, eval_references, args.eval_reference_stats),
+        training=training, final_fds=final_fds, sample_grid=grid, repo_id=repo_id or str(output_dir),
+        lora=args.use_lora, conditioning=conditioning,
+    )
+    card.save(str(output_dir / "README.md"))
+    return card
+
+
+if __name__ == "__main__":
+    main(parse_args())
