@@ -41,10 +41,13 @@ from fd_onestep.reference_stats import ReferenceStats
 
 
 def _stats(d: int, seed: int, shift: float = 0.0):
+    """Sample statistics of 2d + 512 features with a power-law spectrum (lambda_i ~ 1/i, like
+    encoder features) in a random basis: condition number ~ 1e4, well within float64."""
     g = torch.Generator().manual_seed(seed)
     n = 2 * d + 512
-    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + shift
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    spectrum = 1.0 / torch.arange(1, d + 1, dtype=torch.float64)
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * spectrum.sqrt()) @ basis.T + shift
     return x.mean(0), torch.cov(x.T)
 
 

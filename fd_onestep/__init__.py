@@ -27,9 +27,23 @@ _EXPORTS = {
     # encoders
     "FeatureEncoder": "fd_onestep.encoders",
     "load_encoder": "fd_onestep.encoders",
+    "KNOWN_ENCODERS": "fd_onestep.encoders",
+    # reference statistics of datasets, evaluation
+    "compute_reference_stats": "fd_onestep.dataset_stats",
+    "save_reference_stats": "fd_onestep.dataset_stats",
+    "import_npz_stats": "fd_onestep.dataset_stats",
+    "export_npz_stats": "fd_onestep.dataset_stats",
+    "evaluate_images": "fd_onestep.evaluation",
+    "evaluate_pipeline": "fd_onestep.evaluation",
+    "evaluate_folder": "fd_onestep.evaluation",
+    "EvaluationResult": "fd_onestep.evaluation",
+    "compare_generators": "fd_onestep.comparison",
     # one-step generators
     "FDOneStepPipeline": "fd_onestep.pipelines.pipeline_fd_onestep",
     "OneStepGenerator": "fd_onestep.onestep",
+    "OneStepConditioning": "fd_onestep.pipelines.pipeline_fd_onestep",
+    "add_lora_to_denoiser": "fd_onestep.pipelines.pipeline_fd_onestep",
+    "denoiser_lora_state_dict": "fd_onestep.pipelines.pipeline_fd_onestep",
 }
 
 __all__ = ["__version__", *_EXPORTS]
