@@ -14,10 +14,12 @@ _EXPORTS = {
     "frechet_distance": "fd_onestep.frechet",
     "frechet_distance_to_reference": "fd_onestep.frechet",
     "sqrtm_psd": "fd_onestep.frechet",
+    "validate_stats": "fd_onestep.frechet",
     # statistics
     "FeatureMoments": "fd_onestep.moments",
     "ReferenceStats": "fd_onestep.reference_stats",
     # populations and losses
+    "Population": "fd_onestep.populations",
     "EMAPopulation": "fd_onestep.populations",
     "QueuePopulation": "fd_onestep.populations",
     "ExactPopulation": "fd_onestep.populations",
