@@ -332,6 +332,12 @@ def _fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any
     ]
 
 
+def _saved_fingerprint_differences(run_file: Path, fingerprint: Mapping[str, Any]) -> list:
+    """Differences between the fingerprint saved in ``run_file`` and ``fingerprint`` (empty when equal)."""
+    saved = json.loads(run_file.read_text())["fingerprint"]
+    return _fingerprint_differences(saved, _jsonable(fingerprint))
+
+
 def check_checkpoint_compatible(checkpoint: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` if a checkpoint was written by a run with a different fingerprint."""
     run_file = Path(checkpoint) / RUN_ARGS_FILE
@@ -340,8 +346,7 @@ def check_checkpoint_compatible(checkpoint: str | os.PathLike, fingerprint: Mapp
             f"checkpoint {str(checkpoint)!r} has no {RUN_ARGS_FILE}: it was not written by train_fd_onestep.py, "
             "so resuming from it cannot be checked. Resume from a checkpoint of this script, or start a new run."
         )
-    saved = json.loads(run_file.read_text())["fingerprint"]
-    differences = _fingerprint_differences(saved, _jsonable(fingerprint))
+    differences = _saved_fingerprint_differences(run_file, fingerprint)
     if differences:
         raise ValueError(
             f"checkpoint {str(checkpoint)!r} was written by a run with different arguments:\n  "
@@ -366,8 +371,7 @@ def check_output_dir_compatible(output_dir: str | os.PathLike, fingerprint: Mapp
             f"{RUN_ARGS_FILE}, so they cannot be attributed to this run. Use a fresh --output_dir, or delete "
             "those checkpoints."
         )
-    saved = json.loads(run_file.read_text())["fingerprint"]
-    differences = _fingerprint_differences(saved, _jsonable(fingerprint))
+    differences = _saved_fingerprint_differences(run_file, fingerprint)
     if differences:
         raise ValueError(
             f"--output_dir {str(root)!r} holds checkpoints of another run ({', '.join(p.name for p in checkpoints)}) "

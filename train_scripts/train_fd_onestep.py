@@ -915,18 +915,23 @@ def main(args) -> dict:
             return sum(rs) / len(rs)
         return fds[args.keep_best_by]["fresh_fd"]
 
+    def write_weights(folder: Path):
+        """Write the generator (EMA weights when --use_ema) into ``folder``: the LoRA + its base-model info
+        with --use_lora, else the whole one-step pipeline."""
+        with ema_weights():
+            model = _unwrap(accelerator, denoiser)
+            if args.use_lora:
+                gen.save_lora(folder, denoiser=model)
+                (folder / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(), indent=2))
+            else:
+                gen.save_pipeline(folder, denoiser=model)
+
     def save_pipeline_atomically(target: Path):
         """Main process: write the one-step pipeline (EMA weights when --use_ema) to ``target`` atomically."""
         tmp = target.with_name(f".{target.name}.partial")
         if tmp.exists():
             shutil.rmtree(tmp)
-        with ema_weights():
-            model = _unwrap(accelerator, denoiser)
-            if args.use_lora:
-                gen.save_lora(tmp, denoiser=model)
-                (tmp / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(), indent=2))
-            else:
-                gen.save_pipeline(tmp, denoiser=model)
+        write_weights(tmp)
         old = target.with_name(f".{target.name}.old")
         if target.exists():
             if old.exists():
@@ -1121,13 +1126,7 @@ def main(args) -> dict:
                     shutil.rmtree(target)
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target)
         else:
-            with ema_weights():
-                model = _unwrap(accelerator, denoiser)
-                if args.use_lora:
-                    gen.save_lora(output_dir, denoiser=model)
-                    (output_dir / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(), indent=2))
-                else:
-                    gen.save_pipeline(output_dir, denoiser=model)
+            write_weights(output_dir)
     summary["final_weights"] = {"which": "best" if use_best else "last",
                                 "step": progress.best_step if use_best else progress.global_step}
     accelerator.wait_for_everyone()
