@@ -5,8 +5,17 @@
 ``A S_q A`` is symmetric positive semi-definite and similar to ``S_p S_q``, so one symmetric
 eigen-decomposition (``eigvalsh`` for the value, ``eigh`` when a gradient is needed) replaces the
 non-symmetric ``scipy.linalg.sqrtm(S_p @ S_q)`` of pytorch-fid: it is real, never returns complex
-round-off, and stays finite for singular covariances. ``A`` belongs to the reference and is computed
-once (see :class:`fd_onestep.reference_stats.ReferenceStats`).
+round-off, and stays finite for singular covariances.
+
+Reference factor. Any ``F`` with ``F F^T = S_p`` may stand in for ``A``: ``F = A Q`` with ``Q``
+orthogonal, so ``F^T S_q F = Q^T (A S_q A) Q`` has the same eigenvalues, and
+``F (F^T S_q F)^-1/2 F^T = A (A S_q A)^-1/2 A`` is the same gradient term. We use the lower Cholesky
+factor ``L`` whenever ``S_p`` is numerically positive definite (the usual case for encoder features)
+and the symmetric root ``A`` otherwise (singular references): the Cholesky factor costs d^3/3 flops
+instead of a d x d ``eigh``, and on the CPU ``L^T S_q L`` skips the zero blocks of ``L``, about a
+third of the flops of the two full matmuls that ``A S_q A`` needs. The factor belongs to the
+reference and is computed once (see
+:class:`fd_onestep.reference_stats.ReferenceStats`).
 
 Gradient (custom backward, float64):
 
@@ -38,7 +47,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "frechet_distance",
     "frechet_distance_to_reference",
+    "frechet_distance_from_factor",
     "frechet_distance_from_sqrt",
+    "reference_factor",
     "sqrtm_psd",
     "validate_stats",
     "eigenvalue_floor",
@@ -73,6 +84,11 @@ def validate_stats(mu, sigma, name: str = "stats") -> None:
             round-off of a covariance computed by a matrix product) and finite.
         name: what to call these statistics in the message (e.g. "reference", "generated").
     """
+    _validate(mu, sigma, name)
+
+
+def _validate(mu, sigma, name: str) -> bool:
+    """:func:`validate_stats`; returns whether sigma is exactly symmetric (no symmetrization needed)."""
     mu = _as_tensor(mu, f"{name} mu")
     sigma = _as_tensor(sigma, f"{name} sigma")
     if mu.ndim != 1:
@@ -105,7 +121,7 @@ def validate_stats(mu, sigma, name: str = "stats") -> None:
                 "(check the encoder output and the input images)."
             )
         if torch.equal(s, s.mT):  # the common case (our own covariances are exactly symmetric)
-            return
+            return True
         scale = max(abs(lo), abs(hi))
         asym = float((s - s.mT).abs().max())
         rtol = max(_SYMMETRY_RTOL, 10 * torch.finfo(s.dtype).eps) if s.is_floating_point() else 0.0
@@ -114,6 +130,8 @@ def validate_stats(mu, sigma, name: str = "stats") -> None:
                 f"{name}: sigma is not symmetric (max |S - S^T| = {asym:.3e}, max |S| = {scale:.3e}); "
                 "a covariance matrix must be symmetric: pass a covariance, or symmetrize it with (S + S.T) / 2."
             )
+        return False
+    return True
 
 
 def _check_pair(mu_p: torch.Tensor, mu_q: torch.Tensor) -> None:
@@ -161,13 +179,83 @@ def eigenvalue_floor(eigenvalues: torch.Tensor) -> float:
     return max(lam_max, _F64_TINY) * max(d, 1) * _F64_EPS
 
 
-def _sandwich(sqrt_sigma_p: torch.Tensor, sigma_q: torch.Tensor) -> torch.Tensor:
-    m = sqrt_sigma_p @ sigma_q @ sqrt_sigma_p
+def reference_factor(sigma_p) -> tuple[torch.Tensor, bool]:
+    """A factor ``F`` of the reference covariance, ``F F^T = S_p``, for the FD route.
+
+    Args:
+        sigma_p: (d, d) symmetric positive semi-definite reference covariance (any float dtype).
+
+    Returns:
+        ``(F, lower)``: (d, d) float64 contiguous ``F``, and ``lower=True`` when ``F`` is the lower
+        Cholesky factor (``S_p`` numerically positive definite; costs d^3/3 flops) or ``False`` when
+        it is the symmetric root ``A = S_p^1/2`` of :func:`sqrtm_psd` (``S_p`` singular, e.g. fewer
+        reference samples than dimensions). Both give the same FD and gradient (module docstring).
+    """
+    sigma_p = _as_tensor(sigma_p, "reference sigma").detach().to(torch.float64)
+    if sigma_p.ndim != 2 or sigma_p.shape[0] != sigma_p.shape[1]:
+        raise ValueError(f"reference_factor needs a square (d, d) matrix, got shape {tuple(sigma_p.shape)}.")
+    if sigma_p.numel():
+        lower, info = torch.linalg.cholesky_ex((sigma_p + sigma_p.mT) * 0.5)
+        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+            return lower.contiguous(), True
+    return sqrtm_psd(sigma_p).contiguous(), False
+
+
+# Column/row block width of the triangular products below: wide enough for an efficient gemm per
+# block, narrow enough that skipping the zero blocks of L saves most of their flops.
+_TRIANGULAR_BLOCK = 256
+
+
+def _congruence_lower(lower_factor: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
+    """``L^T S L`` for lower-triangular ``L`` and symmetric ``S`` (d, d), in the lower triangle.
+
+    torch has no ``trmm``, so the products run block by block, skipping the zero blocks of ``L``:
+    ``T = S L`` costs about half a gemm and the lower triangle of ``L^T T`` about a sixth, against the
+    two full gemms of ``F^T S F``. The strict upper triangle of the result is zero.
+    """
+    d = sym.shape[0]
+    b = _TRIANGULAR_BLOCK
+    t = torch.empty_like(sym)
+    for j in range(0, d, b):  # column block j of S L only meets rows j: of L
+        e = min(j + b, d)
+        torch.mm(sym[:, j:], lower_factor[j:, j:e], out=t[:, j:e])
+    out = torch.zeros_like(sym)
+    for i in range(0, d, b):  # row block i of L^T T only meets rows i: of T; keep columns :e
+        e = min(i + b, d)
+        torch.mm(lower_factor[i:, i:e].mT, t[i:, :e], out=out[i:e, :e])
+    return out
+
+
+def _lower_matmul(lower_factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``L @ X`` for lower-triangular (d, d) ``L``, skipping its zero blocks on the CPU."""
+    d = lower_factor.shape[0]
+    if lower_factor.device.type != "cpu" or d < 2 * _TRIANGULAR_BLOCK:
+        return lower_factor @ x
+    out = torch.empty(d, x.shape[1], dtype=x.dtype)
+    for i in range(0, d, _TRIANGULAR_BLOCK):
+        e = min(i + _TRIANGULAR_BLOCK, d)
+        torch.mm(lower_factor[i:e, :e], x[:e], out=out[i:e])
+    return out
+
+
+def _sandwich(factor: torch.Tensor, sigma_q: torch.Tensor, lower: bool, symmetric: bool | None) -> torch.Tensor:
+    """``F^T sym(S_q) F`` (d, d) float64; eigvalsh/eigh read only its lower triangle.
+
+    ``symmetric``: whether ``S_q`` is already known to be exactly symmetric (None: test it).
+    """
+    # sym(S_q) exactly, so the function differentiated is that of the symmetric part; our own
+    # covariances are exactly symmetric already, which validation has usually seen
+    if symmetric is None:
+        symmetric = torch.equal(sigma_q, sigma_q.mT)
+    sym = sigma_q if symmetric else (sigma_q + sigma_q.mT) * 0.5
+    if lower and sym.device.type == "cpu" and sym.shape[0] >= 2 * _TRIANGULAR_BLOCK:
+        return _congruence_lower(factor, sym.contiguous())
+    m = factor.mT @ sym @ factor
     # exact symmetry, so eigh/eigvalsh see precisely the matrix whose trace root we want
     return torch.add(m, m.mT).mul_(0.5)
 
 
-def _value(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p, lam) -> torch.Tensor:
+def _value(mu_q, sigma_q, mu_p, trace_sigma_p, lam) -> torch.Tensor:
     diff = mu_q - mu_p
     # eigenvalues below the floor are round-off (float64 cannot resolve them): count them as 0
     tr_sqrt = torch.where(lam > eigenvalue_floor(lam), lam, 0.0).sqrt().sum()
@@ -178,32 +266,81 @@ class _FrechetDistanceFunction(torch.autograd.Function):
     """FD with the closed-form backward w.r.t. (mu_q, sigma_q); the reference side is constant."""
 
     @staticmethod
-    def forward(ctx, mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p):
-        m = _sandwich(sqrt_sigma_p, sigma_q)
+    def forward(ctx, mu_q, sigma_q, mu_p, factor, trace_sigma_p, lower, symmetric):
+        m = _sandwich(factor, sigma_q, lower, symmetric)
         if ctx.needs_input_grad[1]:
             lam, vec = torch.linalg.eigh(m)
         else:
             lam, vec = torch.linalg.eigvalsh(m), None
-        value = _value(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p, lam)
-        ctx.save_for_backward(mu_q - mu_p, sqrt_sigma_p, lam, vec if vec is not None else lam)
+        value = _value(mu_q, sigma_q, mu_p, trace_sigma_p, lam)
+        ctx.save_for_backward(mu_q - mu_p, factor, lam, vec if vec is not None else lam)
         ctx.has_vec = vec is not None
+        ctx.lower = lower
         return value
 
     @staticmethod
     def backward(ctx, grad_out):
-        diff, sqrt_sigma_p, lam, vec = ctx.saved_tensors
+        diff, factor, lam, vec = ctx.saved_tensors
         grad_mu = grad_sigma = None
         if ctx.needs_input_grad[0]:
             grad_mu = 2.0 * grad_out * diff
         if ctx.needs_input_grad[1] and ctx.has_vec:
             floor = eigenvalue_floor(lam)
-            # A U diag(lam^-1/2) U^T A = W W^T with W = A U diag(lam^-1/4): two matrix products
-            w = (sqrt_sigma_p @ vec) * lam.clamp(min=floor).pow(-0.25)
+            # F U diag(lam^-1/2) U^T F^T = W W^T with W = F U diag(lam^-1/4): two matrix products
+            w = (_lower_matmul(factor, vec) if ctx.lower else factor @ vec) * lam.clamp(min=floor).pow(-0.25)
             g = -(w @ w.mT)
             g = (g + g.mT) * 0.5
             g.diagonal().add_(1.0)
             grad_sigma = grad_out * g
-        return grad_mu, grad_sigma, None, None, None
+        return grad_mu, grad_sigma, None, None, None, None, None
+
+
+def frechet_distance_from_factor(
+    mu_p: torch.Tensor,
+    factor_p: torch.Tensor,
+    trace_sigma_p: torch.Tensor | float,
+    mu_q,
+    sigma_q,
+    *,
+    lower: bool = False,
+    validate: bool = True,
+) -> torch.Tensor:
+    """FD when a factor ``F`` of the reference covariance (``F F^T = S_p``) is already known (the hot path).
+
+    Args:
+        mu_p: (d,) float64 reference mean.
+        factor_p: (d, d) float64 contiguous ``F`` from :func:`reference_factor`: the lower Cholesky
+            factor (``lower=True``) or any other factor such as ``A = S_p^1/2``.
+        trace_sigma_p: ``tr(S_p)`` (float or 0-dim float64 tensor).
+        mu_q, sigma_q: (d,), (d, d) generated statistics; may require grad.
+        lower: ``factor_p`` is lower triangular (lets the CPU route skip its zero blocks).
+        validate: check mu_q/sigma_q (shape, symmetry, finiteness); costs two passes over sigma_q.
+
+    Returns:
+        0-dim float64 tensor, differentiable w.r.t. mu_q and sigma_q (closed-form backward).
+    """
+    mu_q = _as_tensor(mu_q, "generated mu")
+    sigma_q = _as_tensor(sigma_q, "generated sigma")
+    symmetric = None
+    if validate:
+        symmetric = _validate(mu_q, sigma_q, "generated")
+        _check_pair(mu_p, mu_q)
+    return _distance(mu_p, factor_p, trace_sigma_p, mu_q, sigma_q, lower, symmetric)
+
+
+def _distance(mu_p, factor_p, trace_sigma_p, mu_q, sigma_q, lower: bool, symmetric: bool | None) -> torch.Tensor:
+    # (casting and moving keep exact symmetry, so a validated ``symmetric`` still holds below)
+    device = mu_p.device
+    mu_q = mu_q.to(device=device, dtype=torch.float64)
+    sigma_q = sigma_q.to(device=device, dtype=torch.float64)
+    trace_sigma_p = torch.as_tensor(trace_sigma_p, dtype=torch.float64, device=device)
+    if torch.is_grad_enabled() and (mu_q.requires_grad or sigma_q.requires_grad):
+        return _FrechetDistanceFunction.apply(
+            mu_q, sigma_q, mu_p, factor_p, trace_sigma_p, bool(lower), symmetric
+        )
+    with torch.no_grad():
+        lam = torch.linalg.eigvalsh(_sandwich(factor_p, sigma_q, lower, symmetric))
+        return _value(mu_q, sigma_q, mu_p, trace_sigma_p, lam)
 
 
 def frechet_distance_from_sqrt(
@@ -215,32 +352,10 @@ def frechet_distance_from_sqrt(
     *,
     validate: bool = True,
 ) -> torch.Tensor:
-    """FD when ``A = S_p^1/2`` is already known (the hot path; no square root is computed).
-
-    Args:
-        mu_p: (d,) float64 reference mean.
-        sqrt_sigma_p: (d, d) float64 ``A = S_p^1/2`` (symmetric).
-        trace_sigma_p: ``tr(S_p)`` (float or 0-dim float64 tensor).
-        mu_q, sigma_q: (d,), (d, d) generated statistics; may require grad.
-        validate: check mu_q/sigma_q (shape, symmetry, finiteness); costs two passes over sigma_q.
-
-    Returns:
-        0-dim float64 tensor, differentiable w.r.t. mu_q and sigma_q (closed-form backward).
-    """
-    mu_q = _as_tensor(mu_q, "generated mu")
-    sigma_q = _as_tensor(sigma_q, "generated sigma")
-    if validate:
-        validate_stats(mu_q, sigma_q, "generated")
-        _check_pair(mu_p, mu_q)
-    device = mu_p.device
-    mu_q = mu_q.to(device=device, dtype=torch.float64)
-    sigma_q = sigma_q.to(device=device, dtype=torch.float64)
-    trace_sigma_p = torch.as_tensor(trace_sigma_p, dtype=torch.float64, device=device)
-    if torch.is_grad_enabled() and (mu_q.requires_grad or sigma_q.requires_grad):
-        return _FrechetDistanceFunction.apply(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p)
-    with torch.no_grad():
-        lam = torch.linalg.eigvalsh(_sandwich(sqrt_sigma_p, sigma_q))
-        return _value(mu_q, sigma_q, mu_p, sqrt_sigma_p, trace_sigma_p, lam)
+    """FD when ``A = S_p^1/2`` (symmetric, (d, d) float64) is known; see :func:`frechet_distance_from_factor`."""
+    return frechet_distance_from_factor(
+        mu_p, sqrt_sigma_p, trace_sigma_p, mu_q, sigma_q, lower=False, validate=validate
+    )
 
 
 def _reject_reference_grad(mu_p, sigma_p) -> None:
@@ -270,7 +385,7 @@ def frechet_distance(mu_p, sigma_p, mu_q, sigma_q) -> torch.Tensor:
         ValueError: mismatched dims, non-square or non-symmetric sigma, NaN/Inf, or a reference that
             requires grad.
 
-    For repeated distances to the same reference, use :class:`ReferenceStats` (it caches ``A``).
+    For repeated distances to the same reference, use :class:`ReferenceStats` (it caches the factor).
     """
     mu_p = _as_tensor(mu_p, "reference mu")
     sigma_p = _as_tensor(sigma_p, "reference sigma")
@@ -278,21 +393,20 @@ def frechet_distance(mu_p, sigma_p, mu_q, sigma_q) -> torch.Tensor:
     sigma_q = _as_tensor(sigma_q, "generated sigma")
     _reject_reference_grad(mu_p, sigma_p)
     validate_stats(mu_p, sigma_p, "reference")
-    validate_stats(mu_q, sigma_q, "generated")
+    symmetric = _validate(mu_q, sigma_q, "generated")
     _check_pair(mu_p, mu_q)
     mu_p = mu_p.detach().to(torch.float64)
     sigma_p = sigma_p.detach().to(torch.float64)
-    sqrt_sigma_p = sqrtm_psd(sigma_p)
-    return frechet_distance_from_sqrt(
-        mu_p, sqrt_sigma_p, sigma_p.diagonal().sum(), mu_q, sigma_q, validate=False
-    )
+    factor_p, lower = reference_factor(sigma_p)
+    return _distance(mu_p, factor_p, sigma_p.diagonal().sum(), mu_q, sigma_q, lower, symmetric)
 
 
 def frechet_distance_to_reference(reference: "ReferenceStats", mu_q, sigma_q) -> torch.Tensor:
-    """FD between a :class:`ReferenceStats` and generated statistics, reusing the cached ``A``.
+    """FD between a :class:`ReferenceStats` and generated statistics, reusing the cached factor.
 
     Args:
-        reference: reference statistics; its ``A = sigma^1/2`` is computed once and cached per device.
+        reference: reference statistics; its factor (:func:`reference_factor`) is computed once and
+            cached per device.
         mu_q: (d,) generated mean (numpy or torch); may require grad.
         sigma_q: (d, d) generated covariance; may require grad.
 
@@ -301,13 +415,13 @@ def frechet_distance_to_reference(reference: "ReferenceStats", mu_q, sigma_q) ->
     """
     mu_q = _as_tensor(mu_q, "generated mu")
     sigma_q = _as_tensor(sigma_q, "generated sigma")
-    validate_stats(mu_q, sigma_q, "generated")
+    symmetric = _validate(mu_q, sigma_q, "generated")
     if mu_q.shape[0] != reference.feature_dim:
         raise ValueError(
             f"feature dimensions differ: reference (encoder {reference.encoder_id!r}) has "
             f"d={reference.feature_dim}, generated has d={mu_q.shape[0]}; compute the generated "
             "features with the encoder the reference statistics were made with."
         )
-    mu_p, sqrt_sigma_p, trace_sigma_p = reference.tensors_on(mu_q.device)
-    return frechet_distance_from_sqrt(mu_p, sqrt_sigma_p, trace_sigma_p, mu_q, sigma_q, validate=False)
+    mu_p, factor_p, trace_sigma_p, lower = reference.tensors_on(mu_q.device)
+    return _distance(mu_p, factor_p, trace_sigma_p, mu_q, sigma_q, lower, symmetric)
 

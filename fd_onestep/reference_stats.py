@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fd_onestep.frechet import frechet_distance_to_reference, sqrtm_psd, validate_stats
+from fd_onestep.frechet import frechet_distance_to_reference, reference_factor, sqrtm_psd, validate_stats
 from fd_onestep.moments import FeatureMoments
 
 __all__ = ["ReferenceStats"]
@@ -65,7 +65,7 @@ class ReferenceStats:
         self.metadata.setdefault("library_version", _library_version())
         if self.validation_fd is not None:
             self.validation_fd = float(self.validation_fd)
-        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -82,16 +82,25 @@ class ReferenceStats:
         return sqrtm_psd(self.sigma)
 
     @functools.cached_property
+    def factor(self) -> tuple[torch.Tensor, bool]:
+        """``(F, lower)`` with ``F F^T = sigma`` (lower Cholesky, or ``A`` if singular), computed once (CPU).
+
+        This is what the FD route uses; see :func:`fd_onestep.frechet.reference_factor`.
+        """
+        return reference_factor(self.sigma)
+
+    @functools.cached_property
     def trace_sigma(self) -> torch.Tensor:
         """0-dim float64 ``tr(sigma)``: the FD of a generator collapsed onto the reference mean."""
         return self.sigma.diagonal().sum()
 
-    def tensors_on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(mu, A, tr(sigma))`` in float64 on ``device``, cached per device (A computed once)."""
+    def tensors_on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """``(mu, F, tr(sigma), lower)`` in float64 on ``device``, cached per device (F computed once)."""
         key = str(torch.device(device))
         cached = self._device_cache.get(key)
         if cached is None:
-            cached = (self.mu.to(device), self.sqrt_sigma.to(device), self.trace_sigma.to(device))
+            factor, lower = self.factor
+            cached = (self.mu.to(device), factor.to(device), self.trace_sigma.to(device), lower)
             self._device_cache[key] = cached
         return cached
 

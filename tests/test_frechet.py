@@ -10,7 +10,10 @@ import fd_onestep.reference_stats as reference_stats_module
 from fd_onestep.frechet import (
     eigenvalue_floor,
     frechet_distance,
+    frechet_distance_from_factor,
+    frechet_distance_from_sqrt,
     frechet_distance_to_reference,
+    reference_factor,
     sqrtm_psd,
     validate_stats,
 )
@@ -119,10 +122,10 @@ def test_value_path_without_grad_equals_grad_path_value():
     assert abs(float(plain) - float(with_grad.detach())) <= 1e-12 * float(plain)
 
 
-def test_reference_square_root_is_computed_once_and_reused(monkeypatch):
+def test_reference_factor_is_computed_once_and_reused(monkeypatch):
     calls = []
-    real = reference_stats_module.sqrtm_psd
-    monkeypatch.setattr(reference_stats_module, "sqrtm_psd", lambda s: calls.append(1) or real(s))
+    real = reference_stats_module.reference_factor
+    monkeypatch.setattr(reference_stats_module, "reference_factor", lambda s: calls.append(1) or real(s))
     mu_p, s_p = _stats(300, 16, 0)
     ref = ReferenceStats(mu=mu_p, sigma=s_p, num_samples=300)
     for seed in range(3):
@@ -130,6 +133,58 @@ def test_reference_square_root_is_computed_once_and_reused(monkeypatch):
         cached = frechet_distance_to_reference(ref, mu_q, s_q)
         assert abs(float(cached) - float(frechet_distance(mu_p, s_p, mu_q, s_q))) <= 1e-12 * float(cached)
     assert len(calls) == 1
+
+
+def test_reference_factor_is_cholesky_when_positive_definite_and_the_root_when_singular():
+    _, s_p = _stats(300, 40, 3)
+    factor, lower = reference_factor(s_p)
+    assert lower and torch.equal(factor, factor.tril())
+    assert torch.allclose(factor @ factor.T, s_p, rtol=0, atol=1e-13 * float(s_p.abs().max()))
+    x = torch.randn(10, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    singular = torch.cov(x.T)  # rank 9 in d = 40: no Cholesky factor exists
+    factor, lower = reference_factor(singular)
+    assert not lower and torch.equal(factor, sqrtm_psd(singular))
+
+
+@pytest.mark.parametrize("d", [40, 600])  # 600: the CPU route's blocked triangular products, ragged last block
+def test_cholesky_factor_route_equals_symmetric_root_route_in_value_and_gradient(d):
+    # F = L (lower Cholesky) and F = A = S_p^1/2 differ by an orthogonal factor, so F^T S_q F has the
+    # same eigenvalues and F (F^T S_q F)^-1/2 F^T is the same gradient term
+    # condition numbers ~10 (random bases, spectra in [0.3, 3]): the two routes' round-off differs
+    # by about eps * cond(F^T S_q F), so a tight tolerance tests the algebra, not the conditioning
+    def stats(seed, shift):
+        g = torch.Generator().manual_seed(seed)
+        spectrum = torch.linspace(0.3, 3.0, d, dtype=torch.float64)
+        s = _random_orthogonal(d, seed) @ torch.diag(spectrum) @ _random_orthogonal(d, seed).T
+        return shift + torch.randn(d, generator=g, dtype=torch.float64), (s + s.T) / 2
+
+    mu_p, s_p = stats(0, 0.0)
+    mu_q, s_q = stats(1, 0.1)
+    lower_factor, lower = reference_factor(s_p)
+    assert lower
+    grads, values = [], []
+    for factor, is_lower in ((lower_factor, True), (sqrtm_psd(s_p), False)):
+        mu, s = mu_q.clone().requires_grad_(), s_q.clone().requires_grad_()
+        fd = frechet_distance_from_factor(mu_p, factor, s_p.trace(), mu, s, lower=is_lower)
+        fd.backward()
+        values.append(float(fd))
+        grads.append(s.grad)
+        with torch.no_grad():
+            assert abs(float(frechet_distance_from_factor(mu_p, factor, s_p.trace(), mu_q, s_q, lower=is_lower)) - values[-1]) <= 1e-12 * values[-1]
+    assert abs(values[0] - values[1]) <= 1e-12 * values[1]
+    assert float((grads[0] - grads[1]).abs().max()) <= 1e-10 * float(grads[1].abs().max())
+    plain = frechet_distance_from_sqrt(mu_p, sqrtm_psd(s_p), s_p.trace(), mu_q, s_q)
+    assert abs(float(plain) - values[1]) <= 1e-12 * values[1]
+
+
+def test_slightly_asymmetric_generated_sigma_is_measured_by_its_symmetric_part():
+    mu_p, s_p = _stats(1200, 600, 0)
+    mu_q, s_q = _stats(1200, 600, 1)
+    bump = torch.zeros_like(s_q)
+    bump[5, 400] = 1e-6 * float(s_q.abs().max())  # float32-like round-off, accepted by validation
+    fd_asym = frechet_distance(mu_p, s_p, mu_q, s_q + bump)
+    fd_sym = frechet_distance(mu_p, s_p, mu_q, s_q + (bump + bump.T) / 2)
+    assert abs(float(fd_asym) - float(fd_sym)) <= 1e-12 * float(fd_sym)
 
 
 # ----------------------------------------------------------------------------- gradient

@@ -88,10 +88,11 @@ def test_missing_files_and_wrong_keys_raise_clear_errors(tmp_path):
         ReferenceStats.load(tmp_path / "model.safetensors")
 
 
-def test_sqrt_sigma_is_cached_and_distance_matches_plain_function():
+def test_factor_and_sqrt_sigma_are_cached_and_distance_matches_plain_function():
     x, y = _features(), _features(seed=2, shift=0.1)
     ref = ReferenceStats.from_features(x)
     assert ref.sqrt_sigma is ref.sqrt_sigma
+    assert ref.factor is ref.factor
     mu_q, s_q = y.mean(0), torch.cov(y.T)
     expected = frechet_distance(ref.mu, ref.sigma, mu_q, s_q)
     assert abs(float(ref.frechet_distance(mu_q, s_q)) - float(expected)) <= 1e-12 * float(expected)
