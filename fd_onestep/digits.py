@@ -32,6 +32,7 @@ __all__ = [
     "SPLIT_SEED",
     "VALIDATION_SIZE",
     "TEACHER_PATH",
+    "BUILTIN_ENCODERS",
     "ENCODERS_DIR",
     "STATS_DIR",
     "SPLIT_METADATA_PATH",
@@ -39,6 +40,7 @@ __all__ = [
     "HELD_OUT_ENCODERS",
     "CLASSIFIER_NAME",
     "encoder_path",
+    "encoder_spec",
     "stats_path",
     "split_indices",
     "load_digits_split",
@@ -65,12 +67,21 @@ VALIDATION_SIZE = 360
 _NUM_DIGITS = 1797  # images in sklearn's load_digits
 
 # Encoders used in the default training loss, and representations that are only ever used to evaluate.
-TRAINING_ENCODERS = ("dinov2-digits", "siglip-digits")
+TRAINING_ENCODERS = ("dinov2-digits", "siglip-digits", "pixels-digits")
 HELD_OUT_ENCODERS = ("resnet-digits", "randcnn-digits")
 # ResNetForImageClassification trained on the digits train split; its backbone is "resnet-digits".
 CLASSIFIER_NAME = "resnet-digits"
 
 Split = Literal["train", "validation", "all"]
+
+
+# Bundled representations without weights: name -> the load_encoder spec that builds them.
+BUILTIN_ENCODERS = {"pixels-digits": "pixels-gray:16"}
+
+
+def encoder_spec(name: str) -> str:
+    """What to pass to ``load_encoder`` for a bundled digits encoder: its folder, or a builtin spec."""
+    return BUILTIN_ENCODERS.get(name) or str(encoder_path(name))
 
 
 def encoder_path(name: str) -> Path:
@@ -225,7 +236,7 @@ def load_bundled_encoders(names=TRAINING_ENCODERS + HELD_OUT_ENCODERS, device=No
     from .encoders import load_encoder
 
     kwargs.setdefault("local_files_only", True)
-    return {name: load_encoder(str(encoder_path(name)), device=device, **kwargs) for name in names}
+    return {name: load_encoder(encoder_spec(name), device=device, **kwargs) for name in names}
 
 
 def load_bundled_references(names=TRAINING_ENCODERS + HELD_OUT_ENCODERS) -> dict:

@@ -181,6 +181,10 @@ class ReferenceStats:
         os.close(fd)
         try:
             save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, tmp, metadata=meta)
+            # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

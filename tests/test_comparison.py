@@ -17,7 +17,7 @@ def bundled():
     from fd_onestep.encoders import load_encoder
     from fd_onestep.reference_stats import ReferenceStats
 
-    encoders = {n: load_encoder(str(digits.encoder_path(n)), local_files_only=True) for n in NAMES}
+    encoders = {n: load_encoder(digits.encoder_spec(n), local_files_only=True) for n in NAMES}
     references = {n: ReferenceStats.load(digits.stats_path(n)) for n in NAMES}
     return encoders, references, digits.load_digit_classifier()
 

@@ -119,7 +119,7 @@ def test_bundled_stats_match_their_encoder_loaded_through_load_encoder(name):
     from fd_onestep.encoders import load_encoder
     from fd_onestep.reference_stats import ReferenceStats
 
-    encoder = load_encoder(str(encoder_path(name)), local_files_only=True)
+    encoder = load_encoder(digits.encoder_spec(name), local_files_only=True)
     stats = ReferenceStats.load(stats_path(name))
     stats.check_compatible(encoder.encoder_id, encoder.feature_dim)
     assert stats.num_samples == 1437
@@ -133,9 +133,20 @@ def test_bundled_stats_match_their_encoder_loaded_through_load_encoder(name):
 
 def test_training_encoders_were_trained_and_the_random_cnn_was_not():
     log = json.loads((digits.DIGITS_ASSETS_DIR / "encoders_training_log.json").read_text())
-    for name in TRAINING_ENCODERS + (CLASSIFIER_NAME,):
+    networks = [n for n in TRAINING_ENCODERS if n not in digits.BUILTIN_ENCODERS]
+    assert len(networks) >= 2  # the issue asks for at least two trained digits encoders in the loss
+    for name in networks + [CLASSIFIER_NAME]:
         assert log["encoders"][name]["trained"] and log["encoders"][name]["validation_accuracy"] >= 0.9
     assert log["encoders"]["randcnn-digits"]["trained"] is False
+
+
+def test_builtin_pixel_representation_is_the_digit_itself_and_not_a_folder():
+    assert digits.encoder_spec("pixels-digits") == "pixels-gray:16"
+    assert digits.encoder_spec("dinov2-digits") == str(encoder_path("dinov2-digits"))
+    encoder = digits.load_bundled_encoders(["pixels-digits"])["pixels-digits"]
+    images, _ = load_digits_split("validation")
+    # 16x16 grayscale: no resize, and the luma of gray is gray (up to float32 rounding of the luma weights)
+    torch.testing.assert_close(encoder(images), images.flatten(1), rtol=0, atol=1e-6)
 
 
 def test_bundled_classifier_recognizes_the_validation_split():

@@ -241,3 +241,34 @@ def test_generic_vit_without_image_processor_uses_config_size_and_imagenet_stats
     assert encoder.encoder_id == "vit:tiny-vit:cls:32" and encoder.feature_dim == 16
     assert torch.allclose(encoder.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert encoder(_random_images(2, 50)).shape == (2, 16)
+
+
+# ----------------------------------------------------------------------------- pixel representation
+
+
+def test_pixel_encoder_is_the_area_resized_image_flattened():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    rgb = load_encoder("pixels:16")
+    assert (rgb.feature_dim, rgb.input_size, rgb.encoder_id) == (768, 16, "pixels:16")
+    torch.testing.assert_close(rgb(images), torch.nn.functional.avg_pool2d(images, 2).flatten(1))
+    gray = load_encoder("pixels-gray:16")
+    assert (gray.feature_dim, gray.encoder_id) == (256, "pixels-gray:16")
+    luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    torch.testing.assert_close(gray(images), torch.nn.functional.avg_pool2d(luma[:, None], 2).flatten(1))
+    # one channel is the gray image itself (converted to RGB and back to luma)
+    torch.testing.assert_close(gray(images[:, :1]), torch.nn.functional.avg_pool2d(images[:, :1], 2).flatten(1))
+    assert load_encoder("pixels").input_size == 32
+
+
+def test_pixel_encoder_passes_gradients_and_rejects_settings_it_does_not_have():
+    images = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_()
+    load_encoder("pixels:8")(images).square().sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    for kwargs in ({"pooling": "cls"}, {"input_size": 16}, {"weights_path": "x"}):
+        with pytest.raises(ValueError, match="pixels:32"):
+            load_encoder("pixels", **kwargs)
+    with pytest.raises(ValueError, match="side length"):
+        load_encoder("pixels:big")
+    with pytest.raises(ValueError, match="NaN"):
+        load_encoder("pixels")(torch.full((1, 3, 8, 8), float("nan")))

@@ -53,6 +53,16 @@ def test_safetensors_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["enc-a.safetensors"]  # no temp file left
 
 
+def test_saved_file_gets_the_umask_mode_not_the_private_temp_file_mode(tmp_path):
+    # the atomic write goes through mkstemp (0600); the result must be as readable as a plain open()
+    import os
+
+    ReferenceStats.from_features(_features()).save(tmp_path / "ref.safetensors")
+    (tmp_path / "plain").write_bytes(b"")
+    assert os.stat(tmp_path / "ref.safetensors").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_npz_is_pytorch_fid_compatible_both_ways(tmp_path):
     ref = ReferenceStats.from_features(_features(), encoder_id="enc-a")
     path = tmp_path / "stats.npz"

@@ -28,8 +28,8 @@ def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
     args = script.parse_args(["--output_dir", str(tmp_path)])
     assert args.embedded_default is True
     assert args.pretrained_model_name_or_path == str(digits.TEACHER_PATH)
-    assert args.encoders == [str(digits.encoder_path(n)) for n in digits.TRAINING_ENCODERS]
-    assert args.eval_encoders == [str(digits.encoder_path(n)) for n in digits.HELD_OUT_ENCODERS]
+    assert args.encoders == [digits.encoder_spec(n) for n in digits.TRAINING_ENCODERS]
+    assert args.eval_encoders == [digits.encoder_spec(n) for n in digits.HELD_OUT_ENCODERS]
     assert args.reference_stats == [str(digits.stats_path(n)) for n in digits.TRAINING_ENCODERS]
     for key, value in script.EMBEDDED_DEFAULTS.items():
         if value is not None:

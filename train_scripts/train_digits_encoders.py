@@ -42,9 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_onestep.digits import NUM_CLASSES, load_digits_split, processor_input_size, write_split_metadata
+from fd_onestep.digits import BUILTIN_ENCODERS, NUM_CLASSES, load_digits_split, processor_input_size, write_split_metadata
 
-ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits")
+ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits")
 
 
 def parse_args(argv=None):
@@ -228,7 +228,10 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     from fd_onestep.dataset_stats import accumulate_moments, compute_reference_stats, iter_array_batches, save_reference_stats
     from fd_onestep.encoders import load_encoder
 
-    encoders = {name: load_encoder(str(encoders_dir / name), local_files_only=True) for name in names}
+    encoders = {
+        name: load_encoder(BUILTIN_ENCODERS.get(name) or str(encoders_dir / name), local_files_only=True)
+        for name in names
+    }
     x_train, _ = load_digits_split("train")
     x_val, _ = load_digits_split("validation")
     stats = compute_reference_stats(
@@ -269,7 +272,7 @@ def main(argv=None):
         train = load_digits_split("train")
         val = load_digits_split("validation")
         for offset, name in enumerate(ENCODER_NAMES):
-            if name not in args.encoders:
+            if name not in args.encoders or name in BUILTIN_ENCODERS:  # builtins have no weights
                 continue
             torch.manual_seed(args.seed + offset)  # each model's init depends only on the seed and its name
             model, processor, feature_fn = build_model(name)

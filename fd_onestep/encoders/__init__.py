@@ -8,6 +8,8 @@
 - ``"siglip"``: ``google/siglip-base-patch16-224`` vision tower, pooled output;
   ``"siglip:<hub id or folder>"`` for another SigLIP/SigLIP2;
 - ``"clip"``: ``openai/clip-vit-large-patch14`` vision tower, pooled output (dgm-eval's FD_CLIP model);
+- ``"pixels[:size]"`` / ``"pixels-gray[:size]"``: the area-resized pixels themselves, RGB or luma (no
+  weights; sees sharpness, contrast and blur, which classifier-trained encoders are built to ignore);
 - any other transformers vision model hub id (``"owner/name"``) or local folder, with a pooling
   (``"cls"``, ``"mean"``, ``"pooler"``) given by ``pooling=`` or appended: ``"facebook/vit-mae-base@mean"``.
 """
@@ -22,6 +24,7 @@ import torch
 
 from .base import FeatureEncoder, check_image_range, to_rgb
 from .inception import INCEPTION_ENCODER_ID, InceptionEncoder, fid_weights_cache_path
+from .pixels import PIXEL_NAMES, PixelEncoder, parse_pixel_spec
 from .transformers_encoders import POOLINGS, TransformersEncoder
 
 # short name -> default hub id (transformers families); "inception" is built from pytorch-fid.
@@ -31,7 +34,7 @@ DEFAULT_MODEL_IDS = {
     "clip": "openai/clip-vit-large-patch14",
 }
 INCEPTION_NAMES = ("inception", "inception-v3", "inception-v3-fid", INCEPTION_ENCODER_ID)
-KNOWN_ENCODERS = ("inception", *DEFAULT_MODEL_IDS)
+KNOWN_ENCODERS = ("inception", *DEFAULT_MODEL_IDS, *PIXEL_NAMES)
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32, "no": None, "none": None}
@@ -50,7 +53,8 @@ def parse_dtype(value) -> Optional[torch.dtype]:
 def _unknown_encoder_error(name: str) -> ValueError:
     return ValueError(
         f"Unknown encoder {name!r}. Known names: {', '.join(KNOWN_ENCODERS)} "
-        f"(also 'dinov2:<model>', 'siglip:<model>', 'clip:<model>'), or a transformers vision model "
+        f"(also 'dinov2:<model>', 'siglip:<model>', 'clip:<model>', 'pixels:<size>', 'pixels-gray:<size>'), "
+        "or a transformers vision model "
         "hub id ('owner/name') or a local model folder, optionally with '@cls', '@mean' or '@pooler'."
     )
 
@@ -108,6 +112,15 @@ def load_encoder(
             torch_dtype=torch_dtype,
             device=device,
         )
+    pixel_spec = parse_pixel_spec(name)
+    if pixel_spec is not None:
+        if any(v is not None for v in (pooling, input_size, encoder_id, weights_path, torch_dtype, autocast_dtype)):
+            raise ValueError(
+                f"the pixel encoder {name!r} has no weights, pooling or id to set; give its side length in "
+                "the name instead ('pixels:32', 'pixels-gray:16')."
+            )
+        grayscale, size = pixel_spec
+        return PixelEncoder(size, grayscale=grayscale).to(device or "cpu")
     if weights_path is not None:
         raise ValueError(
             "weights_path applies to the inception encoder only; transformers models load from a "
@@ -174,6 +187,7 @@ __all__ = [
     "InceptionEncoder",
     "KNOWN_ENCODERS",
     "POOLINGS",
+    "PixelEncoder",
     "TransformersEncoder",
     "check_image_range",
     "encoder_file_stem",
