@@ -48,7 +48,6 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_to_reference",
     "frechet_distance_from_factor",
-    "frechet_distance_from_sqrt",
     "reference_factor",
     "sqrtm_psd",
     "validate_stats",
@@ -341,21 +340,6 @@ def _distance(mu_p, factor_p, trace_sigma_p, mu_q, sigma_q, lower: bool, symmetr
     with torch.no_grad():
         lam = torch.linalg.eigvalsh(_sandwich(factor_p, sigma_q, lower, symmetric))
         return _value(mu_q, sigma_q, mu_p, trace_sigma_p, lam)
-
-
-def frechet_distance_from_sqrt(
-    mu_p: torch.Tensor,
-    sqrt_sigma_p: torch.Tensor,
-    trace_sigma_p: torch.Tensor | float,
-    mu_q,
-    sigma_q,
-    *,
-    validate: bool = True,
-) -> torch.Tensor:
-    """FD when ``A = S_p^1/2`` (symmetric, (d, d) float64) is known; see :func:`frechet_distance_from_factor`."""
-    return frechet_distance_from_factor(
-        mu_p, sqrt_sigma_p, trace_sigma_p, mu_q, sigma_q, lower=False, validate=validate
-    )
 
 
 def _reject_reference_grad(mu_p, sigma_p) -> None:

@@ -11,7 +11,6 @@ from fd_onestep.frechet import (
     eigenvalue_floor,
     frechet_distance,
     frechet_distance_from_factor,
-    frechet_distance_from_sqrt,
     frechet_distance_to_reference,
     reference_factor,
     sqrtm_psd,
@@ -173,8 +172,6 @@ def test_cholesky_factor_route_equals_symmetric_root_route_in_value_and_gradient
             assert abs(float(frechet_distance_from_factor(mu_p, factor, s_p.trace(), mu_q, s_q, lower=is_lower)) - values[-1]) <= 1e-12 * values[-1]
     assert abs(values[0] - values[1]) <= 1e-12 * values[1]
     assert float((grads[0] - grads[1]).abs().max()) <= 1e-10 * float(grads[1].abs().max())
-    plain = frechet_distance_from_sqrt(mu_p, sqrtm_psd(s_p), s_p.trace(), mu_q, s_q)
-    assert abs(float(plain) - values[1]) <= 1e-12 * values[1]
 
 
 def test_slightly_asymmetric_generated_sigma_is_measured_by_its_symmetric_part():

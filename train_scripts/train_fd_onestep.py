@@ -88,7 +88,6 @@ GENERAL_DEFAULTS = {
     "num_output_samples": 0,
     "num_comparison_samples": 1000,
     "eval_encoders": [],
-    "encoder_loss_weights": None,  # 1 per encoder
     "seed": 0,
 }
 EMBEDDED_DEFAULTS = {
@@ -128,7 +127,8 @@ EMBEDDED_DEFAULTS = {
     "encoder_loss_weights": [1.0, 1.0, 2.0],
     "seed": 0,
 }
-DEFAULTED_ARGS = tuple(GENERAL_DEFAULTS)
+# a key only in EMBEDDED_DEFAULTS keeps the argument's own default (None) for general runs
+DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS]))
 
 POPULATIONS = ("ema", "queue", "exact")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -334,7 +334,7 @@ def finalize_args(args) -> argparse.Namespace:
     defaults = EMBEDDED_DEFAULTS if args.embedded_default else GENERAL_DEFAULTS
     for key in DEFAULTED_ARGS:
         if getattr(args, key, None) is None:
-            setattr(args, key, defaults[key])
+            setattr(args, key, defaults.get(key))
     if args.output_bound == "none":
         args.output_bound = None
 
