@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +163,7 @@ class ReferenceStats:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (atomically: temp file + rename)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         meta = {k: v for k, v in self.metadata.items() if k not in _RESERVED}
@@ -177,14 +177,14 @@ class ReferenceStats:
         if self.encoder_id is not None:
             meta["encoder_id"] = self.encoder_id
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        # The bytes go into a unique temp file that we create ourselves, like a plain open() would (mode
+        # 0666 minus the umask): mkstemp's and safetensors' own file creation both leave 0600, which
+        # would carry over to the final file through the rename.
+        blob = save({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, metadata=meta)
+        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, tmp, metadata=meta)
-            # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+                f.write(blob)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
