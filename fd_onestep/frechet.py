@@ -205,6 +205,11 @@ def reference_factor(sigma_p) -> tuple[torch.Tensor, bool]:
 _TRIANGULAR_BLOCK = 256
 
 
+def _blocked_pays(matrix: torch.Tensor) -> bool:
+    """Whether the block-triangular products below beat one plain matmul: CPU and d >= 2 blocks."""
+    return matrix.device.type == "cpu" and matrix.shape[0] >= 2 * _TRIANGULAR_BLOCK
+
+
 def _congruence_lower(lower_factor: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
     """``L^T S L`` for lower-triangular ``L`` and symmetric ``S`` (d, d), in the lower triangle.
 
@@ -227,9 +232,9 @@ def _congruence_lower(lower_factor: torch.Tensor, sym: torch.Tensor) -> torch.Te
 
 def _lower_matmul(lower_factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``L @ X`` for lower-triangular (d, d) ``L``, skipping its zero blocks on the CPU."""
-    d = lower_factor.shape[0]
-    if lower_factor.device.type != "cpu" or d < 2 * _TRIANGULAR_BLOCK:
+    if not _blocked_pays(lower_factor):
         return lower_factor @ x
+    d = lower_factor.shape[0]
     out = torch.empty(d, x.shape[1], dtype=x.dtype)
     for i in range(0, d, _TRIANGULAR_BLOCK):
         e = min(i + _TRIANGULAR_BLOCK, d)
@@ -247,7 +252,7 @@ def _sandwich(factor: torch.Tensor, sigma_q: torch.Tensor, lower: bool, symmetri
     if symmetric is None:
         symmetric = torch.equal(sigma_q, sigma_q.mT)
     sym = sigma_q if symmetric else (sigma_q + sigma_q.mT) * 0.5
-    if lower and sym.device.type == "cpu" and sym.shape[0] >= 2 * _TRIANGULAR_BLOCK:
+    if lower and _blocked_pays(sym):
         return _congruence_lower(factor, sym.contiguous())
     m = factor.mT @ sym @ factor
     # exact symmetry, so eigh/eigvalsh see precisely the matrix whose trace root we want
