@@ -17,6 +17,10 @@ way (e.g. a teacher and its one-step student) show the same noise in the same gr
   validation FD where the reference statistics carry a ``validation_fd``), plus the class histogram
   summary when a classifier is given;
 - ``comparison.json``: the same numbers, machine-readable (structure in :func:`compare_generators`).
+
+FD of N samples is itself a random number. ``seed_spread`` repeats the FD measurement over several seeds
+and reports each FD's mean and standard deviation, so that "1.38x the teacher" can be read against the noise
+of the measurement (``seed_spread.md`` / ``seed_spread.json``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,12 @@ __all__ = [
     "compare_generators",
     "teacher_sampler",
     "naive_one_step_teacher",
+    "one_step_pipeline",
+    "seed_spread",
     "format_markdown_table",
+    "format_seed_spread_table",
     "save_comparison_grid",
+    "digits_generators",
     "digits_teacher_baselines",
 ]
 
@@ -44,6 +52,8 @@ GeneratorFn = Callable[[int, torch.Generator], torch.Tensor]
 GRID_FILENAME = "comparison_grid.png"
 TABLE_FILENAME = "comparison.md"
 JSON_FILENAME = "comparison.json"
+SPREAD_TABLE_FILENAME = "seed_spread.md"
+SPREAD_JSON_FILENAME = "seed_spread.json"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -146,6 +156,29 @@ def naive_one_step_teacher(pipeline, timestep: Optional[int] = None) -> Generato
         return out
 
     generate.description = f"1 step (x0 estimate at t={t})"
+    return generate
+
+
+def one_step_pipeline(pipeline) -> GeneratorFn:
+    """A trained unconditional ``FDOneStepPipeline`` (e.g. ``FDOneStepPipeline.from_pretrained(output_dir)``)
+    as a generator callable: one denoiser forward per batch, with the pipeline's own noise draw and output
+    bound.
+
+    Returns:
+        ``generate(batch_size, generator) -> (batch_size, C, H, W) float32`` in [-1, 1].
+    """
+    if getattr(pipeline, "is_text_conditional", False) or getattr(pipeline, "is_class_conditional", False):
+        raise ValueError(
+            "one_step_pipeline takes an unconditional FDOneStepPipeline; wrap a conditional one in your own "
+            "generate(batch_size, generator) that picks the prompts or class labels."
+        )
+
+    @torch.no_grad()
+    def generate(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        images = pipeline(batch_size=batch_size, generator=generator, output_type="pt").images  # [0, 1]
+        return images * 2 - 1
+
+    generate.description = "1 step"
     return generate
 
 
@@ -406,26 +439,89 @@ def compare_generators(
     return report
 
 
+def seed_spread(
+    generators: Mapping[str, GeneratorFn],
+    encoders: Mapping[str, "torch.nn.Module"],
+    references: Mapping[str, object],
+    *,
+    seeds: Iterable[int],
+    num_samples: int = 1000,
+    output_dir=None,
+    held_out: Iterable[str] = (),
+    batch_size: int = 250,
+) -> dict:
+    """FD of every generator in every representation, repeated over ``seeds``: mean and standard deviation.
+
+    Each seed is one :func:`compare_generators` run (its FD samples come from ``seed + 1``), so the spread is
+    the sampling noise of an N-sample FD of that generator (the model is fixed). Use distinct seeds at least 2
+    apart from any seed whose grid you also compare, or simply consecutive seeds (0, 1, 2, ...).
+
+    Returns (also ``seed_spread.json``; ``seed_spread.md`` is the table)::
+
+        {"num_samples": int, "seeds": [int], "representations": {rep: {"held_out": bool}},
+         "generators": {name: {rep: {"mean": float, "std": float (n - 1), "values": [float per seed]}}}}
+    """
+    seeds = [int(x) for x in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seed_spread needs at least two distinct seeds, got {seeds}.")
+    held_out = set(held_out)
+    runs = [
+        compare_generators(generators, encoders, references, num_samples=num_samples, held_out=held_out,
+                           grid_samples=0, batch_size=batch_size, seed=seed)
+        for seed in seeds
+    ]
+    spread = {}
+    for gname in generators:
+        spread[gname] = {}
+        for rep in encoders:
+            values = torch.tensor([run["generators"][gname]["fd"][rep] for run in runs], dtype=torch.float64)
+            spread[gname][rep] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
+    report = {
+        "num_samples": num_samples,
+        "seeds": seeds,
+        "representations": {rep: {"held_out": rep in held_out} for rep in encoders},
+        "generators": spread,
+    }
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / SPREAD_TABLE_FILENAME).write_text(format_seed_spread_table(report))
+        (output_dir / SPREAD_JSON_FILENAME).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def format_seed_spread_table(report: dict) -> str:
+    """The markdown of a :func:`seed_spread` report: ``mean ± std`` of FD per generator and representation."""
+    reps = report["representations"]
+    header = ["generator"] + [f"FD {rep}" + (" (held out)" if info["held_out"] else "") for rep, info in reps.items()]
+    lines = [
+        f"FD of {report['num_samples']} samples, mean ± standard deviation over {len(report['seeds'])} seeds "
+        f"({', '.join(map(str, report['seeds']))}): the spread is the sampling noise of the measurement.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(reps)) + "|",
+    ]
+    for gname, per_rep in report["generators"].items():
+        cells = [f"{_fmt(per_rep[rep]['mean'])} ± {_fmt(per_rep[rep]['std'])}" for rep in reps]
+        lines.append("| " + " | ".join([gname] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------------
 # The bundled digits teacher's baselines: ``python -m fd_onestep.comparison --output_dir DIR``.
 
 
-def digits_teacher_baselines(
-    output_dir=None,
+def digits_generators(
     *,
-    num_samples: int = 2000,
     sampler: str = "dpmsolver++",
     num_inference_steps: int = 20,
     extra_samplers: Iterable[tuple[str, int]] = (),
-    seed: int = 0,
+    students: Mapping[str, object] = {},
     device=None,
 ) -> dict:
-    """Compare the bundled digits teacher used naively in one step with its multi-step sampler, in every
-    bundled representation (training and held out), with the digit classifier's class histogram.
-
-    These are the targets of the offline default: the student's held-out FD should be <= 1.5x the multi-step
-    teacher's and >= 10x below the naive one-step teacher's.
-    """
+    """The bundled digits teacher used naively in one step and with its multi-step sampler(s), plus any trained
+    one-step students (display name -> output folder of ``train_fd_onestep.py``, loaded with
+    ``FDOneStepPipeline.from_pretrained``), as generator callables for :func:`compare_generators`."""
     from . import digits
 
     teacher = digits.load_digits_teacher(device)
@@ -435,23 +531,72 @@ def digits_teacher_baselines(
     }
     for name, steps in extra_samplers:
         generators[f"teacher, {name} {steps} steps"] = teacher_sampler(teacher, steps, name)
+    if students:
+        from .pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+        for name, folder in students.items():
+            pipe = FDOneStepPipeline.from_pretrained(str(folder), local_files_only=True)
+            pipe.set_progress_bar_config(disable=True)
+            generators[name] = one_step_pipeline(pipe.to(device) if device is not None else pipe)
+    return generators
+
+
+def digits_teacher_baselines(
+    output_dir=None,
+    *,
+    num_samples: int = 2000,
+    sampler: str = "dpmsolver++",
+    num_inference_steps: int = 20,
+    extra_samplers: Iterable[tuple[str, int]] = (),
+    students: Mapping[str, object] = {},
+    seed: int = 0,
+    spread_seeds: Iterable[int] = (),
+    device=None,
+) -> dict:
+    """Compare the bundled digits teacher used naively in one step with its multi-step sampler (and any trained
+    ``students``, see :func:`digits_generators`), in every bundled representation (training and held out), with
+    the digit classifier's class histogram.
+
+    These are the targets of the offline default: the student's held-out FD should be <= 1.5x the multi-step
+    teacher's and >= 10x below the naive one-step teacher's. With ``spread_seeds`` (two or more), the FDs are
+    also repeated over those seeds and ``seed_spread.md`` / ``.json`` written (:func:`seed_spread`).
+    """
+    from . import digits
+
+    generators = digits_generators(sampler=sampler, num_inference_steps=num_inference_steps,
+                                   extra_samplers=extra_samplers, students=students, device=device)
     names = digits.TRAINING_ENCODERS + digits.HELD_OUT_ENCODERS
-    return compare_generators(
+    encoders = digits.load_bundled_encoders(names, device=device)
+    references = digits.load_bundled_references(names)
+    report = compare_generators(
         generators,
-        digits.load_bundled_encoders(names, device=device),
-        digits.load_bundled_references(names),
+        encoders,
+        references,
         num_samples=num_samples,
         output_dir=output_dir,
         held_out=set(digits.HELD_OUT_ENCODERS),
         classifier=digits.load_digit_classifier(device=device),
         seed=seed,
     )
+    spread_seeds = list(spread_seeds)
+    if spread_seeds:
+        seed_spread(generators, encoders, references, seeds=spread_seeds, num_samples=num_samples,
+                    output_dir=output_dir, held_out=set(digits.HELD_OUT_ENCODERS))
+    return report
+
+
+def _student_arg(item: str) -> tuple[str, str]:
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--students takes NAME=FOLDER (e.g. 'beta 0.8=runs/b08'), got {item!r}")
+    return name, folder
 
 
 def main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(description="FD of the bundled digits teacher: naive one step vs its sampler.")
+    parser = argparse.ArgumentParser(
+        description="FD of the bundled digits teacher (naive one step vs its sampler) and of trained students.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--sampler", default="dpmsolver++", choices=["dpmsolver++", "ddim", "ddpm"])
@@ -459,7 +604,15 @@ def main(argv=None):
     parser.add_argument(
         "--extra", nargs="*", default=[], metavar="SAMPLER:STEPS", help="more samplers to compare, e.g. ddim:50"
     )
+    parser.add_argument(
+        "--students", nargs="*", default=[], metavar="NAME=FOLDER",
+        help="one-step pipelines written by train_fd_onestep.py to compare too, e.g. 'student=digits-onestep'",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--spread_seeds", type=int, nargs="*", default=[], metavar="SEED",
+        help="repeat the FDs over these seeds (two or more) and write seed_spread.md / .json (mean ± std)",
+    )
     args = parser.parse_args(argv)
     extra = []
     for item in args.extra:
@@ -467,15 +620,25 @@ def main(argv=None):
         if not steps.isdigit():
             parser.error(f"--extra takes SAMPLER:STEPS (e.g. ddim:50), got {item!r}")
         extra.append((name, int(steps)))
+    try:
+        students = dict(_student_arg(item) for item in args.students)
+    except ValueError as err:
+        parser.error(str(err))
+    if len(args.spread_seeds) == 1:
+        parser.error("--spread_seeds needs two or more seeds (a standard deviation of one value is undefined)")
     digits_teacher_baselines(
         args.output_dir,
         num_samples=args.num_samples,
         sampler=args.sampler,
         num_inference_steps=args.num_inference_steps,
         extra_samplers=extra,
+        students=students,
         seed=args.seed,
+        spread_seeds=args.spread_seeds,
     )
     print(Path(args.output_dir, TABLE_FILENAME).read_text())
+    if args.spread_seeds:
+        print(Path(args.output_dir, SPREAD_TABLE_FILENAME).read_text())
 
 
 if __name__ == "__main__":

@@ -131,3 +131,50 @@ def test_teacher_multi_step_beats_naive_one_step_on_held_out_representations(bun
     )
     for name in held_out:
         assert report["generators"]["teacher"]["fd"][name] * 5 < report["generators"]["naive"]["fd"][name]
+
+
+def test_one_step_pipeline_generates_the_pipelines_clamped_one_step_images(teacher):
+    from fd_onestep.comparison import one_step_pipeline
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    pipe = FDOneStepPipeline.from_teacher(digits.TEACHER_PATH, timestep=600, output_bound="clamp", local_files_only=True)
+    images = one_step_pipeline(pipe)(5, torch.Generator().manual_seed(1))
+    assert images.shape == (5, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    noise = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = pipe.one_step(noise)
+    # the pipeline's postprocess goes through [0, 1]; one float32 rounding step each way
+    torch.testing.assert_close(images, expected, atol=1e-6, rtol=0)
+
+
+def test_seed_spread_is_the_mean_and_std_of_per_seed_comparisons(tmp_path, bundled):
+    from fd_onestep.comparison import seed_spread
+
+    encoders, references, _ = bundled
+    generators = {"real": real_digits, "noise": noise}
+    spread = seed_spread(generators, encoders, references, seeds=[0, 2, 4], num_samples=64, output_dir=tmp_path,
+                         held_out=set(digits.HELD_OUT_ENCODERS))
+    for seed_index, seed in enumerate([0, 2, 4]):
+        single = compare_generators(generators, encoders, references, num_samples=64, grid_samples=0, seed=seed)
+        for gname in generators:
+            for rep in NAMES:
+                assert spread["generators"][gname][rep]["values"][seed_index] == single["generators"][gname]["fd"][rep]
+    values = torch.tensor(spread["generators"]["real"]["randcnn-digits"]["values"], dtype=torch.float64)
+    assert spread["generators"]["real"]["randcnn-digits"]["std"] == pytest.approx(float(values.std()))
+    assert float(values.std()) > 0  # different seeds draw different samples
+    table = (tmp_path / "seed_spread.md").read_text()
+    assert "FD randcnn-digits (held out)" in table and "±" in table and "| noise |" in table
+    assert json.loads((tmp_path / "seed_spread.json").read_text()) == json.loads(json.dumps(spread))
+    with pytest.raises(ValueError, match="two distinct seeds"):
+        seed_spread(generators, encoders, references, seeds=[3], num_samples=8)
+
+
+def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys):
+    from fd_onestep.comparison import main
+
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path), "--students", "no-equals-sign"])
+    assert "NAME=FOLDER" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path), "--spread_seeds", "1"])
+    assert "two or more seeds" in capsys.readouterr().err
