@@ -41,14 +41,16 @@ def _assert_same_safetensors(a, b):
         assert torch.equal(ta[key], tb[key]), f"{a.name}:{key} differs"
 
 
-@pytest.mark.parametrize("population", ["ema", "queue"])
-def test_resume_continues_bit_identically(assets, tmp_path, population):
+# channels_last (the offline default's layout) must survive save / load of the weights and optimizer state
+@pytest.mark.parametrize("population,layout", [("ema", "--channels_last"), ("queue", "--no-channels_last")])
+def test_resume_continues_bit_identically(assets, tmp_path, population, layout):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script([*_common(assets, population), "--output_dir", str(straight)])
-    run_script([*_common(assets, population), "--output_dir", str(resumed), "--stop_after_steps", "2"])
+    args = [*_common(assets, population), layout]
+    run_script([*args, "--output_dir", str(straight)])
+    run_script([*args, "--output_dir", str(resumed), "--stop_after_steps", "2"])
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (resumed / "model_index.json").exists()  # interrupted: no final pipeline yet
-    proc = run_script([*_common(assets, population), "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    proc = run_script([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     assert "resumed at step 2" in proc.stderr
 
     _assert_same_safetensors(straight / "unet" / "diffusion_pytorch_model.safetensors",
