@@ -17,7 +17,7 @@ from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 pytestmark = pytest.mark.slow
 
 
-def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
+def _load_script():
     import importlib.util
 
     from train_fixtures import SCRIPT
@@ -25,6 +25,11 @@ def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
     spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
+    script = _load_script()
     args = script.parse_args(["--output_dir", str(tmp_path)])
     assert args.embedded_default is True
     assert args.pretrained_model_name_or_path == str(digits.TEACHER_PATH)
@@ -36,6 +41,43 @@ def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
             assert getattr(args, key) == value, key
     # held-out encoders never select checkpoints
     assert args.keep_best_by not in args.eval_encoders and args.compare_with_teacher is True
+
+
+def _readme_value(text: str):
+    """A value as the README's argument table writes it: a Python literal, or space-separated numbers."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return [float(x) for x in text.split()]
+
+
+def test_readme_argument_table_shows_the_general_and_embedded_defaults():
+    """Every defaulted argument's README row reads `general` (embedded: `digits`) exactly as the two dicts say."""
+    import re
+    from pathlib import Path
+
+    from train_fixtures import SCRIPT
+
+    script = _load_script()
+    readme = (Path(SCRIPT).parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        match = re.match(r"^\| `(--[a-z0-9_]+)(?:, --no-[a-z0-9_]+)?` \| `([^`]*)`(?: \(embedded: `([^`]*)`\))? \|", line)
+        if match:
+            rows[match.group(1)[2:]] = (match.group(2), match.group(3))
+    for key in script.DEFAULTED_ARGS:
+        assert key in rows, f"README argument table has no row for --{key}"
+        general_text, embedded_text = rows[key]
+        general = script.GENERAL_DEFAULTS.get(key)
+        embedded = script.EMBEDDED_DEFAULTS.get(key, general)
+        assert _readme_value(general_text) == general, f"--{key}: README general default {general_text!r}"
+        if embedded != general:
+            assert embedded_text is not None, f"--{key}: README does not show the embedded default {embedded!r}"
+            assert _readme_value(embedded_text) == embedded, f"--{key}: README embedded default {embedded_text!r}"
+        else:
+            assert embedded_text is None, f"--{key}: README shows an embedded default that equals the general one"
 
 
 def test_embedded_default_trains_the_digits_teacher_and_compares_it(tmp_path):
