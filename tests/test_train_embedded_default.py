@@ -43,6 +43,18 @@ def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
     assert args.keep_best_by not in args.eval_encoders and args.compare_with_teacher is True
 
 
+def test_builtin_digits_representation_is_named_pixels_digits_only_in_the_offline_default():
+    from types import SimpleNamespace
+
+    script = _load_script()
+    embedded = script.label_aliases(SimpleNamespace(embedded_default=True))
+    general = script.label_aliases(SimpleNamespace(embedded_default=False))
+    assert script.encoder_label("pixels-gray:16", embedded) == "pixels-digits"
+    # a user's own run with the same spec is not labelled after the bundled digits assets
+    assert script.encoder_label("pixels-gray:16", general) == "pixels-gray_16"
+    assert script.encoder_label("pixels-gray:16") == "pixels-gray_16"
+
+
 def _readme_value(text: str):
     """A value as the README's argument table writes it: a Python literal, or space-separated numbers."""
     import ast

@@ -313,23 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def encoder_label(name: str) -> str:
-    """Short name of an encoder for logs, metrics and tables: its folder name for local paths
-    ("/x/tiny-dinov2" -> "tiny-dinov2"), the bundled name of a bundled digits builtin ("pixels-gray:16" ->
-    "pixels-digits"), else the name with path separators replaced."""
+def label_aliases(args) -> dict[str, str]:
+    """Encoder spec -> short name, for specs that have no folder to name them: the offline default's builtin
+    digits representations ("pixels-gray:16" -> "pixels-digits"); none for other runs."""
+    if not args.embedded_default:
+        return {}
     from fd_onestep.digits import BUILTIN_ENCODERS
 
-    bundled = {spec: bundled_name for bundled_name, spec in BUILTIN_ENCODERS.items()}
-    if name.strip() in bundled:
-        return bundled[name.strip()]
+    return {spec: bundled_name for bundled_name, spec in BUILTIN_ENCODERS.items()}
+
+
+def encoder_label(name: str, aliases: dict[str, str] | None = None) -> str:
+    """Short name of an encoder for logs, metrics and tables: its alias if given (see :func:`label_aliases`),
+    its folder name for local paths ("/x/tiny-dinov2" -> "tiny-dinov2"), else the name with path separators
+    replaced ("pixels-gray:16" -> "pixels-gray_16")."""
+    if aliases and name.strip() in aliases:
+        return aliases[name.strip()]
     path = Path(name).expanduser()
     if path.exists():
         return path.resolve().name
     return name.strip().replace("/", "_").replace(":", "_").replace("@", "_")
 
 
-def encoder_labels(names: list[str], what: str) -> list[str]:
-    labels = [encoder_label(n) for n in names]
+def encoder_labels(names: list[str], what: str, aliases: dict[str, str] | None = None) -> list[str]:
+    labels = [encoder_label(n, aliases) for n in names]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{what} {names} have clashing short names {labels}; rename the folders so they differ.")
     return labels
@@ -438,8 +445,9 @@ def finalize_args(args) -> argparse.Namespace:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
     if args.use_ema and not 0.0 < args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
-    train_labels = encoder_labels(args.encoders, "--encoders")
-    eval_labels = encoder_labels(args.eval_encoders, "--eval_encoders")
+    aliases = label_aliases(args)
+    train_labels = encoder_labels(args.encoders, "--encoders", aliases)
+    eval_labels = encoder_labels(args.eval_encoders, "--eval_encoders", aliases)
     if set(train_labels) & set(eval_labels):
         raise ValueError(f"--encoders {train_labels} and --eval_encoders {eval_labels} share short names; rename one.")
     if args.keep_best_by is not None:
@@ -663,12 +671,13 @@ def main(args) -> dict:
     from fd_onestep.encoders import load_encoder
 
     encoder_autocast = None if args.encoder_autocast == "no" else args.encoder_autocast
+    aliases = label_aliases(args)
 
     def build_encoders(names, stats_paths):
         """{label: FeatureEncoder}, {label: ReferenceStats}; stats checked against their encoder first."""
         encoders, references = {}, {}
         for name, path in zip(names, stats_paths):
-            label = encoder_label(name)
+            label = encoder_label(name, aliases)
             enc = load_encoder(name, device=device, autocast_dtype=encoder_autocast,
                                gradient_checkpointing=args.encoder_gradient_checkpointing)
             enc.requires_grad_(False)
@@ -681,8 +690,8 @@ def main(args) -> dict:
             encoders[label], references[label] = enc, ref
         return encoders, references
 
-    train_names = encoder_labels(args.encoders, "--encoders")
-    eval_names = encoder_labels(args.eval_encoders, "--eval_encoders")
+    train_names = encoder_labels(args.encoders, "--encoders", aliases)
+    eval_names = encoder_labels(args.eval_encoders, "--eval_encoders", aliases)
     encoders, references = build_encoders(args.encoders, args.reference_stats)
     eval_encoders, eval_references = build_encoders(args.eval_encoders, args.eval_reference_stats)
 
