@@ -79,9 +79,12 @@ Split = Literal["train", "validation", "all"]
 BUILTIN_ENCODERS = {"pixels-digits": "pixels-gray:16"}
 
 
-def encoder_spec(name: str) -> str:
-    """What to pass to ``load_encoder`` for a bundled digits encoder: its folder, or a builtin spec."""
-    return BUILTIN_ENCODERS.get(name) or str(encoder_path(name))
+def encoder_spec(name: str, encoders_dir: Path | str | None = None) -> str:
+    """What to pass to ``load_encoder`` for a bundled digits encoder: its folder (the bundled one, checked to
+    exist, or ``encoders_dir / name``), or a builtin spec."""
+    if name in BUILTIN_ENCODERS:
+        return BUILTIN_ENCODERS[name]
+    return str(encoder_path(name) if encoders_dir is None else Path(encoders_dir) / name)
 
 
 def encoder_path(name: str) -> Path:

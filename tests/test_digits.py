@@ -1,6 +1,7 @@
 """The digits data (fixed split, tensors, datasets.Dataset) and the bundled offline assets built on it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +144,9 @@ def test_training_encoders_were_trained_and_the_random_cnn_was_not():
 def test_builtin_pixel_representation_is_the_digit_itself_and_not_a_folder():
     assert digits.encoder_spec("pixels-digits") == "pixels-gray:16"
     assert digits.encoder_spec("dinov2-digits") == str(encoder_path("dinov2-digits"))
+    # the encoder-training script writes folders elsewhere; builtins stay builtins there too
+    assert digits.encoder_spec("dinov2-digits", "/tmp/enc") == str(Path("/tmp/enc") / "dinov2-digits")
+    assert digits.encoder_spec("pixels-digits", "/tmp/enc") == "pixels-gray:16"
     encoder = digits.load_bundled_encoders(["pixels-digits"])["pixels-digits"]
     images, _ = load_digits_split("validation")
     # 16x16 grayscale: no resize, and the luma of gray is gray (up to float32 rounding of the luma weights)

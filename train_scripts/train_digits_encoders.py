@@ -42,7 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_onestep.digits import BUILTIN_ENCODERS, NUM_CLASSES, load_digits_split, processor_input_size, write_split_metadata
+from fd_onestep.digits import (
+    BUILTIN_ENCODERS,
+    NUM_CLASSES,
+    encoder_spec,
+    load_digits_split,
+    processor_input_size,
+    write_split_metadata,
+)
 
 ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits")
 
@@ -228,10 +235,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     from fd_onestep.dataset_stats import accumulate_moments, compute_reference_stats, iter_array_batches, save_reference_stats
     from fd_onestep.encoders import load_encoder
 
-    encoders = {
-        name: load_encoder(BUILTIN_ENCODERS.get(name) or str(encoders_dir / name), local_files_only=True)
-        for name in names
-    }
+    encoders = {name: load_encoder(encoder_spec(name, encoders_dir), local_files_only=True) for name in names}
     x_train, _ = load_digits_split("train")
     x_val, _ = load_digits_split("validation")
     stats = compute_reference_stats(
