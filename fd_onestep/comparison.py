@@ -449,12 +449,14 @@ def seed_spread(
     output_dir=None,
     held_out: Iterable[str] = (),
     batch_size: int = 250,
+    known_reports: Iterable[dict] = (),
 ) -> dict:
     """FD of every generator in every representation, repeated over ``seeds``: mean and standard deviation.
 
     Each seed is one :func:`compare_generators` run (its FD samples come from ``seed + 1``), so the spread is
-    the sampling noise of an N-sample FD of that generator (the model is fixed). Use distinct seeds at least 2
-    apart from any seed whose grid you also compare, or simply consecutive seeds (0, 1, 2, ...).
+    the sampling noise of an N-sample FD of that generator (the model is fixed). ``known_reports`` are
+    :func:`compare_generators` reports already made with the same generators, encoders and ``num_samples``;
+    a seed that one of them covers is taken from it instead of being measured again.
 
     Returns (also ``seed_spread.json``; ``seed_spread.md`` is the table)::
 
@@ -465,9 +467,14 @@ def seed_spread(
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"seed_spread needs at least two distinct seeds, got {seeds}.")
     held_out = set(held_out)
+    known = {
+        r["seed"]: r for r in known_reports
+        if r["num_samples"] == num_samples and set(r["generators"]) == set(generators)
+        and set(r["representations"]) == set(encoders)
+    }
     runs = [
-        compare_generators(generators, encoders, references, num_samples=num_samples, held_out=held_out,
-                           grid_samples=0, batch_size=batch_size, seed=seed)
+        known.get(seed) or compare_generators(generators, encoders, references, num_samples=num_samples,
+                                              held_out=held_out, grid_samples=0, batch_size=batch_size, seed=seed)
         for seed in seeds
     ]
     spread = {}
@@ -581,7 +588,7 @@ def digits_teacher_baselines(
     spread_seeds = list(spread_seeds)
     if spread_seeds:
         seed_spread(generators, encoders, references, seeds=spread_seeds, num_samples=num_samples,
-                    output_dir=output_dir, held_out=set(digits.HELD_OUT_ENCODERS))
+                    output_dir=output_dir, held_out=set(digits.HELD_OUT_ENCODERS), known_reports=[report])
     return report
 
 
@@ -624,8 +631,11 @@ def main(argv=None):
         students = dict(_student_arg(item) for item in args.students)
     except ValueError as err:
         parser.error(str(err))
-    if len(args.spread_seeds) == 1:
-        parser.error("--spread_seeds needs two or more seeds (a standard deviation of one value is undefined)")
+    seeds = args.spread_seeds
+    if seeds and (len(seeds) < 2 or len(set(seeds)) != len(seeds)):
+        # checked before minutes of sampling, not after
+        parser.error(f"--spread_seeds needs two or more seeds, all distinct, got {seeds} (a standard deviation "
+                     "of one value is undefined)")
     digits_teacher_baselines(
         args.output_dir,
         num_samples=args.num_samples,

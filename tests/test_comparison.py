@@ -169,6 +169,23 @@ def test_seed_spread_is_the_mean_and_std_of_per_seed_comparisons(tmp_path, bundl
         seed_spread(generators, encoders, references, seeds=[3], num_samples=8)
 
 
+def test_seed_spread_reuses_a_matching_known_report_instead_of_measuring_again(bundled):
+    import copy
+
+    from fd_onestep.comparison import seed_spread
+
+    encoders, references, _ = bundled
+    generators = {"real": real_digits}
+    known = copy.deepcopy(compare_generators(generators, encoders, references, num_samples=64, grid_samples=0, seed=0))
+    known["generators"]["real"]["fd"]["randcnn-digits"] = 123.0  # a marker: only reuse can produce it
+    other_n = copy.deepcopy(known)
+    other_n["num_samples"], other_n["seed"] = 32, 2  # different N: must not stand in for seed 2
+    spread = seed_spread(generators, encoders, references, seeds=[0, 2], num_samples=64,
+                         known_reports=[known, other_n])
+    values = spread["generators"]["real"]["randcnn-digits"]["values"]
+    assert values[0] == 123.0 and values[1] != 123.0
+
+
 def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys):
     from fd_onestep.comparison import main
 
@@ -178,3 +195,6 @@ def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path), "--spread_seeds", "1"])
     assert "two or more seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path), "--spread_seeds", "1", "1"])
+    assert "all distinct" in capsys.readouterr().err
