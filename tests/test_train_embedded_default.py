@@ -55,8 +55,8 @@ def test_builtin_digits_representation_is_named_pixels_digits_only_in_the_offlin
     assert script.encoder_label("pixels-gray:16") == "pixels-gray_16"
 
 
-def _readme_value(text: str):
-    """A value as the README's argument table writes it: a Python literal, or space-separated numbers."""
+def _table_value(text: str):
+    """A value as the argument table of docs/training.md writes it: a Python literal, or space-separated numbers."""
     import ast
 
     try:
@@ -65,31 +65,32 @@ def _readme_value(text: str):
         return [float(x) for x in text.split()]
 
 
-def test_readme_argument_table_shows_the_general_and_embedded_defaults():
-    """Every defaulted argument's README row reads `general` (embedded: `digits`) exactly as the two dicts say."""
+def test_docs_argument_table_shows_the_general_and_embedded_defaults():
+    """Every defaulted argument's row in docs/training.md ("All arguments", linked from the README) reads
+    `general` (embedded: `digits`) exactly as the two dicts say."""
     import re
     from pathlib import Path
 
     from train_fixtures import SCRIPT
 
     script = _load_script()
-    readme = (Path(SCRIPT).parents[1] / "README.md").read_text()
+    table = Path(SCRIPT).parents[1] / "docs" / "training.md"
     rows = {}
-    for line in readme.splitlines():
+    for line in table.read_text().splitlines():
         match = re.match(r"^\| `(--[a-z0-9_]+)(?:, --no-[a-z0-9_]+)?` \| `([^`]*)`(?: \(embedded: `([^`]*)`\))? \|", line)
         if match:
             rows[match.group(1)[2:]] = (match.group(2), match.group(3))
     for key in script.DEFAULTED_ARGS:
-        assert key in rows, f"README argument table has no row for --{key}"
+        assert key in rows, f"{table.name} argument table has no row for --{key}"
         general_text, embedded_text = rows[key]
         general = script.GENERAL_DEFAULTS.get(key)
         embedded = script.EMBEDDED_DEFAULTS.get(key, general)
-        assert _readme_value(general_text) == general, f"--{key}: README general default {general_text!r}"
+        assert _table_value(general_text) == general, f"--{key}: {table.name} general default {general_text!r}"
         if embedded != general:
-            assert embedded_text is not None, f"--{key}: README does not show the embedded default {embedded!r}"
-            assert _readme_value(embedded_text) == embedded, f"--{key}: README embedded default {embedded_text!r}"
+            assert embedded_text is not None, f"--{key}: {table.name} does not show the embedded default {embedded!r}"
+            assert _table_value(embedded_text) == embedded, f"--{key}: {table.name} embedded default {embedded_text!r}"
         else:
-            assert embedded_text is None, f"--{key}: README shows an embedded default that equals the general one"
+            assert embedded_text is None, f"--{key}: {table.name} shows an embedded default that equals the general one"
 
 
 def test_embedded_default_trains_the_digits_teacher_and_compares_it(tmp_path):
