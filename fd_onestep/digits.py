@@ -184,15 +184,15 @@ def digits_dataset(split: Split = "train", resolution: int = DIGITS_RESOLUTION):
     PIL pixels are ``round((x + 1) * 127.5)`` of the float images, so they are quantized to uint8.
     """
     import datasets
-    from PIL import Image
+
+    from .images import tensor_to_pil
 
     images, labels = load_digits_split(split, resolution)
-    pixels = ((images[:, 0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(NUM_CLASSES)])}
     )
     return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": labels.tolist()},
+        {"image": tensor_to_pil(images, keep_grayscale=True), "label": labels.tolist()},
         features=features,
         split=datasets.Split.TRAIN if split == "train" else datasets.Split.VALIDATION if split == "validation" else None,
     )
@@ -296,7 +296,9 @@ def _processor_input(images: torch.Tensor, processor, num_channels: int) -> torc
     gray -> RGB, bilinear resize to the processor's crop/size, (x01 - mean) / std."""
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}.")
-    x = (images.float().clamp(-1, 1) + 1.0) / 2.0
+    from diffusers.image_processor import VaeImageProcessor
+
+    x = VaeImageProcessor.denormalize(images.float())  # [-1, 1] -> [0, 1], clamped
     if x.shape[1] == 1 and num_channels == 3:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] != num_channels:

@@ -3,10 +3,15 @@
 Everything converges on the library convention: float tensors (N, C, H, W) in [-1, 1], RGB.
 Decoding follows pytorch-fid (``PIL.Image.open(path).convert("RGB")`` then ``ToTensor``) so that
 statistics of an image folder match pytorch-fid's on the same files.
+
+The way back -- tensors to 8-bit PIL images (:func:`tensor_to_pil`), numbered PNG files (:func:`save_images`)
+and grids (:func:`image_grid`) -- goes through diffusers' ``VaeImageProcessor``, as a pipeline's own
+``output_type="pil"`` does.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -136,12 +141,62 @@ def to_image_tensor(images, *, value_range: str = "auto") -> torch.Tensor:
     raise ValueError(f"Unknown value_range {value_range!r}; use 'auto', '-1,1', '0,1' or '0,255'.")
 
 
-def tensor_to_pil(images: torch.Tensor) -> List[Image.Image]:
-    """(N, C, H, W) in [-1, 1] -> list of RGB PIL images (uint8, rounded)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    if x.shape[1] == 1:
+def tensor_to_pil(images: torch.Tensor, *, keep_grayscale: bool = False) -> List[Image.Image]:
+    """(N, C, H, W) float in [-1, 1] -> N PIL images, 8 bit.
+
+    The conversion is diffusers' ``VaeImageProcessor.postprocess(images, output_type="pil")``:
+    ``round(((x / 2 + 0.5).clamp(0, 1)) * 255)`` in float32, the same uint8 as
+    ``round((x.clamp(-1, 1) + 1) * 127.5)`` (halving and adding 1/2 is exact in float, so both round the same
+    real number). Inputs are cast to float32 first; values outside [-1, 1] saturate.
+
+    Args:
+        images: (N, C, H, W); C = 1 (grayscale) or 3 (RGB); more channels: the first three are kept.
+        keep_grayscale: 1-channel images become mode "L" when True, else RGB (the gray value in all three
+            channels, what PIL's ``convert("RGB")`` of the "L" image gives).
+    Returns:
+        N images, mode "RGB" (or "L" for 1-channel images with ``keep_grayscale``), size (W, H).
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    x = images.detach().float()[:, :3]
+    gray = x.shape[1] == 1
+    if gray:
+        # numpy_to_pil's own grayscale branch squeezes away a height of 1 (a 1-row image would come out as a
+        # column); RGB gray -> "L" is exact instead (PIL's luma weights sum to one in its integer arithmetic)
         x = x.expand(-1, 3, -1, -1)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()[..., :3]) for a in x]
+    pils = VaeImageProcessor(do_normalize=True).postprocess(x, output_type="pil")
+    return [p.convert("L") for p in pils] if gray and keep_grayscale else pils
+
+
+def save_images(images: torch.Tensor, folder: str | os.PathLike, start_index: int = 0) -> List[Path]:
+    """Write (N, C, H, W) images in [-1, 1] as ``folder/{start_index + i:06d}.png`` (e.g. ``000123.png``).
+
+    1-channel images are saved as mode "L", RGB ones as RGB (pixels as in :func:`tensor_to_pil`). The folder
+    is created if missing. Returns the written paths, in order.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(tensor_to_pil(images, keep_grayscale=True)):
+        paths.append(folder / f"{start_index + i:06d}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def image_grid(images: torch.Tensor, rows: Optional[int] = None) -> Image.Image:
+    """(N, C, H, W) images in [-1, 1] -> one RGB grid image (``diffusers.utils.make_image_grid``).
+
+    ``ceil(sqrt(N))`` columns by default, or ``ceil(N / rows)`` columns when ``rows`` is given; the rows are
+    then ``ceil(N / columns)`` and the cells after the N-th are black. Grayscale images are drawn as RGB gray.
+    """
+    from diffusers.utils import make_image_grid
+
+    n = images.shape[0]
+    cols = math.ceil(math.sqrt(n)) if rows is None else math.ceil(n / rows)
+    rows = math.ceil(n / cols)
+    tiles = tensor_to_pil(images)
+    tiles += [Image.new("RGB", tiles[0].size) for _ in range(rows * cols - n)]
+    return make_image_grid(tiles, rows=rows, cols=cols)
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

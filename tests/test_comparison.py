@@ -1,13 +1,18 @@
 """compare_generators: grid, FD table in every representation (held-out marked, FD_r), class coverage."""
 
 import json
+import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fd_onestep import digits
-from fd_onestep.comparison import compare_generators, naive_one_step_teacher, teacher_sampler
+from fd_onestep.comparison.generators import naive_one_step_teacher, teacher_sampler
+from fd_onestep.comparison.measure import compare_generators
 
 NAMES = digits.TRAINING_ENCODERS + digits.HELD_OUT_ENCODERS
 
@@ -108,15 +113,40 @@ def test_naive_one_step_teacher_is_minus_v_at_the_top_timestep(teacher):
     torch.testing.assert_close(images, -v)
 
 
-def test_naive_one_step_rejects_epsilon_prediction_at_zero_snr():
+def tiny_ddpm(prediction_type, zero_snr):
+    """An untrained 1-channel 8x8 DDPMPipeline."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon"))
+    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(rescale_betas_zero_snr=zero_snr, prediction_type=prediction_type))
+
+
+def test_naive_one_step_rejects_epsilon_prediction_at_zero_snr():
+    pipe = tiny_ddpm("epsilon", zero_snr=True)
     with pytest.raises(ValueError, match="smaller timestep"):
         naive_one_step_teacher(pipe)
     assert naive_one_step_teacher(pipe, timestep=600)(2, torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("timestep", [600, 10])
+def test_naive_one_step_is_the_closed_form_x0_estimate_bit_for_bit(prediction_type, timestep):
+    pipe = tiny_ddpm(prediction_type, zero_snr=False)
+    images = naive_one_step_teacher(pipe, timestep)(3, torch.Generator().manual_seed(1))
+    x_t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = pipe.unet(x_t, torch.full((3,), timestep)).sample
+    alpha_bar = pipe.scheduler.alphas_cumprod[timestep].double()
+    a, s = alpha_bar.sqrt().item(), (1 - alpha_bar).sqrt().item()  # float64 square roots
+    expected = {"epsilon": (x_t - s * out) / a, "v_prediction": a * x_t - s * out, "sample": out}[prediction_type]
+    assert images.dtype == torch.float32 and torch.equal(images, expected)
+
+
+@pytest.mark.parametrize("timestep", [1000, -1])
+def test_naive_one_step_rejects_a_timestep_outside_the_schedule(timestep):
+    with pytest.raises(ValueError, match=r"timestep must be an int in \[0, 999\]"):
+        naive_one_step_teacher(tiny_ddpm("v_prediction", zero_snr=True), timestep)
 
 
 def test_teacher_multi_step_beats_naive_one_step_on_held_out_representations(bundled, teacher):
@@ -134,7 +164,7 @@ def test_teacher_multi_step_beats_naive_one_step_on_held_out_representations(bun
 
 
 def test_one_step_pipeline_generates_the_pipelines_clamped_one_step_images(teacher):
-    from fd_onestep.comparison import one_step_pipeline
+    from fd_onestep.comparison.generators import one_step_pipeline
     from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
     pipe = FDOneStepPipeline.from_teacher(digits.TEACHER_PATH, timestep=600, output_bound="clamp", local_files_only=True)
@@ -148,7 +178,7 @@ def test_one_step_pipeline_generates_the_pipelines_clamped_one_step_images(teach
 
 
 def test_seed_spread_is_the_mean_and_std_of_per_seed_comparisons(tmp_path, bundled):
-    from fd_onestep.comparison import seed_spread
+    from fd_onestep.comparison.measure import seed_spread
 
     encoders, references, _ = bundled
     generators = {"real": real_digits, "noise": noise}
@@ -172,7 +202,7 @@ def test_seed_spread_is_the_mean_and_std_of_per_seed_comparisons(tmp_path, bundl
 def test_seed_spread_reuses_a_matching_known_report_instead_of_measuring_again(bundled):
     import copy
 
-    from fd_onestep.comparison import seed_spread
+    from fd_onestep.comparison.measure import seed_spread
 
     encoders, references, _ = bundled
     generators = {"real": real_digits}
@@ -187,7 +217,7 @@ def test_seed_spread_reuses_a_matching_known_report_instead_of_measuring_again(b
 
 
 def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys):
-    from fd_onestep.comparison import main
+    from fd_onestep.comparison.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path), "--students", "no-equals-sign"])
@@ -198,3 +228,49 @@ def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path), "--spread_seeds", "1", "1"])
     assert "all distinct" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_module_with_its_arguments():
+    result = subprocess.run([sys.executable, "-m", "fd_onestep.comparison", "--help"], capture_output=True, text=True,
+                            check=True)
+    for flag in ("--output_dir", "--num_samples", "--sampler", "--num_inference_steps", "--extra", "--students",
+                 "--seed", "--spread_seeds"):
+        assert flag in result.stdout
+
+
+def test_package_reexports_the_public_names_from_their_modules():
+    from fd_onestep import comparison
+    from fd_onestep.comparison import digits_baselines, generators, measure, report
+
+    homes = {
+        generators: ["GeneratorFn", "teacher_sampler", "naive_one_step_teacher", "one_step_pipeline"],
+        measure: ["compare_generators", "seed_spread"],
+        report: ["format_markdown_table", "format_seed_spread_table", "save_comparison_grid"],
+        digits_baselines: ["digits_generators", "digits_teacher_baselines"],
+    }
+    assert sorted(comparison.__all__) == sorted(name for names in homes.values() for name in names)
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(comparison, name) is getattr(module, name)
+    assert report.TABLE_FILENAME == "comparison.md" and report.GRID_FILENAME == "comparison_grid.png"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_comparison_grid_pixels_are_the_clamped_images_upscaled_with_white_padding(tmp_path, channels):
+    from torchvision.utils import make_grid
+
+    from fd_onestep.comparison.report import save_comparison_grid
+
+    g = torch.Generator().manual_seed(0)
+    blocks = {name: torch.rand(5, channels, 4, 4, generator=g) * 2.4 - 1.2 for name in ("a", "b")}
+    path = save_comparison_grid(blocks, tmp_path / "grid.png", cell=6)
+    canvas = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    x0, label_h, gap = 0, 28, 16
+    for images in blocks.values():
+        x01 = (images.clamp(-1, 1) + 1) / 2
+        upscaled = torch.nn.functional.interpolate(x01.expand(-1, 3, -1, -1), size=(6, 6), mode="nearest")
+        expected = (make_grid(upscaled, nrow=math.ceil(math.sqrt(5)), padding=2, pad_value=1.0) * 255).round().to(torch.uint8)
+        h, w = expected.shape[1:]
+        assert torch.equal(canvas[:, label_h:label_h + h, x0:x0 + w], expected)
+        x0 += w + gap
+    assert canvas.shape[2] == x0 - gap

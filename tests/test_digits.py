@@ -82,6 +82,9 @@ def test_dataset_has_pil_images_and_class_labels_matching_the_tensors():
     assert row["label"] == int(labels[7])
     pixels = torch.from_numpy(np.asarray(row["image"], dtype=np.float32)) / 127.5 - 1
     assert torch.allclose(pixels, images[7, 0], atol=1 / 127.5)
+    # exactly the rounded uint8 levels of the float images, for every image
+    pixels = torch.stack([torch.from_numpy(np.asarray(image).copy()) for image in ds["image"]])
+    assert torch.equal(pixels, ((images[:, 0] + 1) * 127.5).round().to(torch.uint8))
 
 
 def test_unknown_asset_names_raise_with_the_known_names():
@@ -163,6 +166,17 @@ def test_bundled_classifier_recognizes_the_validation_split():
     assert hist["max_relative_deviation"] < 0.15  # the validation split is uniform up to stratification
 
 
+def test_classifier_input_is_the_clamped_image_in_0_1_in_rgb_normalized_by_the_processor():
+    from types import SimpleNamespace
+
+    processor = SimpleNamespace(size={"height": 16, "width": 16}, image_mean=[0.5, 0.25, 0.0], image_std=[0.5, 2.0, 1.0])
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
+    x = digits._processor_input(images, processor, num_channels=3)
+    x01 = ((images.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1)
+    mean, std = torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1), torch.tensor([0.5, 2.0, 1.0]).view(1, 3, 1, 1)
+    assert torch.equal(x, (x01 - mean) / std)
+
+
 def test_class_histogram_flags_a_collapsed_generator():
     classifier = load_digit_classifier()
     images, labels = load_digits_split("validation")
@@ -176,7 +190,7 @@ def test_class_histogram_flags_a_collapsed_generator():
 def test_teacher_multi_step_sampler_makes_digits_the_classifier_recognizes():
     from diffusers import DDPMPipeline
 
-    from fd_onestep.comparison import teacher_sampler
+    from fd_onestep.comparison.generators import teacher_sampler
 
     pipe = DDPMPipeline.from_pretrained(digits.TEACHER_PATH, local_files_only=True)
     generate = teacher_sampler(pipe, num_inference_steps=20, scheduler="dpmsolver++")

@@ -1,0 +1,94 @@
+"""The bundled digits teacher's baselines (what ``python -m fd_onestep.comparison`` measures).
+
+The naive one-step teacher, its multi-step sampler(s) and any trained one-step students, in every bundled
+digits representation (training and held out), with the digit classifier's class histogram.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from .generators import naive_one_step_teacher, one_step_pipeline, teacher_sampler
+from .measure import compare_generators, seed_spread
+
+__all__ = ["digits_generators", "digits_teacher_baselines"]
+
+
+def digits_generators(
+    *,
+    sampler: str = "dpmsolver++",
+    num_inference_steps: int = 20,
+    extra_samplers: Iterable[tuple[str, int]] = (),
+    students: Mapping[str, object] = {},
+    device=None,
+) -> dict:
+    """The bundled digits teacher used naively in one step and with its multi-step sampler(s), plus any trained
+    one-step students (display name -> output folder of ``train_fd_onestep.py``, loaded with
+    ``FDOneStepPipeline.from_pretrained``), as generator callables for :func:`compare_generators`."""
+    from ..digits import load_digits_teacher
+
+    teacher = load_digits_teacher(device)
+    generators = {
+        "teacher, 1 step (naive)": naive_one_step_teacher(teacher),
+        f"teacher, {sampler} {num_inference_steps} steps": teacher_sampler(teacher, num_inference_steps, sampler),
+    }
+    for name, steps in extra_samplers:
+        generators[f"teacher, {name} {steps} steps"] = teacher_sampler(teacher, steps, name)
+    if students:
+        from ..pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+        for name, folder in students.items():
+            pipe = FDOneStepPipeline.from_pretrained(str(folder), local_files_only=True)
+            pipe.set_progress_bar_config(disable=True)
+            generators[name] = one_step_pipeline(pipe.to(device) if device is not None else pipe)
+    return generators
+
+
+def digits_teacher_baselines(
+    output_dir=None,
+    *,
+    num_samples: int = 2000,
+    sampler: str = "dpmsolver++",
+    num_inference_steps: int = 20,
+    extra_samplers: Iterable[tuple[str, int]] = (),
+    students: Mapping[str, object] = {},
+    seed: int = 0,
+    spread_seeds: Iterable[int] = (),
+    device=None,
+) -> dict:
+    """Compare the bundled digits teacher used naively in one step with its multi-step sampler (and any trained
+    ``students``, see :func:`digits_generators`), in every bundled representation (training and held out), with
+    the digit classifier's class histogram.
+
+    These are the targets of the offline default: the student's held-out FD should be <= 1.5x the multi-step
+    teacher's and >= 10x below the naive one-step teacher's. With ``spread_seeds`` (two or more), the FDs are
+    also repeated over those seeds and ``seed_spread.md`` / ``.json`` written (:func:`seed_spread`).
+    """
+    from ..digits import (
+        HELD_OUT_ENCODERS,
+        TRAINING_ENCODERS,
+        load_bundled_encoders,
+        load_bundled_references,
+        load_digit_classifier,
+    )
+
+    generators = digits_generators(sampler=sampler, num_inference_steps=num_inference_steps,
+                                   extra_samplers=extra_samplers, students=students, device=device)
+    names = TRAINING_ENCODERS + HELD_OUT_ENCODERS
+    encoders = load_bundled_encoders(names, device=device)
+    references = load_bundled_references(names)
+    report = compare_generators(
+        generators,
+        encoders,
+        references,
+        num_samples=num_samples,
+        output_dir=output_dir,
+        held_out=set(HELD_OUT_ENCODERS),
+        classifier=load_digit_classifier(device=device),
+        seed=seed,
+    )
+    spread_seeds = list(spread_seeds)
+    if spread_seeds:
+        seed_spread(generators, encoders, references, seeds=spread_seeds, num_samples=num_samples,
+                    output_dir=output_dir, held_out=set(HELD_OUT_ENCODERS), known_reports=[report])
+    return report

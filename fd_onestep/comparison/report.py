@@ -1,0 +1,165 @@
+"""What a comparison writes: the labelled sample grid (PNG), the markdown tables and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+__all__ = [
+    "GRID_FILENAME",
+    "TABLE_FILENAME",
+    "JSON_FILENAME",
+    "SPREAD_TABLE_FILENAME",
+    "SPREAD_JSON_FILENAME",
+    "save_comparison_grid",
+    "format_markdown_table",
+    "format_seed_spread_table",
+    "write_report",
+]
+
+GRID_FILENAME = "comparison_grid.png"
+TABLE_FILENAME = "comparison.md"
+JSON_FILENAME = "comparison.json"
+SPREAD_TABLE_FILENAME = "seed_spread.md"
+SPREAD_JSON_FILENAME = "seed_spread.json"
+
+
+def save_comparison_grid(blocks: Mapping[str, torch.Tensor], path, nrow: Optional[int] = None, cell: int = 48) -> Path:
+    """One labelled block per generator, side by side.
+
+    Args:
+        blocks: name -> images (n, C, H, W) in [-1, 1] (same n, C for all).
+        nrow: images per block row (default ceil(sqrt(n))).
+        cell: pixels per image side in the PNG (nearest-neighbour upscale: small images stay crisp).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    from ..images import tensor_to_pil
+
+    if not blocks:
+        raise ValueError("no generator samples to draw; pass at least one generator.")
+    tiles = []
+    for name, images in blocks.items():
+        n = images.shape[0]
+        per_row = nrow or max(1, math.ceil(math.sqrt(n)))
+        x = torch.nn.functional.interpolate(images.detach().float().cpu(), size=(cell, cell), mode="nearest")
+        # make_grid draws gray as RGB; pad value 1.0 is white in [-1, 1]
+        grid = make_grid(x, nrow=per_row, padding=2, pad_value=1.0)
+        tiles.append((name, tensor_to_pil(grid[None])[0]))
+    font = ImageFont.load_default()
+    label_h, gap = 28, 16
+    width = sum(t.width for _, t in tiles) + gap * (len(tiles) - 1)
+    height = max(t.height for _, t in tiles) + label_h
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x0 = 0
+    for name, tile in tiles:
+        canvas.paste(tile, (x0, label_h))
+        draw.text((x0 + 4, 6), name, fill="black", font=font)
+        x0 += tile.width + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.{digits}g}" if abs(value) < 0.01 else f"{value:.{digits}f}"
+
+
+def format_markdown_table(report: dict) -> str:
+    """The markdown of a ``compare_generators`` report (FD table, then the class histogram table)."""
+    reps = report["representations"]
+    header = ["generator"]
+    for name, info in reps.items():
+        mark = " (held out)" if info["held_out"] else ""
+        header.append(f"FD {name}{mark}")
+        if info["validation_fd"] is not None:
+            header.append(f"FD_r {name}")
+    k = sum(info["validation_fd"] is not None for info in reps.values())
+    if k:
+        header.append(f"FD_r^{k} (mean FD_r)")
+    lines = [
+        f"FD of {report['num_samples']} samples per generator against the reference statistics "
+        f"(seed {report['seed']}). Held out = never used in the training loss. "
+        "FD_r = FD / FD(validation split); the validation row is FD_r = 1 by definition.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    if any(info["validation_fd"] is not None for info in reps.values()):
+        row = ["validation split (reference)"]
+        for info in reps.values():
+            row.append(_fmt(info["validation_fd"]))
+            if info["validation_fd"] is not None:
+                row.append("1.000")
+        row.append("1.000")
+        lines.append("| " + " | ".join(row) + " |")
+    for gname, result in report["generators"].items():
+        row = [gname]
+        for name, info in reps.items():
+            row.append(_fmt(result["fd"][name]))
+            if info["validation_fd"] is not None:
+                row.append(_fmt(result["fd_r"][name]))
+        if k:
+            row.append(_fmt(result.get("fd_r_k")))
+        lines.append("| " + " | ".join(row) + " |")
+
+    histograms = {g: r["class_histogram"] for g, r in report["generators"].items() if r.get("class_histogram")}
+    if histograms:
+        num_classes = len(next(iter(histograms.values()))["counts"])
+        lines += [
+            "",
+            "Class histogram of the samples under the digit classifier (share of samples per class, %); "
+            "max dev = max over classes of |share - uniform| / uniform.",
+            "",
+            "| generator | " + " | ".join(str(c) for c in range(num_classes)) + " | classes | max dev | mean conf |",
+            "|---|" + "---:|" * (num_classes + 3),
+        ]
+        for gname, hist in histograms.items():
+            shares = " | ".join(f"{100 * f:.1f}" for f in hist["frequencies"])
+            lines.append(
+                f"| {gname} | {shares} | {hist['classes_present']} | {100 * hist['max_relative_deviation']:.0f}% "
+                f"| {hist['mean_confidence']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def format_seed_spread_table(report: dict) -> str:
+    """The markdown of a ``seed_spread`` report: ``mean ± std`` of FD per generator and representation."""
+    reps = report["representations"]
+    header = ["generator"] + [f"FD {rep}" + (" (held out)" if info["held_out"] else "") for rep, info in reps.items()]
+    lines = [
+        f"FD of {report['num_samples']} samples, mean ± standard deviation over {len(report['seeds'])} seeds "
+        f"({', '.join(map(str, report['seeds']))}): the spread is the sampling noise of the measurement.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(reps)) + "|",
+    ]
+    for gname, per_rep in report["generators"].items():
+        cells = [f"{_fmt(per_rep[rep]['mean'])} ± {_fmt(per_rep[rep]['std'])}" for rep in reps]
+        lines.append("| " + " | ".join([gname] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, output_dir, markdown: str, table_filename: str, json_filename: str) -> Path:
+    """Write ``output_dir/table_filename`` (the markdown) and ``output_dir/json_filename`` (``report``, indent 1).
+
+    Creates ``output_dir`` if missing; returns it as a Path.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / table_filename).write_text(markdown)
+    (output_dir / json_filename).write_text(json.dumps(report, indent=1) + "\n")
+    return output_dir
