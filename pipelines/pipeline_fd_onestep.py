@@ -1,8 +1,8 @@
 # Copyright 2025 The fd-onestep authors. Licensed under the Apache License, Version 2.0.
 """``FDOneStepPipeline``: a diffusers model turned into a one-step generator.
 
-This file is self-contained (torch, diffusers, transformers and the standard library; peft and
-safetensors are imported lazily by the LoRA methods) so that it can travel inside a Hub repository::
+This file is self-contained (torch, diffusers, transformers and the standard library; peft, accelerate
+and safetensors are imported lazily by the LoRA functions) so that it can travel inside a Hub repository::
 
     pipe = DiffusionPipeline.from_pretrained("user/repo", custom_pipeline="pipeline_fd_onestep",
                                              trust_remote_code=True)
@@ -45,6 +45,10 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label).
 - ``max_sequence_length``: T5 tokens for "sd3" / "flux".
 
+Prompts ("sd", "sd3", "flux") are encoded by the stock ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` /
+``FluxPipeline`` ``encode_prompt`` over the same text encoders, so the denoiser gets the embeddings the stock
+pipeline would give it.
+
 LoRA file format
 ----------------
 One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of the denoiser prefixed with the
@@ -70,9 +74,12 @@ from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
     DiTTransformer2DModel,
+    FluxPipeline,
     FluxTransformer2DModel,
     ImagePipelineOutput,
     SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -94,6 +101,13 @@ SUPPORTED_FAMILIES = {
     "sd": ("unet", UNet2DConditionModel, True, "text", "StableDiffusionLoraLoaderMixin"),
     "sd3": ("transformer", SD3Transformer2DModel, True, "text", "SD3LoraLoaderMixin"),
     "flux": ("transformer", FluxTransformer2DModel, True, "text", "FluxLoraLoaderMixin"),
+}
+# text family -> (stock diffusers pipeline whose ``encode_prompt`` encodes the prompts, the components it is given)
+STOCK_TEXT_PIPELINES = {
+    "sd": (StableDiffusionPipeline, ("text_encoder", "tokenizer")),
+    "sd3": (StableDiffusion3Pipeline, ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                       "text_encoder_3", "tokenizer_3")),
+    "flux": (FluxPipeline, ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
 }
 DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FLOW_PREDICTION_TYPES = ("flow",)
@@ -364,10 +378,10 @@ def _peft_configs(model) -> dict:
 
 def denoiser_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict:
     """PEFT state dict (``<module>.lora_A.weight`` ...) of one adapter, unwrapped from DDP/compile wrappers."""
+    from accelerate.utils import extract_model_from_parallel
     from peft import get_peft_model_state_dict
 
-    while hasattr(denoiser, "module") or hasattr(denoiser, "_orig_mod"):
-        denoiser = getattr(denoiser, "module", None) or denoiser._orig_mod
+    denoiser = extract_model_from_parallel(denoiser, keep_torch_compile=False)
     if not _has_peft_adapters(denoiser):
         raise ValueError("the denoiser has no LoRA adapter; add one with add_lora_to_denoiser(...) before saving.")
     return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
@@ -580,48 +594,58 @@ class FDOneStepPipeline(DiffusionPipeline):
         return noise_level(self.scheduler, self.config.timestep, image_seq_len=seq_len)
 
     # ------------------------------------------------------------------ text
-    def _tokenize(self, tokenizer, prompts, max_length):
-        return tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+    def _stock_text_pipeline(self) -> DiffusionPipeline:
+        """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied).
 
-    def _clip_embeds(self, encoder, tokenizer, prompts, device):
-        ids = self._tokenize(tokenizer, prompts, tokenizer.model_max_length).to(device)
-        out = encoder(ids, output_hidden_states=True)
-        # SD3 (CLIPTextModelWithProjection): penultimate hidden state + projected pooled embedding
-        return out.hidden_states[-2], out[0]
-
-    def _t5_embeds(self, encoder, tokenizer, prompts, device, joint_dim, dtype):
-        L = self.config.max_sequence_length
-        if encoder is None:
-            return torch.zeros((len(prompts), L, joint_dim), device=device, dtype=dtype)
-        ids = self._tokenize(tokenizer, prompts, L).to(device)
-        return encoder(ids)[0]
-
-    def _encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        Its ``encode_prompt`` encodes every prompt here, so the embeddings are exactly what the stock pipeline
+        feeds the same denoiser. Built once and rebuilt only when one of the components it holds is replaced.
+        """
         fam = self.family
-        if fam == "sd":
-            ids = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length).to(device)
-            mask = None
-            if getattr(self.text_encoder.config, "use_attention_mask", False):
-                mask = (ids != self.tokenizer.pad_token_id).long()
-            return self.text_encoder(ids, attention_mask=mask)[0], None
-        if fam == "sd3":
-            e1, p1 = self._clip_embeds(self.text_encoder, self.tokenizer, prompts, device)
-            e2, p2 = self._clip_embeds(self.text_encoder_2, self.tokenizer_2, prompts, device)
-            clip = torch.cat([e1, e2], dim=-1)
-            t5 = self._t5_embeds(
-                self.text_encoder_3, self.tokenizer_3, prompts, device,
-                self.transformer.config.joint_attention_dim, clip.dtype,
+        cls, names = STOCK_TEXT_PIPELINES[fam]
+        parts = {name: getattr(self, name) for name in names}
+        stock = getattr(self, "_stock_text", None)
+        if stock is None or any(getattr(stock, k) is not v for k, v in parts.items()):
+            # only what encode_prompt reads. No scheduler and, for SD, no UNet: StableDiffusionPipeline's
+            # constructor rewrites legacy scheduler / UNet configs in place (steps_offset, clip_sample, sample_size)
+            if fam == "sd":
+                stock = cls(**parts, vae=None, unet=None, scheduler=None, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False)
+            else:
+                stock = cls(**parts, vae=None, scheduler=None)
+            self._stock_text = stock
+        return stock
+
+    def _encode_prompts(
+        self, prompts: list[str], negative_prompts: list[str] | None, num_images_per_prompt: int, device
+    ) -> OneStepConditioning:
+        """Prompt (and, if ``negative_prompts`` is given, negative) embeddings from the stock ``encode_prompt``.
+
+        Rows: each prompt ``num_images_per_prompt`` times (consecutive), as the stock pipelines repeat them.
+        """
+        stock = self._stock_text_pipeline()
+        guided = negative_prompts is not None
+        n = num_images_per_prompt
+        if self.family == "sd":
+            embeds, negative = stock.encode_prompt(prompts, device, n, guided, negative_prompts)
+            return OneStepConditioning(prompt_embeds=embeds, negative_prompt_embeds=negative)
+        length = self.config.max_sequence_length
+        if self.family == "sd3":
+            embeds, negative, pooled, negative_pooled = stock.encode_prompt(
+                prompts, None, None, device=device, num_images_per_prompt=n, do_classifier_free_guidance=guided,
+                negative_prompt=negative_prompts, max_sequence_length=length,
             )
-            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-            return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([p1, p2], dim=-1)
-        if fam == "flux":
-            ids = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length).to(device)
-            pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
-            t5 = self._t5_embeds(self.text_encoder_2, self.tokenizer_2, prompts, device, None, None)
-            return t5, pooled
-        raise ValueError(f"the {fam!r} family takes no prompt; use class_labels or batch_size.")
+            return OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                                       negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        # flux: encode_prompt has no negative branch; FluxPipeline encodes its true-CFG negative prompt with a
+        # second call, as here
+        embeds, pooled, _ = stock.encode_prompt(prompts, device=device, num_images_per_prompt=n,
+                                                max_sequence_length=length)
+        cond = OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if guided:
+            negative, negative_pooled, _ = stock.encode_prompt(negative_prompts, device=device, num_images_per_prompt=n,
+                                                               max_sequence_length=length)
+            cond = replace(cond, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return cond
 
     def _uses_negative_branch(self, guidance_scale: float) -> bool:
         if guidance_scale <= 1.0:
@@ -637,7 +661,8 @@ class FDOneStepPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         device: torch.device | str | None = None,
     ) -> OneStepConditioning | None:
-        """Build the conditioning for ``one_step`` (prompts encoded with the text encoders; not cached here).
+        """Build the conditioning for ``one_step`` (prompts encoded by the stock pipeline's ``encode_prompt``, see
+        ``STOCK_TEXT_PIPELINES``; not cached here).
 
         Returns ``None`` for unconditional models. Each prompt / label is repeated ``num_images_per_prompt``
         times (consecutive rows). With guidance (> 1) text families also get negative embeddings.
@@ -650,16 +675,13 @@ class FDOneStepPipeline(DiffusionPipeline):
             if prompt is None:
                 raise ValueError(f"the {self.family!r} family is text-conditioned: pass `prompt` (str or list of str).")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            embeds, pooled = self._encode_text(prompts, device)
-            cond = OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+            negs = None
             if self._uses_negative_branch(guidance_scale):
                 neg = negative_prompt if negative_prompt is not None else ""
                 negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
                 if len(negs) != len(prompts):
                     raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts; pass one per prompt.")
-                n_embeds, n_pooled = self._encode_text(negs, device)
-                cond = replace(cond, negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled)
-            return cond.repeat_interleave(num_images_per_prompt)
+            return self._encode_prompts(prompts, negs, num_images_per_prompt, device)
         if prompt is not None:
             raise ValueError(f"the {self.family!r} family takes no prompt; use class_labels (class-conditional) or batch_size.")
         if self.is_class_conditional:
@@ -741,8 +763,6 @@ class FDOneStepPipeline(DiffusionPipeline):
                     return_dict=False,
                 )[0]
             else:  # flux: packed 2x2 latent patches, timestep in [0, 1]
-                from diffusers import FluxPipeline
-
                 c, h, w = xin.shape[1:]
                 packed = FluxPipeline._pack_latents(xin, n, c, h, w)
                 img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, dtype)

@@ -416,8 +416,8 @@ def test_the_shipped_file_is_self_contained():
     imported = {line.split()[1].split(".")[0] for line in source.splitlines()
                 if line.strip().startswith(("import ", "from ")) and not line.strip().startswith("from .")}
     stdlib = {"__future__", "copy", "inspect", "json", "math", "os", "shutil", "warnings", "dataclasses"}
-    # peft and safetensors only inside the LoRA functions (diffusers' custom-pipeline loader merely warns)
-    assert imported <= stdlib | {"torch", "diffusers", "transformers", "peft", "safetensors"}, imported
+    # peft, accelerate and safetensors only inside the LoRA functions (diffusers' custom-pipeline loader merely warns)
+    assert imported <= stdlib | {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"}, imported
     top_level = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
     assert top_level <= stdlib | {"torch", "diffusers", "transformers"}, top_level
     classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, DiffusionPipeline)
@@ -433,3 +433,18 @@ def test_one_step_is_differentiable_through_the_vae(teachers):
     images.square().mean().backward()
     grads = [p.grad for p in pipe.unet.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_lora_state_dict_sees_through_data_parallel_and_compile_wrappers(teachers):
+    import copy
+
+    from fd_onestep.pipelines.pipeline_fd_onestep import add_lora_to_denoiser, denoiser_lora_state_dict
+
+    model = add_lora_to_denoiser(copy.deepcopy(teachers("unet2d").unet), rank=2)
+    plain = denoiser_lora_state_dict(model)
+    assert plain and all(".lora_A." in k or ".lora_B." in k for k in plain)
+    # what accelerator.prepare makes of a model: DataParallel / DDP inside, torch.compile outside
+    for wrapped in (torch.nn.DataParallel(model), torch.compile(model), torch.compile(torch.nn.DataParallel(model))):
+        state = denoiser_lora_state_dict(wrapped)
+        assert state.keys() == plain.keys()
+        assert all(state[k] is plain[k] or torch.equal(state[k], plain[k]) for k in plain)
