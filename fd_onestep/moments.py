@@ -4,6 +4,10 @@ Raw moments add up exactly across chunks, processes (``all_reduce``) and files (
 statistics of 50k samples are computed in chunks without ever holding all features. The covariance
 ``(sum zz^T - n mu mu^T) / (n - 1)`` is formed only at the end, in float64 (relative cancellation
 error ~1e-16 * |mu|^2 / var, negligible for encoder features).
+
+The two formulas every estimator of :mod:`fd_onestep.populations` shares live here:
+:func:`raw_sums` (the raw moments of one chunk) and :func:`covariance_from_moments` (the covariance
+from raw moments, for equal or unequal sample weights).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 
 from fd_onestep.distributed import all_reduce_sum
 
-__all__ = ["FeatureMoments", "check_features"]
+__all__ = ["FeatureMoments", "check_features", "covariance_from_moments", "raw_sums"]
 
 
 def check_features(features: torch.Tensor, dim: int | None, name: str = "features") -> None:
@@ -36,6 +40,44 @@ def check_features(features: torch.Tensor, dim: int | None, name: str = "feature
             f"{name} contain NaN or Inf; check the generator output (diverged training?) and the "
             "encoder input range ([-1, 1] images)."
         )
+
+
+def raw_sums(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_j z_j (d,), sum_j z_j z_j^T (d, d))`` of a (B, d) chunk, in the dtype of ``z``.
+
+    Pass float64 features (the sums are the raw moments that every estimator accumulates);
+    differentiable w.r.t. ``z``.
+    """
+    return z.sum(dim=0), z.mT @ z
+
+
+def covariance_from_moments(
+    mean: torch.Tensor, sum_outer: torch.Tensor, total_weight: float, denominator: float
+) -> torch.Tensor:
+    """``(sum_outer - W mu mu^T) / denominator``, exactly symmetric: a covariance from raw moments.
+
+    For samples ``z_j`` with weights ``w_j`` (total ``W = sum_j w_j``, ``mu = sum_j w_j z_j / W``),
+    ``sum_outer = sum_j w_j z_j z_j^T`` gives the scatter ``sum_j w_j (z_j - mu)(z_j - mu)^T`` in the
+    numerator. The caller picks the normalization:
+
+    - n equal samples (``w_j = 1``): ``W = n`` with ``denominator = n - 1`` (unbiased, ``numpy.cov``)
+      or ``n`` (biased);
+    - normalized weights (``W = 1``, e.g. an EMA, ``sum_outer = E[z z^T]``): ``denominator = 1 - V2``
+      with ``V2 = sum_j w_j^2``, the unbiased estimator for reliability weights (it is ``1 - 1/n``
+      for n equal weights, i.e. the ``n - 1`` of ``numpy.cov`` once divided by n).
+
+    Args:
+        mean: (d,) float64 weighted mean ``mu``.
+        sum_outer: (d, d) float64 weighted sum of outer products.
+        total_weight: W (a number; n for plain samples, 1 for normalized weights).
+        denominator: the normalization (a positive number).
+
+    Returns:
+        (d, d) float64 covariance, ``(S + S^T) / 2`` so that it is bitwise symmetric; differentiable
+        w.r.t. ``mean`` and ``sum_outer``.
+    """
+    cov = (sum_outer - total_weight * torch.outer(mean, mean)) / denominator
+    return (cov + cov.mT) * 0.5
 
 
 class FeatureMoments:
@@ -77,9 +119,10 @@ class FeatureMoments:
         """Add a (B, d) chunk of features (any float dtype; detached, accumulated in float64)."""
         check_features(features, self.dim)
         z = features.detach().to(device=self.sum.device, dtype=torch.float64)
+        s1, s2 = raw_sums(z)
         self.count += int(z.shape[0])
-        self.sum += z.sum(dim=0)
-        self.sum_outer += z.mT @ z
+        self.sum += s1
+        self.sum_outer += s2
         return self
 
     @property
@@ -101,10 +144,8 @@ class FeatureMoments:
         pytorch-fid uses for reference statistics); ``unbiased=False`` divides by n.
         """
         self._require(2 if unbiased else 1)
-        mu = self.mean
-        centered = self.sum_outer - self.count * torch.outer(mu, mu)
-        cov = centered / (self.count - 1 if unbiased else self.count)
-        return (cov + cov.mT) * 0.5
+        return covariance_from_moments(self.mean, self.sum_outer, self.count,
+                                       self.count - 1 if unbiased else self.count)
 
     def all_reduce(self) -> "FeatureMoments":
         """Sum the moments over ``torch.distributed`` processes in place (no-op when not distributed).

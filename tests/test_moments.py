@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fd_onestep.moments import FeatureMoments
+from fd_onestep.moments import FeatureMoments, covariance_from_moments, raw_sums
 
 
 def test_streamed_chunks_give_numpy_cov_and_mean():
@@ -78,3 +78,25 @@ def test_covariance_needs_two_samples():
     m = FeatureMoments(3).update(torch.randn(1, 3))
     with pytest.raises(ValueError, match="at least 2"):
         m.covariance()
+
+
+def test_covariance_from_moments_is_numpy_cov_for_equal_and_for_reliability_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64) * 2 + 1
+    s1, s2 = raw_sums(x)
+    assert torch.equal(s1, x.sum(0)) and torch.equal(s2, x.T @ x)
+    # n equal samples: W = n, denominator n - 1 (numpy.cov), what FeatureMoments uses
+    n = x.shape[0]
+    cov = covariance_from_moments(s1 / n, s2, n, n - 1)
+    assert torch.equal(cov, FeatureMoments.from_features(x).covariance()) and torch.equal(cov, cov.T)
+    np.testing.assert_allclose(cov.numpy(), np.cov(x.numpy(), rowvar=False), rtol=1e-12, atol=1e-13)
+    # normalized weights (an EMA's): W = 1, denominator 1 - V2 = numpy.cov with aweights
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    w = w / w.sum()
+    mu, second = w @ x, x.T @ (w[:, None] * x)
+    cov = covariance_from_moments(mu, second, 1.0, 1.0 - float((w * w).sum()))
+    assert torch.equal(cov, cov.T)
+    np.testing.assert_allclose(cov.numpy(), np.cov(x.numpy(), rowvar=False, aweights=w.numpy()), rtol=1e-11, atol=1e-12)
+    # equal normalized weights 1/n: the same estimator as numpy.cov
+    cov = covariance_from_moments(s1 / n, s2 / n, 1.0, 1.0 - 1.0 / n)
+    np.testing.assert_allclose(cov.numpy(), np.cov(x.numpy(), rowvar=False), rtol=1e-12, atol=1e-13)
