@@ -9,8 +9,11 @@ One pass over the images feeds every requested encoder; moments are accumulated 
 - image tensors / uint8 arrays in memory (e.g. an ADM reference batch's ``arr_0``).
 
 Under ``accelerate launch`` (or any initialized ``torch.distributed`` process group) each process
-reads its own contiguous shard (``datasets.distributed.split_dataset_by_node`` for datasets) and the
-moments are summed over processes at the end, so N processes give the statistics of one process.
+reads its own contiguous shard and the moments are summed over processes at the end, so N processes
+give the statistics of one process. The shards are the libraries' contiguous split (sizes differ by at
+most 1, the larger ones first; the split of accelerate's ``PartialState.split_between_processes``):
+``datasets.distributed.split_dataset_by_node`` for datasets, ``numpy.array_split`` /
+``torch.tensor_split`` for file lists and in-memory images.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
+from .distributed import get_rank, get_world_size
 from .encoders import FeatureEncoder, encoder_file_stem, load_encoder
 from .images import (
     ImageFileDataset,
@@ -42,16 +46,7 @@ EncodersArg = Union[Mapping[str, FeatureEncoder], Sequence[Union[str, FeatureEnc
 
 def process_info() -> Tuple[int, int]:
     """(rank, world size) of the default ``torch.distributed`` group; (0, 1) when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def contiguous_shard(n: int, rank: int, world_size: int) -> range:
-    """Indices of the ``rank``-th of ``world_size`` contiguous shards of ``range(n)`` (sizes differ by <= 1)."""
-    div, mod = divmod(n, world_size)
-    start = div * rank + min(rank, mod)
-    return range(start, start + div + (1 if rank < mod else 0))
+    return get_rank(), get_world_size()
 
 
 def library_version() -> str:
@@ -298,7 +293,7 @@ def iter_folder_batches(
             f"No images found in '{folder}' (extensions: png, jpg, jpeg, webp, bmp, tif, tiff, ppm, pgm); "
             "there is nothing to compute statistics from."
         )
-    files = [files[i] for i in contiguous_shard(len(files), rank, world_size)]
+    files = np.array_split(np.asarray(files, dtype=object), world_size)[rank].tolist()
     dataset = ImageFileDataset(files, resolution)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=batches_by_size
@@ -318,14 +313,14 @@ def iter_array_batches(
 
     ``images``: uint8 array (N, H, W, C) (e.g. ADM's ``arr_0``), or a float tensor (N, C, H, W) in [-1, 1].
     """
-    n = len(images)
-    if n == 0:
+    if len(images) == 0:
         raise ValueError("Got an empty image array: there are no images to compute statistics from.")
-    shard = contiguous_shard(n, rank, world_size)
+    # this process's contiguous shard, as a view (numpy.array_split / torch.tensor_split slice lazily)
+    shard = (torch.tensor_split if isinstance(images, torch.Tensor) else np.array_split)(images, world_size)[rank]
 
     def generate():
-        for start in range(shard.start, shard.stop, batch_size):
-            chunk = images[start : min(start + batch_size, shard.stop)]
+        for start in range(0, len(shard), batch_size):
+            chunk = shard[start : start + batch_size]
             if isinstance(chunk, torch.Tensor) and torch.is_floating_point(chunk):
                 yield chunk
             else:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "get_rank",
     "get_world_size",
     "is_distributed",
     "all_reduce_sum",
     "all_gather_cat",
     "sum_over_processes_with_local_grad",
+    "with_local_grad",
 ]
 
 
@@ -23,11 +25,18 @@ def is_distributed() -> bool:
     return get_world_size() > 1
 
 
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def get_world_size() -> int:
     """Number of processes of the default process group (1 when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    return torch.distributed.get_world_size() if _initialized() else 1
+
+
+def get_rank() -> int:
+    """Rank of this process in the default process group (0 when not distributed)."""
+    return torch.distributed.get_rank() if _initialized() else 0
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,21 +72,30 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
 
 
+def with_local_grad(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``value + W * (local - sg(local))``: the value of ``value`` (no gradient of its own), the gradient
+    of ``W * local``, with W the world size (1 when not distributed).
+
+    ``value`` is a global quantity (e.g. a sum over processes) that ``local`` contributes to. DDP
+    averages parameter gradients over the W processes (divides their sum by W), so the factor W makes
+    the averaged parameter gradient ``sum_r dL/d(value) * d local_r / d theta``: exactly the
+    single-process gradient of the loss of the global batch (without it, W times too small).
+    """
+    return value + get_world_size() * (local - local.detach())
+
+
 def sum_over_processes_with_local_grad(local: torch.Tensor) -> torch.Tensor:
     """Global sum of ``local`` over processes whose gradient flows only into this process's ``local``.
 
-    Returns ``sg(sum_r local_r) + W * (local - sg(local))`` with W the world size. Its value is the
-    global sum; its gradient with respect to ``local`` is ``W * dL/d(global)``. DDP averages parameter
-    gradients over the W processes (divides the sum by W), so the averaged parameter gradient is
-    ``sum_r dL/d(global) * d local_r / d theta``: exactly the single-process gradient of the loss of the
-    global batch. Without the factor W the gradient would be W times too small.
+    Returns ``sg(sum_r local_r) + W * (local - sg(local))`` (:func:`with_local_grad`): its value is the
+    global sum, its gradient with respect to ``local`` is ``W * dL/d(global)``, which DDP's averaging
+    turns into the single-process gradient of the global batch.
 
     Identity (the tensor itself, gradient untouched) when not distributed.
     """
-    world = get_world_size()
-    if world == 1:
+    if get_world_size() == 1:
         return local
     total = all_reduce_sum(local)
     if not local.requires_grad:
         return total
-    return total + world * (local - local.detach())
+    return with_local_grad(total, local)

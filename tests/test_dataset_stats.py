@@ -7,9 +7,10 @@ from PIL import Image
 
 from fd_onestep.dataset_stats import (
     compute_reference_stats,
-    contiguous_shard,
     export_npz_stats,
     import_npz_stats,
+    iter_array_batches,
+    iter_folder_batches,
     save_reference_stats,
 )
 from fd_onestep.encoders import load_encoder
@@ -174,7 +175,32 @@ def test_adm_precomputed_mu_sigma_import_and_pickled_npz_is_refused(tmp_path):
         import_npz_stats(tmp_path / "pickled.npz")
 
 
-def test_contiguous_shards_cover_every_index_once():
-    shards = [contiguous_shard(11, r, 3) for r in range(3)]
-    assert [len(s) for s in shards] == [4, 4, 3]
-    assert [i for s in shards for i in s] == list(range(11))
+def _image_ids(batches):
+    """The id i of each image with constant pixel value i (uint8), in the order the batches give them."""
+    return [round(float(image[0, 0, 0] + 1) * 127.5) for batch in batches for image in batch]
+
+
+def test_process_shards_are_contiguous_larger_first_and_cover_every_image_once(tmp_path):
+    # 11 images over 3 processes: shards of 4, 4, 3 in order (accelerate's split_between_processes layout)
+    ids = np.arange(11, dtype=np.uint8)
+    images = np.broadcast_to(ids[:, None, None, None], (11, 4, 4, 3)).copy()
+    for source in (images, _as_float_images(images)):
+        shards = [iter_array_batches(source, batch_size=3, rank=r, world_size=3) for r in range(3)]
+        assert [n for _, n in shards] == [4, 4, 3]
+        assert [_image_ids(batches) for batches, _ in shards] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    folder = tmp_path / "ids"
+    folder.mkdir()
+    for i in ids:
+        Image.fromarray(images[i]).save(folder / f"{i:02d}.png")
+    shards = [iter_folder_batches(folder, batch_size=3, rank=r, world_size=3) for r in range(3)]
+    assert [n for _, n in shards] == [4, 4, 3]
+    assert [_image_ids(batches) for batches, _ in shards] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    # more processes than images: the last processes get empty shards
+    shards = [iter_array_batches(images[:2], batch_size=3, rank=r, world_size=3) for r in range(3)]
+    assert [n for _, n in shards] == [1, 1, 0]
+    assert [_image_ids(batches) for batches, _ in shards] == [[0], [1], []]
+
+
+def _as_float_images(images):
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], the other in-memory layout."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
