@@ -36,13 +36,9 @@ S_p) is a constant: asking for its gradient raises a ``ValueError``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fd_onestep.reference_stats import ReferenceStats
 
 __all__ = [
     "frechet_distance",
@@ -74,7 +70,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}.")
 
 
-def validate_stats(mu, sigma, name: str = "stats") -> None:
+def validate_stats(mu, sigma, name: str = "stats") -> bool:
     """Check a Gaussian's statistics; raise ``ValueError`` naming the problem and the fix.
 
     Args:
@@ -82,12 +78,15 @@ def validate_stats(mu, sigma, name: str = "stats") -> None:
         sigma: covariance, shape (d, d), symmetric (max |S - S^T| <= 1e-5 * max |S|, the float32
             round-off of a covariance computed by a matrix product) and finite.
         name: what to call these statistics in the message (e.g. "reference", "generated").
+
+    Returns:
+        whether ``sigma`` is exactly (bitwise) symmetric; pass it on as ``symmetric`` to
+        :func:`frechet_distance_from_factor` with ``validate=False`` to skip testing it again.
     """
-    _validate(mu, sigma, name)
+    return _validate(mu, sigma, name)
 
 
 def _validate(mu, sigma, name: str) -> bool:
-    """:func:`validate_stats`; returns whether sigma is exactly symmetric (no symmetrization needed)."""
     mu = _as_tensor(mu, f"{name} mu")
     sigma = _as_tensor(sigma, f"{name} sigma")
     if mu.ndim != 1:
@@ -308,6 +307,7 @@ def frechet_distance_from_factor(
     *,
     lower: bool = False,
     validate: bool = True,
+    symmetric: bool | None = None,
 ) -> torch.Tensor:
     """FD when a factor ``F`` of the reference covariance (``F F^T = S_p``) is already known (the hot path).
 
@@ -318,14 +318,17 @@ def frechet_distance_from_factor(
         trace_sigma_p: ``tr(S_p)`` (float or 0-dim float64 tensor).
         mu_q, sigma_q: (d,), (d, d) generated statistics; may require grad.
         lower: ``factor_p`` is lower triangular (lets the CPU route skip its zero blocks).
-        validate: check mu_q/sigma_q (shape, symmetry, finiteness); costs two passes over sigma_q.
+        validate: check mu_q/sigma_q (shape, symmetry, finiteness, same d as mu_p); costs two passes
+            over sigma_q.
+        symmetric: with ``validate=False``, whether sigma_q is known to be exactly symmetric (what
+            :func:`validate_stats` returned); None tests it (one pass). Ignored when validating.
 
     Returns:
-        0-dim float64 tensor, differentiable w.r.t. mu_q and sigma_q (closed-form backward).
+        0-dim float64 tensor on the device of ``mu_p``, differentiable w.r.t. mu_q and sigma_q
+        (closed-form backward).
     """
     mu_q = _as_tensor(mu_q, "generated mu")
     sigma_q = _as_tensor(sigma_q, "generated sigma")
-    symmetric = None
     if validate:
         symmetric = _validate(mu_q, sigma_q, "generated")
         _check_pair(mu_p, mu_q)
@@ -390,27 +393,19 @@ def frechet_distance(mu_p, sigma_p, mu_q, sigma_q) -> torch.Tensor:
     return _distance(mu_p, factor_p, sigma_p.diagonal().sum(), mu_q, sigma_q, lower, symmetric)
 
 
-def frechet_distance_to_reference(reference: "ReferenceStats", mu_q, sigma_q) -> torch.Tensor:
-    """FD between a :class:`ReferenceStats` and generated statistics, reusing the cached factor.
+def frechet_distance_to_reference(reference, mu_q, sigma_q) -> torch.Tensor:
+    """``reference.frechet_distance(mu_q, sigma_q)``: FD to a :class:`~fd_onestep.reference_stats.ReferenceStats`.
+
+    Kept as a function for callers that prefer one; the reference owns its cached factor and calls
+    :func:`frechet_distance_from_factor` (this module does not depend on ``reference_stats``).
 
     Args:
-        reference: reference statistics; its factor (:func:`reference_factor`) is computed once and
-            cached per device.
+        reference: reference statistics (anything with a ``frechet_distance(mu_q, sigma_q)`` method).
         mu_q: (d,) generated mean (numpy or torch); may require grad.
         sigma_q: (d, d) generated covariance; may require grad.
 
     Returns:
         0-dim float64 tensor on the device of ``mu_q`` (torch input) or the CPU (numpy input).
     """
-    mu_q = _as_tensor(mu_q, "generated mu")
-    sigma_q = _as_tensor(sigma_q, "generated sigma")
-    symmetric = _validate(mu_q, sigma_q, "generated")
-    if mu_q.shape[0] != reference.feature_dim:
-        raise ValueError(
-            f"feature dimensions differ: reference (encoder {reference.encoder_id!r}) has "
-            f"d={reference.feature_dim}, generated has d={mu_q.shape[0]}; compute the generated "
-            "features with the encoder the reference statistics were made with."
-        )
-    mu_p, factor_p, trace_sigma_p, lower = reference.tensors_on(mu_q.device)
-    return _distance(mu_p, factor_p, trace_sigma_p, mu_q, sigma_q, lower, symmetric)
+    return reference.frechet_distance(mu_q, sigma_q)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fd_onestep.frechet import frechet_distance_to_reference, reference_factor, sqrtm_psd, validate_stats
+from fd_onestep.frechet import frechet_distance_from_factor, reference_factor, sqrtm_psd, validate_stats
 from fd_onestep.moments import FeatureMoments
 
 __all__ = ["ReferenceStats"]
@@ -105,8 +105,27 @@ class ReferenceStats:
         return cached
 
     def frechet_distance(self, mu_q, sigma_q) -> torch.Tensor:
-        """FD between these statistics and (mu_q (d,), sigma_q (d, d)); 0-dim float64, differentiable."""
-        return frechet_distance_to_reference(self, mu_q, sigma_q)
+        """FD between these statistics and generated ones, with the factor cached per device.
+
+        Args:
+            mu_q: (d,) generated mean (numpy or torch, any float dtype); may require grad.
+            sigma_q: (d, d) generated covariance; may require grad.
+
+        Returns:
+            0-dim float64 tensor on the device of ``mu_q`` (torch input) or the CPU (numpy input),
+            differentiable w.r.t. ``mu_q`` and ``sigma_q`` (:func:`~fd_onestep.frechet.frechet_distance_from_factor`).
+        """
+        symmetric = validate_stats(mu_q, sigma_q, "generated")
+        if len(mu_q) != self.feature_dim:
+            raise ValueError(
+                f"feature dimensions differ: reference (encoder {self.encoder_id!r}) has "
+                f"d={self.feature_dim}, generated has d={len(mu_q)}; compute the generated "
+                "features with the encoder the reference statistics were made with."
+            )
+        device = mu_q.device if isinstance(mu_q, torch.Tensor) else torch.device("cpu")
+        mu_p, factor_p, trace_sigma_p, lower = self.tensors_on(device)
+        return frechet_distance_from_factor(mu_p, factor_p, trace_sigma_p, mu_q, sigma_q, lower=lower,
+                                            validate=False, symmetric=symmetric)
 
     def relative_fd(self, fd: float) -> float:
         """FD_r = fd / validation_fd (how many times worse than a held-out real split)."""

@@ -108,6 +108,21 @@ def test_factor_and_sqrt_sigma_are_cached_and_distance_matches_plain_function():
     assert abs(float(ref.frechet_distance(mu_q, s_q)) - float(expected)) <= 1e-12 * float(expected)
 
 
+def test_distance_takes_numpy_or_torch_and_names_the_encoder_on_a_dimension_mismatch():
+    ref = ReferenceStats.from_features(_features(), encoder_id="dinov2")
+    y = _features(seed=2, shift=0.1)
+    mu_q, s_q = y.mean(0), torch.cov(y.T)
+    from_torch = ref.frechet_distance(mu_q, s_q)
+    from_numpy = ref.frechet_distance(mu_q.numpy(), s_q.numpy())
+    assert from_numpy.device.type == "cpu" and torch.equal(from_numpy, from_torch)
+    assert torch.equal(fd_onestep.frechet_distance_to_reference(ref, mu_q, s_q), from_torch)
+    with pytest.raises(ValueError, match=r"feature dimensions differ: reference \(encoder 'dinov2'\) has d=16, "
+                                         r"generated has d=8; compute the generated features with the encoder"):
+        ref.frechet_distance(mu_q[:8], s_q[:8, :8])
+    with pytest.raises(ValueError, match="generated: mu contains NaN"):  # validation first, then the dimension
+        ref.frechet_distance(torch.full((8,), float("nan"), dtype=torch.float64), s_q[:8, :8])
+
+
 def test_check_compatible_names_both_encoders_and_dims():
     ref = ReferenceStats.from_features(_features(), encoder_id="inception")
     ref.check_compatible("inception", 16)
