@@ -13,6 +13,24 @@ uses an absolute ``eps = 0.01``: an encoder with FD 0.04 then gets the gradient 
 ``tr(sigma_ref_i)`` -- the FD of a generator collapsed onto the reference mean, the natural FD scale of
 that representation -- and defaults to 1e-6: for an encoder with ``tr(sigma_ref) = 1`` and FD 0.04
 the damping is 0.04 / (0.04 + 1e-6) = 0.99998, and for Inception (``tr ~ 100``, FD 40) 0.999998.
+
+A training step follows the populations' step protocol (:class:`~fd_onestep.populations.Population`),
+which both losses forward without knowing the estimator::
+
+    micro_batches = draw(k) if fd_loss.two_pass else draw(1)   # inputs (noise, conditioning)
+    fd_loss.begin_step()
+    if fd_loss.two_pass:                           # exact population: pass 1, statistics only
+        with torch.no_grad():
+            for inputs in micro_batches:
+                fd_loss.accumulate(features_of(inputs))
+    fd_loss.end_accumulation()                     # collective for exact populations, else no-op
+    for inputs in micro_batches:                   # pass 2, the same inputs, with gradient
+        loss, raw = fd_loss(features_of(inputs))   # MultiEncoderFDLoss; FDLoss returns the FD
+        loss.backward()                            # not divided by k: the k gradients add up
+    optimizer.step()
+
+Under DDP run all but the last pass-2 micro-batch under ``no_sync`` (see
+:class:`~fd_onestep.populations.ExactPopulation`).
 """
 
 from __future__ import annotations
@@ -22,7 +40,7 @@ import math
 import torch
 
 from fd_onestep.moments import check_features
-from fd_onestep.populations import ExactPopulation, Population
+from fd_onestep.populations import Population
 from fd_onestep.reference_stats import ReferenceStats
 
 __all__ = ["FDLoss", "MultiEncoderFDLoss"]
@@ -38,7 +56,9 @@ class FDLoss(torch.nn.Module):
 
     ``forward`` returns a 0-dim float64 tensor: the FD value (squared feature units), differentiable
     w.r.t. ``features`` through the closed-form FD backward. ``last_fd`` keeps the last value as a float.
-    Calling it advances the population (see each population's docstring).
+    Calling it advances the population (see each population's docstring). :attr:`two_pass`,
+    :meth:`begin_step`, :meth:`accumulate` and :meth:`end_accumulation` forward the population's step
+    protocol (module docstring).
     """
 
     def __init__(self, reference: ReferenceStats, population: Population):
@@ -61,42 +81,40 @@ class FDLoss(torch.nn.Module):
         self.reference = reference
         self.population = population
         self.last_fd: float = float("nan")
-        self._exact_cache = None
 
     @property
     def scale(self) -> float:
         """``tr(sigma_ref)``: the FD scale of this representation (used for a relative eps)."""
         return float(self.reference.trace_sigma)
 
+    @property
+    def two_pass(self) -> bool:
+        """Whether a step needs pass 1 (:meth:`accumulate` of every micro-batch) before pass 2."""
+        return self.population.two_pass
+
+    def begin_step(self) -> None:
+        """Start an optimizer step (the population's :meth:`~Population.begin_step`)."""
+        self.population.begin_step()
+
+    def accumulate(self, features: torch.Tensor) -> None:
+        """Pass 1: add one micro-batch's (B_i, d) features, computed without grad (no-op when one-pass)."""
+        self._check(features)
+        self.population.accumulate(features)
+
+    def end_accumulation(self) -> None:
+        """End pass 1 (collective under torch.distributed for a two-pass population, else a no-op)."""
+        self.population.end_accumulation()
+
     def forward(self, features: torch.Tensor, *, update: bool = True) -> torch.Tensor:
-        check_features(features, self.reference.feature_dim,
-                       f"features for reference {self.reference.encoder_id or ''}".strip())
+        self._check(features)
         mu, sigma = self.population(features, update=update)
-        if isinstance(self.population, ExactPopulation) and (mu.requires_grad or sigma.requires_grad):
-            loss = self._exact_micro_batch_loss(mu, sigma)
-        else:
-            loss = self.reference.frechet_distance(mu, sigma)
+        loss = self.population.distance(self.reference, mu, sigma)
         self.last_fd = float(loss.detach())
         return loss
 
-    def _exact_micro_batch_loss(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Pass-2 loss of an exact population with one eigen-decomposition per step, not per micro-batch.
-
-        Every micro-batch sees the same statistics M (only the gradient path differs), so F(M) and its
-        gradient (g_mu, g_sigma) are computed once per step and each micro-batch returns
-        ``F(M) + <g_mu, mu - sg(mu)> + <g_sigma, sigma - sg(sigma)>``: value F(M), gradient exactly
-        ``g . dM_i`` (what autograd through the full FD would give).
-        """
-        version = (id(self.population), self.population.version)
-        if self._exact_cache is None or self._exact_cache[0] != version:
-            mu0 = mu.detach().requires_grad_()
-            sigma0 = sigma.detach().requires_grad_()
-            with torch.enable_grad():
-                value = self.reference.frechet_distance(mu0, sigma0)
-                g_mu, g_sigma = torch.autograd.grad(value, (mu0, sigma0))
-            self._exact_cache = (version, value.detach(), g_mu, g_sigma)
-        _, value, g_mu, g_sigma = self._exact_cache
-        return value + (g_mu * (mu - mu.detach())).sum() + (g_sigma * (sigma - sigma.detach())).sum()
+    def _check(self, features: torch.Tensor) -> None:
+        check_features(features, self.reference.feature_dim,
+                       f"features for reference {self.reference.encoder_id or ''}".strip())
 
 
 class MultiEncoderFDLoss(torch.nn.Module):
@@ -108,7 +126,9 @@ class MultiEncoderFDLoss(torch.nn.Module):
         eps: relative guard, see the module docstring (default 1e-6; absolute eps_i = eps * tr(sigma_ref_i)).
 
     ``forward(features: dict[name, (B, d_i) tensor]) -> (loss 0-dim float64, {name: raw FD float})``.
-    The loss value is about ``sum_i w_i``; log the raw FDs.
+    The loss value is about ``sum_i w_i`` whatever the FDs; log the raw FDs, or their weighted sum
+    :meth:`weighted_fd`. :attr:`two_pass`, :meth:`begin_step`, :meth:`accumulate` and
+    :meth:`end_accumulation` run the step protocol (module docstring) for every encoder.
     """
 
     def __init__(self, losses: dict[str, FDLoss], weights: dict[str, float] | None = None, eps: float = 1e-6):
@@ -137,16 +157,53 @@ class MultiEncoderFDLoss(torch.nn.Module):
         """Absolute eps_i of encoder ``name``: ``eps * tr(sigma_ref_i)``."""
         return self.eps * self.losses[name].scale
 
-    def forward(self, features: dict[str, torch.Tensor], *, update: bool = True):
-        if not isinstance(features, dict):
-            raise TypeError("features must be a dict {encoder name: (B, d) tensor}, one entry per encoder.")
-        missing = sorted(set(self.losses) - set(features))
-        extra = sorted(set(features) - set(self.losses))
+    @property
+    def two_pass(self) -> bool:
+        """Whether a step needs pass 1 (:meth:`accumulate`); True when any encoder's population is two-pass.
+
+        Configure every encoder with the same population kind: in a two-pass step a one-pass
+        population (EMA, queue) is called, and advanced, once per pass-2 micro-batch.
+        """
+        return any(loss.two_pass for loss in self.losses.values())
+
+    def begin_step(self) -> None:
+        """Start an optimizer step for every encoder (no-op for one-pass populations)."""
+        for loss in self.losses.values():
+            loss.begin_step()
+
+    def accumulate(self, features: dict[str, torch.Tensor]) -> None:
+        """Pass 1: add one micro-batch's no-grad features ``{name: (B_i, d_i)}`` (no-op for one-pass)."""
+        self._check_names(features, "features", "(B, d) tensor", "feature tensor")
+        for name, loss in self.losses.items():
+            loss.accumulate(features[name])
+
+    def end_accumulation(self) -> None:
+        """End pass 1 for every encoder (collective for two-pass populations, else a no-op)."""
+        for loss in self.losses.values():
+            loss.end_accumulation()
+
+    def weighted_fd(self, raw: dict[str, float]) -> float:
+        """``sum_i w_i F_i`` of the raw FDs returned by :meth:`forward`: an informative scalar to log.
+
+        (The loss itself is ``sum_i w_i F_i / (sg(F_i) + eps_i)``, about ``sum_i w_i`` at every step.)
+        """
+        self._check_names(raw, "raw FDs", "FD", "raw FD")
+        return sum(self.weights[name] * float(raw[name]) for name in self.losses)
+
+    def _check_names(self, per_encoder, what: str, value: str, one: str) -> None:
+        """Raise unless ``per_encoder`` is a dict with exactly the configured encoder names."""
+        if not isinstance(per_encoder, dict):
+            raise TypeError(f"{what} must be a dict {{encoder name: {value}}}, one entry per encoder.")
+        missing = sorted(set(self.losses) - set(per_encoder))
+        extra = sorted(set(per_encoder) - set(self.losses))
         if missing or extra:
             raise ValueError(
-                f"features are for encoders {sorted(features)} but the loss expects {sorted(self.losses)} "
-                f"(missing {missing}, unexpected {extra}); pass one feature tensor per configured encoder."
+                f"{what} are for encoders {sorted(per_encoder)} but the loss expects {sorted(self.losses)} "
+                f"(missing {missing}, unexpected {extra}); pass one {one} per configured encoder."
             )
+
+    def forward(self, features: dict[str, torch.Tensor], *, update: bool = True):
+        self._check_names(features, "features", "(B, d) tensor", "feature tensor")
         total = None
         raw: dict[str, float] = {}
         for name, loss_fn in self.losses.items():

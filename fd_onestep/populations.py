@@ -27,7 +27,11 @@ they divide by n - 1. The EMA weighs samples unequally (weight ``w_j``, ``sum w_
 estimator for such weights divides ``sum w_j (z_j - mu)(z_j - mu)^T`` by ``1 - V2`` with
 ``V2 = sum w_j^2``. It is tracked exactly (``V2 <- beta^2 V2 + (1 - beta)^2 / B``): after a warm start
 with N samples it is 1/N, so a fresh EMA equals ``numpy.cov`` of the warm-start samples, and with
-``beta = 0`` it equals ``numpy.cov`` of the batch.
+``beta = 0`` it equals ``numpy.cov`` of the batch. All three form their covariance with
+:func:`fd_onestep.moments.covariance_from_moments` (total weight n and ``n - 1``, or 1 and ``1 - V2``).
+
+Training-step protocol (``two_pass``, ``begin_step``, ``accumulate``, ``end_accumulation``,
+``distance``): see :class:`Population`; only the exact population needs the first pass.
 
 Distributed (``torch.distributed`` initialized, world size W > 1): the batch moments are summed over
 processes, so the population is the global batch. The local part keeps its gradient, scaled by W
@@ -44,12 +48,15 @@ device of the features on the first call.
 from __future__ import annotations
 
 import abc
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from fd_onestep.distributed import all_gather_cat, get_world_size, sum_over_processes_with_local_grad
-from fd_onestep.moments import FeatureMoments, check_features
+from fd_onestep.distributed import all_gather_cat, get_world_size, sum_over_processes_with_local_grad, with_local_grad
+from fd_onestep.moments import FeatureMoments, check_features, covariance_from_moments, raw_sums
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fd_onestep.reference_stats import ReferenceStats
 
 __all__ = ["Population", "EMAPopulation", "QueuePopulation", "ExactPopulation", "build_population"]
 
@@ -62,8 +69,7 @@ def _batch_sums(features: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, to
     """
     check_features(features, dim)
     z = features.to(torch.float64)
-    s1 = z.sum(dim=0)
-    s2 = z.mT @ z
+    s1, s2 = raw_sums(z)
     if get_world_size() == 1:
         return int(z.shape[0]), s1, s2
     count = torch.tensor([float(z.shape[0])], dtype=torch.float64, device=z.device)
@@ -72,21 +78,39 @@ def _batch_sums(features: torch.Tensor, dim: int) -> tuple[int, torch.Tensor, to
     return n, packed[1 : 1 + dim], packed[1 + dim :].reshape(dim, dim)
 
 
-def _covariance(sum1: torch.Tensor, sum2: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mu, (sum2 - n mu mu^T) / (n - 1))`` from raw sums of n samples (exactly symmetric)."""
+def _sample_statistics(sum1: torch.Tensor, sum2: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu (d,), sigma (d, d))`` float64 of n equally weighted samples from their raw sums.
+
+    ``sigma = (sum2 - n mu mu^T) / (n - 1)`` (``numpy.cov``), see :func:`covariance_from_moments`.
+    """
     mu = sum1 / n
-    cov = (sum2 - n * torch.outer(mu, mu)) / (n - 1)
-    return mu, (cov + cov.mT) * 0.5
+    return mu, covariance_from_moments(mu, sum2, n, n - 1)
 
 
 class Population(torch.nn.Module, abc.ABC):
     """Base class: ``population(features (B, d)) -> (mu (d,), sigma (d, d))`` float64, grad via features.
 
     Subclasses document whether/when calling advances their state.
+
+    Step protocol (what a training loop calls, the same for every estimator; :class:`FDLoss
+    <fd_onestep.losses.FDLoss>` and :class:`MultiEncoderFDLoss <fd_onestep.losses.MultiEncoderFDLoss>`
+    forward it):
+
+    1. :meth:`begin_step` at the start of every optimizer step;
+    2. only when :attr:`two_pass`: **pass 1**, :meth:`accumulate` with the (no-grad) features of every
+       micro-batch of the step, then :meth:`end_accumulation` (a collective under torch.distributed);
+    3. **pass 2**: per micro-batch, ``mu, sigma = population(features)`` with gradient, then the loss
+       ``population.distance(reference, mu, sigma)``, then backward.
+
+    For one-pass estimators (EMA, queue: ``two_pass = False``) steps 1-2 are no-ops and a step is one
+    call per batch. The FD itself goes through :meth:`distance` so that an estimator whose statistics
+    are the same for every micro-batch of a step (the exact population) can compute it once per step.
     """
 
     #: whether :meth:`warm_start` is meaningful for this estimator
     supports_warm_start: bool = True
+    #: whether a training step needs pass 1 (:meth:`accumulate` of every micro-batch) before pass 2
+    two_pass: bool = False
 
     def __init__(self, dim: int):
         super().__init__()
@@ -106,6 +130,27 @@ class Population(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def warm_start(self, chunks: Iterable[torch.Tensor]) -> None:
         ...
+
+    def begin_step(self) -> None:
+        """Start an optimizer step (no-op for one-pass estimators)."""
+
+    def accumulate(self, features: torch.Tensor) -> None:
+        """Pass 1: add one micro-batch's features (no-op for one-pass estimators)."""
+
+    def end_accumulation(self) -> None:
+        """End pass 1 (no-op for one-pass estimators)."""
+
+    def distance(self, reference: "ReferenceStats", mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """FD-loss of statistics returned by this population: ``reference.frechet_distance(mu, sigma)``.
+
+        Args:
+            reference: the reference statistics.
+            mu, sigma: (d,), (d, d) float64 from :meth:`forward` (may carry gradient).
+
+        Returns:
+            0-dim float64 tensor, differentiable w.r.t. ``mu`` and ``sigma``.
+        """
+        return reference.frechet_distance(mu, sigma)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -163,8 +208,8 @@ class EMAPopulation(Population):
             mu = b * self.mean + (1.0 - b) * bm
             second = b * self.second_moment + (1.0 - b) * be
             v2 = b * b * float(self.sum_sq_weights) + (1.0 - b) ** 2 / n
-        sigma = (second - torch.outer(mu, mu)) / (1.0 - v2)
-        sigma = (sigma + sigma.mT) * 0.5
+        # normalized weights (total 1): reliability-weight normalization 1 - V2 (module docstring)
+        sigma = covariance_from_moments(mu, second, 1.0, 1.0 - v2)
         if update:
             with torch.no_grad():
                 self.mean.copy_(mu.detach())
@@ -178,8 +223,8 @@ class EMAPopulation(Population):
         """Current (mu, sigma) of the EMA, no gradient (for logging / evaluation)."""
         if self.is_empty:
             raise RuntimeError("the EMA population is empty; warm_start(...) it or call it on a batch first.")
-        sigma = (self.second_moment - torch.outer(self.mean, self.mean)) / (1.0 - float(self.sum_sq_weights))
-        return self.mean.clone(), (sigma + sigma.mT) * 0.5
+        sigma = covariance_from_moments(self.mean, self.second_moment, 1.0, 1.0 - float(self.sum_sq_weights))
+        return self.mean.clone(), sigma
 
     @torch.no_grad()
     def warm_start(self, chunks: Iterable[torch.Tensor]) -> FeatureMoments:
@@ -238,7 +283,7 @@ class QueuePopulation(Population):
         n = n_b + int(self.filled)
         if n < 2:
             raise ValueError("a queue population needs at least 2 samples in batch + queue; use a larger batch.")
-        mu, sigma = _covariance(self.sum + s1, self.sum_outer + s2, n)
+        mu, sigma = _sample_statistics(self.sum + s1, self.sum_outer + s2, n)
         if update:
             self.push(all_gather_cat(features))
         return mu, sigma
@@ -253,12 +298,13 @@ class QueuePopulation(Population):
         idx = (ptr + torch.arange(m, device=rows.device)) % q
         evicted = self.features[idx[idx < filled]].to(torch.float64)
         if evicted.shape[0]:
-            self.sum -= evicted.sum(0)
-            self.sum_outer -= evicted.mT @ evicted
+            e1, e2 = raw_sums(evicted)
+            self.sum -= e1
+            self.sum_outer -= e2
         self.features[idx] = rows
-        r = rows.to(torch.float64)
-        self.sum += r.sum(0)
-        self.sum_outer += r.mT @ r
+        r1, r2 = raw_sums(rows.to(torch.float64))
+        self.sum += r1
+        self.sum_outer += r2
         self.filled.fill_(min(filled + m, q))
         self.ptr.fill_((ptr + m) % q)
         if ptr + m >= q:  # wrapped around: refresh the running sums exactly
@@ -270,13 +316,13 @@ class QueuePopulation(Population):
         n = int(self.filled)
         if n < 2:
             raise RuntimeError(f"the queue holds {n} sample(s); push or warm_start at least 2 first.")
-        return _covariance(self.sum.clone(), self.sum_outer.clone(), n)
+        return _sample_statistics(self.sum.clone(), self.sum_outer.clone(), n)
 
     @torch.no_grad()
     def _recompute_sums(self) -> None:
-        stored = self.features[: int(self.filled)].to(torch.float64)
-        self.sum.copy_(stored.sum(0))
-        self.sum_outer.copy_(stored.mT @ stored)
+        s1, s2 = raw_sums(self.features[: int(self.filled)].to(torch.float64))
+        self.sum.copy_(s1)
+        self.sum_outer.copy_(s2)
 
     @torch.no_grad()
     def warm_start(self, chunks: Iterable[torch.Tensor]) -> None:
@@ -307,16 +353,20 @@ class ExactPopulation(Population):
        whole large batch (so the loss is the large-batch FD), the *gradient* flows only through
        micro-batch i. Summing the k backward passes gives exactly the full-batch gradient.
 
-    Example (a training step; ``noise`` is split into k micro-batches)::
+    Every micro-batch of pass 2 sees the same statistics M, so :meth:`distance` computes F(M) and its
+    gradient ``g = (dF/dmu, dF/dsigma)`` once per step (one eigen-decomposition) and returns
+    ``F(M) + <g, M_i - sg(M_i)>`` for micro-batch i: value F(M), gradient exactly ``g . dM_i/dtheta``.
 
-        population = ExactPopulation(dim, micro_batches=k)
-        fd_loss = FDLoss(reference, population)
+    Example (a training step; ``noise`` is split into k micro-batches; :class:`FDLoss
+    <fd_onestep.losses.FDLoss>` forwards ``begin_step``/``accumulate``/``end_accumulation``)::
 
-        population.begin_step()
+        fd_loss = FDLoss(reference, ExactPopulation(dim, micro_batches=k))
+
+        fd_loss.begin_step()
         with torch.no_grad():                                   # pass 1: statistics only
             for noise_i in noise.chunk(k):
-                population.accumulate(encoder(generator(noise_i)))
-        population.end_accumulation()                           # sum over processes (collective)
+                fd_loss.accumulate(encoder(generator(noise_i)))
+        fd_loss.end_accumulation()                              # sum over processes (collective)
         for i, noise_i in enumerate(noise.chunk(k)):            # pass 2: one micro-batch at a time
             sync = i == k - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(generator)):
@@ -341,14 +391,17 @@ class ExactPopulation(Population):
     """
 
     supports_warm_start = False
+    two_pass = True
 
     def __init__(self, dim: int, micro_batches: int | None = None):
         super().__init__(dim)
         if micro_batches is not None and int(micro_batches) < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}.")
         self.micro_batches = None if micro_batches is None else int(micro_batches)
-        # bumped whenever the totals change: FDLoss caches the FD gradient at M per version
+        # bumped whenever the totals change: distance() caches the FD gradient at M per version
         self.version = 0
+        # ((id(reference), version), F(M), dF/dmu, dF/dsigma) of the last pass-2 distance; not state
+        self._fd_cache = None
         self.register_buffer("total_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("total_sum", torch.zeros(self.dim, dtype=torch.float64))
         self.register_buffer("total_sum_outer", torch.zeros(self.dim, self.dim, dtype=torch.float64))
@@ -392,9 +445,10 @@ class ExactPopulation(Population):
         check_features(features, self.dim)
         self.version += 1
         z = features.detach().to(torch.float64)
+        s1, s2 = raw_sums(z)
         self.total_count += z.shape[0]
-        self.total_sum += z.sum(0)
-        self.total_sum_outer += z.mT @ z
+        self.total_sum += s1
+        self.total_sum_outer += s2
 
     @torch.no_grad()
     def end_accumulation(self) -> None:
@@ -416,7 +470,7 @@ class ExactPopulation(Population):
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of the whole large batch, no gradient (after pass 1)."""
         self.end_accumulation()
-        return _covariance(self.total_sum.clone(), self.total_sum_outer.clone(), self._n())
+        return _sample_statistics(self.total_sum.clone(), self.total_sum_outer.clone(), self._n())
 
     def _n(self) -> int:
         n = int(self.total_count)
@@ -438,7 +492,7 @@ class ExactPopulation(Population):
         n = self._n()
         check_features(features, self.dim)
         z = features.to(torch.float64)
-        n_i, s1_i, s2_i = int(z.shape[0]), z.sum(dim=0), z.mT @ z
+        n_i, (s1_i, s2_i) = int(z.shape[0]), raw_sums(z)
         if update:
             calls, seen = int(self.pass2_calls) + 1, int(self.pass2_samples) + n_i
             if self.micro_batches is not None and calls > self.micro_batches:
@@ -455,10 +509,32 @@ class ExactPopulation(Population):
             self.pass2_samples.fill_(seen)
         # value: exactly the pass-1 totals; gradient: through this micro-batch only, times the world
         # size so that DDP's averaging leaves the global-batch gradient (no collective needed here)
-        w = get_world_size()
-        sum1 = self.total_sum + w * (s1_i - s1_i.detach())
-        sum2 = self.total_sum_outer + w * (s2_i - s2_i.detach())
-        return _covariance(sum1, sum2, n)
+        sum1 = with_local_grad(self.total_sum, s1_i)
+        sum2 = with_local_grad(self.total_sum_outer, s2_i)
+        return _sample_statistics(sum1, sum2, n)
+
+    def distance(self, reference: "ReferenceStats", mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Pass-2 FD-loss with one eigen-decomposition per step, not per micro-batch.
+
+        ``mu``, ``sigma`` (from :meth:`forward`) have the value of the whole large batch M for every
+        micro-batch; F(M) and its gradient (g_mu, g_sigma) are computed at the first micro-batch of
+        the step (cached per reference and :attr:`version`) and each call returns
+        ``F(M) + <g_mu, mu - sg(mu)> + <g_sigma, sigma - sg(sigma)>``: value F(M), gradient exactly
+        ``g . dM_i`` (what autograd through the full FD would give). Statistics without gradient get
+        the plain :meth:`Population.distance`.
+        """
+        if not (mu.requires_grad or sigma.requires_grad):
+            return super().distance(reference, mu, sigma)
+        key = (id(reference), self.version)
+        if self._fd_cache is None or self._fd_cache[0] != key:
+            mu0 = mu.detach().requires_grad_()
+            sigma0 = sigma.detach().requires_grad_()
+            with torch.enable_grad():
+                value = reference.frechet_distance(mu0, sigma0)
+                g_mu, g_sigma = torch.autograd.grad(value, (mu0, sigma0))
+            self._fd_cache = (key, value.detach(), g_mu, g_sigma)
+        _, value, g_mu, g_sigma = self._fd_cache
+        return value + (g_mu * (mu - mu.detach())).sum() + (g_sigma * (sigma - sigma.detach())).sum()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.version += 1

@@ -41,6 +41,7 @@ def _run(kind, world, rank):
     model = DistributedDataParallel(generator) if world > 1 else generator
     population = build_population(kind, D, **KINDS[kind])
     loss_fn = FDLoss(reference, population)
+    assert loss_fn.two_pass == (kind == "exact")
     if population.supports_warm_start:
         population.warm_start(chunk.chunk(world)[rank] for chunk in warm)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -48,20 +49,19 @@ def _run(kind, world, rank):
     for noise in steps:
         local = noise.chunk(world)[rank]
         optimizer.zero_grad()
-        if kind == "exact":
-            micro = local.chunk(2)
-            population.begin_step()
+        # the loss-level step protocol, the same code for every population kind
+        micro = local.chunk(2) if loss_fn.two_pass else [local]
+        loss_fn.begin_step()
+        if loss_fn.two_pass:
             with torch.no_grad():
                 for m in micro:
-                    population.accumulate(model(m))
-            for i, m in enumerate(micro):
-                last = i == len(micro) - 1
-                with contextlib.nullcontext() if (last or world == 1) else model.no_sync():
-                    loss = loss_fn(model(m))
-                    loss.backward()
-        else:
-            loss = loss_fn(model(local))
-            loss.backward()
+                    loss_fn.accumulate(model(m))
+        loss_fn.end_accumulation()  # collective for the exact population
+        for i, m in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if (last or world == 1) else model.no_sync():
+                loss = loss_fn(model(m))
+                loss.backward()
         history.append((float(loss.detach()), [p.grad.detach().clone() for p in model.parameters()]))
         optimizer.step()
     return history

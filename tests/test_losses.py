@@ -130,3 +130,123 @@ def test_fd_loss_with_exact_population_gives_full_batch_gradient_with_one_eigh_p
         for p, gf in zip(gen.parameters(), full_grads):
             assert float((p.grad - gf).norm()) <= 1e-10 * float(gf.norm())
     assert len(eigh_calls) == 2  # once per step, not once per micro-batch
+
+
+def _features(gen, chunk):
+    feats = gen(chunk)
+    return {"a": feats, "b": feats * 0.1}
+
+
+def _generic_step(fd_loss, gen, noise, k):
+    """One optimizer step through the loss-level step protocol only (no population internals)."""
+    micro = noise.chunk(k) if fd_loss.two_pass else [noise]
+    fd_loss.begin_step()
+    if fd_loss.two_pass:
+        with torch.no_grad():
+            for chunk in micro:
+                fd_loss.accumulate(_features(gen, chunk))
+    fd_loss.end_accumulation()
+    raws = []
+    for chunk in micro:
+        loss, raw = fd_loss(_features(gen, chunk))
+        loss.backward()
+        raws.append(raw)
+    return raws
+
+
+def _kind_specific_step(fd_loss, gen, noise, k, kind):
+    """The same step written against the populations themselves."""
+    if kind != "exact":
+        loss, raw = fd_loss(_features(gen, noise))
+        loss.backward()
+        return [raw]
+    populations = {name: loss.population for name, loss in fd_loss.losses.items()}
+    for population in populations.values():
+        population.begin_step()
+    with torch.no_grad():
+        for chunk in noise.chunk(k):
+            for name, f in _features(gen, chunk).items():
+                populations[name].accumulate(f)
+    raws = []
+    for chunk in noise.chunk(k):
+        loss, raw = fd_loss(_features(gen, chunk))
+        loss.backward()
+        raws.append(raw)
+    return raws
+
+
+@pytest.mark.parametrize("kind", ["ema", "queue", "exact"])
+def test_multi_encoder_step_protocol_runs_every_population_kind_generically(kind):
+    from fd_onestep.populations import build_population
+
+    d, k = 5, 3
+    kwargs = {"ema": {"beta": 0.5}, "queue": {"queue_size": 20, "storage_dtype": torch.float64},
+              "exact": {"micro_batches": k}}[kind]
+    refs = {"a": _reference(d, 1.0, seed=1), "b": _reference(d, 0.1, seed=2)}
+
+    def build():
+        return MultiEncoderFDLoss({n: FDLoss(r, build_population(kind, d, **kwargs)) for n, r in refs.items()},
+                                  weights={"a": 2.0})
+
+    generic, specific = build(), build()
+    assert generic.two_pass == (kind == "exact")
+    assert all(loss.two_pass == (kind == "exact") for loss in generic.losses.values())
+    torch.manual_seed(0)
+    gen = torch.nn.Linear(8, d).double()  # full-rank features (see test_frechet for rank-deficient ones)
+    noise = torch.randn(12, 8, dtype=torch.float64)
+    if not generic.two_pass:  # pass-1 calls are no-ops: they leave a one-pass population untouched
+        before = {key: v.clone() for key, v in generic.state_dict().items()}
+        generic.begin_step()
+        generic.accumulate(_features(gen, noise))
+        generic.end_accumulation()
+        assert all(torch.equal(before[key], v) for key, v in generic.state_dict().items())
+    for step in range(2):
+        results = []
+        for fd_loss, run in ((generic, _generic_step), (specific, _kind_specific_step)):
+            gen.zero_grad()
+            raws = run(fd_loss, gen, noise, k) if run is _generic_step else run(fd_loss, gen, noise, k, kind)
+            results.append((raws, [p.grad.clone() for p in gen.parameters()]))
+        (raws, grads), (raws_specific, grads_specific) = results
+        assert raws == raws_specific and all(torch.equal(a, b) for a, b in zip(grads, grads_specific))
+        if kind == "exact":  # every micro-batch sees the large batch's FD; the gradients add up to its own
+            assert len(raws) == k and all(r == raws[0] for r in raws)
+            feats = _features(gen, noise)
+            full = sum(
+                generic.weights[n] * frechet_distance(refs[n].mu, refs[n].sigma, f.mean(0), torch.cov(f.T))
+                / (raws[0][n] + generic.eps_for(n))
+                for n, f in feats.items()
+            )
+            for p, g in zip(gen.parameters(), torch.autograd.grad(full, list(gen.parameters()))):
+                assert float((p.grad - g).norm()) <= 1e-10 * float(g.norm()), step
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        generic.accumulate({"a": gen(noise)})
+    with pytest.raises(ValueError, match="dimension 3 but 5 was expected"):  # checked in pass 1 too
+        generic.accumulate({"a": torch.randn(4, 3), "b": torch.randn(4, d)})
+
+
+def test_fd_loss_takes_the_fd_from_the_population_distance_hook():
+    calls = []
+
+    class Doubling(EMAPopulation):
+        def distance(self, reference, mu, sigma):
+            calls.append(1)
+            return 2 * super().distance(reference, mu, sigma)
+
+    ref = _reference(4, 1.0)
+    feats = torch.randn(8, 4, dtype=torch.float64)
+    plain = FDLoss(ref, EMAPopulation(4, beta=0.5))(feats)
+    doubled = FDLoss(ref, Doubling(4, beta=0.5))(feats)
+    assert calls == [1] and torch.equal(doubled, 2 * plain)
+
+
+def test_weighted_fd_is_the_weighted_sum_of_the_raw_fds_while_the_loss_is_the_sum_of_weights():
+    d = 4
+    refs = {"a": _reference(d, 1.0, seed=1), "b": _reference(d, 3.0, seed=2)}
+    multi = MultiEncoderFDLoss({n: FDLoss(r, EMAPopulation(d, beta=0.5)) for n, r in refs.items()},
+                               weights={"a": 2.0, "b": 0.5})
+    loss, raw = multi({"a": torch.randn(16, d, dtype=torch.float64) + 1, "b": torch.randn(16, d, dtype=torch.float64)})
+    assert multi.weighted_fd(raw) == 2.0 * raw["a"] + 0.5 * raw["b"]
+    assert multi.weighted_fd({"a": 1.0, "b": 4.0}) == 4.0
+    assert abs(float(loss.detach()) - 2.5) <= 1e-4 * 2.5  # uninformative: about sum_i w_i at every step
+    with pytest.raises(ValueError, match=r"raw FDs are for encoders \['a'\].*missing \['b'\]"):
+        multi.weighted_fd({"a": 1.0})

@@ -124,6 +124,32 @@ def test_exact_population_summed_gradient_equals_full_batch_gradient():
         assert float((p.grad - gf).norm()) <= 1e-10 * float(gf.norm())
 
 
+def test_exact_population_distance_is_the_fd_of_the_large_batch_for_each_reference():
+    d, k = 5, 2
+    g = torch.Generator().manual_seed(1)
+    refs = [ReferenceStats.from_features(torch.randn(400, d, generator=g, dtype=torch.float64) * s) for s in (1.0, 2.0)]
+    gen = _tiny_generator(6, d)
+    noise = torch.randn(4 * k, 6, generator=g, dtype=torch.float64)
+    exact = ExactPopulation(d, micro_batches=k)
+    assert exact.two_pass and not EMAPopulation(d).two_pass and not QueuePopulation(d, 4).two_pass
+    exact.begin_step()
+    with torch.no_grad():
+        for chunk in noise.chunk(k):
+            exact.accumulate(gen(chunk))
+    exact.end_accumulation()
+    feats = gen(noise).detach()
+    for chunk in noise.chunk(k):
+        mu, sigma = exact(gen(chunk))
+        for ref in refs:  # alternating references: the cached F(M) and gradient belong to one reference
+            expected = frechet_distance(ref.mu, ref.sigma, feats.mean(0), torch.cov(feats.T))
+            value = exact.distance(ref, mu, sigma)
+            assert value.requires_grad
+            assert abs(float(value.detach()) - float(expected)) <= 1e-12 * float(expected)
+    with torch.no_grad():  # statistics without gradient: the plain distance
+        mu, sigma = exact.statistics()
+        assert torch.equal(exact.distance(refs[0], mu, sigma), refs[0].frechet_distance(mu, sigma))
+
+
 def test_exact_population_accepts_precomputed_pass_one_moments():
     d = 5
     x = torch.randn(20, d, dtype=torch.float64)
