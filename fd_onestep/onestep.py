@@ -51,16 +51,10 @@ __all__ = [
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / DataParallel / torch.compile wrappers (what ``accelerator.unwrap_model`` does)."""
-    while True:
-        if hasattr(module, "module") and isinstance(
-            module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-        ):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
+    """The plain module under DDP / DataParallel / torch.compile wrappers (accelerate's own unwrapping)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module, keep_torch_compile=False)
 
 
 class OneStepGenerator:

@@ -7,7 +7,7 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
-from fd_onestep.training_utils import MODEL_CARD_TEMPLATE, check_model_card, render_model_card
+from fd_onestep.training.model_card import MODEL_CARD_TEMPLATE, check_model_card, render_model_card
 
 ENCODERS = [
     {"name": "dinov2", "encoder_id": "dinov2:dinov2-base:cls:224", "feature_dim": 768, "weight": 1.0,

@@ -65,11 +65,28 @@ def test_run_logs_per_encoder_fd_loss_lr_and_grad_norm_to_tensorboard(unet_run):
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("loss", "lr", "grad_norm", "fd/tiny-dinov2", "fd/tiny-siglip", "fresh_fd/tiny-dinov2",
-                "fresh_fd/tiny-siglip-eval", "fd_r/tiny-siglip", "fresh_over_population/tiny-dinov2"):
+    for tag in ("weighted_fd", "objective", "lr", "grad_norm", "fd/tiny-dinov2", "fd/tiny-siglip",
+                "fresh_fd/tiny-dinov2", "fresh_fd/tiny-siglip-eval", "fd_r/tiny-siglip",
+                "fresh_over_population/tiny-dinov2"):
         assert tag in tags, f"{tag} not logged (got {sorted(tags)})"
-    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("weighted_fd")] == [1, 2]
     assert "validation" in events.Tags()["images"]
+
+
+def test_logged_weighted_fd_is_the_weighted_sum_of_the_population_fds(unet_run):
+    """`weighted_fd` = sum_i w_i F_i (here every w_i = 1) tells how far the population is from the reference;
+    the normalized objective sum_i w_i F_i / sg(F_i) is logged beside it and always equals sum_i w_i."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = unet_run
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalar = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in
+              ("weighted_fd", "objective", "fd/tiny-dinov2", "fd/tiny-siglip")}
+    for step in (1, 2):
+        fds = scalar["fd/tiny-dinov2"][step] + scalar["fd/tiny-siglip"][step]
+        assert scalar["weighted_fd"][step] == pytest.approx(fds, rel=1e-5)
+        assert scalar["objective"][step] == pytest.approx(2.0, rel=1e-5)
 
 
 def test_validation_reports_fresh_sample_fd_in_training_and_eval_encoders(unet_run):

@@ -38,28 +38,33 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from fd_onestep.training_utils import (  # noqa: E402
-    CheckpointableGenerator,
-    TrainingProgress,
+from accelerate.logging import get_logger  # noqa: E402
+
+from fd_onestep.training.checkpoints import (  # noqa: E402
+    prune_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint_atomically,
+)
+from fd_onestep.training.hub import check_push_to_hub, push_folder_to_hub  # noqa: E402
+from fd_onestep.training.model_card import render_model_card  # noqa: E402
+from fd_onestep.training.run_args import (  # noqa: E402
     check_checkpoint_compatible,
     check_output_dir_compatible,
-    check_push_to_hub,
     fingerprint_digest,
-    load_state_file,
     parse_float_list,
     parse_name_list,
-    prune_checkpoints,
     public_args,
-    push_folder_to_hub,
-    render_model_card,
-    resolve_resume_checkpoint,
     run_fingerprint,
-    save_checkpoint_atomically,
-    save_state_file,
     write_run_args,
 )
+from fd_onestep.training.state import (  # noqa: E402
+    CheckpointableGenerator,
+    TrainingProgress,
+    load_state_file,
+    save_state_file,
+)
 
-logger = logging.getLogger("train_fd_onestep")
+logger = get_logger("train_fd_onestep", log_level="INFO")
 
 # --------------------------------------------------------------------------------------------------------
 # Defaults. Arguments listed here default to None on the command line and are filled from one of these two
@@ -92,7 +97,7 @@ GENERAL_DEFAULTS = {
     "seed": 0,
 }
 EMBEDDED_DEFAULTS = {
-    # Measured on 2 CPU cores (see README): the teacher's one-step map at t = 999 is the mean digit (it
+    # Measured on 2 CPU cores (see docs/digits.md): the teacher's one-step map at t = 999 is the mean digit (it
     # ignores its input, since the SNR there is zero), at t = 600 it is already diverse; at step 100, lr 1e-4 with
     # EMA beta 0.95 had the held-out resnet-digits FD at 5.6, against 9.0 with lr 1e-5 and beta 0.99 (whose
     # population lagged the generator: population FD 0.4-0.75x the fresh-sample FD).
@@ -107,7 +112,7 @@ EMBEDDED_DEFAULTS = {
     # Over full 1000-step runs, beta 0.95 / 0.9 / 0.8 / 0.6 gave a training-encoder FD_r mean (1000-sample
     # comparison) of 2.83 / 2.31 / 2.29 / 1.99
     # (effective population B (1 + beta) / (1 - beta) = 2496 / 1216 / 576 / 256 samples; the pixel features
-    # have d = 256). 0.8 was kept over 0.6 with the held-out numbers in view (README: 0.6 misses randcnn).
+    # have d = 256). 0.8 was kept over 0.6 with the held-out numbers in view (docs/digits.md: 0.6 misses randcnn).
     "fd_ema_beta": 0.8,
     "fd_warmup_samples": 2048,
     "fd_queue_size": 2048,
@@ -154,7 +159,7 @@ def _positive_int(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="FD-loss one-step training (see the module docstring and the README).",
+        description="FD-loss one-step training (see the module docstring and docs/training.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
@@ -491,14 +496,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Helpers
-def local_range(global_n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, end) of a global batch of ``global_n`` that process ``rank`` of ``world`` owns."""
-    base, extra = divmod(global_n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
+# Inputs: prompts, class histogram, reference statistics
 def load_prompts(args) -> list[str] | None:
     if args.prompts_file is not None:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -554,60 +552,24 @@ def load_reference(path: str, encoder_id: str):
     return ReferenceStats.load(path)
 
 
-def _unwrap(accelerator, model):
-    model = accelerator.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)
-
-
-def _family_slot(pipe) -> str:
-    return pipe.SUPPORTED_FAMILIES[pipe.family][0]
-
-
-def _save_images_png(images: torch.Tensor, folder: Path, start_index: int) -> None:
-    """images (N, C, H, W) in [-1, 1] -> folder/000123.png."""
-    from PIL import Image
-
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    arr = arr.permute(0, 2, 3, 1).numpy()
-    for i, a in enumerate(arr):
-        img = Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a[..., :3])
-        img.save(folder / f"{start_index + i:06d}.png")
-
-
-def _grid_image(images: torch.Tensor, rows: int | None = None):
-    """images (N, C, H, W) in [-1, 1] -> one PIL grid (diffusers.utils.make_image_grid)."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    n = images.shape[0]
-    cols = math.ceil(math.sqrt(n)) if rows is None else math.ceil(n / rows)
-    rows = math.ceil(n / cols)
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
-    pils = [Image.fromarray(a[..., 0], mode="L").convert("RGB") if a.shape[-1] == 1 else Image.fromarray(a[..., :3]) for a in arr]
-    pils += [Image.new("RGB", pils[0].size) for _ in range(rows * cols - n)]
-    return make_image_grid(pils, rows=rows, cols=cols)
-
-
 # --------------------------------------------------------------------------------------------------------
-def main(args) -> dict:
-    """Train; returns a summary dict (also written to DIR/fd_onestep_summary.json)."""
+# Building the run: accelerator, early checks, one-step pipeline, encoders, generator, loss, optimizer
+def build_accelerator(args):
+    """Accelerator + logging, the diffusers-examples way."""
     import diffusers
     import transformers
     from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    logging_dir = output_dir / args.logging_dir
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA: N CPU processes (gloo).
         cpu=not torch.cuda.is_available(),
     )
-    log = get_logger("train_fd_onestep", log_level="INFO")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
     if accelerator.is_local_main_process:
@@ -616,20 +578,24 @@ def main(args) -> dict:
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    log.info(accelerator.state, main_process_only=False)
+    logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
 
-    # ---------------------------------------------------------------- early checks (nothing trained yet)
+def check_run_setup(args, accelerator):
+    """Everything that can fail before a model is loaded: Hub credentials, resume target, output dir.
+
+    Returns ``(fingerprint, resume_path, hub_repo_id, hub_token)``; writes the run's arguments.
+    """
+    output_dir = Path(args.output_dir)
     hub_repo_id = hub_token = None
     if args.push_to_hub:
         hub_repo_id, hub_token = check_push_to_hub(args.hub_token, args.hub_model_id, output_dir)
     elif args.hub_token:
-        log.warning("--hub_token is ignored without --push_to_hub (and is never saved or logged).")
-    fingerprint = run_fingerprint(args, world)
+        logger.warning("--hub_token is ignored without --push_to_hub (and is never saved or logged).")
+    fingerprint = run_fingerprint(args, accelerator.num_processes)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     check_output_dir_compatible(output_dir, fingerprint)
     if resume_path is not None:
@@ -638,25 +604,24 @@ def main(args) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_args(output_dir, args, fingerprint)
     accelerator.wait_for_everyone()
+    return fingerprint, resume_path, hub_repo_id, hub_token
 
-    set_seed(args.seed)
 
-    # ---------------------------------------------------------------- one-step generator from the teacher
-    from fd_onestep.onestep import OneStepGenerator, add_lora_to_denoiser
+def teacher_load_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k) is not None}
+
+
+def build_one_step_pipeline(args):
+    """The teacher as an :class:`FDOneStepPipeline` with the run's one-step settings."""
     from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
-    teacher_kwargs = {}
-    if args.revision is not None:
-        teacher_kwargs["revision"] = args.revision
-    if args.variant is not None:
-        teacher_kwargs["variant"] = args.variant
     pipe = FDOneStepPipeline.from_teacher(
         args.pretrained_model_name_or_path,
         timestep=args.onestep_timestep,
         prediction_type=args.prediction_type,
         guidance_scale=args.guidance_scale,
         output_bound=args.output_bound,
-        **teacher_kwargs,
+        **teacher_load_kwargs(args),
     )
     if args.resolution is not None:
         factor = pipe.vae_scale_factor if pipe.is_latent else 1
@@ -666,35 +631,55 @@ def main(args) -> dict:
                 f"use a multiple of {factor}."
             )
         pipe.register_to_config(sample_size=args.resolution // factor)
+    return pipe
 
-    # ---------------------------------------------------------------- encoders and reference statistics
+
+class Representations:
+    """The encoders of the loss and the eval-only ones, each with its reference statistics (by short name)."""
+
+    def __init__(self, encoders: dict, references: dict, eval_encoders: dict, eval_references: dict):
+        self.encoders, self.references = encoders, references
+        self.eval_encoders, self.eval_references = eval_encoders, eval_references
+
+    @property
+    def all_encoders(self) -> dict:
+        return {**self.encoders, **self.eval_encoders}
+
+    @property
+    def all_references(self) -> dict:
+        return {**self.references, **self.eval_references}
+
+
+def build_encoders(args, names, stats_paths, device):
+    """{label: FeatureEncoder}, {label: ReferenceStats}; stats checked against their encoder first."""
     from fd_onestep.encoders import load_encoder
 
     encoder_autocast = None if args.encoder_autocast == "no" else args.encoder_autocast
     aliases = label_aliases(args)
+    encoders, references = {}, {}
+    for name, path in zip(names, stats_paths):
+        enc = load_encoder(name, device=device, autocast_dtype=encoder_autocast,
+                           gradient_checkpointing=args.encoder_gradient_checkpointing)
+        enc.requires_grad_(False)
+        enc.eval()
+        ref = load_reference(path, enc.encoder_id)
+        try:
+            ref.check_compatible(enc.encoder_id, enc.feature_dim)
+        except ValueError as err:
+            raise ValueError(f"--encoders {name!r} with reference stats {path!r}: {err}") from None
+        label = encoder_label(name, aliases)
+        encoders[label], references[label] = enc, ref
+    return encoders, references
 
-    def build_encoders(names, stats_paths):
-        """{label: FeatureEncoder}, {label: ReferenceStats}; stats checked against their encoder first."""
-        encoders, references = {}, {}
-        for name, path in zip(names, stats_paths):
-            label = encoder_label(name, aliases)
-            enc = load_encoder(name, device=device, autocast_dtype=encoder_autocast,
-                               gradient_checkpointing=args.encoder_gradient_checkpointing)
-            enc.requires_grad_(False)
-            enc.eval()
-            ref = load_reference(path, enc.encoder_id)
-            try:
-                ref.check_compatible(enc.encoder_id, enc.feature_dim)
-            except ValueError as err:
-                raise ValueError(f"--encoders {name!r} with reference stats {path!r}: {err}") from None
-            encoders[label], references[label] = enc, ref
-        return encoders, references
 
-    train_names = encoder_labels(args.encoders, "--encoders", aliases)
-    eval_names = encoder_labels(args.eval_encoders, "--eval_encoders", aliases)
-    encoders, references = build_encoders(args.encoders, args.reference_stats)
-    eval_encoders, eval_references = build_encoders(args.eval_encoders, args.eval_reference_stats)
+def build_representations(args, device) -> Representations:
+    encoders, references = build_encoders(args, args.encoders, args.reference_stats, device)
+    eval_encoders, eval_references = build_encoders(args, args.eval_encoders, args.eval_reference_stats, device)
+    return Representations(encoders, references, eval_encoders, eval_references)
 
+
+def load_conditioning(args, pipe, references):
+    """Training prompts (text models) and the class-label histogram (class-conditional models), checked."""
     prompts = load_prompts(args) if pipe.is_text_conditional else None
     if pipe.is_text_conditional and prompts is None:
         raise ValueError(
@@ -706,16 +691,22 @@ def main(args) -> dict:
     class_histogram = load_class_histogram(args, references) if pipe.is_class_conditional else None
     if not pipe.is_class_conditional and args.class_label_distribution != "uniform":
         raise ValueError("--class_label_distribution reference needs a class-conditional model.")
-
     if args.compare_with_teacher and not (pipe.family == "unet2d" and not pipe.is_class_conditional):
         raise ValueError(
             f"--compare_with_teacher supports unconditional pixel (UNet2DModel) teachers; this is a {pipe.family!r} "
             "model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and evaluate with "
             "`fd-onestep evaluate`."
         )
+    return prompts, class_histogram
+
+
+def build_generator(args, pipe, reps: Representations, prompts, class_histogram, device):
+    """The trainable one-step generator (full denoiser or a LoRA on it). Returns ``(gen, trainable params)``."""
+    from fd_onestep.onestep import OneStepGenerator, add_lora_to_denoiser
+
     if args.debug_float64:
         for module in [pipe.denoiser, *(getattr(pipe, n) for n in pipe.frozen_component_names),
-                       *encoders.values(), *eval_encoders.values()]:
+                       *reps.all_encoders.values()]:
             module.to(torch.float64)
     gen = OneStepGenerator(pipe, prompts=prompts, class_histogram=class_histogram, device=device)
     denoiser = gen.denoiser
@@ -729,31 +720,32 @@ def main(args) -> dict:
         denoiser.to(memory_format=torch.channels_last)  # only 4-D (convolution) weights change layout
     denoiser.train()
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    trainable_names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters (check --lora_target_modules: it matched no module).")
+    return gen, trainable
 
-    # ---------------------------------------------------------------- FD-loss
+
+def build_fd_loss(args, reps: Representations):
+    """``MultiEncoderFDLoss`` over the training encoders, one population of ``--fd_population`` each."""
     from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
     from fd_onestep.populations import build_population
 
-    def make_population(dim):
-        if args.fd_population == "ema":
-            return build_population("ema", dim, beta=args.fd_ema_beta)
-        if args.fd_population == "queue":
-            return build_population("queue", dim, queue_size=args.fd_queue_size)
-        return build_population("exact", dim, micro_batches=args.fd_micro_batches)
+    population_kwargs = {"ema": {"beta": args.fd_ema_beta}, "queue": {"queue_size": args.fd_queue_size},
+                         "exact": {"micro_batches": args.fd_micro_batches}}[args.fd_population]
+    fd_losses = {
+        name: FDLoss(reps.references[name], build_population(args.fd_population, enc.feature_dim, **population_kwargs))
+        for name, enc in reps.encoders.items()
+    }
+    weights = dict(zip(reps.encoders, args.encoder_loss_weights))
+    return MultiEncoderFDLoss(fd_losses, weights=weights, **({} if args.fd_eps is None else {"eps": args.fd_eps}))
 
-    populations = {name: make_population(encoders[name].feature_dim) for name in train_names}
-    fd_losses = {name: FDLoss(references[name], populations[name]) for name in train_names}
-    loss_weights = dict(zip(train_names, args.encoder_loss_weights))
-    mel_kwargs = {} if args.fd_eps is None else {"eps": args.fd_eps}
-    fd_loss = MultiEncoderFDLoss(fd_losses, weights=loss_weights, **mel_kwargs)
 
-    # ---------------------------------------------------------------- optimizer, schedule, EMA
+def build_optimizer(args, trainable, accelerator):
+    """AdamW, the lr schedule and (``--use_ema``) the generator-weights EMA."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    world = accelerator.num_processes
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world
@@ -771,23 +763,31 @@ def main(args) -> dict:
     if args.use_ema:
         ema = EMAModel(trainable, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
                        use_ema_warmup=args.ema_use_warmup, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
-        ema.to(device)
+        ema.to(accelerator.device)
+    return optimizer, lr_scheduler, ema
 
-    sampling_rng = CheckpointableGenerator(args.seed)
-    progress = TrainingProgress()
-    slot = _family_slot(pipe)
 
-    # ---------------------------------------------------------------- checkpoint hooks (all as safetensors)
+def unwrap(accelerator, model):
+    """The plain module under DDP / torch.compile wrappers."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints: everything as safetensors (+ JSON), through accelerate's save/load state hooks
+def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint):
+    slot = gen.pipeline.SUPPORTED_FAMILIES[gen.family][0]
+
     def save_model_hook(models, weights, ckpt_dir):
         if accelerator.is_main_process:
             ckpt_dir = Path(ckpt_dir)
             for model in models:
-                model = _unwrap(accelerator, model)
+                model = unwrap(accelerator, model)
                 if args.use_lora:
                     gen.save_lora(ckpt_dir / f"{slot}_lora", denoiser=model)
                 else:
                     model.save_pretrained(ckpt_dir / slot)
-            save_state_file({name: pop.state_dict() for name, pop in populations.items()}, ckpt_dir / "fd_populations.safetensors")
+            save_state_file({name: loss.population.state_dict() for name, loss in fd_loss.losses.items()},
+                            ckpt_dir / "fd_populations.safetensors")
             if ema is not None:
                 save_state_file(ema.state_dict(), ckpt_dir / "generator_ema.safetensors")
             save_state_file({"sampling_rng": sampling_rng.state_dict(), "progress": progress.state_dict()},
@@ -799,7 +799,7 @@ def main(args) -> dict:
     def load_model_hook(models, ckpt_dir):
         ckpt_dir = Path(ckpt_dir)
         while models:
-            model = _unwrap(accelerator, models.pop())
+            model = unwrap(accelerator, models.pop())
             if args.use_lora:
                 from peft import set_peft_model_state_dict
                 from safetensors.torch import load_file
@@ -815,11 +815,11 @@ def main(args) -> dict:
                 model.load_state_dict(loaded.state_dict())
                 del loaded
         pop_states = load_state_file(ckpt_dir / "fd_populations.safetensors")
-        for name, pop in populations.items():
-            pop.load_state_dict(pop_states[name])
+        for name, loss in fd_loss.losses.items():
+            loss.population.load_state_dict(pop_states[name])
         if ema is not None:
             ema.load_state_dict(load_state_file(ckpt_dir / "generator_ema.safetensors"))
-            ema.to(device)
+            ema.to(accelerator.device)
         state = load_state_file(ckpt_dir / "training_state.safetensors")
         sampling_rng.load_state_dict(state["sampling_rng"])
         progress.load_state_dict(state["progress"])
@@ -827,388 +827,337 @@ def main(args) -> dict:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
 
-    if accelerator.is_main_process and args.report_to:
-        tracker_config = {}
-        for k, v in public_args(args).items():
-            tracker_config[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+def save_checkpoint(accelerator, args, step, fingerprint):
+    path = save_checkpoint_atomically(accelerator, args.output_dir, step,
+                                      {"fingerprint_digest": fingerprint_digest(fingerprint)})
+    if accelerator.is_main_process:
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, protect=[path])
+    logger.info(f"Saved state to {path}")
 
-    global_batch = args.train_batch_size * world
-    steps_per_update = args.fd_micro_batches if args.fd_population == "exact" else args.gradient_accumulation_steps
-    log.info("***** FD-loss one-step training *****")
-    log.info(f"  family = {pipe.family}, prediction = {pipe.config.prediction_type}, timestep = {pipe.config.timestep}, "
-             f"output_bound = {pipe.config.output_bound}, noise shape = {gen.noise_shape}, image shape = {gen.image_shape}")
-    log.info(f"  encoders = {train_names} (eval only: {eval_names}), population = {args.fd_population}")
-    log.info(f"  batch per process = {args.train_batch_size}, processes = {world}, samples per update = "
-             f"{global_batch * steps_per_update}, steps = {args.max_train_steps}, trainable parameters = "
-             f"{sum(p.numel() for p in trainable):,}{' (LoRA)' if args.use_lora else ''}")
-    log.info(f"  run fingerprint = {fingerprint_digest(fingerprint)}")
 
-    # ---------------------------------------------------------------- generation helpers
-    def draw(global_n: int, rng: torch.Generator):
-        """The global batch's noise + conditioning drawn identically on every process; keep our rows."""
-        noise = gen.sample_noise(global_n, generator=rng, device=device)
-        cond = gen.sample_conditioning(global_n, generator=rng, device=device)
-        start, end = local_range(global_n, rank, world)
-        return noise[start:end], (cond[start:end] if cond is not None else None)
+# --------------------------------------------------------------------------------------------------------
+# Generation and features
+def draw_local_batch(accelerator, gen, global_n: int, rng: torch.Generator):
+    """The global batch's noise + conditioning, drawn identically on every process; this process's rows.
 
-    def encode(images, encoder_set):
-        # Clamped as saving the images would: the encoders measure exactly what a user gets (a no-op under
-        # --output_bound tanh/clamp; unbounded outputs lose the gradient of their out-of-range pixels only).
-        images = images.clamp(-1.0, 1.0)
-        return {name: enc(images) for name, enc in encoder_set.items()}
+    Returns ``(noise, conditioning or None, index of the first local row in the global batch)``.
+    """
+    device = accelerator.device
+    noise = gen.sample_noise(global_n, generator=rng, device=device)
+    cond = gen.sample_conditioning(global_n, generator=rng, device=device)
+    with accelerator.split_between_processes(list(range(global_n))) as rows:
+        start, end = (rows[0], rows[-1] + 1) if rows else (global_n, global_n)
+    return noise[start:end], (cond[start:end] if cond is not None else None), start
 
-    ema_depth = [0]
 
-    @contextlib.contextmanager
-    def ema_weights():
-        """Generator-EMA weights swapped in (validation and saving use them when --use_ema); re-entrant."""
-        if ema is None or ema_depth[0] > 0:
-            ema_depth[0] += 1
-            try:
-                yield
-            finally:
-                ema_depth[0] -= 1
-            return
-        ema.store(trainable)
-        ema.copy_to(trainable)
-        ema_depth[0] += 1
-        try:
-            yield
-        finally:
-            ema_depth[0] -= 1
-            ema.restore(trainable)
+def encode(images, encoders) -> dict:
+    # Clamped as saving the images would: the encoders measure exactly what a user gets (a no-op under
+    # --output_bound tanh/clamp; unbounded outputs lose the gradient of their out-of-range pixels only).
+    images = images.clamp(-1.0, 1.0)
+    return {name: enc(images) for name, enc in encoders.items()}
 
-    def stream_features(total: int, seed: int, encoder_set, on_images=None):
-        """Yield per-chunk feature dicts of ``total`` fresh samples (global count, split over processes)."""
-        rng = torch.Generator().manual_seed(seed)
-        done = 0
-        model = _unwrap(accelerator, denoiser)
-        while done < total:
-            n = min(args.sample_batch_size * world, total - done)
-            noise, cond = draw(n, rng)
-            with torch.no_grad(), accelerator.autocast():
-                images = gen(model, noise, cond).float() if noise.shape[0] else None
-            if images is not None:
-                if on_images is not None:
-                    on_images(images, done + local_range(n, rank, world)[0])
-                yield encode(images, encoder_set)
-            else:
-                yield None
-            done += n
 
-    def fresh_sample_fds(total: int, seed: int):
-        """FD of ``total`` fresh samples vs the references, in every training and eval encoder."""
-        from fd_onestep.moments import FeatureMoments
+@contextlib.contextmanager
+def ema_weights(ema, trainable):
+    """The generator-EMA weights swapped in (``--use_ema``): validation, samples and saved weights use them."""
+    if ema is None:
+        yield
+        return
+    ema.store(trainable)
+    ema.copy_to(trainable)
+    try:
+        yield
+    finally:
+        ema.restore(trainable)
 
-        all_encoders = {**encoders, **eval_encoders}
-        all_refs = {**references, **eval_references}
-        moments = {name: FeatureMoments(enc.feature_dim, device=device) for name, enc in all_encoders.items()}
-        for feats in stream_features(total, seed, all_encoders):
-            if feats is not None:
-                for name, f in feats.items():
-                    moments[name].update(f)
-        out = {}
-        for name, m in moments.items():
-            m.all_reduce()
-            fd = float(all_refs[name].frechet_distance(m.mean, m.covariance()))
-            vfd = all_refs[name].validation_fd
-            out[name] = {"fresh_fd": fd, "fd_r": (fd / vfd) if vfd else None, "in_loss": name in encoders}
-        return out
 
-    # ---------------------------------------------------------------- resume or warm start
-    if resume_path is not None:
-        log.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        log.info(f"  resumed at step {progress.global_step}")
-    elif args.fd_warmup_samples > 0 and args.fd_population != "exact":
-        # One generation pass for all encoders; the features (fd_warmup_samples x d float32 per encoder and
-        # process) are kept until every population has taken them (its warm_start reduces over processes).
-        log.info(f"Warm-starting the FD populations from {args.fd_warmup_samples} generated samples")
-        chunks = {name: [] for name in encoders}
-        for feats in stream_features(args.fd_warmup_samples, args.seed + 1, encoders):
-            for name in encoders:
-                chunks[name].append(feats[name].detach() if feats is not None
-                                    else torch.zeros(0, encoders[name].feature_dim, device=device))
-        for name, population in populations.items():
-            population.warm_start(chunks[name])
-        del chunks
+def stream_features(accelerator, gen, model, total: int, seed: int, encoders, batch_size: int, on_images=None):
+    """Yield per-chunk feature dicts of ``total`` fresh no-grad samples (global count, split over processes).
 
-    # ---------------------------------------------------------------- validation
-    samples_dir = output_dir / "validation"
-    best_dir = output_dir / "best"
-    last_population_fds: dict[str, float] = {}
+    ``on_images(images, first_global_index)`` sees each local chunk of images; a process with no rows in a
+    chunk yields None (every process yields once per chunk, so collectives stay in step).
+    """
+    rng = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < total:
+        n = min(batch_size * accelerator.num_processes, total - done)
+        noise, cond, start = draw_local_batch(accelerator, gen, n, rng)
+        with torch.no_grad(), accelerator.autocast():
+            images = gen(model, noise, cond).float() if noise.shape[0] else None
+        if images is not None:
+            if on_images is not None:
+                on_images(images, done + start)
+            yield encode(images, encoders)
+        else:
+            yield None
+        done += n
 
-    def keep_metric(fds) -> float:
-        if args.keep_best_by == "fd_mean":
-            return sum(fds[n]["fresh_fd"] for n in train_names) / len(train_names)
-        if args.keep_best_by == "fd_r_mean":
-            rs = [fds[n]["fd_r"] for n in train_names]
-            if any(r is None for r in rs):
-                raise ValueError(
-                    "--keep_best_by fd_r_mean needs validation_fd in every training encoder's reference stats "
-                    "(compute them with a validation split), or use 'fd_mean' or an encoder name."
-                )
-            return sum(rs) / len(rs)
-        return fds[args.keep_best_by]["fresh_fd"]
 
-    def write_weights(folder: Path):
-        """Write the generator (EMA weights when --use_ema) into ``folder``: the LoRA + its base-model info
-        with --use_lora, else the whole one-step pipeline."""
-        with ema_weights():
-            model = _unwrap(accelerator, denoiser)
-            if args.use_lora:
-                gen.save_lora(folder, denoiser=model)
-                (folder / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(), indent=2))
-            else:
-                gen.save_pipeline(folder, denoiser=model)
+def fresh_sample_fds(accelerator, gen, model, reps: Representations, total: int, seed: int, batch_size: int) -> dict:
+    """FD of ``total`` fresh samples vs the references, in every training and eval encoder."""
+    from fd_onestep.moments import FeatureMoments
 
-    def save_pipeline_atomically(target: Path):
-        """Main process: write the one-step pipeline (EMA weights when --use_ema) to ``target`` atomically."""
-        tmp = target.with_name(f".{target.name}.partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        write_weights(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
+    all_references = reps.all_references
+    moments = {name: FeatureMoments(enc.feature_dim, device=accelerator.device) for name, enc in reps.all_encoders.items()}
+    for feats in stream_features(accelerator, gen, model, total, seed, reps.all_encoders, batch_size):
+        if feats is not None:
+            for name, f in feats.items():
+                moments[name].update(f)
+    out = {}
+    for name, m in moments.items():
+        m.all_reduce()
+        fd = float(all_references[name].frechet_distance(m.mean, m.covariance()))
+        vfd = all_references[name].validation_fd
+        out[name] = {"fresh_fd": fd, "fd_r": (fd / vfd) if vfd else None, "in_loss": name in reps.encoders}
+    return out
+
+
+def warm_start_populations(args, accelerator, gen, model, encoders, fd_loss) -> None:
+    """Populations start from the exact moments of ``--fd_warmup_samples`` generated samples.
+
+    One generation pass for all encoders; the features (fd_warmup_samples x d float32 per encoder and
+    process) are kept until every population has taken them (its warm_start reduces over processes).
+    """
+    logger.info(f"Warm-starting the FD populations from {args.fd_warmup_samples} generated samples")
+    chunks = {name: [] for name in encoders}
+    for feats in stream_features(accelerator, gen, model, args.fd_warmup_samples, args.seed + 1, encoders,
+                                 args.sample_batch_size):
+        for name in encoders:
+            chunks[name].append(feats[name].detach() if feats is not None
+                                else torch.zeros(0, encoders[name].feature_dim, device=accelerator.device))
+    for name, loss in fd_loss.losses.items():
+        loss.population.warm_start(chunks[name])
+
+
+def write_samples(args, accelerator, gen, model) -> None:
+    """``--num_output_samples`` student samples as ``DIR/samples/000123.png`` (all processes write their share)."""
+    from fd_onestep.images import save_images
+
+    sample_folder = Path(args.output_dir) / "samples"
+    if accelerator.is_main_process:
+        if sample_folder.exists():
+            shutil.rmtree(sample_folder)
+        sample_folder.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    for _ in stream_features(accelerator, gen, model, args.num_output_samples, args.seed + 4, {}, args.sample_batch_size,
+                             on_images=lambda imgs, start: save_images(imgs, sample_folder, start)):
+        pass
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------------------
+# One optimization step
+def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, lr_scheduler, ema, trainable, rng,
+               progress, dump_gradients_to=None):
+    """One optimizer step over ``k`` micro-batches of ``--train_batch_size`` per process.
+
+    ``k`` is ``--gradient_accumulation_steps`` (each micro-batch its own FD-loss), or ``--fd_micro_batches`` for
+    the exact population, whose loss needs a first no-grad pass over all micro-batches (the step's total
+    moments) before each micro-batch's gradient pass. ``dump_gradients_to``: a safetensors path for this step's
+    gradients (``--debug_dump_first_step_grad``). Advances ``progress.global_step``; returns ``(logs, raw
+    population FDs)``.
+    """
+    two_pass = fd_loss.two_pass
+    k = args.fd_micro_batches if two_pass else args.gradient_accumulation_steps
+    global_batch = args.train_batch_size * accelerator.num_processes
+    micro = [draw_local_batch(accelerator, gen, global_batch, rng)[:2] for _ in range(k)]
+    if two_pass:
+        fd_loss.begin_step()
+        with torch.no_grad(), accelerator.autocast():
+            for noise, cond in micro:
+                fd_loss.accumulate(encode(gen(denoiser, noise, cond).float(), encoders))
+        fd_loss.end_accumulation()  # sum over processes (collective)
+    objective = 0.0
+    for i, (noise, cond) in enumerate(micro):
+        if not two_pass:
+            sync = accelerator.accumulate(denoiser)
+        else:  # one gradient all-reduce per step, after the last micro-batch
+            sync = contextlib.nullcontext() if i == k - 1 else accelerator.no_sync(denoiser)
+        with sync:
+            with accelerator.autocast():
+                images = gen(denoiser, noise, cond).float()
+            loss, raw_fds = fd_loss(encode(images, encoders))
+            accelerator.backward(loss)
+        objective += float(loss.detach()) / k
+    if dump_gradients_to and accelerator.is_main_process:
+        dump_gradients(accelerator, denoiser, dump_gradients_to, step=progress.global_step + 1)
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.step(trainable)
+    progress.global_step += 1
+    logs = {
+        # sum_i w_i F_i of the population FDs: what the normalized objective below descends on
+        "weighted_fd": fd_loss.weighted_fd(raw_fds),
+        # sum_i w_i F_i / sg(F_i): its value is always sum_i w_i; logged to show it is what was optimized
+        "objective": objective,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        **{f"fd/{name}": float(v) for name, v in raw_fds.items()},
+    }
+    return logs, raw_fds
+
+
+def dump_gradients(accelerator, denoiser, path, step: int) -> None:
+    """The (DDP-averaged, unclipped) gradients of the trainable parameters as a safetensors file."""
+    from safetensors.torch import save_file
+
+    model = unwrap(accelerator, denoiser)
+    grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters()
+             if p.requires_grad and p.grad is not None}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(grads, str(path), metadata={"step": str(step), "processes": str(accelerator.num_processes)})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation and saving
+def keep_metric(args, fds, train_names) -> float:
+    """The fresh-sample number ``--keep_best_by`` ranks pipelines by (lower is better)."""
+    if args.keep_best_by == "fd_mean":
+        return sum(fds[n]["fresh_fd"] for n in train_names) / len(train_names)
+    if args.keep_best_by == "fd_r_mean":
+        rs = [fds[n]["fd_r"] for n in train_names]
+        if any(r is None for r in rs):
+            raise ValueError(
+                "--keep_best_by fd_r_mean needs validation_fd in every training encoder's reference stats "
+                "(compute them with a validation split), or use 'fd_mean' or an encoder name."
+            )
+        return sum(rs) / len(rs)
+    return fds[args.keep_best_by]["fresh_fd"]
+
+
+def lora_base_info(args, pipe) -> dict:
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "one_step_settings": {k: pipe.config[k] for k in ("timestep", "prediction_type", "guidance_scale",
+                                                          "output_bound", "sample_size")},
+        "how_to_load": "FDOneStepPipeline.from_teacher(base_model, **one_step_settings).load_lora_weights(dir)",
+    }
+
+
+def save_weights(args, gen, model, folder: Path) -> None:
+    """The generator ``model`` into ``folder``: the LoRA + its base-model info with --use_lora, else the whole
+    one-step pipeline. Callers swap in the EMA weights first (:func:`ema_weights`)."""
+    if args.use_lora:
+        gen.save_lora(folder, denoiser=model)
+        (folder / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(args, gen.pipeline), indent=2))
+    else:
+        gen.save_pipeline(folder, denoiser=model)
+
+
+def save_weights_atomically(args, gen, model, target: Path) -> None:
+    """Main process: :func:`save_weights` into ``target``, replacing it only once the new folder is complete."""
+    tmp = target.with_name(f".{target.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_weights(args, gen, model, tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
         if old.exists():
             shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
 
-    def lora_base_info():
-        return {
-            "base_model": args.pretrained_model_name_or_path,
-            "revision": args.revision,
-            "variant": args.variant,
-            "one_step_settings": {k: pipe.config[k] for k in ("timestep", "prediction_type", "guidance_scale",
-                                                              "output_bound", "sample_size")},
-            "how_to_load": "FDOneStepPipeline.from_teacher(base_model, **one_step_settings).load_lora_weights(dir)",
-        }
 
-    def validate(step: int) -> dict:
-        model = _unwrap(accelerator, denoiser)
-        was_training = model.training
-        model.eval()
-        result = {"step": step}
-        with ema_weights():
-            if args.num_validation_images and accelerator.is_main_process:
-                rng = torch.Generator().manual_seed(args.seed + 2)
-                noise = gen.sample_noise(args.num_validation_images, generator=rng, device=device)
-                cond = gen.sample_conditioning(args.num_validation_images, generator=rng, device=device)
-                with torch.no_grad(), accelerator.autocast():
-                    images = gen(model, noise, cond).float()
-                samples_dir.mkdir(parents=True, exist_ok=True)
-                grid = _grid_image(images)
-                grid.save(samples_dir / f"grid_{step:06d}.png")
-                grid.save(output_dir / "validation_grid.png")
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        np_images = ((images.clamp(-1, 1) + 1) / 2).cpu().numpy()
-                        tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
-            if args.num_validation_samples:
-                fds = fresh_sample_fds(args.num_validation_samples, args.seed + 3)
-                logs = {}
-                for name, r in fds.items():
-                    logs[f"fresh_fd/{name}"] = r["fresh_fd"]
-                    if r["fd_r"] is not None:
-                        logs[f"fd_r/{name}"] = r["fd_r"]
-                    pop_fd = last_population_fds.get(name)
-                    r["population_fd"] = pop_fd
-                    if pop_fd is not None and pop_fd > 0:
-                        ratio = r["fresh_fd"] / pop_fd
-                        logs[f"fresh_over_population/{name}"] = ratio
-                        if ratio > args.fresh_fd_warning_ratio:
-                            log.warning(
-                                f"step {step}: fresh-sample FD in {name} is {ratio:.1f}x the population FD "
-                                f"({r['fresh_fd']:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
-                                "population statistics (which then lag behind it) or gaming the encoder. Lower "
-                                "--learning_rate, shorten the population's memory (lower --fd_ema_beta or "
-                                "--fd_queue_size), raise the batch, or use --fd_population exact; --keep_best_by "
-                                "keeps the best pipeline so far."
-                            )
-                accelerator.log(logs, step=step)
-                result["fds"] = fds
-                log.info(f"step {step}: fresh-sample FD " + ", ".join(
-                    f"{n}={r['fresh_fd']:.4g}" + (f" (FD_r {r['fd_r']:.3g})" if r["fd_r"] is not None else "")
-                    for n, r in fds.items()))
-                if args.keep_best_by is not None:
-                    metric = keep_metric(fds)
-                    result["keep_metric"] = metric
-                    if progress.best_metric is None or metric < progress.best_metric:
-                        progress.best_metric, progress.best_step = metric, step
-                        if accelerator.is_main_process:
-                            save_pipeline_atomically(best_dir)
-                            (best_dir / "fd_onestep_best.json").write_text(json.dumps(
-                                {"step": step, "keep_best_by": args.keep_best_by, "metric": metric, "fds": fds},
-                                indent=2))
-                        log.info(f"step {step}: new best {args.keep_best_by} = {metric:.4g} -> {best_dir}")
-                progress.history.append({"step": step, **{f"fresh_fd/{n}": r["fresh_fd"] for n, r in fds.items()}})
-        accelerator.wait_for_everyone()
-        model.train(was_training)
-        return result
+def log_validation(args, accelerator, gen, model, reps: Representations, step: int, progress, population_fds) -> dict:
+    """Validation grid, fresh-sample FDs in every representation, and the best pipeline so far (``DIR/best``).
 
-    # ---------------------------------------------------------------- training loop
-    from tqdm.auto import tqdm
+    ``model`` is the unwrapped generator with the weights to validate (EMA swapped in by the caller).
+    """
+    from fd_onestep.images import image_grid
 
-    first_step = progress.global_step
-    stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
-    progress_bar = tqdm(range(args.max_train_steps), initial=first_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    train_start = time.time()
-    last_validation = None
-    grad_dumped = False
-
-    def dump_grads():
-        from safetensors.torch import save_file
-
-        model = _unwrap(accelerator, denoiser)
-        grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters()
-                 if p.requires_grad and p.grad is not None}
-        path = Path(args.debug_dump_first_step_grad)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(grads, str(path), metadata={"step": str(progress.global_step + 1), "processes": str(world)})
-
-    while progress.global_step < stop_at:
-        step_logs = {}
-        if args.fd_population == "exact":
-            # Pass 1: no-grad features of every micro-batch (inputs kept) -> the step's total moments.
-            micro = [draw(global_batch, sampling_rng.generator) for _ in range(args.fd_micro_batches)]
-            for population in populations.values():
-                population.begin_step()
-            with torch.no_grad(), accelerator.autocast():
-                for noise, cond in micro:
-                    feats = encode(gen(denoiser, noise, cond).float(), encoders)
-                    for name, f in feats.items():
-                        populations[name].accumulate(f)
-            for population in populations.values():
-                population.end_accumulation()  # sum over processes (collective)
-            # Pass 2: one micro-batch's activations at a time; the summed gradient is the full-batch one.
-            loss_total = 0.0
-            for i, (noise, cond) in enumerate(micro):
-                sync = i == len(micro) - 1
-                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(denoiser)
-                with ctx:
-                    with accelerator.autocast():
-                        images = gen(denoiser, noise, cond).float()
-                    # value: FD of the whole large batch; gradient: through micro-batch i only
-                    loss, raw_fds = fd_loss(encode(images, encoders))
-                    accelerator.backward(loss)
-                loss_total += float(loss.detach()) / len(micro)
-            step_loss = loss_total
-        else:
-            step_loss = 0.0
-            for _ in range(args.gradient_accumulation_steps):
-                with accelerator.accumulate(denoiser):
-                    noise, cond = draw(global_batch, sampling_rng.generator)
-                    with accelerator.autocast():
-                        images = gen(denoiser, noise, cond).float()
-                    loss, raw_fds = fd_loss(encode(images, encoders))
-                    accelerator.backward(loss)
-                    step_loss += float(loss.detach()) / args.gradient_accumulation_steps
-        if args.debug_dump_first_step_grad and not grad_dumped and accelerator.is_main_process:
-            dump_grads()
-        grad_dumped = True
-        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
-        progress.global_step += 1
-        step = progress.global_step
-        progress_bar.update(1)
-
-        last_population_fds.update({k: float(v) for k, v in raw_fds.items()})
-        step_logs["loss"] = step_loss
-        step_logs["lr"] = lr_scheduler.get_last_lr()[0]
-        step_logs["grad_norm"] = float(grad_norm)
-        step_logs.update({f"fd/{k}": float(v) for k, v in raw_fds.items()})
-        accelerator.log(step_logs, step=step)
-        progress_bar.set_postfix(loss=f"{step_loss:.4g}", **{k: f"{float(v):.4g}" for k, v in raw_fds.items()})
-
-        if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
-            last_validation = validate(step)
-        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
-            path = save_checkpoint_atomically(accelerator, output_dir, step,
-                                              {"fingerprint_digest": fingerprint_digest(fingerprint)})
-            if accelerator.is_main_process:
-                prune_checkpoints(output_dir, args.checkpoints_total_limit, protect=[path])
-            log.info(f"Saved state to {path}")
-
-    progress_bar.close()
-    train_seconds = time.time() - train_start
+    output_dir = Path(args.output_dir)
+    was_training = model.training
+    model.eval()
+    result = {"step": step}
+    if args.num_validation_images and accelerator.is_main_process:
+        rng = torch.Generator().manual_seed(args.seed + 2)
+        noise = gen.sample_noise(args.num_validation_images, generator=rng, device=accelerator.device)
+        cond = gen.sample_conditioning(args.num_validation_images, generator=rng, device=accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            images = gen(model, noise, cond).float()
+        (output_dir / "validation").mkdir(parents=True, exist_ok=True)
+        grid = image_grid(images)
+        grid.save(output_dir / "validation" / f"grid_{step:06d}.png")
+        grid.save(output_dir / "validation_grid.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                np_images = ((images.clamp(-1, 1) + 1) / 2).cpu().numpy()
+                tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
+    if args.num_validation_samples:
+        fds = fresh_sample_fds(accelerator, gen, model, reps, args.num_validation_samples, args.seed + 3,
+                               args.sample_batch_size)
+        logs = {}
+        for name, r in fds.items():
+            logs[f"fresh_fd/{name}"] = r["fresh_fd"]
+            if r["fd_r"] is not None:
+                logs[f"fd_r/{name}"] = r["fd_r"]
+            pop_fd = population_fds.get(name)
+            r["population_fd"] = pop_fd
+            if pop_fd is not None and pop_fd > 0:
+                ratio = r["fresh_fd"] / pop_fd
+                logs[f"fresh_over_population/{name}"] = ratio
+                if ratio > args.fresh_fd_warning_ratio:
+                    logger.warning(
+                        f"step {step}: fresh-sample FD in {name} is {ratio:.1f}x the population FD "
+                        f"({r['fresh_fd']:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
+                        "population statistics (which then lag behind it) or gaming the encoder. Lower "
+                        "--learning_rate, shorten the population's memory (lower --fd_ema_beta or "
+                        "--fd_queue_size), raise the batch, or use --fd_population exact; --keep_best_by "
+                        "keeps the best pipeline so far."
+                    )
+        accelerator.log(logs, step=step)
+        result["fds"] = fds
+        logger.info(f"step {step}: fresh-sample FD " + ", ".join(
+            f"{n}={r['fresh_fd']:.4g}" + (f" (FD_r {r['fd_r']:.3g})" if r["fd_r"] is not None else "")
+            for n, r in fds.items()))
+        if args.keep_best_by is not None:
+            metric = keep_metric(args, fds, list(reps.encoders))
+            result["keep_metric"] = metric
+            if progress.best_metric is None or metric < progress.best_metric:
+                progress.best_metric, progress.best_step = metric, step
+                best_dir = output_dir / "best"
+                if accelerator.is_main_process:
+                    save_weights_atomically(args, gen, model, best_dir)
+                    (best_dir / "fd_onestep_best.json").write_text(json.dumps(
+                        {"step": step, "keep_best_by": args.keep_best_by, "metric": metric, "fds": fds}, indent=2))
+                logger.info(f"step {step}: new best {args.keep_best_by} = {metric:.4g} -> {best_dir}")
+        progress.history.append({"step": step, **{f"fresh_fd/{n}": r["fresh_fd"] for n, r in fds.items()}})
     accelerator.wait_for_everyone()
-    summary = {"global_step": progress.global_step, "train_seconds": train_seconds,
-               "final_population_fds": dict(last_population_fds)}
-    if progress.global_step < args.max_train_steps:
-        log.info(f"Stopped at step {progress.global_step} (--stop_after_steps); resume with --resume_from_checkpoint latest.")
-        accelerator.end_training()
-        return summary
+    model.train(was_training)
+    return result
 
-    # ---------------------------------------------------------------- the end: final validation, save, card, push
-    if args.validation_steps is not None and (args.num_validation_samples or args.num_validation_images):
-        last_validation = validate(progress.global_step)
-    summary["final_validation"] = last_validation
+
+def save_final_weights(args, accelerator, gen, model, progress) -> dict:
+    """The output dir's pipeline (or LoRA): the last weights, or with ``--final_weights best`` the best ones."""
+    output_dir = Path(args.output_dir)
+    best_dir = output_dir / "best"
     use_best = args.final_weights == "best" and progress.best_step is not None and best_dir.is_dir()
     if accelerator.is_main_process:
         if use_best:
-            log.info(f"--final_weights best: the output pipeline is the step-{progress.best_step} one "
-                     f"({args.keep_best_by} = {progress.best_metric:.4g}).")
+            logger.info(f"--final_weights best: the output pipeline is the step-{progress.best_step} one "
+                        f"({args.keep_best_by} = {progress.best_metric:.4g}).")
             for entry in best_dir.iterdir():
                 target = output_dir / entry.name
                 if target.is_dir():
                     shutil.rmtree(target)
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target)
         else:
-            write_weights(output_dir)
-    summary["final_weights"] = {"which": "best" if use_best else "last",
-                                "step": progress.best_step if use_best else progress.global_step}
+            save_weights(args, gen, model, output_dir)
     accelerator.wait_for_everyone()
-
-    # Student samples as PNG files (all processes generate their share).
-    if args.num_output_samples:
-        sample_folder = output_dir / "samples"
-        if accelerator.is_main_process:
-            if sample_folder.exists():
-                shutil.rmtree(sample_folder)
-            sample_folder.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        with ema_weights():
-            for _ in stream_features(args.num_output_samples, args.seed + 4, {},
-                                     on_images=lambda imgs, start: _save_images_png(imgs, sample_folder, start)):
-                pass
-        accelerator.wait_for_everyone()
-
-    comparison = None
-    if args.compare_with_teacher and accelerator.is_main_process:
-        log.info("Comparing the student with its teacher (naive one step, multi-step sampler)")
-        with ema_weights():
-            comparison = run_comparison(args, output_dir, gen, _unwrap(accelerator, denoiser), encoders, references,
-                                        eval_encoders, eval_references, device)
-        summary["comparison_table"] = str(output_dir / "comparison.md")
-    summary["comparison"] = comparison
-
-    if accelerator.is_main_process:
-        card = write_model_card(args, pipe, output_dir, encoders, references, eval_encoders, eval_references,
-                                last_validation, last_population_fds, progress, world, hub_repo_id)
-        summary["model_card"] = str(output_dir / "README.md")
-        (output_dir / "fd_onestep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if args.push_to_hub:
-            card.validate()  # the Hub's own card validation (network)
-            push_folder_to_hub(output_dir, hub_repo_id, hub_token, private=args.hub_private_repo or None)
-            log.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return {"which": "best" if use_best else "last", "step": progress.best_step if use_best else progress.global_step}
 
 
-def run_comparison(args, output_dir: Path, gen, model, encoders, references, eval_encoders, eval_references, device):
+def run_comparison(args, gen, model, reps: Representations, device):
     """Teacher used naively in one step, teacher with its multi-step sampler, and the student: side-by-side grid
     (``comparison_grid.png``) and FD table (``comparison.md`` / ``comparison.json``) in every training and
     held-out representation, through :func:`fd_onestep.comparison.compare_generators`."""
@@ -1216,8 +1165,7 @@ def run_comparison(args, output_dir: Path, gen, model, encoders, references, eva
 
     from fd_onestep import comparison
 
-    teacher_kwargs = {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k) is not None}
-    teacher = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **teacher_kwargs).to(device)
+    teacher = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **teacher_load_kwargs(args)).to(device)
     teacher.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
@@ -1239,22 +1187,24 @@ def run_comparison(args, output_dir: Path, gen, model, encoders, references, eva
         classifier = digits.load_digit_classifier(device=device)
     return comparison.compare_generators(
         generators,
-        {**encoders, **eval_encoders},
-        {**references, **eval_references},
+        reps.all_encoders,
+        reps.all_references,
         num_samples=args.num_comparison_samples,
-        output_dir=output_dir,
-        held_out=set(eval_encoders),
+        output_dir=Path(args.output_dir),
+        held_out=set(reps.eval_encoders),
         classifier=classifier,
         batch_size=args.sample_batch_size,
         seed=args.seed,
     )
 
 
-def write_model_card(args, pipe, output_dir, encoders, references, eval_encoders, eval_references,
-                     last_validation, population_fds, progress, world, repo_id):
-    def describe(names, encs, refs, stats_paths, weights=None):
+def save_model_card(args, pipe, reps: Representations, last_validation, population_fds, progress, world, repo_id):
+    """``DIR/README.md``: the model card (base model, encoders and stats, training settings, final FDs)."""
+    output_dir = Path(args.output_dir)
+
+    def describe(encs, refs, stats_paths, weights=None):
         rows = []
-        for i, name in enumerate(names):
+        for i, name in enumerate(encs):
             meta = refs[name].metadata or {}
             row = {"name": name, "encoder_id": encs[name].encoder_id, "feature_dim": encs[name].feature_dim,
                    "stats": f"{Path(stats_paths[i]).name} ({refs[name].num_samples} images"
@@ -1266,9 +1216,9 @@ def write_model_card(args, pipe, output_dir, encoders, references, eval_encoders
 
     final_fds = []
     fds = (last_validation or {}).get("fds") or {}
-    for name in [*encoders, *eval_encoders]:
+    for name in reps.all_encoders:
         r = fds.get(name, {})
-        final_fds.append({"encoder": name, "in_loss": name in encoders, "population_fd": population_fds.get(name),
+        final_fds.append({"encoder": name, "in_loss": name in reps.encoders, "population_fd": population_fds.get(name),
                           "fresh_fd": r.get("fresh_fd"), "fd_r": r.get("fd_r")})
     training = {
         "steps": progress.global_step,
@@ -1297,13 +1247,126 @@ def write_model_card(args, pipe, output_dir, encoders, references, eval_encoders
     grid = "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None
     card = render_model_card(
         base_model=base, model_family=pipe.family,
-        encoders=describe(list(encoders), encoders, references, args.reference_stats, args.encoder_loss_weights),
-        eval_encoders=describe(list(eval_encoders), eval_encoders, eval_references, args.eval_reference_stats),
+        encoders=describe(reps.encoders, reps.references, args.reference_stats, args.encoder_loss_weights),
+        eval_encoders=describe(reps.eval_encoders, reps.eval_references, args.eval_reference_stats),
         training=training, final_fds=final_fds, sample_grid=grid, repo_id=repo_id or str(output_dir),
         lora=args.use_lora, conditioning=conditioning,
     )
     card.save(str(output_dir / "README.md"))
     return card
+
+
+# --------------------------------------------------------------------------------------------------------
+def main(args) -> dict:
+    """Train; returns a summary dict (also written to DIR/fd_onestep_summary.json)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = build_accelerator(args)
+    device, world = accelerator.device, accelerator.num_processes
+    output_dir = Path(args.output_dir)
+    fingerprint, resume_path, hub_repo_id, hub_token = check_run_setup(args, accelerator)
+    set_seed(args.seed)
+
+    # The one-step generator from the teacher, the encoders with their reference statistics, the FD-loss.
+    pipe = build_one_step_pipeline(args)
+    reps = build_representations(args, device)
+    prompts, class_histogram = load_conditioning(args, pipe, reps.references)
+    gen, trainable = build_generator(args, pipe, reps, prompts, class_histogram, device)
+    fd_loss = build_fd_loss(args, reps)
+    optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
+    sampling_rng = CheckpointableGenerator(args.seed)
+    progress = TrainingProgress()
+    register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(gen.denoiser, optimizer, lr_scheduler)
+
+    if accelerator.is_main_process and args.report_to:
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                          for k, v in public_args(args).items()}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    steps_per_update = args.fd_micro_batches if fd_loss.two_pass else args.gradient_accumulation_steps
+    logger.info("***** FD-loss one-step training *****")
+    logger.info(f"  family = {pipe.family}, prediction = {pipe.config.prediction_type}, timestep = "
+                f"{pipe.config.timestep}, output_bound = {pipe.config.output_bound}, noise shape = {gen.noise_shape}, "
+                f"image shape = {gen.image_shape}")
+    logger.info(f"  encoders = {list(reps.encoders)} (eval only: {list(reps.eval_encoders)}), population = "
+                f"{args.fd_population}")
+    logger.info(f"  batch per process = {args.train_batch_size}, processes = {world}, samples per update = "
+                f"{args.train_batch_size * world * steps_per_update}, steps = {args.max_train_steps}, trainable "
+                f"parameters = {sum(p.numel() for p in trainable):,}{' (LoRA)' if args.use_lora else ''}")
+    logger.info(f"  run fingerprint = {fingerprint_digest(fingerprint)}")
+
+    # Resume, or warm-start the populations from generated samples.
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        logger.info(f"  resumed at step {progress.global_step}")
+    elif args.fd_warmup_samples > 0 and not fd_loss.two_pass:
+        warm_start_populations(args, accelerator, gen, unwrap(accelerator, denoiser), reps.encoders, fd_loss)
+
+    # Training loop.
+    stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
+    progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    train_start = time.time()
+    population_fds: dict[str, float] = {}
+    last_validation = None
+    first_step_of_run = True
+    while progress.global_step < stop_at:
+        logs, raw_fds = train_step(
+            args, accelerator, gen, denoiser, reps.encoders, fd_loss, optimizer, lr_scheduler, ema, trainable,
+            sampling_rng.generator, progress,
+            dump_gradients_to=args.debug_dump_first_step_grad if first_step_of_run else None,
+        )
+        first_step_of_run = False
+        step = progress.global_step
+        progress_bar.update(1)
+        population_fds.update({k: float(v) for k, v in raw_fds.items()})
+        accelerator.log(logs, step=step)
+        progress_bar.set_postfix(weighted_fd=f"{logs['weighted_fd']:.4g}",
+                                 **{k: f"{float(v):.4g}" for k, v in raw_fds.items()})
+        if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
+            with ema_weights(ema, trainable):
+                last_validation = log_validation(args, accelerator, gen, unwrap(accelerator, denoiser), reps, step,
+                                                 progress, population_fds)
+        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+            save_checkpoint(accelerator, args, step, fingerprint)
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+    summary = {"global_step": progress.global_step, "train_seconds": time.time() - train_start,
+               "final_population_fds": dict(population_fds)}
+    if progress.global_step < args.max_train_steps:
+        logger.info(f"Stopped at step {progress.global_step} (--stop_after_steps); resume with "
+                    "--resume_from_checkpoint latest.")
+        accelerator.end_training()
+        return summary
+
+    # The end: final validation, the output weights, samples, the comparison, the model card, the Hub.
+    model = unwrap(accelerator, denoiser)
+    with ema_weights(ema, trainable):
+        if args.validation_steps is not None and (args.num_validation_samples or args.num_validation_images):
+            last_validation = log_validation(args, accelerator, gen, model, reps, progress.global_step, progress,
+                                             population_fds)
+        summary["final_validation"] = last_validation
+        summary["final_weights"] = save_final_weights(args, accelerator, gen, model, progress)
+        if args.num_output_samples:
+            write_samples(args, accelerator, gen, model)
+        summary["comparison"] = None
+        if args.compare_with_teacher and accelerator.is_main_process:
+            logger.info("Comparing the student with its teacher (naive one step, multi-step sampler)")
+            summary["comparison"] = run_comparison(args, gen, model, reps, device)
+            summary["comparison_table"] = str(output_dir / "comparison.md")
+    if accelerator.is_main_process:
+        card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id)
+        summary["model_card"] = str(output_dir / "README.md")
+        (output_dir / "fd_onestep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if args.push_to_hub:
+            card.validate()  # the Hub's own card validation (network)
+            push_folder_to_hub(output_dir, hub_repo_id, hub_token, private=args.hub_private_repo or None)
+            logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""Resumable checkpoints: ``accelerator.save_state`` folders that only ever appear complete.
+
+A checkpoint is written under a temporary name and renamed into place (``os.replace``) once complete, with a
+completion marker; :func:`latest_checkpoint` only ever sees complete ones, so a save interrupted by a crash
+or preemption is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CHECKPOINT_MARKER",
+    "checkpoint_step",
+    "list_checkpoints",
+    "list_partial_checkpoints",
+    "latest_checkpoint",
+    "resolve_resume_checkpoint",
+    "save_checkpoint_atomically",
+    "prune_checkpoints",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Written last into a checkpoint folder, before the atomic rename: its presence means "complete".
+CHECKPOINT_MARKER = "fd_onestep_checkpoint.json"
+_PARTIAL_SUFFIX = ".partial"
+_CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """Training step of a ``checkpoint-<step>`` folder name, or None for any other name."""
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / CHECKPOINT_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (``checkpoint-<step>`` with the completion marker) under output_dir, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if checkpoint_step(p) is not None and _is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def list_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Leftovers of interrupted saves: temporary ``.checkpoint-*.partial`` folders and unmarked ``checkpoint-*``."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    partial = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(f".{CHECKPOINT_PREFIX}") and p.name.endswith(_PARTIAL_SUFFIX):
+            partial.append(p)
+        elif checkpoint_step(p) is not None and p.is_dir() and not _is_complete(p):
+            partial.append(p)
+    return sorted(partial)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step, or None. Partial saves are never returned."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """Checkpoint folder to resume from, resolved before anything is trained.
+
+    ``None`` -> no resume. ``"latest"`` -> the newest complete checkpoint in output_dir, or None when there is
+    none (so that ``--resume_from_checkpoint latest`` can always be passed to a preemptible job). Any other
+    value is a path (absolute, or a checkpoint name inside output_dir) that must be a complete checkpoint:
+    a missing or partial one raises ``FileNotFoundError`` naming what was found instead.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        latest = latest_checkpoint(output_dir)
+        partial = list_partial_checkpoints(output_dir)
+        if latest is None and partial:
+            logger.warning(
+                "--resume_from_checkpoint latest: only interrupted (incomplete) saves in %s, ignored: %s. "
+                "Starting a new run.",
+                output_dir,
+                [p.name for p in partial],
+            )
+        return latest
+    candidate = Path(resume_from_checkpoint)
+    if not candidate.exists() and not candidate.is_absolute():
+        candidate = Path(output_dir) / resume_from_checkpoint
+    if not candidate.is_dir():
+        available = [p.name for p in list_checkpoints(output_dir)]
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such checkpoint folder (looked at "
+            f"{resume_from_checkpoint!r} and {str(Path(output_dir) / resume_from_checkpoint)!r}). "
+            f"Complete checkpoints in {output_dir}: {available or 'none'}. Pass one of those, 'latest', "
+            "or drop the argument to start a new run."
+        )
+    if not _is_complete(candidate):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {str(candidate)!r} is not a complete fd-onestep checkpoint (no "
+            f"{CHECKPOINT_MARKER}: an interrupted save, or a folder written by another tool). Resume from a "
+            "complete checkpoint ('latest' picks the newest complete one)."
+        )
+    return candidate
+
+
+def save_checkpoint_atomically(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-<step>``, atomically. Call on every process.
+
+    The state is written to ``output_dir/.checkpoint-<step>.partial``; once every process has finished, the
+    main process writes the completion marker (step + ``metadata``, JSON) and renames the folder into place
+    with ``os.replace``. An existing checkpoint of the same step is replaced only after the new one is
+    complete. A crash at any point leaves either the old state or the new complete one, never a folder that
+    :func:`latest_checkpoint` would pick.
+    """
+    root = Path(output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    partial = root / f".{CHECKPOINT_PREFIX}{step}{_PARTIAL_SUFFIX}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker = {"step": int(step), **dict(metadata or {})}
+        with open(partial / CHECKPOINT_MARKER, "w") as f:
+            json.dump(marker, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            # Move the old one aside first: os.replace cannot overwrite a non-empty directory.
+            trash = root / f".{CHECKPOINT_PREFIX}{step}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(partial, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, protect: Iterable[Path] = ()) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most ``total_limit`` remain; return the deleted ones.
+
+    Called after a new checkpoint is complete (never before: nothing is lost if the new save fails).
+    ``protect``: folders never deleted (e.g. the checkpoint being resumed from in this process).
+    ``total_limit=None`` keeps everything.
+    """
+    if total_limit is None:
+        return []
+    if total_limit < 1:
+        raise ValueError(f"checkpoints_total_limit must be >= 1 (got {total_limit}); omit it to keep all checkpoints.")
+    protected = {Path(p).resolve() for p in protect}
+    checkpoints = list_checkpoints(output_dir)
+    removable = [p for p in checkpoints if p.resolve() not in protected]
+    excess = len(checkpoints) - total_limit
+    removed = []
+    for path in removable[: max(excess, 0)]:
+        shutil.rmtree(path)
+        removed.append(path)
+    if removed:
+        logger.info("checkpoints_total_limit=%d: removed %s", total_limit, ", ".join(p.name for p in removed))
+    return removed
