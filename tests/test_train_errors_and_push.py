@@ -173,3 +173,59 @@ def test_push_uploads_the_trained_pipeline_and_its_validated_card(script, assets
     assert {"README.md", "model_index.json", "unet", "pipeline_fd_onestep.py"} <= set(kwargs["snapshot"])
     assert "checkpoint-*" in kwargs["ignore_patterns"] and (out / "checkpoint-2").is_dir()
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------------------------------ stopping, resuming
+def test_an_output_dir_that_is_a_file_is_an_early_error(script, assets, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        script.parse_args(_args(assets, target))
+
+
+def test_stop_after_steps_leaves_a_checkpoint_even_without_periodic_checkpoints(script, assets, tmp_path, caplog):
+    """--stop_after_steps promises `resume with --resume_from_checkpoint latest`: that resume must continue."""
+    out = tmp_path / "out"
+    script.main(script.parse_args(_args(assets, out, "--stop_after_steps", "1", "--checkpointing_steps", "0")))
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    with caplog.at_level("INFO"):
+        summary = script.main(script.parse_args(_args(assets, out, "--resume_from_checkpoint", "latest",
+                                                      "--checkpointing_steps", "0")))
+    assert "resumed at step 1" in caplog.text and summary["global_step"] == 2
+
+
+def _lora_checkpoint(script, assets, out):
+    script.main(script.parse_args(_args(assets, out, "--use_lora", "--lora_rank", "2", "--stop_after_steps", "1")))
+    return out / "checkpoint-1" / "unet_lora" / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_resume_refuses_a_checkpoint_saved_for_another_component(script, assets, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    lora_file = _lora_checkpoint(script, assets, out)
+    save_file({k.replace("unet.", "transformer.", 1): v for k, v in load_file(str(lora_file)).items()}, str(lora_file))
+    with pytest.raises(RuntimeError, match="no weights for the 'unet' component"):
+        script.main(script.parse_args(_args(assets, out, "--use_lora", "--lora_rank", "2",
+                                            "--resume_from_checkpoint", "latest")))
+
+
+def test_lora_resume_refuses_a_checkpoint_with_missing_lora_weights(script, assets, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    lora_file = _lora_checkpoint(script, assets, out)
+    weights = load_file(str(lora_file))
+    save_file({k: v for i, (k, v) in enumerate(sorted(weights.items())) if i % 2}, str(lora_file))
+    with pytest.raises(RuntimeError, match="missing keys"):
+        script.main(script.parse_args(_args(assets, out, "--use_lora", "--lora_rank", "2",
+                                            "--resume_from_checkpoint", "latest")))
+
+
+def test_offline_options_reach_the_encoders_and_a_missing_inception_file_is_an_early_error(script, assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="pt_inception"):
+        script.parse_args(_args(assets, tmp_path / "out", "--inception_weights", str(tmp_path / "missing.pth")))
+    args = script.parse_args(_args(assets, tmp_path / "out", "--local_files_only", "--cache_dir", str(tmp_path)))
+    assert script.teacher_load_kwargs(args) == {"cache_dir": str(tmp_path), "local_files_only": True}
+    fingerprint = script.run_fingerprint(args)
+    assert not {"cache_dir", "local_files_only", "inception_weights"} & set(fingerprint)

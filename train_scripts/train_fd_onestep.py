@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline embedded digits default.")
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    g.add_argument("--cache_dir", type=str, default=None,
+                   help="Hugging Face cache directory for the teacher, the encoders and the caption dataset.")
+    g.add_argument("--local_files_only", action="store_true",
+                   help="Never download: the teacher, encoders and datasets come from local folders and caches "
+                        "(also implied by HF_HUB_OFFLINE=1).")
     g.add_argument("--onestep_timestep", type=int, default=None,
                    help="Noise level the one step is taken from (DDPM index, or flow timestep). Default: the top "
                         "of the schedule (embedded default: see EMBEDDED_DEFAULTS).")
@@ -247,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Exact population: micro-batches (of --train_batch_size) per step.")
     g.add_argument("--fd_eps", type=float, default=None,
                    help="Relative eps of the loss normalization, eps_i = fd_eps * tr(sigma_ref_i) (default: the library's).")
+    g.add_argument("--inception_weights", type=str, default=None,
+                   help="Local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth) for the inception "
+                        "encoder, instead of the torch.hub cache / download.")
     g.add_argument("--encoder_autocast", type=str, default="no", choices=["no", "fp16", "bf16"],
                    help="Autocast dtype for the encoders' forward.")
     g.add_argument("--encoder_gradient_checkpointing", action="store_true")
@@ -482,6 +490,16 @@ def finalize_args(args) -> argparse.Namespace:
         raise ValueError(f"--resolution must be >= 1, got {args.resolution}.")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise ValueError("--stop_after_steps must be >= 1.")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} is a file, not a folder; pass a new or existing folder for the "
+            "pipeline, checkpoints and samples."
+        )
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        raise FileNotFoundError(
+            f"--inception_weights {args.inception_weights!r} does not exist; pass the path of "
+            "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights)."
+        )
     if args.report_to == "none":
         args.report_to = None
     return args
@@ -506,7 +524,8 @@ def load_prompts(args) -> list[str] | None:
     if args.dataset_name is not None:
         import datasets
 
-        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
+                                        cache_dir=args.cache_dir)
         if args.caption_column not in dataset.column_names:
             raise ValueError(
                 f"--caption_column {args.caption_column!r} is not a column of {args.dataset_name} "
@@ -608,7 +627,11 @@ def check_run_setup(args, accelerator):
 
 
 def teacher_load_kwargs(args) -> dict:
-    return {k: getattr(args, k) for k in ("revision", "variant") if getattr(args, k) is not None}
+    """``from_pretrained`` keywords of the teacher: revision, variant, cache dir, local-files-only."""
+    kwargs = {k: getattr(args, k) for k in ("revision", "variant", "cache_dir") if getattr(args, k) is not None}
+    if args.local_files_only:
+        kwargs["local_files_only"] = True
+    return kwargs
 
 
 def build_one_step_pipeline(args):
@@ -652,14 +675,18 @@ class Representations:
 
 def build_encoders(args, names, stats_paths, device):
     """{label: FeatureEncoder}, {label: ReferenceStats}; stats checked against their encoder first."""
-    from fd_onestep.encoders import load_encoder
+    from fd_onestep.encoders import INCEPTION_NAMES, load_encoder
 
     encoder_autocast = None if args.encoder_autocast == "no" else args.encoder_autocast
     aliases = label_aliases(args)
     encoders, references = {}, {}
     for name, path in zip(names, stats_paths):
+        is_inception = name.strip().lower() in INCEPTION_NAMES
         enc = load_encoder(name, device=device, autocast_dtype=encoder_autocast,
-                           gradient_checkpointing=args.encoder_gradient_checkpointing)
+                           gradient_checkpointing=args.encoder_gradient_checkpointing,
+                           local_files_only=True if args.local_files_only else None,
+                           cache_dir=None if is_inception else args.cache_dir,
+                           weights_path=args.inception_weights if is_inception else None)
         enc.requires_grad_(False)
         enc.eval()
         ref = load_reference(path, enc.encoder_id)
@@ -805,11 +832,26 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
                 from safetensors.torch import load_file
 
                 lora_file = ckpt_dir / f"{slot}_lora" / "pytorch_lora_weights.safetensors"
-                state = {k[len(slot) + 1:]: v for k, v in load_file(str(lora_file)).items() if k.startswith(slot + ".")}
+                saved = load_file(str(lora_file))
+                state = {k[len(slot) + 1:]: v for k, v in saved.items() if k.startswith(slot + ".")}
+                if not state:
+                    prefixes = sorted({k.split(".", 1)[0] for k in saved})
+                    raise RuntimeError(
+                        f"checkpoint LoRA {lora_file} holds no weights for the {slot!r} component (its keys start "
+                        f"with {prefixes}): it belongs to another model. Resume from a checkpoint of this run, or "
+                        "start a new run in a fresh --output_dir."
+                    )
                 result = set_peft_model_state_dict(model, state, adapter_name="default")
                 unexpected = [k for k in (getattr(result, "unexpected_keys", None) or []) if "lora_" in k]
-                if unexpected:
-                    raise RuntimeError(f"checkpoint LoRA does not match the model: unexpected keys {unexpected[:5]}.")
+                missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
+                if unexpected or missing:
+                    raise RuntimeError(
+                        f"checkpoint LoRA {lora_file} does not match the model's LoRA: "
+                        + (f"unexpected keys {unexpected[:5]} " if unexpected else "")
+                        + (f"missing keys {missing[:5]} ({len(missing)} in all) " if missing else "")
+                        + "(another --lora_rank / --lora_target_modules, or a damaged checkpoint). Resume with the "
+                        "run's own arguments and checkpoint, or start a new run in a fresh --output_dir."
+                    )
             else:
                 loaded = type(model).from_pretrained(ckpt_dir / slot)
                 model.load_state_dict(loaded.state_dict())
@@ -851,6 +893,16 @@ def draw_local_batch(accelerator, gen, global_n: int, rng: torch.Generator):
     return noise[start:end], (cond[start:end] if cond is not None else None), start
 
 
+def generate_images(accelerator, gen, model, noise, cond) -> torch.Tensor:
+    """The generator's images (B, C, H, W) float32, under the run's mixed-precision autocast.
+
+    The encoders run outside it, in their own precision (``--encoder_autocast``), in every pass: the exact
+    population's two passes and validation then describe the same samples with the same features.
+    """
+    with accelerator.autocast():
+        return gen(model, noise, cond).float()
+
+
 def encode(images, encoders) -> dict:
     # Clamped as saving the images would: the encoders measure exactly what a user gets (a no-op under
     # --output_bound tanh/clamp; unbounded outputs lose the gradient of their out-of-range pixels only).
@@ -883,8 +935,8 @@ def stream_features(accelerator, gen, model, total: int, seed: int, encoders, ba
     while done < total:
         n = min(batch_size * accelerator.num_processes, total - done)
         noise, cond, start = draw_local_batch(accelerator, gen, n, rng)
-        with torch.no_grad(), accelerator.autocast():
-            images = gen(model, noise, cond).float() if noise.shape[0] else None
+        with torch.no_grad():
+            images = generate_images(accelerator, gen, model, noise, cond) if noise.shape[0] else None
         if images is not None:
             if on_images is not None:
                 on_images(images, done + start)
@@ -964,9 +1016,9 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
     micro = [draw_local_batch(accelerator, gen, global_batch, rng)[:2] for _ in range(k)]
     if two_pass:
         fd_loss.begin_step()
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad():
             for noise, cond in micro:
-                fd_loss.accumulate(encode(gen(denoiser, noise, cond).float(), encoders))
+                fd_loss.accumulate(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders))
         fd_loss.end_accumulation()  # sum over processes (collective)
     objective = 0.0
     for i, (noise, cond) in enumerate(micro):
@@ -975,9 +1027,7 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
         else:  # one gradient all-reduce per step, after the last micro-batch
             sync = contextlib.nullcontext() if i == k - 1 else accelerator.no_sync(denoiser)
         with sync:
-            with accelerator.autocast():
-                images = gen(denoiser, noise, cond).float()
-            loss, raw_fds = fd_loss(encode(images, encoders))
+            loss, raw_fds = fd_loss(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders))
             accelerator.backward(loss)
         objective += float(loss.detach()) / k
     if dump_gradients_to and accelerator.is_main_process:
@@ -1083,8 +1133,8 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
         rng = torch.Generator().manual_seed(args.seed + 2)
         noise = gen.sample_noise(args.num_validation_images, generator=rng, device=accelerator.device)
         cond = gen.sample_conditioning(args.num_validation_images, generator=rng, device=accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
-            images = gen(model, noise, cond).float()
+        with torch.no_grad():
+            images = generate_images(accelerator, gen, model, noise, cond)
         (output_dir / "validation").mkdir(parents=True, exist_ok=True)
         grid = image_grid(images)
         grid.save(output_dir / "validation" / f"grid_{step:06d}.png")
@@ -1157,7 +1207,7 @@ def save_final_weights(args, accelerator, gen, model, progress) -> dict:
     return {"which": "best" if use_best else "last", "step": progress.best_step if use_best else progress.global_step}
 
 
-def run_comparison(args, gen, model, reps: Representations, device):
+def run_comparison(args, accelerator, gen, model, reps: Representations):
     """Teacher used naively in one step, teacher with its multi-step sampler, and the student: side-by-side grid
     (``comparison_grid.png``) and FD table (``comparison.md`` / ``comparison.json``) in every training and
     held-out representation, through :func:`fd_onestep.comparison.compare_generators`."""
@@ -1165,6 +1215,7 @@ def run_comparison(args, gen, model, reps: Representations, device):
 
     from fd_onestep import comparison
 
+    device = accelerator.device
     teacher = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **teacher_load_kwargs(args)).to(device)
     teacher.set_progress_bar_config(disable=True)
 
@@ -1172,7 +1223,7 @@ def run_comparison(args, gen, model, reps: Representations, device):
     def student(batch_size: int, generator: torch.Generator) -> torch.Tensor:
         noise = gen.sample_noise(batch_size, generator=generator, device=device)
         cond = gen.sample_conditioning(batch_size, generator=generator, device=device)
-        return gen(model, noise, cond).float()
+        return generate_images(accelerator, gen, model, noise, cond)
 
     generators = {
         "teacher, 1 step (naive)": comparison.naive_one_step_teacher(teacher),
@@ -1329,7 +1380,8 @@ def main(args) -> dict:
             with ema_weights(ema, trainable):
                 last_validation = log_validation(args, accelerator, gen, unwrap(accelerator, denoiser), reps, step,
                                                  progress, population_fds)
-        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at):
+        stopping_early = step == stop_at < args.max_train_steps  # --stop_after_steps: resume needs this state
+        if stopping_early or (args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at)):
             save_checkpoint(accelerator, args, step, fingerprint)
     progress_bar.close()
     accelerator.wait_for_everyone()
@@ -1354,7 +1406,7 @@ def main(args) -> dict:
         summary["comparison"] = None
         if args.compare_with_teacher and accelerator.is_main_process:
             logger.info("Comparing the student with its teacher (naive one step, multi-step sampler)")
-            summary["comparison"] = run_comparison(args, gen, model, reps, device)
+            summary["comparison"] = run_comparison(args, accelerator, gen, model, reps)
             summary["comparison_table"] = str(output_dir / "comparison.md")
     if accelerator.is_main_process:
         card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id)

@@ -72,6 +72,9 @@ NON_FINGERPRINT_ARGS = frozenset(
         "sample_batch_size",
         "fresh_fd_warning_ratio",
         "tqdm_disable",
+        "cache_dir",
+        "local_files_only",
+        "inception_weights",
     }
 )
 
