@@ -2,7 +2,7 @@
 
     fd-onestep stats     --encoders inception dinov2 --dataset <hub id or folder> --output_dir stats/
     fd-onestep evaluate  --pipeline <dir or hub id> | --images <folder>  --encoders ... --reference_stats ...
-    fd-onestep import-npz ref.npz --output_dir stats/ [--encoders inception dinov2]
+    fd-onestep import-npz ref.npz --output_dir stats/ --encoder_id inception   (or: --encoders inception dinov2)
     fd-onestep export-npz stats/inception.safetensors inception.npz
 
 ``stats`` and ``evaluate`` run under ``accelerate launch`` with several processes (each process
@@ -13,9 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _add_encoder_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -56,12 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it first.")
     stats.add_argument("--validation_split", default=None, help="Held-out split whose FD to the reference is stored as validation_fd (FD_r).")
     stats.add_argument("--validation_images_dir", default=None, help="Held-out image folder (with --images_dir) for validation_fd.")
-    stats.add_argument("--max_samples", type=int, default=None, help="Use only the first N images.")
-    stats.add_argument("--batch_size", type=int, default=64, help="Images per encoder call, per process.")
-    stats.add_argument("--resolution", type=int, default=None,
+    stats.add_argument("--max_samples", type=_positive_int, default=None, help="Use only the first N images.")
+    stats.add_argument("--batch_size", type=_positive_int, default=64, help="Images per encoder call, per process.")
+    stats.add_argument("--resolution", type=_positive_int, default=None,
                        help="Center-crop-resize images to this size first (your generator's output size; ADM protocol). "
                        "Default: native size.")
     stats.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for --images_dir.")
+    stats.add_argument("--skip_unreadable_images", action="store_true",
+                       help="Skip images that cannot be decoded (corrupt or truncated files) instead of stopping at the "
+                       "first one; their number is printed and stored in the statistics' metadata.")
     stats.add_argument("--output_dir", required=True, help="Where to write <encoder>.safetensors.")
     stats.add_argument("--npz", action="store_true", help="Also write pytorch-fid-compatible <encoder>.npz files.")
 
@@ -73,11 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_encoder_args(ev)
     gen = ev.add_mutually_exclusive_group(required=True)
-    gen.add_argument("--pipeline", help="diffusers pipeline folder or hub id (DiffusionPipeline.from_pretrained).")
+    gen.add_argument("--pipeline", help="diffusers pipeline folder or hub id; a training run's output folder (full "
+                     "pipeline or LoRA with fd_onestep_lora.json) loads as FDOneStepPipeline.")
     gen.add_argument("--images", help="Folder of generated images.")
     ev.add_argument("--reference_stats", nargs="+", required=True, help="ReferenceStats .safetensors files, one per encoder (matched by encoder id).")
-    ev.add_argument("--num_samples", type=int, default=50000, help="Images to generate (with --pipeline) / max images read (with --images).")
-    ev.add_argument("--batch_size", type=int, default=64, help="Images per generation / encoder call, per process.")
+    ev.add_argument("--num_samples", type=_positive_int, default=50000, help="Images to generate (with --pipeline) / max images read (with --images).")
+    ev.add_argument("--batch_size", type=_positive_int, default=64, help="Images per generation / encoder call, per process.")
+    ev.add_argument("--resolution", type=_positive_int, default=None,
+                    help="With --images: center-crop-resize every image to this size first (as `stats --resolution`). "
+                    "Default: native size, which must be the same for all images.")
     ev.add_argument("--seed", type=int, default=0, help="Base seed; batch b uses seed + b.")
     ev.add_argument("--num_classes", type=int, default=None, help="Class-conditional pipelines: balanced labels i mod num_classes.")
     ev.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class labels to cycle through.")
@@ -94,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("npz", help="Input .npz file.")
     imp.add_argument("--output_dir", required=True)
-    imp.add_argument("--encoder_id", default=None, help="Encoder id of precomputed mu/sigma (default: the FID Inception id).")
-    imp.add_argument("--batch_size", type=int, default=64)
+    imp.add_argument("--encoder_id", default=None,
+                     help="Required for precomputed mu/sigma: the encoder that computed them -- 'inception' (the FID "
+                     "Inception of pytorch-fid and ADM) or the encoder id of the encoder you will evaluate with.")
+    imp.add_argument("--batch_size", type=_positive_int, default=64)
     _add_encoder_args(imp, required=False)
 
     exp = sub.add_parser("export-npz", help="Export a ReferenceStats .safetensors as a pytorch-fid .npz (mu, sigma).")
@@ -139,9 +160,27 @@ def _resolve(args, device):
     return resolve_encoders(args.encoders, **kwargs)
 
 
+def _check_output_path(path: str, option: str, *, folder: bool) -> None:
+    """Fail before the work, not after it: ``path`` (a folder, or a file when ``folder`` is False) can be written.
+
+    Its nearest existing ancestor must be a writable folder (missing folders are created when saving).
+    """
+    target = Path(path).expanduser()
+    if target.exists() and target.is_dir() != folder:
+        kind, want = ("a file", "a folder (created if missing)") if folder else ("a folder", f"a file path such as '{target / 'results.json'}'")
+        raise ValueError(f"{option} '{path}' is {kind}; pass {want}.")
+    start = target if folder else target.parent
+    ancestor = next(p for p in (start, *start.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ValueError(f"{option} '{path}' cannot be created: '{ancestor}' is a file, not a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} '{path}' cannot be written: '{ancestor}' is not writable.")
+
+
 def _cmd_stats(args) -> int:
     from .dataset_stats import compute_reference_stats, save_reference_stats
 
+    _check_output_path(args.output_dir, "--output_dir", folder=True)
     accelerator = _accelerator()
     encoders = _resolve(args, accelerator.device)
     stats = compute_reference_stats(
@@ -159,6 +198,7 @@ def _cmd_stats(args) -> int:
         validation_images_dir=args.validation_images_dir,
         num_workers=args.num_workers,
         show_progress=True,
+        skip_unreadable=args.skip_unreadable_images,
     )
     paths = save_reference_stats(stats, args.output_dir)
     if accelerator.is_main_process:
@@ -166,6 +206,8 @@ def _cmd_stats(args) -> int:
             if args.npz:
                 ref.to_npz(Path(args.output_dir) / f"{name}.npz")
             val = f", validation FD {ref.validation_fd:.4f}" if ref.validation_fd is not None else ""
+            if args.skip_unreadable_images:
+                val += f", {ref.metadata.get('skipped_unreadable_images', 0)} unreadable image(s) skipped"
             print(
                 f"{name}: {ref.num_samples} images, {ref.encoder_id}, d={ref.feature_dim}{val} -> {paths[name]} "
                 f"(computed by {accelerator.num_processes} process(es))"
@@ -174,39 +216,51 @@ def _cmd_stats(args) -> int:
     return 0
 
 
-def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_folder, evaluate_pipeline, load_references
+def _pipeline_kwargs(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--pipeline_kwargs is not valid JSON ({err}): pass a JSON object, e.g. '{{\"guidance_scale\": 2.0}}'.") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--pipeline_kwargs must be a JSON object (keyword arguments of the pipeline call), got {text!r}.")
+    return kwargs
 
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_folder, evaluate_pipeline, load_pipeline, load_references
+
+    # options of the other source would be ignored silently: reject them before loading anything
+    if args.images is not None:
+        given = [f"--{k}" for k in ("class_labels", "num_classes", "prompts_file", "pipeline_kwargs") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --pipeline (generation); drop them with --images.")
+    elif args.resolution is not None:
+        raise ValueError("--resolution applies to --images (resizing files); a pipeline generates at its own size.")
+    pipeline_kwargs = _pipeline_kwargs(args.pipeline_kwargs)
+    if args.output:
+        _check_output_path(args.output, "--output", folder=False)
     accelerator = _accelerator()
     device = args.device or accelerator.device
     encoders = _resolve(args, device)
     references = load_references(args.reference_stats, encoders)
     if args.images is not None:
         result = evaluate_folder(
-            args.images, encoders, references, batch_size=args.batch_size,
-            max_samples=args.num_samples, show_progress=accelerator.is_main_process,
+            args.images, encoders, references, batch_size=args.batch_size, max_samples=args.num_samples,
+            resolution=args.resolution, show_progress=accelerator.is_main_process,
         )
     else:
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(args.pipeline, cache_dir=args.cache_dir,
-                                                     local_files_only=True if args.local_files_only else None)
-        except Exception as err:  # noqa: BLE001 - rephrased with the fix
-            raise FileNotFoundError(
-                f"Could not load the pipeline '{args.pipeline}' ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                "Pass a local pipeline folder (save_pretrained) or a hub id available in the HF cache."
-            ) from None
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
         prompts = None
         if args.prompts_file:
             prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        pipe = load_pipeline(args.pipeline, cache_dir=args.cache_dir, local_files_only=True if args.local_files_only else None)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
         result = evaluate_pipeline(
             pipe, encoders, references, args.num_samples, batch_size=args.batch_size, seed=args.seed,
             class_labels=args.class_labels, num_classes=args.num_classes, prompts=prompts,
-            pipeline_kwargs=json.loads(args.pipeline_kwargs) if args.pipeline_kwargs else None,
-            show_progress=accelerator.is_main_process,
+            pipeline_kwargs=pipeline_kwargs, show_progress=accelerator.is_main_process,
         )
     if accelerator.is_main_process:
         print(result.to_markdown())
@@ -216,13 +270,35 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _import_encoder_id(args) -> Optional[str]:
+    """``--encoder_id`` of precomputed mu/sigma: required (an .npz does not say which encoder made it)."""
+    from .encoders import INCEPTION_ENCODER_ID, INCEPTION_NAMES
+
+    if args.encoders:
+        if args.encoder_id is not None:
+            raise ValueError("--encoder_id is for precomputed mu/sigma; with --encoders the images are encoded and "
+                             "each encoder stores its own id. Drop one of the two.")
+        return None
+    if args.encoder_id is None:
+        raise ValueError(
+            "--encoder_id is required: an .npz does not say which encoder computed its mu/sigma, and FD compares "
+            f"statistics of one encoder only. Pass --encoder_id inception (= '{INCEPTION_ENCODER_ID}', the FID "
+            "Inception of pytorch-fid and ADM), or the encoder id of the encoder you will evaluate with (the id "
+            "`fd-onestep stats` prints, e.g. 'dinov2:<model>:cls:224'). To encode an ADM reference batch's images "
+            "(arr_0) instead, pass --encoders."
+        )
+    return INCEPTION_ENCODER_ID if args.encoder_id.lower() in INCEPTION_NAMES else args.encoder_id
+
+
 def _cmd_import(args) -> int:
     from .dataset_stats import import_npz_stats, save_reference_stats
 
+    encoder_id = _import_encoder_id(args)
+    _check_output_path(args.output_dir, "--output_dir", folder=True)
     encoders = None
     if args.encoders:
         encoders = _resolve(args, None)
-    stats = import_npz_stats(args.npz, encoders=encoders, encoder_id=args.encoder_id, batch_size=args.batch_size)
+    stats = import_npz_stats(args.npz, encoders=encoders, encoder_id=encoder_id, batch_size=args.batch_size)
     for name, path in save_reference_stats(stats, args.output_dir).items():
         print(f"{name}: {stats[name].num_samples} images, {stats[name].encoder_id} -> {path}")
     return 0
@@ -240,8 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     handlers = {"stats": _cmd_stats, "evaluate": _cmd_evaluate, "import-npz": _cmd_import, "export-npz": _cmd_export}
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        # A clear message, not a traceback: our errors already name the problem and the fix.
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path.
         print(f"fd-onestep {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -278,6 +278,74 @@ def generate_batches(
         yield images
 
 
+# What ``train_fd_onestep.py --use_lora`` writes: the LoRA (diffusers format) and, next to it, the base model
+# and the ``FDOneStepPipeline.from_teacher`` settings it was trained with.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+LORA_INFO_FILE = "fd_onestep_lora.json"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
+
+
+def load_pipeline(
+    pretrained: str | os.PathLike,
+    *,
+    cache_dir: Optional[str | os.PathLike] = None,
+    local_files_only: Optional[bool] = None,
+):
+    """The pipeline ``fd-onestep evaluate --pipeline`` samples from: a local folder or a Hub id.
+
+    - A folder with ``fd_onestep_lora.json`` (a ``--use_lora`` run of the training script):
+      ``FDOneStepPipeline.from_teacher(base_model, revision=..., variant=..., **one_step_settings)``, then
+      ``load_lora_weights(folder)`` -- the generator the LoRA was trained as.
+    - A ``model_index.json`` whose ``_class_name`` is ``FDOneStepPipeline`` (the training script's output, or
+      ``save_pretrained``): ``FDOneStepPipeline.from_pretrained`` (the installed class; no remote code).
+    - Any other diffusers pipeline: ``DiffusionPipeline.from_pretrained``.
+
+    Raises ``FileNotFoundError`` naming what could not be loaded and how to make it loadable.
+    """
+    from diffusers import DiffusionPipeline
+
+    from .pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    hub = {k: v for k, v in (("cache_dir", cache_dir), ("local_files_only", local_files_only)) if v is not None}
+    folder = Path(pretrained).expanduser()
+    info_path = folder / LORA_INFO_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        base = info.get("base_model")
+        settings = dict(info.get("one_step_settings") or {})
+        settings.update({k: info[k] for k in ("revision", "variant") if info.get(k) is not None})
+        try:
+            pipe = FDOneStepPipeline.from_teacher(base, **settings, **hub)
+        except Exception as err:  # noqa: BLE001 - rephrased with the fix
+            raise FileNotFoundError(
+                f"Could not load the base model '{base}' of the LoRA in '{folder}' (base_model in {info_path.name}; "
+                f"{_first_line(err)}). Make that model available (the same local path, or a Hub id in the HF "
+                f"cache), or point base_model in '{info_path}' at a copy of it."
+            ) from None
+        pipe.load_lora_weights(str(folder))
+        return pipe
+    if (folder / LORA_WEIGHTS_FILE).is_file() and not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"'{folder}' holds a LoRA ({LORA_WEIGHTS_FILE}) but no {LORA_INFO_FILE} naming its base model and "
+            "one-step settings (the training script writes it). Write it as {\"base_model\": ..., "
+            "\"one_step_settings\": {...}}, or build the pipeline yourself: "
+            "FDOneStepPipeline.from_teacher(base_model, **settings) then load_lora_weights(folder)."
+        )
+    try:
+        config = DiffusionPipeline.load_config(str(pretrained), **hub)
+        ours = config.get("_class_name") == FDOneStepPipeline.__name__
+        return (FDOneStepPipeline if ours else DiffusionPipeline).from_pretrained(str(pretrained), **hub)
+    except Exception as err:  # noqa: BLE001 - rephrased with the fix
+        raise FileNotFoundError(
+            f"Could not load the pipeline '{pretrained}' ({_first_line(err)}). Pass a local pipeline folder "
+            "(save_pretrained, or a training run's output_dir) or a hub id available in the HF cache."
+        ) from None
+
+
 def evaluate_pipeline(
     generator: Callable,
     encoders: Mapping[str, FeatureEncoder],
@@ -319,20 +387,34 @@ def evaluate_folder(
     *,
     batch_size: int = 64,
     max_samples: Optional[int] = None,
+    resolution: Optional[int] = None,
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> EvaluationResult:
-    """Evaluate the images of a folder (sorted, read like pytorch-fid) against the references."""
+    """Evaluate the images of a folder (sorted, read like pytorch-fid) against the references.
+
+    ``resolution``: center-crop-resize every image to ``resolution`` x ``resolution`` first (as
+    ``fd-onestep stats --resolution`` does for the reference). Without it the images must all have one size
+    (checked from the file headers before any image is encoded; ``ValueError`` naming two files otherwise):
+    a folder holding two generators' outputs, or two resolutions of one, is a mistake, not one distribution.
+    """
     from .dataset_stats import iter_folder_batches, process_info
+    from .images import common_image_size, list_image_files
 
     _check_references(encoders, references)
+    if resolution is None:
+        common_image_size(list_image_files(folder)[:max_samples])
     rank, world_size = process_info()
     batches, total = iter_folder_batches(
-        folder, batch_size=batch_size, max_samples=max_samples, rank=rank, world_size=world_size, num_workers=num_workers
+        folder, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
+        world_size=world_size, num_workers=num_workers,
     )
+    metadata = {"source": str(folder)}
+    if resolution is not None:
+        metadata["resolution"] = str(resolution)
     return evaluate_images(
         batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=total,
-        metadata={"source": str(folder)},
+        metadata=metadata,
     )
 
 

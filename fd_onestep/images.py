@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,32 @@ def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> List[
         raise FileNotFoundError(f"Image folder '{root}' does not exist or is not a directory; pass a folder of images.")
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+
+
+def common_image_size(files: Sequence[str | os.PathLike]) -> Optional[Tuple[int, int]]:
+    """The (width, height) in pixels shared by all ``files``, read from their headers; None for no files.
+
+    ``PIL.Image.open`` is lazy: it parses the header and decodes no pixels, so checking a large folder costs
+    a small read per file, before anything is encoded. Raises ``ValueError`` naming the first file and the
+    first file of another size (with the fix), or a file PIL cannot identify as an image.
+    """
+    first = None
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except OSError as err:  # UnidentifiedImageError, truncated headers
+            raise ValueError(f"Cannot read '{path}' as an image ({err}); remove it or save it again.") from None
+        if first is None:
+            first = (path, size)
+        elif size != first[1]:
+            raise ValueError(
+                f"Images of different sizes: '{first[0]}' is {first[1][0]}x{first[1][1]} but '{path}' is "
+                f"{size[0]}x{size[1]} (width x height). Generated images are compared at one size: generate them "
+                "at one size, or center-crop-resize all of them to N x N with resolution=N (CLI: --resolution N; "
+                "use the resolution of the reference statistics)."
+            )
+    return None if first is None else first[1]
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -183,11 +209,16 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, start_index: in
     return paths
 
 
-def image_grid(images: torch.Tensor, rows: Optional[int] = None) -> Image.Image:
+def image_grid(images: torch.Tensor, rows: Optional[int] = None, min_cell: int = 64) -> Image.Image:
     """(N, C, H, W) images in [-1, 1] -> one RGB grid image (``diffusers.utils.make_image_grid``).
 
     ``ceil(sqrt(N))`` columns by default, or ``ceil(N / rows)`` columns when ``rows`` is given; the rows are
     then ``ceil(N / columns)`` and the cells after the N-th are black. Grayscale images are drawn as RGB gray.
+
+    ``min_cell``: smallest cell side in pixels. Images whose shorter side is below it are enlarged by the
+    integer factor ``ceil(min_cell / min(H, W))`` with nearest-neighbour (every pixel becomes a factor x factor
+    block, values unchanged), so that 16-pixel samples stay legible; larger images keep their size (never
+    shrunk). ``min_cell=1`` draws every image at its native size. Cells are ``(factor * H, factor * W)``.
     """
     from diffusers.utils import make_image_grid
 
@@ -195,6 +226,10 @@ def image_grid(images: torch.Tensor, rows: Optional[int] = None) -> Image.Image:
     cols = math.ceil(math.sqrt(n)) if rows is None else math.ceil(n / rows)
     rows = math.ceil(n / cols)
     tiles = tensor_to_pil(images)
+    factor = max(1, math.ceil(min_cell / min(images.shape[-2:])))
+    if factor > 1:
+        # an integer factor with NEAREST replicates pixels exactly (no interpolated values in the grid)
+        tiles = [t.resize((t.width * factor, t.height * factor), resample=Image.NEAREST) for t in tiles]
     tiles += [Image.new("RGB", tiles[0].size) for _ in range(rows * cols - n)]
     return make_image_grid(tiles, rows=rows, cols=cols)
 

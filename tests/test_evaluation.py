@@ -11,7 +11,7 @@ from fd_onestep.dataset_stats import compute_reference_stats
 from fd_onestep.encoders import load_encoder
 from fd_onestep.encoders.testing import save_tiny_siglip
 from fd_onestep.evaluation import EvaluationResult, evaluate_folder, evaluate_images, evaluate_pipeline
-from fd_onestep.images import tensor_to_pil
+from fd_onestep.images import center_crop_resize, pil_to_tensor, tensor_to_pil
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,42 @@ def test_diffusers_pipeline_is_sampled_reproducibly_by_seed(encoders, references
     assert first.fd() == second.fd()
     other_seed = evaluate_pipeline(pipe, encoders, references, **{**kwargs, "seed": 4})
     assert other_seed.fd() != first.fd()
+
+
+def _save_random(path, width, height, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_image_folder_of_mixed_sizes_is_rejected_from_the_headers_before_encoding(encoders, references, tmp_path,
+                                                                                   monkeypatch):
+    import fd_onestep.dataset_stats
+
+    for i, (w, h) in enumerate([(32, 32), (32, 32), (40, 36), (32, 32)]):
+        _save_random(tmp_path / f"{i}.png", w, h, seed=i)
+    real_accumulate = fd_onestep.dataset_stats.accumulate_moments
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("images were encoded before the sizes were checked")
+
+    monkeypatch.setattr(fd_onestep.dataset_stats, "accumulate_moments", must_not_run)
+    with pytest.raises(ValueError, match=r"'.*0\.png' is 32x32 but '.*2\.png' is 40x36 .*resolution"):
+        evaluate_folder(tmp_path, encoders, references, show_progress=False)
+    # max_samples limits the check to the images that would be read
+    monkeypatch.setattr(fd_onestep.dataset_stats, "accumulate_moments", real_accumulate)
+    assert evaluate_folder(tmp_path, encoders, references, max_samples=2, show_progress=False).num_samples == 2
+
+    # with a resolution every image is center-crop-resized first, as the reference statistics are
+    resized = evaluate_folder(tmp_path, encoders, references, resolution=24, batch_size=3, show_progress=False)
+    expected = evaluate_images(torch.stack([pil_to_tensor(center_crop_resize(Image.open(tmp_path / f"{i}.png"), 24))
+                                            for i in range(4)]), encoders, references)
+    assert resized.num_samples == 4 and resized.metadata["resolution"] == "24"
+    for name in encoders:
+        assert resized.representations[name].fd == pytest.approx(expected.representations[name].fd, rel=1e-6)
+
+
+def test_an_unreadable_file_in_an_image_folder_is_named_before_encoding(encoders, references, tmp_path):
+    _save_random(tmp_path / "0.png", 32, 32, seed=0)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"Cannot read '.*1\.png' as an image"):
+        evaluate_folder(tmp_path, encoders, references, show_progress=False)

@@ -80,7 +80,7 @@ def test_save_images_writes_numbered_pngs_gray_as_l_rgb_as_rgb(tmp_path, channel
                                                         (5, 1, 1, 5), (5, 2, 2, 3), (1, None, 1, 1)])
 def test_image_grid_layout_cells_and_black_padding(n, rows, grid_rows, grid_cols):
     images = random_images(n, 1, 4, 6)
-    grid = image_grid(images, rows=rows)
+    grid = image_grid(images, rows=rows, min_cell=1)  # native size: one image pixel per grid pixel
     assert grid.mode == "RGB" and grid.size == (grid_cols * 6, grid_rows * 4)
     pixels = np.asarray(grid)
     expected = reference_uint8(images)
@@ -92,3 +92,27 @@ def test_image_grid_layout_cells_and_black_padding(n, rows, grid_rows, grid_cols
         else:
             assert not cell.any()  # black filler
     assert grid_cols == (math.ceil(math.sqrt(n)) if rows is None else math.ceil(n / rows))
+
+
+@pytest.mark.parametrize("height,width,min_cell,factor", [(16, 16, 64, 4), (4, 6, 10, 3), (5, 7, 64, 13),
+                                                          (100, 80, 64, 1), (16, 16, 1, 1), (16, 16, 17, 2)])
+def test_image_grid_enlarges_small_images_by_an_integer_factor_with_nearest_neighbour(height, width, min_cell, factor):
+    images = random_images(5, 3, height, width)
+    grid = image_grid(images, min_cell=min_cell)  # 2 rows x 3 columns
+    cell_h, cell_w = factor * height, factor * width
+    assert grid.size == (3 * cell_w, 2 * cell_h)
+    assert min(cell_h, cell_w) >= min_cell or factor == 1  # large images are never shrunk
+    pixels = np.asarray(grid)
+    expected = reference_uint8(images)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        cell = pixels[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w]
+        if k < 5:  # every image pixel is a factor x factor block of its exact value
+            assert np.array_equal(cell, expected[k].repeat(factor, axis=0).repeat(factor, axis=1))
+        else:
+            assert not cell.any()
+
+
+def test_image_grid_default_draws_16_pixel_samples_in_64_pixel_cells():
+    grid = image_grid(random_images(16, 1, 16, 16))
+    assert grid.size == (4 * 64, 4 * 64)
