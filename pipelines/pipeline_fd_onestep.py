@@ -69,6 +69,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, fields, replace
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -114,6 +115,11 @@ FLOW_PREDICTION_TYPES = ("flow",)
 OUTPUT_BOUNDS = (None, "tanh", "clamp")
 # error amplification of the epsilon conversion above which construction warns
 EPSILON_AMPLIFICATION_WARN = 10.0
+# DiffusionPipeline.from_pretrained takes `dtype` from diffusers 0.40 on (`torch_dtype` is deprecated there) and
+# only `torch_dtype` before it; from_teacher takes `dtype` and hands it on under the installed version's name
+FROM_PRETRAINED_DTYPE_KWARG = (
+    "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 40) else "torch_dtype"
+)
 
 # default LoRA targets per family (module-name suffixes, PEFT ``target_modules``)
 DEFAULT_LORA_TARGETS = {
@@ -298,6 +304,16 @@ class OneStepConditioning:
             index = slice(index, index + 1)
         return replace(self, **{k: v[index] for k, v in self._tensors().items()})
 
+    def new_empty(self, batch_size: int, device=None) -> "OneStepConditioning":
+        """Uninitialized conditioning of ``batch_size`` rows: every tensor's row shape and dtype, on ``device``."""
+        return replace(self, **{k: v.new_empty((batch_size, *v.shape[1:]), device=device)
+                                for k, v in self._tensors().items()})
+
+    def __setitem__(self, index: slice, value: "OneStepConditioning") -> None:
+        """Copy ``value``'s rows into rows ``index`` (a slice) of every tensor, in place and across devices."""
+        for k, v in self._tensors().items():
+            v[index].copy_(getattr(value, k))
+
     def to(self, device=None, dtype=None) -> "OneStepConditioning":
         """Move to ``device``; ``dtype`` applies to the float embeddings only (labels stay int64)."""
         out = {}
@@ -391,6 +407,99 @@ def _lora_mixin(family: str):
     import diffusers.loaders as loaders
 
     return getattr(loaders, SUPPORTED_FAMILIES[family][4])
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding a teacher
+# --------------------------------------------------------------------------------------------------
+PIPELINE_FOLDER_LAYOUT = (
+    "from_teacher needs a diffusers pipeline folder, as DiffusionPipeline.save_pretrained writes it: model_index.json, "
+    "scheduler/ and unet/ or transformer/ (plus vae/ and the text encoders of latent and text models)"
+)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A string that cannot be a Hub id (``name`` or ``org/name``): absolute, ``./``-style or deeper paths."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _not_a_pipeline_message(folder: str) -> str:
+    """What is wrong with a local folder that has no model_index.json, and how to fix it."""
+    message = f"{folder} is not a diffusers pipeline folder: it has no model_index.json"
+    config_file = os.path.join(folder, "config.json")
+    model_class = None
+    if os.path.isfile(config_file):
+        try:
+            with open(config_file) as f:
+                model_class = json.load(f).get("_class_name")
+        except (OSError, ValueError):
+            model_class = None
+    if model_class:
+        message += f" (its config.json is that of one model, a {model_class}, not of a pipeline)"
+    message += f". {PIPELINE_FOLDER_LAYOUT}."
+    parent = os.path.dirname(os.path.abspath(folder))
+    if os.path.isfile(os.path.join(parent, "model_index.json")):
+        message += f" This folder is a component of the pipeline in {parent}: pass that folder instead."
+    elif model_class:
+        message += (
+            f" To use a bare {model_class}, save a pipeline around it with the scheduler it was trained with, e.g. "
+            f"DDPMPipeline(unet={model_class}.from_pretrained(folder), scheduler=DDPMScheduler(...))"
+            ".save_pretrained(out), and pass `out`."
+        )
+    return message
+
+
+def _exception_chain_names(err: BaseException) -> set[str]:
+    names, seen = set(), set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        names.update(cls.__name__ for cls in type(err).__mro__)
+        err = err.__cause__ or err.__context__
+    return names
+
+
+def _teacher_model_index(name_or_path, load_kwargs: dict) -> dict:
+    """``model_index.json`` of a teacher (local folder or Hub id), or an error that names the problem and the fix.
+
+    ``load_kwargs``: ``cache_dir`` / ``revision`` / ``token`` / ``local_files_only`` for
+    ``DiffusionPipeline.load_config``.
+    """
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "model_index.json")):
+            raise FileNotFoundError(_not_a_pipeline_message(name))
+        return DiffusionPipeline.load_config(name, **load_kwargs)
+    if os.path.exists(name):
+        raise FileNotFoundError(f"{name} is a file; {PIPELINE_FOLDER_LAYOUT}, or a Hub id of such a pipeline.")
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(f"no such folder: {name}. Pass an existing local pipeline folder or a Hub id "
+                                f"(org/name); {PIPELINE_FOLDER_LAYOUT}.")
+    try:
+        return DiffusionPipeline.load_config(name, **load_kwargs)
+    except OSError as err:
+        # huggingface_hub's errors under diffusers' OSError: OfflineModeIsEnabled (HF_HUB_OFFLINE=1) and
+        # LocalEntryNotFoundError (not in the cache, and the Hub not asked or not reachable)
+        chain = _exception_chain_names(err)
+        download = f"`hf download {name}" + (f" --revision {load_kwargs['revision']}`" if load_kwargs.get("revision")
+                                              else "`")
+        if {"OfflineModeIsEnabled", "LocalEntryNotFoundError"} & chain:
+            if "OfflineModeIsEnabled" in chain:
+                why = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
+            elif load_kwargs.get("local_files_only"):
+                why = "local_files_only=True keeps the Hugging Face Hub out"
+            else:
+                why = "the Hugging Face Hub could not be reached"
+            raise OSError(
+                f"{name!r} is not a local folder, {why} and no copy of {name!r} is in the local cache. Download it "
+                f"first, while online: {download} (this call then finds it in the cache), or `hf download {name} "
+                "--local-dir DIR` and pass DIR (a local pipeline folder)."
+            ) from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(
+            f"could not load the teacher {name!r} from the Hugging Face Hub ({reason}). Check the id (a diffusers "
+            f"pipeline repo with model_index.json), your connection and token, or download it first with {download} "
+            "and pass the local folder."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,7 +828,11 @@ class FDOneStepPipeline(DiffusionPipeline):
         if level["kind"] == "ddpm":
             t = torch.full((n,), self.config.timestep, device=x.device, dtype=torch.long)
         else:
-            t = torch.full((n,), level["sigma"] * self.scheduler.config.num_train_timesteps, device=x.device, dtype=dtype)
+            # as the stock pipelines pass it: StableDiffusion3Pipeline in float32 (a bf16 timestep near 1000 is
+            # rounded to a multiple of 4), FluxPipeline in the latents' dtype
+            t_dtype = dtype if fam == "flux" else torch.float32
+            t = torch.full((n,), level["sigma"] * self.scheduler.config.num_train_timesteps, device=x.device,
+                           dtype=t_dtype)
 
         if fam in ("unet2d", "dit"):
             labels = None
@@ -840,6 +953,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        num_inference_steps: int | None = None,
     ):
         r"""Generate images in one denoiser forward (two branches batched together with guidance).
 
@@ -855,7 +969,14 @@ class FDOneStepPipeline(DiffusionPipeline):
             output_type: "pil" | "np" (B, H, W, C) in [0, 1] | "pt" (B, C, H, W) in [0, 1] | "latent" (the
                 clean sample in model space: latents, or pixels in [-1, 1] for "unet2d").
             return_dict: return ``ImagePipelineOutput`` (else a tuple).
+            num_inference_steps: accepted for diffusers-style calls: 1 or None (the pipeline always takes one
+                step); any other value raises a ValueError.
         """
+        if num_inference_steps is not None and num_inference_steps != 1:
+            raise ValueError(
+                f"a one-step pipeline: num_inference_steps must be 1 (or left out), got {num_inference_steps!r}. "
+                "For multi-step sampling use the teacher's own pipeline."
+            )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         device = self._execution_device
@@ -905,12 +1026,20 @@ class FDOneStepPipeline(DiffusionPipeline):
 
         The family is detected from ``model_index.json`` (``unet`` / ``transformer`` class); only the
         components the one step needs are loaded (no safety checker, feature extractor, ...). Other
-        ``kwargs`` (``torch_dtype``, ``revision``, ``variant``, ``local_files_only``, ``sample_size``,
-        components to override, ...) go to ``from_pretrained``.
+        ``kwargs`` (``dtype``, ``revision``, ``variant``, ``local_files_only``, ``sample_size``,
+        components to override, ...) go to ``from_pretrained``; ``dtype`` under the name the installed
+        diffusers takes (``FROM_PRETRAINED_DTYPE_KWARG``).
+
+        Raises:
+            FileNotFoundError: a local folder that is not a diffusers pipeline (no ``model_index.json``,
+                e.g. a bare ``unet/`` model folder), or a local path that does not exist.
+            OSError: a Hub id that cannot be loaded (offline and not in the cache, or not found).
         """
-        config = DiffusionPipeline.load_config(
+        if kwargs.get("dtype") is not None and FROM_PRETRAINED_DTYPE_KWARG != "dtype":
+            kwargs[FROM_PRETRAINED_DTYPE_KWARG] = kwargs.pop("dtype")
+        config = _teacher_model_index(
             pretrained_model_name_or_path,
-            **{k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs},
+            {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs},
         )
         supported = {spec[1].__name__: name for name, spec in SUPPORTED_FAMILIES.items()}
         found = None

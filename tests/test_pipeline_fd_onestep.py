@@ -448,3 +448,80 @@ def test_lora_state_dict_sees_through_data_parallel_and_compile_wrappers(teacher
         state = denoiser_lora_state_dict(wrapped)
         assert state.keys() == plain.keys()
         assert all(state[k] is plain[k] or torch.equal(state[k], plain[k]) for k in plain)
+
+
+# ------------------------------------------------------------------------------------ what users copy, clear errors
+def test_from_teacher_on_a_model_folder_says_a_pipeline_folder_is_needed(saved_teachers, tmp_path):
+    import shutil
+
+    unet_folder = saved_teachers["unet2d"] + "/unet"
+    with pytest.raises(FileNotFoundError) as err:
+        FDOneStepPipeline.from_teacher(unet_folder)
+    message = str(err.value)
+    assert "no model_index.json" in message and "UNet2DModel" in message and "scheduler" in message
+    assert "pass that folder instead" in message and saved_teachers["unet2d"] in message
+    assert err.value.__context__ is None  # our own error, not one raised under diffusers' traceback
+    # the same model copied out of its pipeline: how to build the pipeline around it
+    bare = tmp_path / "my-unet"
+    shutil.copytree(unet_folder, bare)
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json.*scheduler.*DDPMPipeline\(unet=UNet2DModel"):
+        FDOneStepPipeline.from_teacher(str(bare))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        FDOneStepPipeline.from_teacher(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        FDOneStepPipeline.from_teacher(str(tmp_path / "typo" / "teacher"))
+
+
+def test_from_teacher_with_an_uncached_hub_id_while_offline_says_how_to_download(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as err:
+        FDOneStepPipeline.from_teacher("fd-onestep-tests/never-cached-teacher")
+    message = str(err.value)
+    assert "offline (HF_HUB_OFFLINE=1)" in message and "no copy" in message and "local cache" in message
+    assert "`hf download fd-onestep-tests/never-cached-teacher`" in message and "--local-dir" in message
+    assert "model_index.json" not in message  # diffusers' error blamed a file; the problem is the missing download
+    assert err.value.__suppress_context__  # raised `from None`: no 50-line diffusers traceback under it
+
+
+def test_diffusers_style_num_inference_steps_is_accepted_when_one(teachers):
+    pipe = onestep_from(teachers("unet2d"))
+    kwargs = {"batch_size": 2, "output_type": "np"}
+    reference = pipe(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    for steps in (1, None):
+        again = pipe(**kwargs, generator=torch.Generator().manual_seed(3), num_inference_steps=steps).images
+        assert np.array_equal(again, reference)
+    with pytest.raises(ValueError, match="a one-step pipeline: num_inference_steps must be 1"):
+        pipe(**kwargs, num_inference_steps=20)
+
+
+def test_from_teacher_takes_dtype_under_the_name_the_installed_diffusers_takes(saved_teachers, monkeypatch):
+    import fd_onestep.pipelines.pipeline_fd_onestep as module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # `torch_dtype` is deprecated from diffusers 0.40 on
+        pipe = FDOneStepPipeline.from_teacher(saved_teachers["unet2d"], dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    # diffusers < 0.40 only knows `torch_dtype`: from_teacher hands `dtype` on under that name
+    seen = {}
+    monkeypatch.setattr(module, "FROM_PRETRAINED_DTYPE_KWARG", "torch_dtype")
+    monkeypatch.setattr(FDOneStepPipeline, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    FDOneStepPipeline.from_teacher(saved_teachers["unet2d"], dtype=torch.bfloat16)
+    assert seen["torch_dtype"] == torch.bfloat16 and "dtype" not in seen
+
+
+def test_sd3_timestep_reaches_a_bf16_transformer_in_float32_as_the_stock_pipeline_passes_it(teachers):
+    import copy
+
+    pipe = onestep_from(teachers("sd3"), timestep=700)
+    pipe = pipe.with_denoiser(copy.deepcopy(pipe.transformer).to(torch.bfloat16))
+    seen = {}
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    cond = pipe.encode_conditioning(prompt=["cab"], device="cpu")
+    pipe.one_step(torch.randn(1, *pipe.noise_shape()), cond, decode=False)
+    sigma = pipe.noise_level()["sigma"]
+    assert seen["timestep"].dtype == torch.float32  # bf16 would round 875.0 to 876
+    assert seen["timestep"].item() == torch.tensor(sigma * 1000, dtype=torch.float32).item()
+    assert seen["hidden_states"].dtype == torch.bfloat16
