@@ -6,12 +6,28 @@ alone); this module only adds what training needs on top of it:
 
 - the latent / pixel shape of the generator input and ``sample_noise``;
 - conditioning sampling: uniform or histogram-weighted class labels for class-conditional models,
-  prompt embeddings (frozen text encoders, cached per prompt) for text-to-image models;
+  prompt embeddings for text-to-image models (see "Prompt embeddings" below);
+- mixed precision the way diffusers' training examples do it: frozen modules (VAE, text encoders) in the
+  ``weight_dtype``, a LoRA's base weights too, its trainable parameters in float32 (``add_lora``);
 - a differentiable ``forward(denoiser, noise, conditioning) -> images in [-1, 1]`` that takes the
   denoiser as an argument, so an ``accelerator.prepare``-d (DDP-wrapped) or PEFT-wrapped copy is the one
   that runs and receives gradients; the VAE and text encoders stay frozen;
 - saving the result: the full one-step pipeline (``save_pipeline``) or only a LoRA
   (``save_lora``, diffusers' LoRA file format).
+
+Prompt embeddings
+-----------------
+Every distinct training prompt is encoded once, at construction, by the pipeline's ``encode_conditioning``
+(the stock ``encode_prompt``), ``prompt_chunk_size`` prompts per call (``PROMPT_CHUNK_SIZE`` by default),
+and cached on the CPU; each step moves only its sampled rows to the device. Why a cache and not an
+encoding per step: the FD-loss must see the same embedding for the same prompt every time (a batched
+encode is not bitwise independent of what else is in the batch, and a resumed run must see the same
+embeddings), and the text encoders (T5-XXL for SD3 / Flux) then run once instead of every step. The
+memory it costs is host memory, ``N x (L x D + P) x bytes per element`` for N prompts (SD3 in bf16:
+about 2.7 MB per prompt, L = 333 tokens x D = 4096), logged at construction; on the device it is one
+chunk's activations while encoding and one batch's rows while training. The cache is not pinned: a
+step's rows are gathered into a fresh tensor anyway, and page-locking a cache of many GB would take
+that memory from the host.
 
 Typical use with accelerate::
 
@@ -30,8 +46,9 @@ Typical use with accelerate::
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -45,9 +62,17 @@ from fd_onestep.pipelines.pipeline_fd_onestep import (
 __all__ = [
     "OneStepGenerator",
     "OneStepConditioning",
+    "PROMPT_CHUNK_SIZE",
     "add_lora_to_denoiser",
     "denoiser_lora_state_dict",
 ]
+
+logger = logging.getLogger(__name__)
+
+# Prompts per text-encoder call when the prompt cache is filled. It bounds the encoders' transient
+# device memory whatever the number of prompts: T5-XXL (64 heads) at 512 tokens materializes
+# 32 x 64 x 512^2 attention scores per layer, about 1 GiB in bf16, for a chunk of 32.
+PROMPT_CHUNK_SIZE = 32
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -55,6 +80,36 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(module, keep_torch_compile=False)
+
+
+def encode_in_chunks(
+    encode: Callable[[list[str]], OneStepConditioning], prompts: Sequence[str], chunk_size: int
+) -> OneStepConditioning:
+    """Embeddings of ``prompts`` gathered on the CPU, ``encode`` called on at most ``chunk_size`` prompts at a time.
+
+    Args:
+        encode: list of prompts -> their conditioning rows (any device; no grad needed).
+        prompts: N >= 1 prompts.
+        chunk_size: prompts per ``encode`` call (>= 1).
+    Returns:
+        conditioning with N rows on the CPU, in the dtypes ``encode`` returned. The output is allocated
+        once, from the first chunk's shapes, and filled in place: host memory peaks at the cache's size.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"prompt chunk size must be >= 1, got {chunk_size}.")
+    prompts = list(prompts)
+    out = None
+    for start in range(0, len(prompts), chunk_size):
+        with torch.no_grad():
+            chunk = encode(prompts[start : start + chunk_size])
+        if out is None:
+            out = chunk.new_empty(len(prompts), device="cpu")
+        out[start : start + len(chunk)] = chunk
+    return out
+
+
+def _conditioning_bytes(cond: OneStepConditioning) -> int:
+    return sum(t.nbytes for t in vars(cond).values() if isinstance(t, torch.Tensor))
 
 
 class OneStepGenerator:
@@ -65,10 +120,16 @@ class OneStepGenerator:
             encoders are frozen by this constructor: ``requires_grad_(False)`` and ``eval()``).
         prompts: text-to-image families only: the training prompts ``sample_conditioning`` draws from
             (uniformly, with replacement). Their embeddings are computed once with the frozen text
-            encoders and cached. Required for text families unless conditioning is passed explicitly.
+            encoders, ``prompt_chunk_size`` prompts per call, and cached on the CPU (module docstring).
+            Required for text families unless conditioning is passed explicitly.
         class_histogram: class-conditional families only: unnormalized weights (num_classes,) to draw
             class labels from, e.g. the reference data's label histogram. ``None``: uniform.
         device: where noise, conditioning and the frozen modules live. Default: the denoiser's device.
+        weight_dtype: mixed precision (``torch.bfloat16`` / ``torch.float16``, from
+            ``accelerator.mixed_precision`` as in diffusers' examples): the frozen modules are cast to it
+            here, and ``add_lora`` casts the LoRA's base weights to it. ``None`` (default): dtypes are left as
+            they are (a full fine-tune keeps its float32 denoiser in any case).
+        prompt_chunk_size: prompts per text-encoder call when filling the cache (``PROMPT_CHUNK_SIZE``).
 
     Attributes:
         family (str): "unet2d", "dit", "sd", "sd3" or "flux" (see ``FDOneStepPipeline.SUPPORTED_FAMILIES``).
@@ -76,6 +137,7 @@ class OneStepGenerator:
         image_shape (tuple[int, int, int]): (C, H, W) of one generated image.
         is_class_conditional, is_text_conditional (bool), num_classes (int | None).
         denoiser (torch.nn.Module): ``pipeline.unet`` or ``pipeline.transformer``.
+        prompt_embeddings (OneStepConditioning | None): the CPU cache, one row per distinct prompt.
     """
 
     def __init__(
@@ -85,6 +147,8 @@ class OneStepGenerator:
         prompts: Sequence[str] | None = None,
         class_histogram: Sequence[float] | torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        weight_dtype: torch.dtype | None = None,
+        prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
     ):
         if not isinstance(pipeline, FDOneStepPipeline):
             raise TypeError(
@@ -94,11 +158,19 @@ class OneStepGenerator:
         self.pipeline = pipeline
         self.family: str = pipeline.family
         self.device = torch.device(device) if device is not None else pipeline.denoiser.device
+        if weight_dtype is not None and not (isinstance(weight_dtype, torch.dtype) and weight_dtype.is_floating_point):
+            raise ValueError(
+                f"weight_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {weight_dtype!r}."
+            )
+        self.weight_dtype = weight_dtype
+        if prompt_chunk_size < 1:
+            raise ValueError(f"prompt_chunk_size must be >= 1, got {prompt_chunk_size}.")
+        self.prompt_chunk_size = int(prompt_chunk_size)
         for name in pipeline.frozen_component_names:
             module = getattr(pipeline, name)
             module.requires_grad_(False)
             module.eval()
-            module.to(self.device)
+            module.to(self.device, dtype=weight_dtype)
         pipeline.denoiser.to(self.device)
 
         self.noise_shape: tuple[int, int, int] = pipeline.noise_shape()
@@ -107,7 +179,10 @@ class OneStepGenerator:
         self.is_text_conditional: bool = pipeline.is_text_conditional
         self.num_classes: int | None = pipeline.num_classes
 
-        self._prompt_cache: dict[str, OneStepConditioning] = {}
+        # the CPU cache: one row per distinct prompt, and each prompt's row
+        self.prompt_embeddings: OneStepConditioning | None = None
+        self._prompt_row: dict[str, int] = {}
+        self._rows_of_prompts: torch.Tensor | None = None  # (len(self.prompts),) int64: row of each entry
         self.prompts: list[str] | None = None
         if prompts is not None:
             if not self.is_text_conditional:
@@ -119,7 +194,10 @@ class OneStepGenerator:
             if not prompts:
                 raise ValueError("`prompts` is empty; pass at least one training prompt.")
             self.prompts = prompts
-            self.encode_prompts(prompts)  # fill the cache once, with the frozen encoders
+            self._cache_prompts(prompts)  # fill the cache once, with the frozen encoders
+            self._rows_of_prompts = torch.tensor([self._prompt_row[p] for p in prompts], dtype=torch.long)
+            logger.info(f"cached the embeddings of {len(self._prompt_row)} distinct prompts on the CPU "
+                        f"({_conditioning_bytes(self.prompt_embeddings) / 2**20:.1f} MiB)")
 
         self.class_probabilities: torch.Tensor | None = None
         if class_histogram is not None:
@@ -173,7 +251,8 @@ class OneStepGenerator:
         """Conditioning for ``batch_size`` samples, or ``None`` for unconditional models.
 
         Class-conditional: labels (batch_size,) int64 drawn from ``class_probabilities``.
-        Text: prompts drawn uniformly from ``self.prompts`` (cached embeddings).
+        Text: prompts drawn uniformly from ``self.prompts``; their cached rows are gathered on the CPU and
+        only those move to ``device``.
         The random draw uses ``generator`` (CPU or the generator's device).
         """
         device = torch.device(device) if device is not None else self.device
@@ -190,24 +269,59 @@ class OneStepGenerator:
                 )
             gen_device = generator.device if generator is not None else torch.device("cpu")
             index = torch.randint(len(self.prompts), (batch_size,), generator=generator, device=gen_device)
-            return self.encode_prompts([self.prompts[i] for i in index.tolist()]).to(device)
+            return self.prompt_embeddings[self._rows_of_prompts[index.cpu()]].to(device)
         return None
 
-    def encode_prompts(self, prompts: Sequence[str]) -> OneStepConditioning:
-        """Prompt embeddings (and, with guidance, negative embeddings) for a list of prompts.
+    def encode_prompts(self, prompts: Sequence[str], device: torch.device | str | None = None) -> OneStepConditioning:
+        """Prompt embeddings (and, with guidance, negative embeddings) for a list of prompts, on ``device``
+        (default ``self.device``).
 
-        Computed once per distinct prompt with the frozen text encoders, then cached (on ``device``).
+        Computed once per distinct prompt with the frozen text encoders (in chunks), then cached on the CPU.
         """
         if not self.is_text_conditional:
             raise ValueError(f"the {self.family!r} family takes no prompts.")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            with torch.no_grad():
-                cond = self.pipeline.encode_conditioning(prompt=missing, device=self.device)
-            for i, p in enumerate(missing):
-                self._prompt_cache[p] = cond[i : i + 1]
-        return OneStepConditioning.cat([self._prompt_cache[p] for p in prompts])
+        self._cache_prompts(prompts)
+        rows = torch.tensor([self._prompt_row[p] for p in prompts], dtype=torch.long)
+        return self.prompt_embeddings[rows].to(device if device is not None else self.device)
+
+    def _cache_prompts(self, prompts: Sequence[str]) -> None:
+        """Encode the prompts not yet cached, ``prompt_chunk_size`` per call, and append their rows to the cache."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_row]
+        if not missing:
+            return
+        new = encode_in_chunks(lambda chunk: self.pipeline.encode_conditioning(prompt=chunk, device=self.device),
+                               missing, self.prompt_chunk_size)
+        start = len(self._prompt_row)
+        self._prompt_row.update({p: start + i for i, p in enumerate(missing)})
+        self.prompt_embeddings = new if self.prompt_embeddings is None else OneStepConditioning.cat(
+            [self.prompt_embeddings, new])
+
+    # ------------------------------------------------------------------ LoRA training
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float | None = None,
+        target_modules: list[str] | None = None,
+        adapter_name: str = "default",
+    ) -> torch.nn.Module:
+        """Freeze the denoiser and add a trainable LoRA (``add_lora_to_denoiser``), mixed-precision ready.
+
+        As diffusers' LoRA training examples do: under ``weight_dtype`` the frozen base weights are cast to
+        it before the adapter is added, and the trainable (LoRA) parameters are then cast to float32
+        (``diffusers.training_utils.cast_training_params``), so the optimizer updates float32 weights.
+        Without ``weight_dtype`` nothing is cast. Returns the denoiser.
+        """
+        denoiser = self.denoiser
+        if self.weight_dtype is not None:
+            denoiser.to(dtype=self.weight_dtype)
+        add_lora_to_denoiser(denoiser, rank=rank, alpha=alpha, target_modules=target_modules,
+                             adapter_name=adapter_name)
+        if self.weight_dtype is not None:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(denoiser, dtype=torch.float32)
+        return denoiser
 
     # ------------------------------------------------------------------ the generator
     def forward(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from test_pipeline_tiny_models import FAMILY_KWARGS, TEACHERS
 
-from fd_onestep.onestep import OneStepConditioning, OneStepGenerator, add_lora_to_denoiser
+from fd_onestep.onestep import PROMPT_CHUNK_SIZE, OneStepConditioning, OneStepGenerator, add_lora_to_denoiser
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:ill-conditioned one-step map")
@@ -159,3 +160,92 @@ def test_save_pipeline_with_a_separately_trained_denoiser(tmp_path):
     assert loaded.config.timestep == 500
     out = loaded(class_labels=[1, 5], latents=noise, output_type="pt").images
     torch.testing.assert_close(out, (expected / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ scale and precision
+def test_a_large_caption_set_is_encoded_in_chunks_and_cached_on_the_cpu():
+    """20,000 captions: every text-encoder call sees at most ``prompt_chunk_size`` prompts, each distinct prompt
+    is encoded once, the cache lives on the CPU and only a step's sampled rows move to the requested device.
+    (A chunk of 500 keeps this test fast on 2 cores; the default, PROMPT_CHUNK_SIZE, is sized for T5-XXL.)"""
+    chunk = 500
+    pipe = pipeline("sd", timestep=500)
+    distinct = [f"cat {i}" for i in range(19_000)]
+    captions = distinct + distinct[:1_000]  # captions datasets repeat captions
+    calls, encoder_batches = [], []
+    encode = pipe.encode_conditioning
+    pipe.encode_conditioning = lambda **kw: calls.append((len(kw["prompt"]), kw["device"])) or encode(**kw)
+    original = pipe.text_encoder.forward
+    pipe.text_encoder.forward = lambda input_ids, *a, **k: encoder_batches.append(len(input_ids)) or original(
+        input_ids, *a, **k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads on 2 shared cores only oversubscribe (5x slower)
+    try:
+        gen = OneStepGenerator(pipe, prompts=captions, prompt_chunk_size=chunk)
+    finally:
+        torch.set_num_threads(threads)
+    assert max(n for n, _ in calls) <= chunk and max(encoder_batches) <= chunk
+    assert sum(n for n, _ in calls) == len(distinct)  # each distinct caption encoded once
+    assert {device for _, device in calls} == {gen.device}  # the encoders run where the generator runs
+    cache = gen.prompt_embeddings
+    assert len(cache) == len(distinct) and cache.prompt_embeds.device.type == "cpu"
+    calls.clear()
+    cond = gen.sample_conditioning(64, generator=torch.Generator().manual_seed(0), device="meta")
+    assert calls == [] and len(cond) == 64 and cond.prompt_embeds.device.type == "meta"
+    assert cond.prompt_embeds.shape[1:] == cache.prompt_embeds.shape[1:]
+    # the rows are the prompts' own embeddings: the same draw on the CPU against encoding the prompts directly
+    cpu = gen.sample_conditioning(3, generator=torch.Generator().manual_seed(1), device="cpu")
+    index = torch.randint(len(captions), (3,), generator=torch.Generator().manual_seed(1))
+    direct = encode(prompt=[captions[i] for i in index.tolist()], device="cpu")
+    torch.testing.assert_close(cpu.prompt_embeds, direct.prompt_embeds, rtol=0, atol=1e-6)
+
+
+def test_prompts_added_later_are_encoded_in_chunks_and_appended_to_the_cache():
+    assert 1 <= PROMPT_CHUNK_SIZE <= 64  # bounded device memory for T5-XXL (module docstring)
+    gen = OneStepGenerator(pipeline("sd", timestep=500), prompts=["a cab", "dog"], prompt_chunk_size=2)
+    more = gen.encode_prompts(["dog", "x1", "x2", "x3"], device="cpu")
+    assert len(gen.prompt_embeddings) == 5 and len(more) == 4
+    torch.testing.assert_close(more[0].prompt_embeds, gen.encode_prompts(["dog"]).prompt_embeds, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "no-autocast"])
+def test_bf16_lora_step_frozen_parts_in_bf16_lora_parameters_in_float32(autocast):
+    """Mixed precision as diffusers' LoRA examples: VAE, text encoder and the denoiser's base weights in bf16, the
+    trainable LoRA parameters in float32; the step's images come back float32 and the gradient is finite."""
+    gen = OneStepGenerator(pipeline("sd", timestep=500), prompts=["a cab", "dog"], weight_dtype=torch.bfloat16)
+    for name in ("vae", "text_encoder"):
+        assert {p.dtype for p in getattr(gen.pipeline, name).parameters()} == {torch.bfloat16}
+    assert gen.prompt_embeddings.prompt_embeds.dtype == torch.bfloat16  # half the cache's host memory
+    denoiser = gen.add_lora(rank=4)
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    frozen = [p for p in denoiser.parameters() if not p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    g = torch.Generator().manual_seed(0)
+    noise, cond = gen.sample_noise(2, generator=g), gen.sample_conditioning(2, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        images = gen(denoiser, noise, cond)
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 16, 16)
+    images.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trainable)
+    assert any(p.grad.abs().sum() > 0 for p in trainable)
+    assert all(p.grad is None for p in frozen)
+
+
+def test_weight_dtype_leaves_a_fully_fine_tuned_denoiser_in_float32():
+    gen = OneStepGenerator(pipeline("sd", timestep=500), prompts=["a cab"], weight_dtype=torch.bfloat16)
+    assert {p.dtype for p in gen.denoiser.parameters()} == {torch.float32}
+    assert {p.dtype for p in gen.pipeline.vae.parameters()} == {torch.bfloat16}
+    gen.denoiser.requires_grad_(True)
+    images = gen(gen.denoiser, gen.sample_noise(1), gen.sample_conditioning(1))  # bf16 embeddings, bf16 VAE
+    assert images.dtype == torch.float32
+    images.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in gen.denoiser.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        OneStepGenerator(pipeline("unet2d"), weight_dtype="bf16")
+
+
+def test_add_lora_without_weight_dtype_casts_nothing():
+    gen = OneStepGenerator(pipeline("unet2d"))
+    denoiser = gen.add_lora(rank=2)
+    assert {p.dtype for p in denoiser.parameters()} == {torch.float32}
+    assert any(p.requires_grad for p in denoiser.parameters())
