@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -33,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-# Runnable as `python train_scripts/train_fd_onestep.py` from a checkout without installing.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
+# The script runs on the installed package (pipelines/ becomes fd_onestep.pipelines only through the install).
+if importlib.util.find_spec("fd_onestep") is None or importlib.util.find_spec("fd_onestep.pipelines") is None:
+    sys.exit("train_fd_onestep.py needs the fd-onestep package installed: run `pip install -e .` (or "
+             "`pip install .`) in the repository root, then run the script again.")
 
 from accelerate.logging import get_logger  # noqa: E402
 
@@ -46,7 +47,7 @@ from fd_onestep.training.checkpoints import (  # noqa: E402
     save_checkpoint_atomically,
 )
 from fd_onestep.training.hub import check_push_to_hub, push_folder_to_hub  # noqa: E402
-from fd_onestep.training.model_card import render_model_card  # noqa: E402
+from fd_onestep.training.model_card import render_model_card, teacher_hub_id, teacher_license  # noqa: E402
 from fd_onestep.training.run_args import (  # noqa: E402
     check_checkpoint_compatible,
     check_output_dir_compatible,
@@ -727,18 +728,30 @@ def load_conditioning(args, pipe, references):
     return prompts, class_histogram
 
 
-def build_generator(args, pipe, reps: Representations, prompts, class_histogram, device):
-    """The trainable one-step generator (full denoiser or a LoRA on it). Returns ``(gen, trainable params)``."""
-    from fd_onestep.onestep import OneStepGenerator, add_lora_to_denoiser
+def weight_dtype_of(accelerator) -> torch.dtype | None:
+    """The frozen modules' dtype under ``--mixed_precision`` (diffusers' examples' ``weight_dtype``); None: no cast."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+
+
+def build_generator(args, pipe, reps: Representations, prompts, class_histogram, device, weight_dtype=None):
+    """The trainable one-step generator (full denoiser or a LoRA on it). Returns ``(gen, trainable params)``.
+
+    Under mixed precision (``weight_dtype``) the frozen VAE / text encoders and a LoRA's base weights are cast
+    to the weight dtype and the LoRA parameters kept in float32 (``OneStepGenerator.add_lora``), as diffusers'
+    examples do; a full fine-tune keeps its float32 weights.
+    """
+    from fd_onestep.onestep import OneStepGenerator
 
     if args.debug_float64:
+        weight_dtype = None  # float64 everywhere: nothing is cast down
         for module in [pipe.denoiser, *(getattr(pipe, n) for n in pipe.frozen_component_names),
                        *reps.all_encoders.values()]:
             module.to(torch.float64)
-    gen = OneStepGenerator(pipe, prompts=prompts, class_histogram=class_histogram, device=device)
+    gen = OneStepGenerator(pipe, prompts=prompts, class_histogram=class_histogram, device=device,
+                           weight_dtype=weight_dtype)
     denoiser = gen.denoiser
     if args.use_lora:
-        add_lora_to_denoiser(denoiser, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
+        gen.add_lora(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
     else:
         denoiser.requires_grad_(True)
     if args.gradient_checkpointing:
@@ -1096,8 +1109,10 @@ def save_weights(args, gen, model, folder: Path) -> None:
     """The generator ``model`` into ``folder``: the LoRA + its base-model info with --use_lora, else the whole
     one-step pipeline. Callers swap in the EMA weights first (:func:`ema_weights`)."""
     if args.use_lora:
+        from fd_onestep.evaluation import LORA_INFO_FILE
+
         gen.save_lora(folder, denoiser=model)
-        (folder / "fd_onestep_lora.json").write_text(json.dumps(lora_base_info(args, gen.pipeline), indent=2))
+        (folder / LORA_INFO_FILE).write_text(json.dumps(lora_base_info(args, gen.pipeline), indent=2))
     else:
         gen.save_pipeline(folder, denoiser=model)
 
@@ -1292,16 +1307,27 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
     if progress.best_step is not None:
         training["best checkpoint"] = f"step {progress.best_step} by {args.keep_best_by} ({progress.best_metric:.4g})"
     base = args.pretrained_model_name_or_path
-    if args.embedded_default:
+    base_id = teacher_hub_id(base)
+    license_info = teacher_license(base, hub_id=base_id, revision=args.revision, cache_dir=args.cache_dir,
+                                   local_files_only=args.local_files_only)
+    if args.embedded_default and not args.use_lora:
         base = "fd_onestep bundled digits teacher (fd_onestep/assets/digits/teacher)"
+    one_step_settings = None
+    if args.use_lora:  # what the LoRA's snippet must rebuild: the base with the run's one-step settings
+        info = lora_base_info(args, pipe)
+        one_step_settings = {**{k: info[k] for k in ("revision", "variant") if info[k] is not None},
+                             **info["one_step_settings"]}
     conditioning = "text" if pipe.is_text_conditional else "class" if pipe.is_class_conditional else "unconditional"
     grid = "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None
+    comparison_grid = "comparison_grid.png" if (output_dir / "comparison_grid.png").is_file() else None
+    comparison_table = (output_dir / "comparison.md").read_text() if (output_dir / "comparison.md").is_file() else None
     card = render_model_card(
-        base_model=base, model_family=pipe.family,
+        base_model=base, base_model_id=base_id, model_family=pipe.family,
         encoders=describe(reps.encoders, reps.references, args.reference_stats, args.encoder_loss_weights),
         eval_encoders=describe(reps.eval_encoders, reps.eval_references, args.eval_reference_stats),
         training=training, final_fds=final_fds, sample_grid=grid, repo_id=repo_id or str(output_dir),
-        lora=args.use_lora, conditioning=conditioning,
+        lora=args.use_lora, conditioning=conditioning, one_step_settings=one_step_settings,
+        comparison_grid=comparison_grid, comparison_table=comparison_table, **license_info,
     )
     card.save(str(output_dir / "README.md"))
     return card
@@ -1323,7 +1349,7 @@ def main(args) -> dict:
     pipe = build_one_step_pipeline(args)
     reps = build_representations(args, device)
     prompts, class_histogram = load_conditioning(args, pipe, reps.references)
-    gen, trainable = build_generator(args, pipe, reps, prompts, class_histogram, device)
+    gen, trainable = build_generator(args, pipe, reps, prompts, class_histogram, device, weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps)
     optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
     sampling_rng = CheckpointableGenerator(args.seed)
