@@ -3,6 +3,12 @@
 Every helper is a no-op (or the identity) when ``torch.distributed`` is not available, not initialized,
 or the world has a single process, so the same code runs in a plain script, under
 ``accelerate launch`` with one process, and under DDP with many.
+
+Devices: a collective runs on the device of the tensors it is handed. ``accelerate launch --multi_gpu``
+starts an NCCL process group, which takes CUDA tensors only, so every tensor reduced here must live on
+the process's device (``accelerator.device``): the populations and moments are created there (their
+``device=`` argument) and follow the device of their features. A CPU tensor handed to an NCCL group is
+refused here with the fix, instead of NCCL's own error.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ __all__ = [
     "is_distributed",
     "all_reduce_sum",
     "all_gather_cat",
+    "check_collective_device",
     "sum_over_processes_with_local_grad",
     "with_local_grad",
 ]
@@ -39,13 +46,32 @@ def get_rank() -> int:
     return torch.distributed.get_rank() if _initialized() else 0
 
 
+def _backend() -> str:
+    return str(torch.distributed.get_backend())
+
+
+def check_collective_device(tensor: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` when ``tensor`` cannot take part in a collective of the default group.
+
+    NCCL (the backend of ``accelerate launch --multi_gpu``) reduces CUDA tensors only; gloo takes both.
+    """
+    if _backend() == "nccl" and tensor.device.type != "cuda":
+        raise RuntimeError(
+            f"a {tensor.device} tensor was handed to an NCCL collective, which takes CUDA tensors only: create "
+            "the FD populations / FeatureMoments on the process's device (device=accelerator.device) or feed "
+            "them features computed there."
+        )
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes; returns a new detached tensor (the input is not modified).
 
-    Identity (a detached copy) when not distributed.
+    Identity (a detached copy) when not distributed. Runs on the device of ``tensor`` (see the module
+    docstring).
     """
     out = tensor.detach().clone()
     if is_distributed():
+        check_collective_device(out)
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out
 
@@ -59,6 +85,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if not is_distributed():
         return tensor.clone()
+    check_collective_device(tensor)
     world = get_world_size()
     size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]

@@ -15,22 +15,28 @@ that representation -- and defaults to 1e-6: for an encoder with ``tr(sigma_ref)
 the damping is 0.04 / (0.04 + 1e-6) = 0.99998, and for Inception (``tr ~ 100``, FD 40) 0.999998.
 
 A training step follows the populations' step protocol (:class:`~fd_onestep.populations.Population`),
-which both losses forward without knowing the estimator::
+which both losses forward without knowing the estimator; k micro-batches are the exact population's
+(``two_pass``) or gradient accumulation's::
 
-    micro_batches = draw(k) if fd_loss.two_pass else draw(1)   # inputs (noise, conditioning)
+    micro_batches = draw(k)                        # inputs (noise, conditioning) of one optimizer step
     fd_loss.begin_step()
     if fd_loss.two_pass:                           # exact population: pass 1, statistics only
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for inputs in micro_batches:
                 fd_loss.accumulate(features_of(inputs))
     fd_loss.end_accumulation()                     # collective for exact populations, else no-op
     for inputs in micro_batches:                   # pass 2, the same inputs, with gradient
-        loss, raw = fd_loss(features_of(inputs))   # MultiEncoderFDLoss; FDLoss returns the FD
-        loss.backward()                            # not divided by k: the k gradients add up
+        with autocast():                           # the same precision as pass 1
+            features = features_of(inputs)
+        loss, raw = fd_loss(features)              # MultiEncoderFDLoss; FDLoss returns the FD
+        loss.backward()                            # exact: not divided by k (the k gradients add up);
+                                                   # accumulation: divided by k (accelerator.backward)
+    fd_loss.end_step()                             # EMA/queue advance once; exact checks pass 2 (collective)
     optimizer.step()
 
-Under DDP run all but the last pass-2 micro-batch under ``no_sync`` (see
-:class:`~fd_onestep.populations.ExactPopulation`).
+Inside the step every micro-batch of an EMA or queue population sees the population of the start of
+the step plus its own batch, and ``end_step`` advances it once with all of them. Under DDP run all but
+the last micro-batch under ``no_sync`` (see :class:`~fd_onestep.populations.ExactPopulation`).
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ class FDLoss(torch.nn.Module):
 
     ``forward`` returns a 0-dim float64 tensor: the FD value (squared feature units), differentiable
     w.r.t. ``features`` through the closed-form FD backward. ``last_fd`` keeps the last value as a float.
-    Calling it advances the population (see each population's docstring). :attr:`two_pass`,
-    :meth:`begin_step`, :meth:`accumulate` and :meth:`end_accumulation` forward the population's step
-    protocol (module docstring).
+    Calling it advances the population (see each population's docstring; inside a step, at
+    :meth:`end_step`). :attr:`two_pass`, :meth:`begin_step`, :meth:`accumulate`, :meth:`end_accumulation`
+    and :meth:`end_step` forward the population's step protocol (module docstring).
     """
 
     def __init__(self, reference: ReferenceStats, population: Population):
@@ -105,6 +111,11 @@ class FDLoss(torch.nn.Module):
         """End pass 1 (collective under torch.distributed for a two-pass population, else a no-op)."""
         self.population.end_accumulation()
 
+    def end_step(self) -> None:
+        """End the optimizer step (the population's :meth:`~Population.end_step`): one-pass populations
+        advance once with the step's micro-batches; the exact population checks pass 2 against pass 1."""
+        self.population.end_step()
+
     def forward(self, features: torch.Tensor, *, update: bool = True) -> torch.Tensor:
         self._check(features)
         mu, sigma = self.population(features, update=update)
@@ -127,8 +138,9 @@ class MultiEncoderFDLoss(torch.nn.Module):
 
     ``forward(features: dict[name, (B, d_i) tensor]) -> (loss 0-dim float64, {name: raw FD float})``.
     The loss value is about ``sum_i w_i`` whatever the FDs; log the raw FDs, or their weighted sum
-    :meth:`weighted_fd`. :attr:`two_pass`, :meth:`begin_step`, :meth:`accumulate` and
-    :meth:`end_accumulation` run the step protocol (module docstring) for every encoder.
+    :meth:`weighted_fd`. :attr:`two_pass`, :meth:`begin_step`, :meth:`accumulate`,
+    :meth:`end_accumulation` and :meth:`end_step` run the step protocol (module docstring) for every
+    encoder.
     """
 
     def __init__(self, losses: dict[str, FDLoss], weights: dict[str, float] | None = None, eps: float = 1e-6):
@@ -162,12 +174,13 @@ class MultiEncoderFDLoss(torch.nn.Module):
         """Whether a step needs pass 1 (:meth:`accumulate`); True when any encoder's population is two-pass.
 
         Configure every encoder with the same population kind: in a two-pass step a one-pass
-        population (EMA, queue) is called, and advanced, once per pass-2 micro-batch.
+        population (EMA, queue) is called once per pass-2 micro-batch (and advanced once, at
+        :meth:`end_step`).
         """
         return any(loss.two_pass for loss in self.losses.values())
 
     def begin_step(self) -> None:
-        """Start an optimizer step for every encoder (no-op for one-pass populations)."""
+        """Start an optimizer step for every encoder."""
         for loss in self.losses.values():
             loss.begin_step()
 
@@ -181,6 +194,12 @@ class MultiEncoderFDLoss(torch.nn.Module):
         """End pass 1 for every encoder (collective for two-pass populations, else a no-op)."""
         for loss in self.losses.values():
             loss.end_accumulation()
+
+    def end_step(self) -> None:
+        """End the optimizer step for every encoder (:meth:`FDLoss.end_step`; collective for two-pass
+        populations)."""
+        for loss in self.losses.values():
+            loss.end_step()
 
     def weighted_fd(self, raw: dict[str, float]) -> float:
         """``sum_i w_i F_i`` of the raw FDs returned by :meth:`forward`: an informative scalar to log.

@@ -91,11 +91,17 @@ class FeatureMoments:
 
     Example::
 
-        moments = FeatureMoments(2048)
+        moments = FeatureMoments(2048, device=accelerator.device)
         for images in loader:
             moments.update(encoder(images))
         moments.all_reduce()              # sum over processes (no-op when not distributed)
         mu, sigma = moments.mean, moments.covariance()
+
+    Device: the sums live on ``device``, where :meth:`update` moves the features and where
+    :meth:`all_reduce` runs its collective (under NCCL it must be the process's CUDA device). With
+    ``device=None`` the sums are created on the device of the first features handed to :meth:`update`
+    (or the first moments handed to :meth:`merge`), so ``FeatureMoments(d)`` fed with an encoder's
+    features reduces where the encoder runs; until then they are on torch's default device.
     """
 
     def __init__(self, dim: int, *, device: torch.device | str | None = None):
@@ -103,8 +109,18 @@ class FeatureMoments:
             raise ValueError(f"dim must be a positive feature dimension, got {dim}.")
         self.dim = int(dim)
         self.count = 0
+        # device=None: adopt the device of the first data (see the class docstring)
+        self._adopt_device = device is None
         self.sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+
+    def _settle_device(self, device: torch.device) -> None:
+        """On first data with ``device=None``: create the (still zero) sums on ``device``."""
+        if self._adopt_device:
+            self._adopt_device = False
+            if self.count == 0 and self.sum.device != device:
+                self.sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
+                self.sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
 
     @classmethod
     def from_features(cls, features: torch.Tensor) -> "FeatureMoments":
@@ -118,6 +134,7 @@ class FeatureMoments:
     def update(self, features: torch.Tensor) -> "FeatureMoments":
         """Add a (B, d) chunk of features (any float dtype; detached, accumulated in float64)."""
         check_features(features, self.dim)
+        self._settle_device(features.device)
         z = features.detach().to(device=self.sum.device, dtype=torch.float64)
         s1, s2 = raw_sums(z)
         self.count += int(z.shape[0])
@@ -150,7 +167,7 @@ class FeatureMoments:
     def all_reduce(self) -> "FeatureMoments":
         """Sum the moments over ``torch.distributed`` processes in place (no-op when not distributed).
 
-        Collective: every process must call it.
+        Collective: every process must call it. It runs on the device of the sums (class docstring).
         """
         packed = torch.cat(
             [
@@ -174,6 +191,7 @@ class FeatureMoments:
                 f"cannot merge moments of dimension {other.dim} into dimension {self.dim}; "
                 "merge only moments of the same encoder."
             )
+        self._settle_device(other.sum.device)
         self.count += other.count
         self.sum += other.sum.to(self.sum.device)
         self.sum_outer += other.sum_outer.to(self.sum_outer.device)
@@ -185,6 +203,7 @@ class FeatureMoments:
         return out
 
     def to(self, device) -> "FeatureMoments":
+        self._adopt_device = False
         self.sum = self.sum.to(device)
         self.sum_outer = self.sum_outer.to(device)
         return self

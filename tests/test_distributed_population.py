@@ -2,7 +2,9 @@
 
 For every population kind the FD-loss value and the DDP-averaged parameter gradient of a tiny
 generator must equal the single-process run on the concatenated batch, over several optimizer steps
-(so the populations' state advances identically too).
+(so the populations' state advances identically too), also with two micro-batches per step for the
+one-pass kinds (gradient accumulation: the step protocol's begin_step/end_step), and the exact
+population's end_step check of pass 2 against pass 1 runs its collective.
 """
 
 import contextlib
@@ -23,6 +25,9 @@ KINDS = {
     "queue": {"queue_size": 20, "storage_dtype": torch.float64},
     "exact": {"micro_batches": 2},
 }
+# name -> (population kind, micro-batches per optimizer step)
+RUNS = {"ema": ("ema", 1), "queue": ("queue", 1), "exact": ("exact", 2),
+        "ema/accumulate": ("ema", 2), "queue/accumulate": ("queue", 2)}
 
 
 def _data():
@@ -33,8 +38,9 @@ def _data():
     return ReferenceStats.from_features(reference, encoder_id="toy"), steps, warm
 
 
-def _run(kind, world, rank):
+def _run(run, world, rank):
     """Train STEPS SGD steps; return [(loss, [param grads])] (grads after DDP averaging)."""
+    kind, k = RUNS[run]
     reference, steps, warm = _data()
     torch.manual_seed(0)
     generator = torch.nn.Sequential(torch.nn.Linear(D_IN, D), torch.nn.Tanh(), torch.nn.Linear(D, D)).double()
@@ -47,10 +53,10 @@ def _run(kind, world, rank):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     history = []
     for noise in steps:
-        local = noise.chunk(world)[rank]
         optimizer.zero_grad()
-        # the loss-level step protocol, the same code for every population kind
-        micro = local.chunk(2) if loss_fn.two_pass else [local]
+        # the loss-level step protocol, the same code for every population kind; micro-batch i of the
+        # step is the same global batch in both runs (this process's rows of it)
+        micro = [m.chunk(world)[rank] for m in noise.chunk(k)]
         loss_fn.begin_step()
         if loss_fn.two_pass:
             with torch.no_grad():
@@ -62,6 +68,7 @@ def _run(kind, world, rank):
             with contextlib.nullcontext() if (last or world == 1) else model.no_sync():
                 loss = loss_fn(model(m))
                 loss.backward()
+        loss_fn.end_step()  # one-pass: advance once with the step's micro-batches; exact: check (collective)
         history.append((float(loss.detach()), [p.grad.detach().clone() for p in model.parameters()]))
         optimizer.step()
     return history
@@ -71,7 +78,7 @@ def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {kind: _run(kind, world, rank) for kind in KINDS}
+        results = {run: _run(run, world, rank) for run in RUNS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -80,11 +87,11 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for kind in KINDS:
-        single = _run(kind, world=1, rank=0)
+    for run in RUNS:
+        single = _run(run, world=1, rank=0)
         for step, (loss_1, grads_1) in enumerate(single):
             for r in range(2):
-                loss_2, grads_2 = ranks[r][kind][step]
-                assert abs(loss_2 - loss_1) <= 1e-10 * abs(loss_1), (kind, step, r)
+                loss_2, grads_2 = ranks[r][run][step]
+                assert abs(loss_2 - loss_1) <= 1e-10 * abs(loss_1), (run, step, r)
                 for g2, g1 in zip(grads_2, grads_1):
-                    assert float((g2 - g1).norm()) <= 1e-9 * float(g1.norm()), (kind, step, r)
+                    assert float((g2 - g1).norm()) <= 1e-9 * float(g1.norm()), (run, step, r)

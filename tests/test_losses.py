@@ -250,3 +250,47 @@ def test_weighted_fd_is_the_weighted_sum_of_the_raw_fds_while_the_loss_is_the_su
     assert abs(float(loss.detach()) - 2.5) <= 1e-4 * 2.5  # uninformative: about sum_i w_i at every step
     with pytest.raises(ValueError, match=r"raw FDs are for encoders \['a'\].*missing \['b'\]"):
         multi.weighted_fd({"a": 1.0})
+
+
+@pytest.mark.parametrize("kind", ["ema", "queue"])
+def test_multi_encoder_end_step_advances_every_population_once_per_step_of_k_micro_batches(kind):
+    from fd_onestep.populations import build_population
+
+    d, k = 4, 3
+    kwargs = {"ema": {"beta": 0.5}, "queue": {"queue_size": 30, "storage_dtype": torch.float64}}[kind]
+    refs = {"a": _reference(d, 1.0, seed=1), "b": _reference(d, 0.1, seed=2)}
+    multi = MultiEncoderFDLoss({n: FDLoss(r, build_population(kind, d, **kwargs)) for n, r in refs.items()})
+    twins = {n: build_population(kind, d, **kwargs) for n in refs}
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        micro = [torch.randn(4, d, generator=g, dtype=torch.float64) for _ in range(k)]
+        multi.begin_step()
+        for m in micro:
+            multi({"a": m, "b": 0.1 * m})
+        multi.end_step()
+        for name, scale in (("a", 1.0), ("b", 0.1)):
+            twins[name](scale * torch.cat(micro))
+    for name, loss in multi.losses.items():
+        population, twin = loss.population, twins[name]
+        if kind == "ema":
+            assert int(population.num_updates) == 2
+        else:
+            assert int(population.filled) == 2 * k * 4
+        for key, value in twin.state_dict().items():
+            assert torch.allclose(population.state_dict()[key], value, rtol=1e-13, atol=1e-15), key
+
+
+def test_multi_encoder_end_step_runs_the_exact_populations_pass_two_check():
+    from fd_onestep.populations import ExactPopulation
+
+    d = 4
+    multi = MultiEncoderFDLoss({"a": FDLoss(_reference(d, 1.0), ExactPopulation(d, micro_batches=2))})
+    x = torch.randn(8, d, dtype=torch.float64)
+    multi.begin_step()
+    for chunk in x.chunk(2):
+        multi.accumulate({"a": chunk})
+    multi.end_accumulation()
+    for chunk in x.chunk(2):
+        multi({"a": (chunk * 1.001).requires_grad_()})  # not the features of pass 1
+    with pytest.raises(RuntimeError, match="pass 2 features differ from pass 1"):
+        multi.end_step()

@@ -232,3 +232,190 @@ def test_population_rejects_bad_features():
         pop(bad)
     with pytest.raises(ValueError, match="at least 2 samples"):
         pop(torch.randn(1, 3))
+
+
+# ------------------------------------------------------------------ gradient accumulation (step protocol)
+
+
+def _ema_state(pop):
+    return pop.mean, pop.second_moment, pop.sum_sq_weights
+
+
+def _accumulated_step(pop, twin, micro):
+    """One step of ``pop`` over the micro-batches; ``twin`` (holding the state of the start of the step) sees
+    each micro-batch without updating, then takes them all as one batch (one update)."""
+    pop.begin_step()
+    for m in micro:
+        # each micro-batch: the population of the start of the step plus its own batch
+        expected = twin(m, update=False)
+        got = pop(m)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    pop.end_step()
+    twin(torch.cat(micro))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_ema_advances_once_per_step_as_one_update_with_the_concatenated_micro_batches(k):
+    d, b = 5, 6
+    g = torch.Generator().manual_seed(3)
+    warm = torch.randn(40, d, generator=g, dtype=torch.float64)
+    pop, twin = EMAPopulation(d, beta=0.7), EMAPopulation(d, beta=0.7)
+    pop.warm_start([warm])
+    twin.warm_start([warm])
+    for step in range(3):
+        micro = [torch.randn(b, d, generator=g, dtype=torch.float64) + step for _ in range(k)]
+        twin.load_state_dict(pop.state_dict())  # the population of the start of the step
+        _accumulated_step(pop, twin, micro)  # the twin: one update with the step's k * b samples
+        assert int(pop.num_updates) == 2 + step  # warm start, then one per optimizer step: 2, 3, 4
+        for a, e in zip(_ema_state(pop), _ema_state(twin)):
+            assert torch.allclose(a, e, rtol=1e-13, atol=1e-15)
+        assert float(pop.sum_sq_weights) == float(twin.sum_sq_weights)
+
+
+def test_ema_without_warm_start_initializes_from_the_first_steps_micro_batches():
+    d = 3
+    x = torch.randn(8, d, dtype=torch.float64)
+    pop = EMAPopulation(d, beta=0.9)
+    pop.begin_step()
+    pop(x[:4])
+    pop(x[4:])
+    assert pop.is_empty  # nothing advances inside the step
+    pop.end_step()
+    mu, sigma = pop.statistics()
+    assert int(pop.num_updates) == 1
+    assert torch.allclose(mu, x.mean(0), rtol=1e-13) and torch.allclose(sigma, _np_cov(x), rtol=1e-11, atol=1e-13)
+
+
+def test_queue_pushes_all_micro_batches_of_a_step_at_its_end():
+    d, q = 3, 10
+    g = torch.Generator().manual_seed(4)
+    pop = QueuePopulation(d, queue_size=q, storage_dtype=torch.float64)
+    twin = QueuePopulation(d, queue_size=q, storage_dtype=torch.float64)
+    for step in range(4):  # 4 steps of 2 x 3 samples: the ring wraps around
+        micro = [torch.randn(3, d, generator=g, dtype=torch.float64) for _ in range(2)]
+        _accumulated_step(pop, twin, micro)
+        assert all(torch.equal(a, b) for a, b in zip(pop.state_dict().values(), twin.state_dict().values()))
+
+
+def test_begin_step_ends_a_step_left_open_and_update_false_is_not_recorded():
+    d = 3
+    pop, twin = EMAPopulation(d, beta=0.5), EMAPopulation(d, beta=0.5)
+    x = torch.randn(6, d, dtype=torch.float64)
+    pop.begin_step()
+    pop(x)
+    pop(x + 1, update=False)  # a side evaluation
+    pop.begin_step()  # the open step ends first
+    twin(x)
+    assert int(pop.num_updates) == 1 and torch.equal(pop.mean, twin.mean)
+    pop.end_step()  # a step with no update: nothing advances
+    pop.end_step()  # no step open: no-op
+    assert int(pop.num_updates) == 1 and not pop.in_step
+
+
+# ------------------------------------------------------------------ exact population self-check
+
+
+class _Encoder(torch.nn.Module):
+    """A small encoder on generated 'images' (B, 6) -> features (B, 4)."""
+
+    def __init__(self, dropout=0.0, cast_to_float=True):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                                       torch.nn.Linear(16, 4))
+        self.cast_to_float = cast_to_float
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.float() if self.cast_to_float else out
+
+
+def _exact_step(encoder, noise, k, *, autocast_pass1=False, autocast_pass2=False, end=True, pop=None, **kwargs):
+    gen = torch.nn.Linear(5, 6)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(gen.weight)
+    pop = pop or ExactPopulation(4, micro_batches=k, **kwargs)
+
+    def features(chunk, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return encoder(gen(chunk))
+
+    pop.begin_step()
+    with torch.no_grad():
+        for chunk in noise.chunk(k):
+            pop.accumulate(features(chunk, autocast_pass1))
+    pop.end_accumulation()
+    for chunk in noise.chunk(k):
+        mu, sigma = pop(features(chunk, autocast_pass2))
+        (mu.sum() + sigma.sum()).backward()
+    if end:
+        pop.end_step()
+    return pop
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_exact_population_accepts_pass_two_when_it_recomputes_pass_one_bitwise(bf16):
+    noise = torch.randn(12, 5)
+    # float32 features, or bf16 features (the encoder's output under bf16 autocast in both passes)
+    pop = _exact_step(_Encoder(cast_to_float=not bf16), noise, 3, autocast_pass1=bf16, autocast_pass2=bf16)
+    assert not pop.in_step
+
+
+def test_exact_population_refuses_autocast_in_pass_one_only():
+    noise = torch.randn(12, 5)
+    # float32 features both times, but pass 1 ran the encoder in bf16: the sums differ
+    with pytest.raises(RuntimeError, match=r"pass 2 features differ from pass 1 .*bitwise equality \(CPU\).*autocast"):
+        _exact_step(_Encoder(), noise, 3, autocast_pass1=True)
+    # bf16 features in pass 1, float32 in pass 2
+    with pytest.raises(RuntimeError, match="pass-1 features are bfloat16 but the pass-2 features float32.*autocast"):
+        _exact_step(_Encoder(cast_to_float=False), noise, 3, autocast_pass1=True)
+
+
+def test_exact_population_refuses_dropout_between_the_passes():
+    encoder = _Encoder(dropout=0.5).train()  # train-mode dropout draws other masks in pass 2
+    with pytest.raises(RuntimeError, match="pass 2 features differ from pass 1.*dropout"):
+        _exact_step(encoder, torch.randn(12, 5), 2)
+
+
+def test_exact_population_refuses_a_pass_two_that_skipped_micro_batches():
+    pop = ExactPopulation(3)
+    x = torch.randn(8, 3)
+    pop.begin_step()
+    for chunk in x.chunk(2):
+        pop.accumulate(chunk)
+    pop(x[:4])
+    with pytest.raises(RuntimeError, match="pass 2 saw 4 samples but pass 1 8"):
+        pop.end_step()
+
+
+def test_a_step_left_open_is_checked_by_the_next_begin_step():
+    pop = _exact_step(_Encoder(), torch.randn(8, 5), 2, autocast_pass1=True, end=False)
+    with pytest.raises(RuntimeError, match="pass 2 features differ from pass 1"):
+        pop.begin_step()
+    pop.begin_step()  # checked once: the next step starts clean
+
+
+def test_exact_population_tolerance_off_the_cpu_and_its_override():
+    from fd_onestep.populations import PASS2_RTOL, pass2_tolerance
+
+    assert pass2_tolerance(torch.device("cpu"), torch.bfloat16) == 0.0
+    assert pass2_tolerance(torch.device("cuda"), torch.float32) == PASS2_RTOL[torch.float32] == 1e-4
+    assert pass2_tolerance(torch.device("cuda"), torch.bfloat16) == PASS2_RTOL[torch.bfloat16]
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    def step(pass2_features, **kwargs):
+        pop = ExactPopulation(3, **kwargs)
+        pop.begin_step()
+        pop.accumulate(x)
+        pop(pass2_features)
+        pop.end_step()
+
+    nudged = x * (1 + 1e-7)  # the round-off of a non-deterministic kernel, say
+    step(nudged, pass2_rtol=1e-4)
+    with pytest.raises(RuntimeError, match="bitwise equality"):
+        step(nudged)
+    # 1% on the features is 2% on E[zz^T]
+    with pytest.raises(RuntimeError, match=r"deviation of their sums 2\.0[0-9]+e-02; tolerance 1\.0e-04"):
+        step(x * 1.01, pass2_rtol=1e-4)
+    with pytest.raises(ValueError, match="pass2_rtol"):
+        ExactPopulation(3, pass2_rtol=-1.0)
