@@ -8,25 +8,34 @@ One pass over the images feeds every requested encoder; moments are accumulated 
 - a plain folder of image files (read like pytorch-fid: ``PIL.Image.open(f).convert("RGB")``);
 - image tensors / uint8 arrays in memory (e.g. an ADM reference batch's ``arr_0``).
 
+Unreadable images (truncated or corrupt files, what PIL cannot decode) stop the run with an error
+naming the file (folder) or the dataset row, or, with ``skip_unreadable=True`` (CLI:
+``--skip_unreadable_images``), are skipped and counted: the count is stored in the statistics'
+metadata (``skipped_unreadable_images``).
+
 Under ``accelerate launch`` (or any initialized ``torch.distributed`` process group) each process
 reads its own contiguous shard and the moments are summed over processes at the end, so N processes
 give the statistics of one process. The shards are the libraries' contiguous split (sizes differ by at
 most 1, the larger ones first; the split of accelerate's ``PartialState.split_between_processes``):
 ``datasets.distributed.split_dataset_by_node`` for datasets, ``numpy.array_split`` /
-``torch.tensor_split`` for file lists and in-memory images.
+``torch.tensor_split`` for file lists and in-memory images. The moments live (and are reduced) on the
+encoders' device, the process's device under ``accelerate launch`` (NCCL reduces CUDA tensors only).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .distributed import get_rank, get_world_size
+from PIL import Image
+
+from .distributed import all_reduce_sum, get_rank, get_world_size
 from .encoders import FeatureEncoder, encoder_file_stem, load_encoder
 from .images import (
     ImageFileDataset,
@@ -194,40 +203,108 @@ def open_dataset(
 
 
 def _dataset_items_for_process(ds, max_samples: Optional[int], rank: int, world_size: int):
-    """Apply ``max_samples`` (globally) and keep this process's contiguous shard."""
+    """Apply ``max_samples`` (globally) and keep this process's contiguous shard.
+
+    Returns ``(shard, index of its first row in the dataset, or None when unknown (streaming))``.
+    """
     import datasets
     from datasets.distributed import split_dataset_by_node
 
+    first_row = 0
     if isinstance(ds, datasets.Dataset):
         if max_samples is not None and max_samples < len(ds):
             ds = ds.select(range(max_samples))
         if len(ds) == 0:
             raise ValueError("The dataset split is empty: there are no images to compute statistics from.")
+        # the contiguous shards of split_dataset_by_node: sizes differ by at most 1, larger ones first
+        first_row = rank * (len(ds) // world_size) + min(rank, len(ds) % world_size)
     elif max_samples is not None:
         ds = ds.take(max_samples)
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    return ds
+        if not isinstance(ds, datasets.Dataset):
+            first_row = None
+    return ds, first_row
 
 
-def _pil_batch_to_tensors(images: Iterable, resolution: Optional[int]) -> List[torch.Tensor]:
+# What PIL (and datasets' Image feature, which opens files with PIL) raise for a file that is not a
+# readable image: unidentified or truncated files (OSError), broken chunks (SyntaxError), bad headers
+# (ValueError, EOFError), decompression bombs.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _read_or_skip(read, name: str, skip: bool) -> Optional[torch.Tensor]:
+    """``read()`` (one image tensor); when it fails: None if ``skip``, else ``ValueError`` naming ``name``."""
+    try:
+        return read()
+    except _UNREADABLE as err:
+        if skip:
+            return None
+        raise ValueError(
+            f"Cannot read the image {name} ({type(err).__name__}: {err}). Remove or re-save it, or skip "
+            "unreadable images with skip_unreadable=True (CLI: --skip_unreadable_images): they are then "
+            "counted in the statistics' metadata (skipped_unreadable_images)."
+        ) from err
+
+
+def _image_to_tensor(image, resolution: Optional[int]) -> torch.Tensor:
+    """A dataset row's image (PIL, or an array / tensor stored in the dataset) -> (3, H, W) in [-1, 1]."""
+    if not hasattr(image, "convert"):  # arrays / tensors stored in the dataset
+        return to_image_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)[0]
+    image = center_crop_resize(image, resolution) if resolution is not None else pil_to_rgb(image)
+    return pil_to_tensor(image)
+
+
+def _pil_batch_to_tensors(
+    images: Iterable,
+    resolution: Optional[int],
+    *,
+    decode=None,
+    names: Optional[Sequence[str]] = None,
+    skip_unreadable: bool = False,
+    skipped: Optional[List[str]] = None,
+) -> List[torch.Tensor]:
+    """Dataset rows' images -> (3, H, W) tensors; rows that are None are left out.
+
+    ``decode``: the dataset's ``datasets.Image.decode_example`` for rows read undecoded
+    (``{"bytes", "path"}``), so that a row that cannot be decoded is named (``names[i]``) or, with
+    ``skip_unreadable``, skipped and its name appended to ``skipped``.
+    """
+    import io
+
     tensors = []
-    for image in images:
+    for i, image in enumerate(images):
         if image is None:
             continue
-        if isinstance(image, dict) and ("bytes" in image or "path" in image):
-            import io
+        name = names[i] if names is not None else f"at position {i} of the batch"
 
-            from PIL import Image
+        def read(image=image):
+            if decode is not None:
+                image = decode(image)
+            elif isinstance(image, dict) and ("bytes" in image or "path" in image):
+                image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+            return _image_to_tensor(image, resolution)
 
-            image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-        if not hasattr(image, "convert"):  # arrays / tensors stored in the dataset
-            tensor = to_image_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)[0]
+        tensor = _read_or_skip(read, name, skip_unreadable)
+        if tensor is None:
+            if skipped is not None:
+                skipped.append(name)
+        else:
             tensors.append(tensor)
-            continue
-        image = center_crop_resize(image, resolution) if resolution is not None else pil_to_rgb(image)
-        tensors.append(pil_to_tensor(image))
     return tensors
+
+
+def _row_names(rows: Sequence, start: int, first_row: Optional[int], rank: int) -> List[str]:
+    """How an error names the dataset rows ``start ..`` of this process's shard (with their file, if any)."""
+    names = []
+    for i, row in enumerate(rows):
+        if first_row is not None:
+            where = f"dataset row {first_row + start + i}"
+        else:
+            where = f"row {start + i} of process {rank}'s share"
+        path = row.get("path") if isinstance(row, dict) else None
+        names.append(f"'{path}' ({where})" if path else where)
+    return names
 
 
 def iter_dataset_batches(
@@ -239,30 +316,46 @@ def iter_dataset_batches(
     max_samples: Optional[int] = None,
     rank: int = 0,
     world_size: int = 1,
+    skip_unreadable: bool = False,
+    skipped: Optional[List[str]] = None,
 ) -> Tuple[Iterator[torch.Tensor], Optional[int]]:
     """Batches (B, 3, H, W) float32 in [-1, 1] of this process's shard of a 🤗 dataset.
 
     Returns ``(iterator, number of images in this shard or None when unknown (streaming))``.
     Images of different sizes (when ``resolution`` is None) come in separate, smaller batches.
+    An image column is read undecoded and each row decoded by the column's own ``datasets.Image``
+    feature, so that a row that cannot be decoded is named (dataset row and file) in the
+    ``ValueError``, or, with ``skip_unreadable``, skipped and its name appended to ``skipped``.
     """
-    ds = _dataset_items_for_process(ds, max_samples, rank, world_size)
+    import datasets
+
+    ds, first_row = _dataset_items_for_process(ds, max_samples, rank, world_size)
     ds = ds.select_columns([image_column])
+    feature = (getattr(ds, "features", None) or {}).get(image_column)
+    decode = None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        decode = feature.decode_example
     total = len(ds) if hasattr(ds, "__len__") and not _is_iterable_dataset(ds) else None
+
+    def batch(rows, start):
+        names = _row_names(rows, start, first_row, rank)
+        return batches_by_size(_pil_batch_to_tensors(
+            rows, resolution, decode=decode, names=names, skip_unreadable=skip_unreadable, skipped=skipped))
 
     def generate():
         if total is not None:
             for start in range(0, total, batch_size):
-                rows = ds[start : start + batch_size][image_column]
-                yield from batches_by_size(_pil_batch_to_tensors(rows, resolution))
+                yield from batch(ds[start : start + batch_size][image_column], start)
         else:
-            buffer = []
+            buffer, start = [], 0
             for row in ds:
                 buffer.append(row[image_column])
                 if len(buffer) == batch_size:
-                    yield from batches_by_size(_pil_batch_to_tensors(buffer, resolution))
-                    buffer = []
+                    yield from batch(buffer, start)
+                    buffer, start = [], start + batch_size
             if buffer:
-                yield from batches_by_size(_pil_batch_to_tensors(buffer, resolution))
+                yield from batch(buffer, start)
 
     return generate(), total
 
@@ -283,8 +376,14 @@ def iter_folder_batches(
     world_size: int = 1,
     num_workers: int = 0,
     recursive: bool = True,
+    skip_unreadable: bool = False,
+    skipped: Optional[List[str]] = None,
 ) -> Tuple[Iterator[torch.Tensor], int]:
-    """Batches (B, 3, H, W) in [-1, 1] of this process's contiguous shard of the sorted image files."""
+    """Batches (B, 3, H, W) in [-1, 1] of this process's contiguous shard of the sorted image files.
+
+    A file that cannot be read as an image raises ``ValueError`` naming it, or, with
+    ``skip_unreadable``, is skipped and its path appended to ``skipped`` (as the batches are read).
+    """
     files = list_image_files(folder, recursive=recursive)
     if max_samples is not None:
         files = files[:max_samples]
@@ -294,16 +393,38 @@ def iter_folder_batches(
             "there is nothing to compute statistics from."
         )
     files = np.array_split(np.asarray(files, dtype=object), world_size)[rank].tolist()
-    dataset = ImageFileDataset(files, resolution)
+    dataset = _ReadableImageFiles(files, resolution, skip_unreadable)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=batches_by_size
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate_readable
     )
 
     def generate():
-        for groups in loader:
+        for groups, unreadable in loader:
+            if skipped is not None:
+                skipped.extend(unreadable)
             yield from groups
 
     return generate(), len(files)
+
+
+class _ReadableImageFiles(ImageFileDataset):
+    """:class:`~fd_onestep.images.ImageFileDataset` whose item i is ``(image or None, path)``: an unreadable
+    file raises ``ValueError`` naming it, or with ``skip`` gives None (DataLoader workers cannot report
+    back otherwise)."""
+
+    def __init__(self, files, resolution, skip: bool):
+        super().__init__(files, resolution)
+        self.skip = bool(skip)
+
+    def __getitem__(self, index: int):
+        path = str(self.files[index])
+        return _read_or_skip(lambda: super(_ReadableImageFiles, self).__getitem__(index), f"'{path}'", self.skip), path
+
+
+def _collate_readable(items) -> Tuple[List[torch.Tensor], List[str]]:
+    """``[(image or None, path)]`` -> (batches by size of the images read, paths of those skipped)."""
+    read = [image for image, _ in items if image is not None]
+    return batches_by_size(read), [path for image, path in items if image is None]
 
 
 def iter_array_batches(
@@ -340,6 +461,7 @@ def accumulate_moments(
     show_progress: bool = True,
     description: str = "features",
     all_reduce: bool = True,
+    device: Optional[torch.device | str] = None,
 ):
     """Feed every batch to every encoder; float64 moments per encoder.
 
@@ -349,6 +471,8 @@ def accumulate_moments(
         total: number of images (for the progress bar), if known.
         all_reduce: sum the moments over ``torch.distributed`` processes at the end (every process
             must call this function then).
+        device: where the moments are accumulated and reduced; default: each encoder's device (the
+            process's device under ``accelerate launch``, as NCCL needs).
     Returns:
         ``{name: FeatureMoments}`` (global counts after the reduction).
     """
@@ -357,7 +481,10 @@ def accumulate_moments(
     from .moments import FeatureMoments
 
     rank, _ = process_info()
-    moments = {name: FeatureMoments(encoder.feature_dim) for name, encoder in encoders.items()}
+    moments = {
+        name: FeatureMoments(encoder.feature_dim, device=encoder.device if device is None else device)
+        for name, encoder in encoders.items()
+    }
     progress = tqdm(total=total, desc=description, unit="img", disable=not show_progress or rank != 0)
     with torch.no_grad():
         for batch in batches:
@@ -427,19 +554,23 @@ def _batches_for_source(
     num_workers,
     rank,
     world_size,
+    skip_unreadable=False,
+    skipped=None,
 ):
     given = [x is not None for x in (dataset, images_dir, images)]
     if sum(given) != 1:
         raise ValueError("Pass exactly one image source: dataset= (hub id or dataset folder), images_dir= or images=.")
+    unreadable = dict(skip_unreadable=skip_unreadable, skipped=skipped)
     if dataset is not None:
         ds, column = open_dataset(dataset, split=split, streaming=streaming, cache_dir=cache_dir, image_column=image_column)
         return iter_dataset_batches(
-            ds, column, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank, world_size=world_size
+            ds, column, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
+            world_size=world_size, **unreadable,
         )
     if images_dir is not None:
         return iter_folder_batches(
             images_dir, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
-            world_size=world_size, num_workers=num_workers,
+            world_size=world_size, num_workers=num_workers, **unreadable,
         )
     if max_samples is not None:
         images = images[:max_samples]
@@ -464,6 +595,7 @@ def compute_reference_stats(
     num_workers: int = 0,
     show_progress: bool = True,
     source_name: Optional[str] = None,
+    skip_unreadable: bool = False,
     **load_kwargs,
 ):
     """Reference statistics of a real-image set for one or several encoders, in one pass.
@@ -480,42 +612,69 @@ def compute_reference_stats(
         validation_split / validation_images_dir: a held-out real set; its FD against the
             reference is stored as ``validation_fd`` (the denominator of FD_r).
         show_progress: tqdm bar on the main process.
+        skip_unreadable: skip the images that cannot be decoded (truncated or corrupt files) instead of
+            stopping at the first one; their number (over all processes) is stored in the metadata as
+            ``skipped_unreadable_images`` (``validation_skipped_unreadable_images``) and a warning names
+            them. Without it the first one raises ``ValueError`` naming the file / dataset row.
     Returns:
         ``{encoder name: ReferenceStats}``; identical on every process.
     Raises:
-        ValueError for an empty source, unknown split/column, FileNotFoundError for a missing source.
+        ValueError for an empty source, unknown split/column or an unreadable image, FileNotFoundError
+        for a missing source.
     """
     encoders = resolve_encoders(encoders, **load_kwargs)
     rank, world_size = process_info()
     source = dict(
         images=images, streaming=streaming, cache_dir=cache_dir, image_column=image_column, batch_size=batch_size,
         resolution=resolution, max_samples=max_samples, num_workers=num_workers, rank=rank, world_size=world_size,
+        skip_unreadable=skip_unreadable,
     )
-    batches, total = _batches_for_source(dataset=dataset, images_dir=images_dir, split=split, **source)
+    skipped: List[str] = []
+    batches, total = _batches_for_source(dataset=dataset, images_dir=images_dir, split=split, skipped=skipped, **source)
     moments = accumulate_moments(batches, encoders, total=total, show_progress=show_progress, description="reference")
     name = source_name or str(dataset if dataset is not None else images_dir if images_dir is not None else "in-memory images")
     split_name = split if dataset is not None else ""
-    stats = stats_from_moments(moments, encoders, dataset=name, split=split_name, resolution=resolution)
+    extra = {}
+    if skip_unreadable:
+        extra["skipped_unreadable_images"] = _count_skipped(skipped, encoders, name)
+    stats = stats_from_moments(moments, encoders, dataset=name, split=split_name, resolution=resolution,
+                               extra_metadata=extra)
 
     if validation_split is not None or validation_images_dir is not None:
         if validation_split is not None and dataset is None:
             raise ValueError("validation_split needs a dataset=; for image folders pass validation_images_dir=.")
         source["images"] = None
+        val_skipped: List[str] = []
         val_batches, val_total = _batches_for_source(
             dataset=dataset if validation_split is not None else None,
             images_dir=validation_images_dir if validation_split is None else None,
             split=validation_split or "",
+            skipped=val_skipped,
             **source,
         )
         val_moments = accumulate_moments(val_batches, encoders, total=val_total, show_progress=show_progress, description="validation")
+        val_name = str(validation_split or validation_images_dir)
+        val_count = _count_skipped(val_skipped, encoders, f"the validation set {val_name}") if skip_unreadable else None
         for key, ref in stats.items():
             m = val_moments[key]
             if m.count < 2:
                 raise ValueError(f"The validation set has {m.count} image(s); it needs at least 2 to compute validation_fd.")
             ref.validation_fd = float(ref.frechet_distance(m.mean, m.covariance()))
-            ref.metadata["validation_split"] = str(validation_split or validation_images_dir)
+            ref.metadata["validation_split"] = val_name
             ref.metadata["validation_num_images"] = str(m.count)
+            if val_count is not None:
+                ref.metadata["validation_skipped_unreadable_images"] = val_count
     return stats
+
+
+def _count_skipped(skipped: List[str], encoders: Mapping[str, FeatureEncoder], source: str) -> str:
+    """Number of unreadable images skipped by all processes (collective), as metadata; warns naming them."""
+    device = next(iter(encoders.values())).device  # the process's device: where the moments were reduced
+    total = int(all_reduce_sum(torch.tensor([len(skipped)], dtype=torch.int64, device=device)).item())
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {source} on this process: {shown}", stacklevel=3)
+    return str(total)
 
 
 def save_reference_stats(stats: Mapping[str, "object"], output_dir: str | os.PathLike) -> Dict[str, Path]:

@@ -204,3 +204,55 @@ def test_process_shards_are_contiguous_larger_first_and_cover_every_image_once(t
 def _as_float_images(images):
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], the other in-memory layout."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+
+def _truncate(path):
+    """Cut a PNG file to half its bytes: PIL identifies it but cannot decode it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture()
+def folder_with_a_truncated_png(tmp_path):
+    folder = _write_images(tmp_path / "images", 8, size=16, seed=3, odd_modes=False)
+    good = _write_images(tmp_path / "good", 8, size=16, seed=3, odd_modes=False)
+    (good / "img_005.png").unlink()
+    return _truncate(folder / "img_005.png"), good
+
+
+def test_a_truncated_image_in_a_folder_is_named_in_the_error(folder_with_a_truncated_png):
+    bad, _ = folder_with_a_truncated_png
+    pixels = {"pixels": load_encoder("pixels:4")}
+    fix = r"skip_unreadable=True.*--skip_unreadable_images"
+    with pytest.raises(ValueError, match=r"Cannot read the image '.*img_005\.png'.*" + fix):
+        compute_reference_stats(pixels, images_dir=bad.parent, batch_size=3, show_progress=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_unreadable_images_in_a_folder_can_be_skipped_and_are_counted(folder_with_a_truncated_png, num_workers):
+    bad, good = folder_with_a_truncated_png
+    pixels = {"pixels": load_encoder("pixels:4")}
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*img_005\.png"):
+        skipped = compute_reference_stats(pixels, images_dir=bad.parent, batch_size=3, skip_unreadable=True,
+                                          num_workers=num_workers, show_progress=False)["pixels"]
+    clean = compute_reference_stats(pixels, images_dir=good, batch_size=3, show_progress=False)["pixels"]
+    assert skipped.num_samples == 7 and skipped.metadata["skipped_unreadable_images"] == "1"
+    # the same 7 images (other batch boundaries: sums in another order)
+    assert _rel(skipped.mu, clean.mu) < 1e-12 and _rel(skipped.sigma, clean.sigma) < 1e-12
+    assert "skipped_unreadable_images" not in clean.metadata  # only recorded when skipping was asked for
+
+
+def test_unreadable_images_in_a_dataset_are_named_by_row_and_file_or_skipped(tmp_path):
+    train = _write_images(tmp_path / "ds" / "train", 6, size=16, seed=4, odd_modes=False)
+    _truncate(train / "img_002.png")
+    pixels = {"pixels": load_encoder("pixels:4")}
+    with pytest.raises(ValueError, match=r"Cannot read the image '.*img_002\.png' \(dataset row 2\)"):
+        compute_reference_stats(pixels, str(tmp_path / "ds"), batch_size=4, show_progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        stats = compute_reference_stats(pixels, str(tmp_path / "ds"), batch_size=4, skip_unreadable=True,
+                                        show_progress=False)["pixels"]
+    assert stats.num_samples == 5 and stats.metadata["skipped_unreadable_images"] == "1"

@@ -57,3 +57,36 @@ def test_two_process_accelerate_launch_gives_the_same_stats_as_one_process(tmp_p
     for a, b in ((one.mu, two.mu), (one.sigma, two.sigma)):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-10
     assert not torch.equal(one.sigma, torch.zeros_like(one.sigma))
+
+
+def _skip_worker(rank, world, init_file, folder, out_dir):
+    import torch.distributed as dist
+
+    from fd_onestep.dataset_stats import compute_reference_stats
+    from fd_onestep.encoders import load_encoder
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        stats = compute_reference_stats({"pixels": load_encoder("pixels:4")}, images_dir=folder, batch_size=2,
+                                        skip_unreadable=True, show_progress=False)["pixels"]
+        torch.save({"num_samples": stats.num_samples, "skipped": stats.metadata["skipped_unreadable_images"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skipped_unreadable_images_are_counted_over_all_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    for i in (1, 6):  # one in each process's shard (files 0-3 and 4-7)
+        data = (folder / f"{i:02d}.png").read_bytes()
+        (folder / f"{i:02d}.png").write_bytes(data[: len(data) // 2])
+    mp.spawn(_skip_worker, args=(2, str(tmp_path / "rendezvous"), str(folder), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f"rank{r}.pt") == {"num_samples": 6, "skipped": "2"}
