@@ -1,5 +1,6 @@
-"""Early, clear errors of the training script (before any training step), and the Hub push path up to the
-network call. These run the script's ``main`` in-process with tiny models."""
+"""Early, clear errors of the training script (before any training step), stopping and resuming, the FD
+population's step protocol as the script drives it, and the Hub push path up to the network call. These run
+the script's ``main`` in-process with tiny models."""
 
 import importlib.util
 import json
@@ -229,3 +230,15 @@ def test_offline_options_reach_the_encoders_and_a_missing_inception_file_is_an_e
     assert script.teacher_load_kwargs(args) == {"cache_dir": str(tmp_path), "local_files_only": True}
     fingerprint = script.run_fingerprint(args)
     assert not {"cache_dir", "local_files_only", "inception_weights"} & set(fingerprint)
+
+
+def test_gradient_accumulation_advances_the_ema_population_once_per_optimizer_step(script, assets, tmp_path):
+    """With k micro-batches per step the EMA takes one update per optimizer step (warm start = update 1)."""
+    from fd_onestep.training.state import load_state_file
+
+    out = tmp_path / "out"
+    script.main(script.parse_args(_args(assets, out, "--gradient_accumulation_steps", "2", "--max_train_steps", "3",
+                                        "--checkpointing_steps", "1")))
+    for step in (1, 2, 3):
+        state = load_state_file(out / f"checkpoint-{step}" / "fd_populations.safetensors")
+        assert {int(pop["num_updates"]) for pop in state.values()} == {step + 1}, step

@@ -765,15 +765,17 @@ def build_generator(args, pipe, reps: Representations, prompts, class_histogram,
     return gen, trainable
 
 
-def build_fd_loss(args, reps: Representations):
-    """``MultiEncoderFDLoss`` over the training encoders, one population of ``--fd_population`` each."""
+def build_fd_loss(args, reps: Representations, device):
+    """``MultiEncoderFDLoss`` over the training encoders, one population of ``--fd_population`` each, created on
+    ``device`` (the process's: NCCL reduces CUDA tensors only)."""
     from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
     from fd_onestep.populations import build_population
 
     population_kwargs = {"ema": {"beta": args.fd_ema_beta}, "queue": {"queue_size": args.fd_queue_size},
                          "exact": {"micro_batches": args.fd_micro_batches}}[args.fd_population]
     fd_losses = {
-        name: FDLoss(reps.references[name], build_population(args.fd_population, enc.feature_dim, **population_kwargs))
+        name: FDLoss(reps.references[name],
+                     build_population(args.fd_population, enc.feature_dim, device=device, **population_kwargs))
         for name, enc in reps.encoders.items()
     }
     weights = dict(zip(reps.encoders, args.encoder_loss_weights))
@@ -1017,18 +1019,19 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
                progress, dump_gradients_to=None):
     """One optimizer step over ``k`` micro-batches of ``--train_batch_size`` per process.
 
-    ``k`` is ``--gradient_accumulation_steps`` (each micro-batch its own FD-loss), or ``--fd_micro_batches`` for
-    the exact population, whose loss needs a first no-grad pass over all micro-batches (the step's total
-    moments) before each micro-batch's gradient pass. ``dump_gradients_to``: a safetensors path for this step's
-    gradients (``--debug_dump_first_step_grad``). Advances ``progress.global_step``; returns ``(logs, raw
-    population FDs)``.
+    ``k`` is ``--gradient_accumulation_steps`` (each micro-batch its own FD-loss against the population of the
+    start of the step; the population advances once, at ``end_step``), or ``--fd_micro_batches`` for the exact
+    population, whose loss needs a first no-grad pass over all micro-batches (the step's total moments) before
+    each micro-batch's gradient pass (``end_step`` checks that the two passes saw the same features).
+    ``dump_gradients_to``: a safetensors path for this step's gradients (``--debug_dump_first_step_grad``).
+    Advances ``progress.global_step``; returns ``(logs, raw population FDs)``.
     """
     two_pass = fd_loss.two_pass
     k = args.fd_micro_batches if two_pass else args.gradient_accumulation_steps
     global_batch = args.train_batch_size * accelerator.num_processes
     micro = [draw_local_batch(accelerator, gen, global_batch, rng)[:2] for _ in range(k)]
+    fd_loss.begin_step()
     if two_pass:
-        fd_loss.begin_step()
         with torch.no_grad():
             for noise, cond in micro:
                 fd_loss.accumulate(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders))
@@ -1043,6 +1046,8 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
             loss, raw_fds = fd_loss(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders))
             accelerator.backward(loss)
         objective += float(loss.detach()) / k
+    # EMA / queue: advance once with the step's k micro-batches; exact: pass 2 == pass 1, else an error (collective)
+    fd_loss.end_step()
     if dump_gradients_to and accelerator.is_main_process:
         dump_gradients(accelerator, denoiser, dump_gradients_to, step=progress.global_step + 1)
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
@@ -1350,7 +1355,7 @@ def main(args) -> dict:
     reps = build_representations(args, device)
     prompts, class_histogram = load_conditioning(args, pipe, reps.references)
     gen, trainable = build_generator(args, pipe, reps, prompts, class_histogram, device, weight_dtype_of(accelerator))
-    fd_loss = build_fd_loss(args, reps)
+    fd_loss = build_fd_loss(args, reps, device)
     optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
     sampling_rng = CheckpointableGenerator(args.seed)
     progress = TrainingProgress()
