@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_fixtures import FAST_ARGS, SCRIPT, build_all, encoder_args
+from train_fixtures import FAST_ARGS, SCRIPT, build_all, encoder_args, run_script
 
 
 @pytest.fixture(scope="session")
@@ -242,3 +242,15 @@ def test_gradient_accumulation_advances_the_ema_population_once_per_optimizer_st
     for step in (1, 2, 3):
         state = load_state_file(out / f"checkpoint-{step}" / "fd_populations.safetensors")
         assert {int(pop["num_updates"]) for pop in state.values()} == {step + 1}, step
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_exact_population_two_passes_see_the_same_features_under_mixed_precision(assets, tmp_path, precision):
+    """Pass 1 (no grad) and pass 2 (grad) run the same autocast, so the population's own end-of-step check
+    (pass-2 moments == pass-1 totals, bitwise on CPU) holds in float32 and bf16. (A subprocess: accelerate's
+    mixed-precision state is per process.)"""
+    out = tmp_path / "out"
+    run_script(["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], *encoder_args(assets),
+                "--output_dir", str(out), *FAST_ARGS, "--fd_population", "exact", "--fd_micro_batches", "2",
+                "--mixed_precision", precision, "--checkpointing_steps", "0"])
+    assert json.loads((out / "fd_onestep_summary.json").read_text())["global_step"] == 2
