@@ -950,14 +950,16 @@ def stream_features(accelerator, gen, model, total: int, seed: int, encoders, ba
     while done < total:
         n = min(batch_size * accelerator.num_processes, total - done)
         noise, cond, start = draw_local_batch(accelerator, gen, n, rng)
-        with torch.no_grad():
-            images = generate_images(accelerator, gen, model, noise, cond) if noise.shape[0] else None
-        if images is not None:
-            if on_images is not None:
-                on_images(images, done + start)
-            yield encode(images, encoders)
-        else:
-            yield None
+        features = None
+        # inference mode: no autograd bookkeeping in the generator or the encoders (the yielded tensors are
+        # only read afterwards: moments, warm starts, PNGs)
+        with torch.inference_mode():
+            if noise.shape[0]:
+                images = generate_images(accelerator, gen, model, noise, cond)
+                if on_images is not None:
+                    on_images(images, done + start)
+                features = encode(images, encoders)
+        yield features
         done += n
 
 

@@ -1,0 +1,193 @@
+"""Profile of the offline main job: where each second goes, against the floor of its training steps.
+
+    python benchmarks/profile_main_job.py --output_dir /tmp/profile            # the README's main job, timed
+    python benchmarks/profile_main_job.py --output_dir /tmp/p --quick           # 20 steps, small counts
+    python benchmarks/profile_main_job.py --output_dir /tmp/p -- --max_train_steps 500   # script arguments
+
+Runs ``train_scripts/train_fd_onestep.py``'s ``main()`` in this process with the offline embedded default
+(plus any script arguments after ``--``), with timers around its parts, then measures in the same sitting
+the **floor** of one training step: the denoiser plus the training encoders, forward + backward at the run's
+batch size, in the run's memory format, best of 3 rounds of 10 steps. Prints a table of seconds per part (each
+second is charged to one part only: validation's sampling counts as validation, not as denoiser forward) and
+the whole job's time as a ratio to ``max_train_steps x floor``. The floor is measured before and after the job
+and the smaller one is used (the conservative ratio). Writes the same numbers to
+``OUTPUT_DIR/profile.json``. Nothing else may run on the machine while it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_scripts" / "train_fd_onestep.py"
+ROOT = "other (startup, logging, the loop itself)"
+STEP = "training step: the rest (noise draws, syncs)"
+# parts inside a training step, charged only while a step runs
+STEP_PARTS = ("denoiser forward", "encoders forward", "FD math and populations",
+              "backward (denoiser + encoders)", "optimizer (clip, AdamW, schedule)")
+
+
+class Profile:
+    """Exclusive wall-time accounting over a stack of named parts."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.stack = [[ROOT, time.perf_counter()]]
+
+    def _switch(self):
+        now = time.perf_counter()
+        top = self.stack[-1]
+        self.seconds[top[0]] += now - top[1]
+        return now
+
+    def wrap(self, owner, attr: str, name: str, inside_step: bool = False) -> None:
+        original = getattr(owner, attr)
+        profile = self
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            if inside_step and profile.stack[-1][0] != STEP:
+                return original(*args, **kwargs)
+            profile.stack.append([name, profile._switch()])
+            profile.calls[name] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                now = profile._switch()
+                profile.stack.pop()
+                profile.stack[-1][1] = now
+
+        setattr(owner, attr, timed)
+
+    def total(self) -> float:
+        self._switch()
+        self.stack[-1][1] = time.perf_counter()
+        return sum(self.seconds.values())
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def instrument(script, profile: Profile) -> None:
+    from accelerate import Accelerator
+
+    for name in ("build_one_step_pipeline", "build_representations", "build_generator", "build_fd_loss"):
+        profile.wrap(script, name, "startup: teacher, encoders and statistics")
+    profile.wrap(Accelerator, "prepare", "startup: teacher, encoders and statistics")
+    profile.wrap(script, "warm_start_populations", "population warm start")
+    profile.wrap(script, "train_step", STEP)
+    profile.wrap(script, "generate_images", "denoiser forward", inside_step=True)
+    profile.wrap(script, "encode", "encoders forward", inside_step=True)
+    from fd_onestep.losses import MultiEncoderFDLoss
+
+    for attr in ("forward", "accumulate", "begin_step", "end_accumulation"):
+        profile.wrap(MultiEncoderFDLoss, attr, "FD math and populations", inside_step=True)
+    profile.wrap(Accelerator, "backward", "backward (denoiser + encoders)", inside_step=True)
+    profile.wrap(Accelerator, "clip_grad_norm_", "optimizer (clip, AdamW, schedule)", inside_step=True)
+    profile.wrap(torch.optim.AdamW, "step", "optimizer (clip, AdamW, schedule)", inside_step=True)
+    profile.wrap(script, "log_validation", "validation (grid, fresh-sample FDs)")
+    profile.wrap(script, "save_weights_atomically", "best-pipeline saves")
+    profile.wrap(script, "save_checkpoint", "checkpoints")
+    profile.wrap(script, "save_final_weights", "final weights")
+    profile.wrap(script, "write_samples", "sample PNGs")
+    profile.wrap(script, "run_comparison", "comparison (teacher naive + multi-step, student)")
+    profile.wrap(script, "save_model_card", "model card")
+
+
+def floor_seconds(script, args, repeats: int = 3, iters: int = 10) -> float:
+    """Best mean seconds of one step's unavoidable work: denoiser + training encoders, forward + backward."""
+    device = torch.device("cpu")
+    pipe = script.build_one_step_pipeline(args)
+    reps = script.build_representations(args, device)
+    unet = pipe.denoiser.to(device).train().requires_grad_(True)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    size = pipe.config.sample_size
+    # contiguous noise into channels_last weights, as OneStepGenerator.sample_noise feeds the script's denoiser
+    x = torch.randn(args.train_batch_size, unet.config.in_channels, size, size, generator=g)
+    t = torch.full((args.train_batch_size,), pipe.config.timestep)
+
+    def step():
+        unet.zero_grad(set_to_none=True)
+        images = unet(x, t).sample.float().clamp(-1, 1)
+        loss = sum(enc(images).pow(2).mean() for enc in reps.encoders.values())
+        loss.backward()
+
+    for _ in range(2):  # warm-up (oneDNN primitive creation)
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True, help="The training run's output dir (and profile.json).")
+    parser.add_argument("--quick", action="store_true", help="20 steps and small sample counts: a smoke run.")
+    parser.add_argument("script_args", nargs="*", help="Further arguments for the training script (after --).")
+    opts = parser.parse_args(argv)
+    quick = ["--max_train_steps", "20", "--validation_steps", "10", "--num_validation_samples", "64",
+             "--fd_warmup_samples", "128", "--num_output_samples", "16", "--num_comparison_samples", "64",
+             "--checkpointing_steps", "10"] if opts.quick else []
+
+    script = load_script()
+    args = script.parse_args(["--output_dir", opts.output_dir, "--report_to", "none", *quick, *opts.script_args])
+    if not args.embedded_default:
+        raise SystemExit("profile_main_job.py profiles the offline embedded default: give no model arguments.")
+    floor_before = floor_seconds(script, args)
+    profile = Profile()
+    instrument(script, profile)
+    start = time.perf_counter()
+    script.main(args)
+    job = time.perf_counter() - start
+    accounted = profile.total()
+    floor_after = floor_seconds(script, args)
+    floor = min(floor_before, floor_after)
+    floor_total = floor * args.max_train_steps
+
+    rows = sorted(profile.seconds.items(), key=lambda kv: -kv[1])
+    print(f"\nmain job: {args.max_train_steps} steps at batch {args.train_batch_size}, {torch.get_num_threads()} "
+          f"threads, {platform.processor() or platform.machine()}\n")
+    print("| part | seconds | share |")
+    print("|---|---:|---:|")
+    for name, sec in rows:
+        print(f"| {name} | {sec:.1f} | {sec / accounted:.1%} |")
+    print(f"| **whole job** | **{job:.1f}** | 100% |")
+    steps = sum(profile.seconds[k] for k in (STEP, *STEP_PARTS))
+    print(f"\nfloor: {floor:.4f} s per step (denoiser + {len(args.encoders)} training encoders, forward + backward, "
+          f"best of 3 x 10; {floor_before:.4f} before the job, {floor_after:.4f} after), x {args.max_train_steps} "
+          f"steps = {floor_total:.1f} s")
+    print(f"training steps: {steps:.1f} s = {steps / floor_total:.2f}x the floor; whole job: {job:.1f} s = "
+          f"{job / floor_total:.2f}x the floor")
+    Path(opts.output_dir, "profile.json").write_text(json.dumps({
+        "parts_seconds": dict(rows), "calls": dict(profile.calls), "job_seconds": job,
+        "training_steps_seconds": steps, "floor_step_seconds": floor,
+        "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after, "floor_total_seconds": floor_total,
+        "job_over_floor": job / floor_total, "steps_over_floor": steps / floor_total,
+        "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
