@@ -254,3 +254,19 @@ def test_exact_population_two_passes_see_the_same_features_under_mixed_precision
                 "--output_dir", str(out), *FAST_ARGS, "--fd_population", "exact", "--fd_micro_batches", "2",
                 "--mixed_precision", precision, "--checkpointing_steps", "0"])
     assert json.loads((out / "fd_onestep_summary.json").read_text())["global_step"] == 2
+
+
+def test_cpu_runs_use_the_cores_of_the_machine_not_accelerate_launchs_one_thread(script, assets, tmp_path,
+                                                                                  monkeypatch):
+    """`accelerate launch` without --cpu exports OMP_NUM_THREADS=1; a CPU run shares the cores among its local
+    processes instead, unless --num_cpu_threads says otherwise."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    args = script.parse_args(_args(assets, tmp_path / "out"))
+    assert script.cpu_threads(args, num_local_processes=1) == 8
+    assert script.cpu_threads(args, num_local_processes=2) == 4
+    assert script.cpu_threads(args, num_local_processes=16) == 1
+    pinned = script.parse_args(_args(assets, tmp_path / "out", "--num_cpu_threads", "3"))
+    assert script.cpu_threads(pinned, num_local_processes=2) == 3
+    assert "num_cpu_threads" not in script.run_fingerprint(pinned)

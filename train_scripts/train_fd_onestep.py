@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config (no on CPU).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--num_cpu_threads", type=_positive_int, default=None,
+                   help="CPU runs: torch threads per process. Default: the cores this process may use divided by "
+                        "the processes on this machine (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1, "
+                        "which leaves all cores but one idle). Ignored on GPU.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator weights (used for validation and saving).")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="Generator-weights EMA maximum decay.")
     g.add_argument("--ema_update_after_step", type=int, default=0)
@@ -601,7 +605,18 @@ def build_accelerator(args):
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
+        logger.info(f"CPU run: {torch.get_num_threads()} torch threads per process")
     return accelerator
+
+
+def cpu_threads(args, num_local_processes: int) -> int:
+    """Torch threads per process of a CPU run: ``--num_cpu_threads``, else this process's cores shared evenly."""
+    if args.num_cpu_threads:
+        return args.num_cpu_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, num_local_processes))
 
 
 def check_run_setup(args, accelerator):

@@ -75,6 +75,7 @@ NON_FINGERPRINT_ARGS = frozenset(
         "cache_dir",
         "local_files_only",
         "inception_weights",
+        "num_cpu_threads",
     }
 )
 
