@@ -1,7 +1,9 @@
 """``fd-onestep``: reference statistics and FD_r^k evaluation from the command line.
 
     fd-onestep stats     --encoders inception dinov2 --dataset <hub id or folder> --output_dir stats/
+    fd-onestep stats     ... --label_column label     (also <encoder>.classes.safetensors: per-class FD, FJD)
     fd-onestep evaluate  --pipeline <dir or hub id> | --images <folder>  --encoders ... --reference_stats ...
+    fd-onestep evaluate  --pipeline ... --num_classes C --class_stats ... --classifier digits   (adherence, per-class FD, FJD)
     fd-onestep import-npz ref.npz --output_dir stats/ --encoder_id inception   (or: --encoders inception dinov2)
     fd-onestep export-npz stats/inception.safetensors inception.npz
 
@@ -77,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--skip_unreadable_images", action="store_true",
                        help="Skip images that cannot be decoded (corrupt or truncated files) instead of stopping at the "
                        "first one; their number is printed and stored in the statistics' metadata.")
+    stats.add_argument("--label_column", default=None,
+                       help="Integer class column of --dataset (ImageNet-style 'label'): also write per-class statistics "
+                       "<encoder>.classes.safetensors (per-class FD, FJD) in the same pass.")
+    stats.add_argument("--num_classes", type=_positive_int, default=None,
+                       help="With --label_column: the number of classes (default: the column's ClassLabel size).")
+    stats.add_argument("--label_embedding_scale", type=float, default=None,
+                       help="With --label_column: alpha of FJD's label embedding alpha * one_hot(label). Default: "
+                       "sqrt(trace(Sigma_features) / trace(Cov(one_hot))) per encoder (equal traces of both blocks).")
     stats.add_argument("--output_dir", required=True, help="Where to write <encoder>.safetensors.")
     stats.add_argument("--npz", action="store_true", help="Also write pytorch-fid-compatible <encoder>.npz files.")
 
@@ -102,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class labels to cycle through.")
     ev.add_argument("--prompts_file", default=None, help="Text file with one prompt per line, cycled (text-to-image pipelines).")
     ev.add_argument("--pipeline_kwargs", default=None, help="JSON dict of extra pipeline call arguments, e.g. '{\"num_inference_steps\": 1}'.")
+    ev.add_argument("--class_stats", nargs="+", default=None,
+                    help="Per-class statistics <encoder>.classes.safetensors (`stats --label_column`), matched by encoder "
+                    "id: per-class FD and FJD of the requested labels (--num_classes or --class_labels).")
+    ev.add_argument("--classifier", default=None,
+                    help="Adherence (share of samples classified as their requested label): 'digits' (the bundled digit "
+                    "classifier) or a local transformers image-classification folder.")
     ev.add_argument("--output", default=None, help="Write the results as JSON to this path.")
     ev.add_argument("--device", default=None, help="Device for the pipeline and encoders (default: accelerate's).")
 
@@ -178,14 +194,22 @@ def _check_output_path(path: str, option: str, *, folder: bool) -> None:
 
 
 def _cmd_stats(args) -> int:
-    from .dataset_stats import compute_reference_stats, save_reference_stats
+    from .dataset_stats import (
+        CLASS_STATS_SUFFIX,
+        compute_class_conditional_stats,
+        compute_reference_stats,
+        save_reference_stats,
+    )
 
+    if args.label_column is None and (args.num_classes is not None or args.label_embedding_scale is not None):
+        raise ValueError("--num_classes and --label_embedding_scale go with --label_column (per-class statistics).")
+    if args.label_column is not None and args.dataset is None:
+        raise ValueError("--label_column needs --dataset (a plain --images_dir has no labels; an imagefolder layout read "
+                         "with --dataset has a 'label' column from its class subfolders).")
     _check_output_path(args.output_dir, "--output_dir", folder=True)
     accelerator = _accelerator()
     encoders = _resolve(args, accelerator.device)
-    stats = compute_reference_stats(
-        encoders,
-        args.dataset,
+    options = dict(
         images_dir=args.images_dir,
         split=args.split,
         image_column=args.image_column,
@@ -200,7 +224,15 @@ def _cmd_stats(args) -> int:
         show_progress=True,
         skip_unreadable=args.skip_unreadable_images,
     )
+    class_stats = {}
+    if args.label_column is None:
+        stats = compute_reference_stats(encoders, args.dataset, **options)
+    else:
+        stats, class_stats = compute_class_conditional_stats(
+            encoders, args.dataset, label_column=args.label_column, num_classes=args.num_classes,
+            alpha=args.label_embedding_scale, **options)
     paths = save_reference_stats(stats, args.output_dir)
+    class_paths = save_reference_stats(class_stats, args.output_dir, suffix=CLASS_STATS_SUFFIX)
     if accelerator.is_main_process:
         for name, ref in stats.items():
             if args.npz:
@@ -212,6 +244,10 @@ def _cmd_stats(args) -> int:
                 f"{name}: {ref.num_samples} images, {ref.encoder_id}, d={ref.feature_dim}{val} -> {paths[name]} "
                 f"(computed by {accelerator.num_processes} process(es))"
             )
+            if name in class_stats:
+                cls = class_stats[name]
+                print(f"{name}: {cls.num_classes} classes (counts {cls.class_counts.tolist()}), label embedding "
+                      f"alpha {cls.alpha:.6g} -> {class_paths[name]}")
     accelerator.wait_for_everyone()
     return 0
 
@@ -229,15 +265,27 @@ def _pipeline_kwargs(text: Optional[str]) -> Optional[dict]:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_folder, evaluate_pipeline, load_pipeline, load_references
+    from .evaluation import (
+        evaluate_folder,
+        evaluate_pipeline,
+        image_classifier,
+        load_class_references,
+        load_pipeline,
+        load_references,
+    )
 
     # options of the other source would be ignored silently: reject them before loading anything
     if args.images is not None:
-        given = [f"--{k}" for k in ("class_labels", "num_classes", "prompts_file", "pipeline_kwargs") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("class_labels", "num_classes", "prompts_file", "pipeline_kwargs", "class_stats",
+                                    "classifier") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --pipeline (generation); drop them with --images.")
     elif args.resolution is not None:
         raise ValueError("--resolution applies to --images (resizing files); a pipeline generates at its own size.")
+    conditional = args.class_stats is not None or args.classifier is not None
+    if conditional and args.num_classes is None and args.class_labels is None:
+        raise ValueError("--class_stats and --classifier measure how generated images follow their requested labels: "
+                         "request labels with --num_classes (balanced) or --class_labels.")
     pipeline_kwargs = _pipeline_kwargs(args.pipeline_kwargs)
     if args.output:
         _check_output_path(args.output, "--output", folder=False)
@@ -245,6 +293,8 @@ def _cmd_evaluate(args) -> int:
     device = args.device or accelerator.device
     encoders = _resolve(args, device)
     references = load_references(args.reference_stats, encoders)
+    class_references = load_class_references(args.class_stats, encoders) if args.class_stats else None
+    classifier = image_classifier(args.classifier, device=device) if args.classifier else None
     if args.images is not None:
         result = evaluate_folder(
             args.images, encoders, references, batch_size=args.batch_size, max_samples=args.num_samples,
@@ -261,6 +311,7 @@ def _cmd_evaluate(args) -> int:
             pipe, encoders, references, args.num_samples, batch_size=args.batch_size, seed=args.seed,
             class_labels=args.class_labels, num_classes=args.num_classes, prompts=prompts,
             pipeline_kwargs=pipeline_kwargs, show_progress=accelerator.is_main_process,
+            class_references=class_references, classifier=classifier, classifier_name=args.classifier,
         )
     if accelerator.is_main_process:
         print(result.to_markdown())

@@ -8,6 +8,10 @@ One pass over the images feeds every requested encoder; moments are accumulated 
 - a plain folder of image files (read like pytorch-fid: ``PIL.Image.open(f).convert("RGB")``);
 - image tensors / uint8 arrays in memory (e.g. an ADM reference batch's ``arr_0``).
 
+With a label column (``compute_class_conditional_stats``; CLI: ``--label_column label``) the same pass also
+accumulates per-class moments (:class:`~fd_onestep.conditioning_metrics.ClassConditionalMoments`), saved as
+``<encoder>.classes.safetensors`` for per-class FD and the Fréchet Joint Distance.
+
 Unreadable images (truncated or corrupt files, what PIL cannot decode) stop the run with an error
 naming the file (folder) or the dataset row, or, with ``skip_unreadable=True`` (CLI:
 ``--skip_unreadable_images``), are skipped and counted: the count is stored in the statistics'
@@ -263,8 +267,10 @@ def _pil_batch_to_tensors(
     names: Optional[Sequence[str]] = None,
     skip_unreadable: bool = False,
     skipped: Optional[List[str]] = None,
+    kept: Optional[List[int]] = None,
 ) -> List[torch.Tensor]:
-    """Dataset rows' images -> (3, H, W) tensors; rows that are None are left out.
+    """Dataset rows' images -> (3, H, W) tensors; rows that are None are left out (``kept``: the positions of
+    the rows that were read are appended to it).
 
     ``decode``: the dataset's ``datasets.Image.decode_example`` for rows read undecoded
     (``{"bytes", "path"}``), so that a row that cannot be decoded is named (``names[i]``) or, with
@@ -291,7 +297,18 @@ def _pil_batch_to_tensors(
                 skipped.append(name)
         else:
             tensors.append(tensor)
+            if kept is not None:
+                kept.append(i)
     return tensors
+
+
+def _labeled_batches_by_size(images: Sequence[torch.Tensor], labels: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(3, H, W) tensors and their labels -> ``[(images (B, 3, H, W), labels int64 (B,))]``, one pair per image
+    size (the groups of :func:`~fd_onestep.images.batches_by_size`, in the same order)."""
+    groups: dict = {}
+    for image, label in zip(images, labels):
+        groups.setdefault(tuple(image.shape), []).append(int(label))
+    return list(zip(batches_by_size(images), (torch.tensor(g, dtype=torch.int64) for g in groups.values())))
 
 
 def _row_names(rows: Sequence, start: int, first_row: Optional[int], rank: int) -> List[str]:
@@ -318,6 +335,7 @@ def iter_dataset_batches(
     world_size: int = 1,
     skip_unreadable: bool = False,
     skipped: Optional[List[str]] = None,
+    label_column: Optional[str] = None,
 ) -> Tuple[Iterator[torch.Tensor], Optional[int]]:
     """Batches (B, 3, H, W) float32 in [-1, 1] of this process's shard of a 🤗 dataset.
 
@@ -326,11 +344,12 @@ def iter_dataset_batches(
     An image column is read undecoded and each row decoded by the column's own ``datasets.Image``
     feature, so that a row that cannot be decoded is named (dataset row and file) in the
     ``ValueError``, or, with ``skip_unreadable``, skipped and its name appended to ``skipped``.
+    With ``label_column`` (an integer class column) the iterator yields pairs ``(images, labels int64 (B,))``.
     """
     import datasets
 
     ds, first_row = _dataset_items_for_process(ds, max_samples, rank, world_size)
-    ds = ds.select_columns([image_column])
+    ds = ds.select_columns([image_column] + ([label_column] if label_column is not None else []))
     feature = (getattr(ds, "features", None) or {}).get(image_column)
     decode = None
     if isinstance(feature, datasets.Image) and feature.decode:
@@ -338,26 +357,46 @@ def iter_dataset_batches(
         decode = feature.decode_example
     total = len(ds) if hasattr(ds, "__len__") and not _is_iterable_dataset(ds) else None
 
-    def batch(rows, start):
+    def batch(rows, start, labels=None):
         names = _row_names(rows, start, first_row, rank)
-        return batches_by_size(_pil_batch_to_tensors(
-            rows, resolution, decode=decode, names=names, skip_unreadable=skip_unreadable, skipped=skipped))
+        kept = [] if labels is not None else None
+        tensors = _pil_batch_to_tensors(
+            rows, resolution, decode=decode, names=names, skip_unreadable=skip_unreadable, skipped=skipped, kept=kept)
+        if labels is None:
+            return batches_by_size(tensors)
+        return _labeled_batches_by_size(tensors, [labels[i] for i in kept])
 
     def generate():
         if total is not None:
             for start in range(0, total, batch_size):
-                yield from batch(ds[start : start + batch_size][image_column], start)
+                rows = ds[start : start + batch_size]
+                yield from batch(rows[image_column], start, rows[label_column] if label_column is not None else None)
         else:
-            buffer, start = [], 0
+            buffer, labels, start = [], [], 0
             for row in ds:
                 buffer.append(row[image_column])
+                labels.append(row[label_column] if label_column is not None else None)
                 if len(buffer) == batch_size:
-                    yield from batch(buffer, start)
-                    buffer, start = [], start + batch_size
+                    yield from batch(buffer, start, labels if label_column is not None else None)
+                    buffer, labels, start = [], [], start + batch_size
             if buffer:
-                yield from batch(buffer, start)
+                yield from batch(buffer, start, labels if label_column is not None else None)
 
     return generate(), total
+
+
+def dataset_num_classes(ds, label_column: str, dataset_name: str = "the dataset") -> Optional[int]:
+    """Check that ``label_column`` is a column of ``ds``; its number of classes if it is a ``datasets.ClassLabel``."""
+    import datasets
+
+    columns = ds.column_names  # None for some streamed datasets: checked when the rows are read
+    if columns is not None and label_column not in columns:
+        raise ValueError(
+            f"Dataset '{dataset_name}' has no label column {label_column!r}; its columns are {list(columns)}. "
+            "Pass the integer class column with label_column= (CLI: --label_column)."
+        )
+    feature = (getattr(ds, "features", None) or {}).get(label_column)
+    return int(feature.num_classes) if isinstance(feature, datasets.ClassLabel) else None
 
 
 def _is_iterable_dataset(ds) -> bool:
@@ -428,24 +467,33 @@ def _collate_readable(items) -> Tuple[List[torch.Tensor], List[str]]:
 
 
 def iter_array_batches(
-    images, *, batch_size: int = 64, rank: int = 0, world_size: int = 1
+    images, *, batch_size: int = 64, rank: int = 0, world_size: int = 1, labels=None
 ) -> Tuple[Iterator[torch.Tensor], int]:
     """Batches in [-1, 1] of this process's shard of in-memory images.
 
     ``images``: uint8 array (N, H, W, C) (e.g. ADM's ``arr_0``), or a float tensor (N, C, H, W) in [-1, 1].
+    ``labels``: optional (N,) integer classes (tensor, array or list); the iterator then yields pairs
+    ``(images, labels int64 (B,))``, sharded like the images.
     """
     if len(images) == 0:
         raise ValueError("Got an empty image array: there are no images to compute statistics from.")
     # this process's contiguous shard, as a view (numpy.array_split / torch.tensor_split slice lazily)
     shard = (torch.tensor_split if isinstance(images, torch.Tensor) else np.array_split)(images, world_size)[rank]
+    label_shard = None
+    if labels is not None:
+        from .conditioning_metrics import check_labels
+
+        labels = torch.as_tensor(labels)
+        check_labels(labels, None, len(images))
+        # torch.tensor_split and numpy.array_split cut at the same places
+        label_shard = torch.tensor_split(labels.long(), world_size)[rank]
 
     def generate():
         for start in range(0, len(shard), batch_size):
             chunk = shard[start : start + batch_size]
-            if isinstance(chunk, torch.Tensor) and torch.is_floating_point(chunk):
-                yield chunk
-            else:
-                yield to_image_tensor(np.asarray(chunk) if not isinstance(chunk, torch.Tensor) else chunk)
+            if not (isinstance(chunk, torch.Tensor) and torch.is_floating_point(chunk)):
+                chunk = to_image_tensor(np.asarray(chunk) if not isinstance(chunk, torch.Tensor) else chunk)
+            yield chunk if label_shard is None else (chunk, label_shard[start : start + batch_size])
 
     return generate(), len(shard)
 
@@ -462,35 +510,49 @@ def accumulate_moments(
     description: str = "features",
     all_reduce: bool = True,
     device: Optional[torch.device | str] = None,
+    num_classes: Optional[int] = None,
 ):
     """Feed every batch to every encoder; float64 moments per encoder.
 
     Args:
-        batches: float tensors (B, C, H, W) in [-1, 1].
+        batches: float tensors (B, C, H, W) in [-1, 1]; with ``num_classes``, pairs
+            ``(images (B, C, H, W), labels int64 (B,))``.
         encoders: ``{name: FeatureEncoder}``.
         total: number of images (for the progress bar), if known.
         all_reduce: sum the moments over ``torch.distributed`` processes at the end (every process
             must call this function then).
         device: where the moments are accumulated and reduced; default: each encoder's device (the
             process's device under ``accelerate launch``, as NCCL needs).
+        num_classes: accumulate per class (labels in ``[0, num_classes)``).
     Returns:
-        ``{name: FeatureMoments}`` (global counts after the reduction).
+        ``{name: FeatureMoments}`` (global counts after the reduction); with ``num_classes``
+        ``{name: ClassConditionalMoments}`` (whose ``marginal()`` is the FeatureMoments).
     """
     from tqdm.auto import tqdm
 
+    from .conditioning_metrics import ClassConditionalMoments
     from .moments import FeatureMoments
 
     rank, _ = process_info()
-    moments = {
-        name: FeatureMoments(encoder.feature_dim, device=encoder.device if device is None else device)
-        for name, encoder in encoders.items()
-    }
+
+    def new_moments(encoder):
+        where = encoder.device if device is None else device
+        if num_classes is None:
+            return FeatureMoments(encoder.feature_dim, device=where)
+        return ClassConditionalMoments(encoder.feature_dim, num_classes, device=where)
+
+    moments = {name: new_moments(encoder) for name, encoder in encoders.items()}
     progress = tqdm(total=total, desc=description, unit="img", disable=not show_progress or rank != 0)
     with torch.no_grad():
         for batch in batches:
+            images, labels = batch if num_classes is not None else (batch, None)
             for name, encoder in encoders.items():
-                moments[name].update(encoder(batch).double())
-            progress.update(batch.shape[0])
+                features = encoder(images).double()
+                if labels is None:
+                    moments[name].update(features)
+                else:
+                    moments[name].update(features, labels)
+            progress.update(images.shape[0])
     progress.close()
     if all_reduce:
         for m in moments.values():
@@ -556,25 +618,84 @@ def _batches_for_source(
     world_size,
     skip_unreadable=False,
     skipped=None,
+    label_column=None,
+    labels=None,
 ):
+    """``(batches, number of images in this shard or None, number of classes of the label column or None)``."""
     given = [x is not None for x in (dataset, images_dir, images)]
     if sum(given) != 1:
         raise ValueError("Pass exactly one image source: dataset= (hub id or dataset folder), images_dir= or images=.")
     unreadable = dict(skip_unreadable=skip_unreadable, skipped=skipped)
+    if labels is not None and images is None:
+        raise ValueError("labels= go with in-memory images=; a dataset's labels come from its label_column=.")
     if dataset is not None:
         ds, column = open_dataset(dataset, split=split, streaming=streaming, cache_dir=cache_dir, image_column=image_column)
-        return iter_dataset_batches(
+        num_classes = dataset_num_classes(ds, label_column, str(dataset)) if label_column is not None else None
+        return (*iter_dataset_batches(
             ds, column, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
-            world_size=world_size, **unreadable,
+            world_size=world_size, label_column=label_column, **unreadable,
+        ), num_classes)
+    if label_column is not None:
+        raise ValueError(
+            "a label column needs a dataset= (CLI: --dataset): a plain image folder has no labels. An imagefolder "
+            "layout (one subfolder per class) read as a dataset gives them in its 'label' column."
         )
     if images_dir is not None:
-        return iter_folder_batches(
+        return (*iter_folder_batches(
             images_dir, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
             world_size=world_size, num_workers=num_workers, **unreadable,
-        )
+        ), None)
     if max_samples is not None:
         images = images[:max_samples]
-    return iter_array_batches(images, batch_size=batch_size, rank=rank, world_size=world_size)
+        labels = labels[:max_samples] if labels is not None else None
+    return (*iter_array_batches(images, batch_size=batch_size, rank=rank, world_size=world_size, labels=labels), None)
+
+
+def compute_class_conditional_stats(
+    encoders: EncodersArg,
+    dataset: Optional[str | os.PathLike] = None,
+    *,
+    label_column: str = "label",
+    labels=None,
+    num_classes: Optional[int] = None,
+    alpha: Optional[float] = None,
+    **kwargs,
+):
+    """Marginal and per-class reference statistics of a labeled image set, in the same single pass.
+
+    Args:
+        encoders, dataset, **kwargs: those of :func:`compute_reference_stats` (``images_dir`` has no
+            labels and is refused; the validation set gives the marginal ``validation_fd`` only).
+        label_column: the dataset's integer class column (ImageNet-style ``label``), for ``dataset=``.
+        labels: (N,) integer classes of in-memory ``images=`` (instead of a label column).
+        num_classes: C; default: the column's ``datasets.ClassLabel`` size, or ``max(labels) + 1``
+            for in-memory labels.
+        alpha: the label embedding scale of FJD (feature units); default per encoder:
+            :func:`~fd_onestep.conditioning_metrics.label_embedding_scale` of the reference.
+    Returns:
+        ``({name: ReferenceStats}, {name: ClassConditionalStats})``; the marginal statistics are those of
+        :func:`compute_reference_stats` (to float64 round-off: they are the sum of the per-class moments).
+    """
+    class_stats: dict = {}
+    stats = compute_reference_stats(encoders, dataset, label_column=None if labels is not None else label_column,
+                                    labels=labels, num_classes=num_classes, alpha=alpha, class_stats=class_stats, **kwargs)
+    return stats, class_stats
+
+
+def _num_classes(num_classes: Optional[int], found: Optional[int], labels, label_column: Optional[str]) -> int:
+    """The C of class statistics: given, else the label column's ClassLabel size, else max(labels) + 1."""
+    if num_classes is not None:
+        if found is not None and int(num_classes) != found:
+            raise ValueError(f"num_classes={num_classes} but the label column {label_column!r} has {found} classes.")
+        return int(num_classes)
+    if found is not None:
+        return found
+    if labels is not None:
+        return int(torch.as_tensor(labels).max()) + 1
+    raise ValueError(
+        f"the label column {label_column!r} is not a datasets.ClassLabel, so its number of classes is unknown; "
+        "pass num_classes= (CLI: --num_classes)."
+    )
 
 
 def compute_reference_stats(
@@ -596,6 +717,11 @@ def compute_reference_stats(
     show_progress: bool = True,
     source_name: Optional[str] = None,
     skip_unreadable: bool = False,
+    label_column: Optional[str] = None,
+    labels=None,
+    num_classes: Optional[int] = None,
+    alpha: Optional[float] = None,
+    class_stats: Optional[dict] = None,
     **load_kwargs,
 ):
     """Reference statistics of a real-image set for one or several encoders, in one pass.
@@ -616,12 +742,21 @@ def compute_reference_stats(
             stopping at the first one; their number (over all processes) is stored in the metadata as
             ``skipped_unreadable_images`` (``validation_skipped_unreadable_images``) and a warning names
             them. Without it the first one raises ``ValueError`` naming the file / dataset row.
+        label_column / labels / num_classes / alpha / class_stats: per-class statistics in the same pass (see
+            :func:`compute_class_conditional_stats`, which returns them): the dict ``class_stats`` receives
+            ``{encoder name: ClassConditionalStats}``.
     Returns:
         ``{encoder name: ReferenceStats}``; identical on every process.
     Raises:
         ValueError for an empty source, unknown split/column or an unreadable image, FileNotFoundError
         for a missing source.
     """
+    labeled = label_column is not None or labels is not None
+    if labeled and images_dir is not None:
+        raise ValueError(
+            "class statistics need labels: pass dataset= with a label column (an imagefolder layout, one subfolder "
+            "per class, has one) or images= with labels=; a plain images_dir has no labels."
+        )
     encoders = resolve_encoders(encoders, **load_kwargs)
     rank, world_size = process_info()
     source = dict(
@@ -630,8 +765,16 @@ def compute_reference_stats(
         skip_unreadable=skip_unreadable,
     )
     skipped: List[str] = []
-    batches, total = _batches_for_source(dataset=dataset, images_dir=images_dir, split=split, skipped=skipped, **source)
-    moments = accumulate_moments(batches, encoders, total=total, show_progress=show_progress, description="reference")
+    batches, total, found_classes = _batches_for_source(
+        dataset=dataset, images_dir=images_dir, split=split, skipped=skipped, label_column=label_column, labels=labels,
+        **source)
+    if labeled:
+        num_classes = _num_classes(num_classes, found_classes, labels, label_column)
+    moments = accumulate_moments(batches, encoders, total=total, show_progress=show_progress, description="reference",
+                                 num_classes=num_classes if labeled else None)
+    class_moments = None
+    if labeled:
+        class_moments, moments = moments, {key: m.marginal() for key, m in moments.items()}
     name = source_name or str(dataset if dataset is not None else images_dir if images_dir is not None else "in-memory images")
     split_name = split if dataset is not None else ""
     extra = {}
@@ -639,13 +782,21 @@ def compute_reference_stats(
         extra["skipped_unreadable_images"] = _count_skipped(skipped, encoders, name)
     stats = stats_from_moments(moments, encoders, dataset=name, split=split_name, resolution=resolution,
                                extra_metadata=extra)
+    if labeled:
+        from .conditioning_metrics import ClassConditionalStats
+
+        label_source = {"label_column": label_column} if label_column is not None else {"label_column": "(labels=)"}
+        per_class = {key: ClassConditionalStats.from_moments(m, alpha=alpha, **stats[key].metadata, **label_source)
+                     for key, m in class_moments.items()}
+        if class_stats is not None:
+            class_stats.update(per_class)
 
     if validation_split is not None or validation_images_dir is not None:
         if validation_split is not None and dataset is None:
             raise ValueError("validation_split needs a dataset=; for image folders pass validation_images_dir=.")
         source["images"] = None
         val_skipped: List[str] = []
-        val_batches, val_total = _batches_for_source(
+        val_batches, val_total, _ = _batches_for_source(
             dataset=dataset if validation_split is not None else None,
             images_dir=validation_images_dir if validation_split is None else None,
             split=validation_split or "",
@@ -677,11 +828,19 @@ def _count_skipped(skipped: List[str], encoders: Mapping[str, FeatureEncoder], s
     return str(total)
 
 
-def save_reference_stats(stats: Mapping[str, "object"], output_dir: str | os.PathLike) -> Dict[str, Path]:
-    """Write ``{name: ReferenceStats}`` as ``<output_dir>/<name>.safetensors`` (main process only)."""
+# File name ending of the per-class statistics (ClassConditionalStats) next to an encoder's <name>.safetensors.
+CLASS_STATS_SUFFIX = ".classes.safetensors"
+
+
+def save_reference_stats(stats: Mapping[str, "object"], output_dir: str | os.PathLike,
+                         suffix: str = ".safetensors") -> Dict[str, Path]:
+    """Write ``{name: ReferenceStats}`` as ``<output_dir>/<name><suffix>`` (main process only).
+
+    Also writes ``{name: ClassConditionalStats}`` (anything with ``save(path)``), with ``suffix=CLASS_STATS_SUFFIX``.
+    """
     rank, _ = process_info()
     output_dir = Path(output_dir)
-    paths = {name: output_dir / f"{name}.safetensors" for name in stats}
+    paths = {name: output_dir / f"{name}{suffix}" for name in stats}
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         for name, ref in stats.items():

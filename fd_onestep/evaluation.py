@@ -15,6 +15,10 @@ Definitions (per representation X, i.e. encoder + its reference statistics):
   reported too. Compare FD_r^k only between runs with the same set of representations and the
   same number of generated samples (FD is biased upwards for small N).
 
+Class-conditional generators (labels requested per sample) can also be measured for whether they follow
+their labels: adherence (a classifier), per-class FD and the Fréchet Joint Distance against per-class
+reference statistics (:mod:`fd_onestep.conditioning_metrics`; ``EvaluationResult.conditioning``).
+
 The core, :func:`evaluate_images`, works on in-memory tensors (validation during training,
 comparing generators); :func:`evaluate_pipeline` and :func:`evaluate_folder` feed it from a diffusers
 pipeline / callable or an image folder.
@@ -51,6 +55,47 @@ class RepresentationResult:
 
 
 @dataclass
+class ConditionalRepresentationResult:
+    """Per-class FD and FJD of the generated images in one representation (squared feature units).
+
+    Attributes:
+        per_class_fd: mean over ``classes`` of ``class_fd``.
+        fjd: Fréchet Joint Distance of ``[feature, alpha * one_hot(label)]``.
+        alpha: the label embedding scale of the reference statistics (feature units).
+        classes / class_fd: the classes with generated samples and the FD of each to the reference of its class.
+    """
+
+    encoder: str
+    per_class_fd: float
+    fjd: float
+    alpha: float
+    classes: List[int]
+    class_fd: List[float]
+
+
+@dataclass
+class ConditioningResult:
+    """Does the generator follow its class labels? (see :mod:`fd_onestep.conditioning_metrics`)
+
+    Attributes:
+        num_classes: C of the class statistics (None with a classifier only).
+        adherence: share of samples the classifier assigns to their requested class (None without classifier).
+        classifier: what classified them (a name or path), or None.
+        representations: ``{encoder name: ConditionalRepresentationResult}`` for the encoders with class statistics.
+    """
+
+    num_classes: Optional[int]
+    adherence: Optional[float]
+    classifier: Optional[str]
+    representations: Dict[str, ConditionalRepresentationResult] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConditioningResult":
+        reps = {name: ConditionalRepresentationResult(**r) for name, r in data.get("representations", {}).items()}
+        return cls(data.get("num_classes"), data.get("adherence"), data.get("classifier"), reps)
+
+
+@dataclass
 class EvaluationResult:
     """All representations of one evaluation.
 
@@ -60,6 +105,8 @@ class EvaluationResult:
         fd_r_k: mean FDr over the representations with a validation FD (None if none has one).
         k: number of representations in ``fd_r_k``.
         metadata: free-form strings (source, seed, ...).
+        conditioning: adherence, per-class FD and FJD of a class-conditional evaluation (None otherwise;
+            then the JSON and the table are those of an unconditional evaluation).
     """
 
     representations: Dict[str, RepresentationResult]
@@ -67,12 +114,13 @@ class EvaluationResult:
     fd_r_k: Optional[float]
     k: int
     metadata: Dict[str, str] = field(default_factory=dict)
+    conditioning: Optional[ConditioningResult] = None
 
     def fd(self) -> Dict[str, float]:
         return {name: r.fd for name, r in self.representations.items()}
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "num_samples": self.num_samples,
             "fd_r_k": self.fd_r_k,
             "k": self.k,
@@ -80,6 +128,9 @@ class EvaluationResult:
             "representations": {name: asdict(r) for name, r in self.representations.items()},
             "metadata": dict(self.metadata),
         }
+        if self.conditioning is not None:
+            data["conditioning"] = asdict(self.conditioning)
+        return data
 
     def save_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -90,22 +141,44 @@ class EvaluationResult:
     @classmethod
     def from_dict(cls, data: dict) -> "EvaluationResult":
         reps = {name: RepresentationResult(**r) for name, r in data["representations"].items()}
-        return cls(reps, int(data["num_samples"]), data.get("fd_r_k"), int(data.get("k", 0)), dict(data.get("metadata", {})))
+        conditioning = ConditioningResult.from_dict(data["conditioning"]) if data.get("conditioning") else None
+        return cls(reps, int(data["num_samples"]), data.get("fd_r_k"), int(data.get("k", 0)), dict(data.get("metadata", {})),
+                   conditioning)
 
     def to_markdown(self) -> str:
-        """A markdown table: one row per representation, then the FD_r^k summary."""
+        """A markdown table: one row per representation, then the FD_r^k summary.
+
+        A class-conditional evaluation adds the columns per-class FD and FJD and, with a classifier, an
+        adherence line under the table.
+        """
 
         def fmt(x):
             return "-" if x is None else f"{x:.4f}"
 
-        lines = [
-            "| representation | encoder id | FD | validation FD | FDr | N |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
+        cond = self.conditioning
+        if cond is None:
+            lines = [
+                "| representation | encoder id | FD | validation FD | FDr | N |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+        else:
+            lines = [
+                "| representation | encoder id | FD | validation FD | FDr | per-class FD | FJD | N |",
+                "|---|---|---:|---:|---:|---:|---:|---:|",
+            ]
         for name, r in self.representations.items():
-            lines.append(f"| {name} | `{r.encoder_id}` | {fmt(r.fd)} | {fmt(r.validation_fd)} | {fmt(r.fd_r)} | {r.num_samples} |")
+            extra = ""
+            if cond is not None:
+                c = cond.representations.get(name)
+                extra = f" {fmt(c.per_class_fd if c else None)} | {fmt(c.fjd if c else None)} |"
+            lines.append(f"| {name} | `{r.encoder_id}` | {fmt(r.fd)} | {fmt(r.validation_fd)} | {fmt(r.fd_r)} |{extra} {r.num_samples} |")
         if self.fd_r_k is not None:
-            lines.append(f"| **FD_r^{self.k}** (mean FDr) | | | | **{fmt(self.fd_r_k)}** | |")
+            blanks = " | |" if cond is not None else ""
+            lines.append(f"| **FD_r^{self.k}** (mean FDr) | | | | **{fmt(self.fd_r_k)}** |{blanks} |")
+        if cond is not None and cond.adherence is not None:
+            lines.append("")
+            lines.append(f"adherence (classifier `{cond.classifier}`): {fmt(cond.adherence)} of {self.num_samples} samples "
+                         "assigned to their requested class")
         return "\n".join(lines)
 
 
@@ -170,29 +243,110 @@ def evaluate_images(
     show_progress: bool = False,
     total: Optional[int] = None,
     metadata: Optional[Mapping[str, str]] = None,
+    labels: Optional[torch.Tensor] = None,
+    class_references: Optional[Mapping[str, "object"]] = None,
+    classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    classifier_name: Optional[str] = None,
 ) -> EvaluationResult:
     """FD / FDr / FD_r^k of images against reference statistics, in every representation.
 
     Args:
         images_or_batches: a float tensor (N, C, H, W) in [-1, 1], or an iterable of such batches
-            (or of PIL lists / numpy batches, converted with ``to_image_tensor``).
+            (or of PIL lists / numpy batches, converted with ``to_image_tensor``). Class-conditional
+            (``class_references`` or ``classifier`` given): the tensor with ``labels``, or an iterable of
+            pairs ``(images, requested labels int64 (B,))``.
         encoders: ``{name: FeatureEncoder}``.
         references: ``{name: ReferenceStats}`` with the same names; each is checked against its
             encoder (``check_compatible``) before any image is encoded.
         batch_size: split a tensor input into batches of this size (memory).
         all_reduce: sum the moments over ``torch.distributed`` processes (each process passes its
             own share of the images and every process must call this).
+        labels: (N,) int64 classes the images were generated for (tensor input).
+        class_references: ``{name: ClassConditionalStats}`` for some of the encoders: per-class FD and FJD.
+        classifier: ``images (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)``: adherence
+            (:func:`image_classifier` builds one); ``classifier_name`` is reported with it.
     Returns:
-        :class:`EvaluationResult` (identical on every process when ``all_reduce``).
+        :class:`EvaluationResult` (identical on every process when ``all_reduce``); ``conditioning`` is
+        set when ``class_references`` or ``classifier`` is given.
     """
     from .dataset_stats import accumulate_moments
 
     _check_references(encoders, references)
-    moments = accumulate_moments(
-        _iter_batches(images_or_batches, batch_size), encoders, total=total, show_progress=show_progress,
-        description="evaluate", all_reduce=all_reduce,
+    if not class_references and classifier is None:
+        moments = accumulate_moments(
+            _iter_batches(images_or_batches, batch_size), encoders, total=total, show_progress=show_progress,
+            description="evaluate", all_reduce=all_reduce,
+        )
+        return results_from_moments(moments, encoders, references, metadata)
+    return _evaluate_conditional(
+        _iter_labeled_batches(images_or_batches, labels, batch_size), encoders, references, class_references or {},
+        classifier, classifier_name, all_reduce=all_reduce, show_progress=show_progress, total=total, metadata=metadata,
     )
-    return results_from_moments(moments, encoders, references, metadata)
+
+
+def _iter_labeled_batches(images_or_batches, labels, batch_size: Optional[int]) -> Iterator[tuple]:
+    """(images (B, C, H, W) in [-1, 1], labels int64 (B,)) pairs from a labeled tensor or an iterable of pairs."""
+    if isinstance(images_or_batches, torch.Tensor):
+        if labels is None:
+            raise ValueError("class-conditional evaluation of an image tensor needs labels= (the class of each image).")
+        labels = torch.as_tensor(labels)
+        if labels.shape[:1] != images_or_batches.shape[:1]:
+            raise ValueError(f"labels has {labels.shape[0] if labels.ndim else 0} entries for {images_or_batches.shape[0]} images.")
+        step = batch_size or images_or_batches.shape[0]
+        for start in range(0, images_or_batches.shape[0], step):
+            yield images_or_batches[start : start + step], labels[start : start + step]
+        return
+    if labels is not None:
+        raise ValueError("labels= goes with an image tensor; an iterable yields (images, labels) pairs itself.")
+    for batch in images_or_batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("class-conditional evaluation needs (images, labels) pairs from the iterable.")
+        images, batch_labels = batch
+        yield next(_iter_batches([images], None)), torch.as_tensor(batch_labels)
+
+
+def _evaluate_conditional(batches, encoders, references, class_references, classifier, classifier_name, *,
+                          all_reduce, show_progress, total, metadata) -> EvaluationResult:
+    """FD per representation plus adherence, per-class FD and FJD, in one pass over labeled batches."""
+    from .conditioning_metrics import AdherenceCounter, frechet_joint_distance, per_class_frechet_distances
+    from .dataset_stats import accumulate_moments
+
+    unknown = sorted(set(class_references) - set(encoders))
+    if unknown:
+        raise ValueError(f"class statistics for {unknown}, which are not among the encoders {sorted(encoders)}.")
+    for name, ref in class_references.items():
+        ref.check_compatible(encoders[name].encoder_id, encoders[name].feature_dim)
+    sizes = {ref.num_classes for ref in class_references.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"the class statistics have different numbers of classes {sorted(sizes)}; use one labeled set.")
+    num_classes = sizes.pop() if sizes else None
+    counter = AdherenceCounter() if classifier is not None else None
+
+    def classified(pairs):
+        for images, labels in pairs:
+            if counter is not None:
+                counter.update(classifier(images), labels)
+            yield (images, labels) if num_classes is not None else images
+
+    moments = accumulate_moments(classified(batches), encoders, total=total, show_progress=show_progress,
+                                 description="evaluate", all_reduce=all_reduce, num_classes=num_classes)
+    marginal = moments if num_classes is None else {name: m.marginal() for name, m in moments.items()}
+    result = results_from_moments(marginal, encoders, references, metadata)
+    reps = {}
+    for name, ref in class_references.items():
+        distances = per_class_frechet_distances(moments[name], ref)
+        reps[name] = ConditionalRepresentationResult(
+            encoder=name, per_class_fd=float(sum(distances.values()) / len(distances)),
+            fjd=frechet_joint_distance(moments[name], ref), alpha=ref.alpha,
+            classes=list(distances), class_fd=list(distances.values()),
+        )
+    adherence = None
+    if counter is not None:
+        if all_reduce:
+            counter.all_reduce(next(iter(encoders.values())).device)
+        adherence = counter.compute()
+    result.conditioning = ConditioningResult(num_classes, adherence, classifier_name if classifier is not None else None, reps)
+    return result
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -217,8 +371,12 @@ def generate_batches(
     pipeline_kwargs: Optional[dict] = None,
     rank: int = 0,
     world_size: int = 1,
+    return_labels: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Generate this process's share of ``num_samples`` images as (B, C, H, W) batches in [-1, 1].
+
+    ``return_labels``: yield pairs ``(images, requested class labels int64 (B,))`` instead (needs
+    ``class_labels`` or ``num_classes`` and a pipeline that takes ``class_labels``).
 
     ``generator`` is a diffusers pipeline (called as ``pipe(batch_size=b, generator=g,
     output_type="pt", [class_labels=...], [prompt=...])``; outputs in [0, 1] (pt), numpy or PIL are
@@ -238,6 +396,11 @@ def generate_batches(
     params = inspect.signature(generator.__call__).parameters if is_pipeline else {}
     if class_labels is None and num_classes is not None:
         class_labels = list(range(num_classes))
+    if return_labels and (class_labels is None or not is_pipeline):
+        raise ValueError(
+            "class-conditional evaluation needs a diffusers pipeline that takes class_labels and the labels to "
+            "request: class_labels= or num_classes= (CLI: --class_labels or --num_classes)."
+        )
     device = getattr(generator, "device", torch.device("cpu")) if is_pipeline else torch.device("cpu")
 
     num_batches = math.ceil(num_samples / batch_size)
@@ -258,9 +421,8 @@ def generate_batches(
         if class_labels is not None:
             if "class_labels" not in params:
                 raise ValueError(f"{type(generator).__name__} takes no class_labels; drop --class_labels/--num_classes.")
+            # one label per image sets the batch (FDOneStepPipeline refuses a batch_size next to class labels)
             kwargs["class_labels"] = [int(class_labels[(start + i) % len(class_labels)]) for i in range(n)]
-            if "batch_size" in params:
-                kwargs["batch_size"] = n
         elif prompts is not None:
             prompt_key = "prompt" if "prompt" in params else None
             if prompt_key is None:
@@ -275,7 +437,7 @@ def generate_batches(
             images = _pipeline_output_images(generator(**kwargs))
         if images.shape[0] != n:
             raise RuntimeError(f"The pipeline returned {images.shape[0]} images for a batch of {n}.")
-        yield images
+        yield (images, torch.tensor(kwargs["class_labels"], dtype=torch.int64)) if return_labels else images
 
 
 # What ``train_fd_onestep.py --use_lora`` writes: the LoRA (diffusers format) and, next to it, the base model
@@ -359,11 +521,18 @@ def evaluate_pipeline(
     prompts: Optional[Sequence[str]] = None,
     pipeline_kwargs: Optional[dict] = None,
     show_progress: bool = True,
+    class_references: Optional[Mapping[str, "object"]] = None,
+    classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    classifier_name: Optional[str] = None,
 ) -> EvaluationResult:
     """Generate ``num_samples`` images and evaluate them (see :func:`generate_batches`).
 
     Under ``torch.distributed`` every process generates every ``world_size``-th batch and the
     moments are summed, so the result equals the single-process one.
+
+    Class-conditional pipelines (``class_labels`` or ``num_classes``): with ``class_references``
+    (``{name: ClassConditionalStats}``) and / or a ``classifier`` the result also carries per-class FD, FJD
+    and adherence of the requested labels (:func:`evaluate_images`).
     """
     from .dataset_stats import process_info
 
@@ -372,11 +541,13 @@ def evaluate_pipeline(
     batches = generate_batches(
         generator, num_samples, batch_size=batch_size, seed=seed, class_labels=class_labels, num_classes=num_classes,
         prompts=prompts, pipeline_kwargs=pipeline_kwargs, rank=rank, world_size=world_size,
+        return_labels=bool(class_references) or classifier is not None,
     )
     name = getattr(getattr(generator, "config", None), "_name_or_path", None) or type(generator).__name__
     return evaluate_images(
         batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=num_samples,
-        metadata={"source": str(name), "seed": str(seed)},
+        metadata={"source": str(name), "seed": str(seed)}, class_references=class_references, classifier=classifier,
+        classifier_name=classifier_name,
     )
 
 
@@ -441,3 +612,36 @@ def load_references(paths: Sequence[str | os.PathLike], encoders: Mapping[str, F
             )
         references[name] = match[0]
     return references
+
+
+def load_class_references(paths: Sequence[str | os.PathLike], encoders: Mapping[str, FeatureEncoder]) -> Dict[str, "object"]:
+    """Match saved ClassConditionalStats files (``<encoder>.classes.safetensors``) to encoders by encoder id.
+
+    Encoders without a file get no per-class FD / FJD; a file that matches none of the encoders is an error.
+    """
+    from .conditioning_metrics import ClassConditionalStats
+
+    references = {}
+    for path in paths:
+        ref = ClassConditionalStats.load(path)
+        match = [name for name, encoder in encoders.items() if encoder.encoder_id == ref.encoder_id]
+        if not match:
+            raise ValueError(
+                f"the class statistics {str(path)!r} were computed with encoder {ref.encoder_id!r}, which is not among "
+                f"the encoders {[e.encoder_id for e in encoders.values()]}; add it to --encoders or drop the file."
+            )
+        references[match[0]] = ref
+    return references
+
+
+def image_classifier(spec: str, device=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)`` for adherence.
+
+    ``spec``: ``"digits"`` (the bundled digit classifier, :func:`fd_onestep.digits.load_digit_classifier`) or
+    a local ``transformers`` image-classification folder (``AutoModelForImageClassification`` with its image
+    processor), applied as :func:`fd_onestep.digits.classify_digits` applies the bundled one.
+    """
+    from .digits import classify_digits, load_digit_classifier
+
+    model_and_processor = load_digit_classifier(None if spec == "digits" else spec, device=device)
+    return lambda images: classify_digits(images, model_and_processor)[0]

@@ -27,6 +27,24 @@ _FORMAT = "fd_onestep.ReferenceStats"
 _RESERVED = {"format", "num_samples", "validation_fd", "feature_dim"}
 
 
+def write_file_atomically(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` through a temp file in the same folder and a rename (created if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The bytes go into a unique temp file that we create ourselves, like a plain open() would (mode
+    # 0666 minus the umask): mkstemp's and safetensors' own file creation both leave 0600, which
+    # would carry over to the final file through the rename.
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _library_version() -> str:
     import fd_onestep
 
@@ -195,20 +213,7 @@ class ReferenceStats:
         )
         if self.encoder_id is not None:
             meta["encoder_id"] = self.encoder_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The bytes go into a unique temp file that we create ourselves, like a plain open() would (mode
-        # 0666 minus the umask): mkstemp's and safetensors' own file creation both leave 0600, which
-        # would carry over to the final file through the rename.
-        blob = save({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, metadata=meta)
-        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_file_atomically(path, save({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStats":
