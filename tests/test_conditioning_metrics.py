@@ -319,3 +319,27 @@ def test_cli_stats_with_label_column_then_evaluate_prints_and_saves_the_conditio
     # class options need requested labels, and a pipeline
     code = main([*common[:-2], "--class_stats", str(classes)])
     assert code == 2 and "--num_classes" in capsys.readouterr().err
+
+
+def test_labeled_shards_of_two_processes_sum_to_the_moments_of_one(labeled_dataset):
+    """What all_reduce sums under two processes: each rank's shard keeps its images' labels."""
+    import datasets
+
+    from fd_onestep.dataset_stats import accumulate_moments, iter_array_batches, iter_dataset_batches, resolve_encoders
+
+    encoders = resolve_encoders([ENCODER])
+    (name,) = encoders
+    ds = datasets.load_from_disk(str(labeled_dataset))
+    images = torch.rand(11, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2, 1, 0])
+    for shards_of in (lambda rank, world: iter_array_batches(images, batch_size=3, rank=rank, world_size=world,
+                                                             labels=labels)[0],
+                      lambda rank, world: iter_dataset_batches(ds, "image", batch_size=40, rank=rank, world_size=world,
+                                                               label_column="label")[0]):
+        num_classes = 10
+        whole = accumulate_moments(shards_of(0, 1), encoders, num_classes=num_classes, show_progress=False)[name]
+        summed = accumulate_moments(shards_of(0, 2), encoders, num_classes=num_classes, show_progress=False)[name]
+        summed.merge(accumulate_moments(shards_of(1, 2), encoders, num_classes=num_classes, show_progress=False)[name])
+        assert summed.class_counts.tolist() == whole.class_counts.tolist()
+        for mine, theirs in zip(summed.classes, whole.classes):
+            assert torch.allclose(mine.sum_outer, theirs.sum_outer, rtol=0, atol=1e-10)
