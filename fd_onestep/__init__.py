@@ -40,6 +40,14 @@ _EXPORTS = {
     "evaluate_folder": "fd_onestep.evaluation",
     "EvaluationResult": "fd_onestep.evaluation",
     "compare_generators": "fd_onestep.comparison",
+    "load_pipeline": "fd_onestep.evaluation",
+    # conditioning: adherence, per-class FD, Frechet joint distance
+    "adherence": "fd_onestep.conditioning_metrics",
+    "ClassConditionalMoments": "fd_onestep.conditioning_metrics",
+    "ClassConditionalStats": "fd_onestep.conditioning_metrics",
+    "frechet_joint_distance": "fd_onestep.conditioning_metrics",
+    "per_class_frechet_distances": "fd_onestep.conditioning_metrics",
+    "compute_class_conditional_stats": "fd_onestep.dataset_stats",
     # one-step generators
     "FDOneStepPipeline": "fd_onestep.pipelines.pipeline_fd_onestep",
     "OneStepGenerator": "fd_onestep.onestep",
