@@ -1178,7 +1178,9 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
         grid.save(output_dir / "validation_grid.png")
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                np_images = ((images.clamp(-1, 1) + 1) / 2).cpu().numpy()
+                from diffusers.image_processor import VaeImageProcessor
+
+                np_images = VaeImageProcessor.denormalize(images).cpu().numpy()  # [-1, 1] -> [0, 1]
                 tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
     if args.num_validation_samples:
         fds = fresh_sample_fds(accelerator, gen, model, reps, args.num_validation_samples, args.seed + 3,
