@@ -1343,8 +1343,10 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
                              **info["one_step_settings"]}
     conditioning = "text" if pipe.is_text_conditional else "class" if pipe.is_class_conditional else "unconditional"
     grid = "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None
-    comparison_grid = "comparison_grid.png" if (output_dir / "comparison_grid.png").is_file() else None
-    comparison_table = (output_dir / "comparison.md").read_text() if (output_dir / "comparison.md").is_file() else None
+    from fd_onestep.comparison.report import GRID_FILENAME, TABLE_FILENAME
+
+    comparison_grid = GRID_FILENAME if (output_dir / GRID_FILENAME).is_file() else None
+    comparison_table = (output_dir / TABLE_FILENAME).read_text() if (output_dir / TABLE_FILENAME).is_file() else None
     card = render_model_card(
         base_model=base, base_model_id=base_id, model_family=pipe.family,
         encoders=describe(reps.encoders, reps.references, args.reference_stats, args.encoder_loss_weights),
