@@ -54,6 +54,7 @@ from fd_onestep.reference_stats import ReferenceStats, write_file_atomically
 __all__ = [
     "AdherenceCounter",
     "ClassConditionalMoments",
+    "LabelEmbedding",
     "ClassConditionalStats",
     "adherence",
     "check_labels",
@@ -113,6 +114,32 @@ def joint_features(features: torch.Tensor, labels: torch.Tensor, num_classes: in
     check_labels(labels, num_classes, features.shape[0])
     embedding = label_embedding(labels.to(features.device), num_classes, alpha)
     return torch.cat([features.to(torch.float64), embedding], dim=1)
+
+
+class LabelEmbedding:
+    """The condition block of joint vectors: ``(features (B, d), labels (B,)) -> [features, alpha * one_hot]``.
+
+    What the joint FD-loss feeds its population (``FDLoss(..., label_embedding=)``) and what FJD measures, with
+    the same formula (:func:`joint_features`). The result keeps the features' dtype (the encoders' float32),
+    so an exact population's pass-2 check keeps its tolerance; only the feature block carries gradient.
+
+    Args:
+        num_classes: C, the width of the one-hot block.
+        alpha: the embedding scale (feature units), e.g. ``ClassConditionalStats.alpha`` times a factor.
+    """
+
+    def __init__(self, num_classes: int, alpha: float):
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if not (math.isfinite(float(alpha)) and float(alpha) > 0):
+            raise ValueError(f"the label embedding scale alpha must be a positive number, got {alpha}.")
+        self.num_classes, self.alpha = int(num_classes), float(alpha)
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return joint_features(features, labels, self.num_classes, self.alpha).to(features.dtype)
+
+    def __repr__(self) -> str:
+        return f"LabelEmbedding(num_classes={self.num_classes}, alpha={self.alpha:.6g})"
 
 
 def one_hot_covariance_trace(class_counts: torch.Tensor) -> float:
@@ -334,8 +361,12 @@ class ClassConditionalStats:
     @functools.cached_property
     def joint_reference(self) -> ReferenceStats:
         """:class:`ReferenceStats` (dim d + C) of the joint vectors ``[z, alpha * one_hot(label)]``."""
-        return ReferenceStats.from_moments(joint_moments(self.moments, self.alpha), **self.metadata,
-                                           alpha=repr(self.alpha))
+        return self.joint_reference_at(self.alpha)
+
+    def joint_reference_at(self, alpha: float) -> ReferenceStats:
+        """:class:`ReferenceStats` (dim d + C) of ``[z, alpha * one_hot(label)]`` for any ``alpha`` (exact, from
+        the per-class moments): the joint FD-loss's reference at its own embedding scale."""
+        return ReferenceStats.from_moments(joint_moments(self.moments, alpha), **self.metadata, alpha=repr(float(alpha)))
 
     def check_compatible(self, encoder_id: Optional[str], feature_dim: int) -> None:
         """Like :meth:`ReferenceStats.check_compatible` (encoder id and feature dimension)."""

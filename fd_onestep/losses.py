@@ -34,6 +34,14 @@ which both losses forward without knowing the estimator; k micro-batches are the
     fd_loss.end_step()                             # EMA/queue advance once; exact checks pass 2 (collective)
     optimizer.step()
 
+Joint FD-loss (class-conditional generators): ``FDLoss(joint_reference, population, label_embedding=)``
+matches the distribution of ``[features, alpha * one_hot(label)]`` instead of the features' marginal; every
+call then takes the batch's requested ``labels`` too. The label block is a constant of the generator, so the
+gradient flows through the feature block only, while the joint covariance's off-diagonal block (how features
+co-vary with their label) is matched as well: a generator that ignores its label gets a large FD. The
+population, of dimension d + C, can be any kind (EMA, queue, exact) and under several processes is reduced
+like the marginal one.
+
 Inside the step every micro-batch of an EMA or queue population sees the population of the start of
 the step plus its own batch, and ``end_step`` advances it once with all of them. Under DDP run all but
 the last micro-batch under ``no_sync`` (see :class:`~fd_onestep.populations.ExactPopulation`).
@@ -41,10 +49,12 @@ the last micro-batch under ``no_sync`` (see :class:`~fd_onestep.populations.Exac
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
+from fd_onestep.conditioning_metrics import LabelEmbedding
 from fd_onestep.moments import check_features
 from fd_onestep.populations import Population
 from fd_onestep.reference_stats import ReferenceStats
@@ -60,6 +70,10 @@ class FDLoss(torch.nn.Module):
         population: how the batch becomes population statistics (EMA / queue / exact); it is a
             submodule, so its state is part of this module's ``state_dict()``.
 
+        label_embedding: joint FD-loss (module docstring): the population and the reference are of the
+            joint vectors ``label_embedding(features, labels)`` (dim d + C); every call then needs the
+            batch's (B,) int64 ``labels``. None (default): the marginal FD of the features.
+
     ``forward`` returns a 0-dim float64 tensor: the FD value (squared feature units), differentiable
     w.r.t. ``features`` through the closed-form FD backward. ``last_fd`` keeps the last value as a float.
     Calling it advances the population (see each population's docstring; inside a step, at
@@ -67,7 +81,8 @@ class FDLoss(torch.nn.Module):
     and :meth:`end_step` forward the population's step protocol (module docstring).
     """
 
-    def __init__(self, reference: ReferenceStats, population: Population):
+    def __init__(self, reference: ReferenceStats, population: Population, *,
+                 label_embedding: LabelEmbedding | None = None):
         super().__init__()
         if not isinstance(reference, ReferenceStats):
             raise TypeError(
@@ -84,9 +99,48 @@ class FDLoss(torch.nn.Module):
                 f"{reference.encoder_id!r}) have feature_dim {reference.feature_dim}; build the population "
                 "with the encoder's feature_dim."
             )
+        if label_embedding is not None and not isinstance(label_embedding, LabelEmbedding):
+            raise TypeError(f"label_embedding must be a LabelEmbedding, got {type(label_embedding).__name__}.")
+        if label_embedding is not None:
+            # the label block of a joint reference has mean alpha * (class shares), which sums to alpha
+            c, alpha = label_embedding.num_classes, label_embedding.alpha
+            block_sum = float(reference.mu[-c:].sum()) if reference.feature_dim > c else float("nan")
+            if not abs(block_sum - alpha) <= 1e-6 * alpha:
+                raise ValueError(
+                    f"a joint FD-loss over {c} classes with alpha {alpha:.6g} needs the joint reference of that "
+                    f"embedding (dim d + {c}, its label block's mean summing to alpha; got feature_dim "
+                    f"{reference.feature_dim}, block sum {block_sum:.6g}): pass "
+                    "ClassConditionalStats.joint_reference_at(alpha) with the embedding's alpha."
+                )
         self.reference = reference
         self.population = population
+        self.label_embedding = label_embedding
         self.last_fd: float = float("nan")
+
+    @property
+    def feature_dim(self) -> int:
+        """d of the encoder features this loss takes (the reference's, less the label block if joint)."""
+        extra = self.label_embedding.num_classes if self.label_embedding is not None else 0
+        return self.reference.feature_dim - extra
+
+    def population_vectors(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """What the population sees of a batch: the (B, d) features, or the joint vectors (B, d + C)."""
+        check_features(features, self.feature_dim,
+                       f"features for reference {self.reference.encoder_id or ''}".strip())
+        if self.label_embedding is None:
+            if labels is not None:
+                raise ValueError("labels were given to a marginal FD-loss; build it with label_embedding= for the "
+                                 "joint loss, or drop the labels.")
+            return features
+        if labels is None:
+            raise ValueError("the joint FD-loss needs the batch's class labels: pass labels=(B,) int64.")
+        return self.label_embedding(features, labels)
+
+    def warm_start(self, chunks, label_chunks=None) -> None:
+        """The population's ``warm_start`` with the vectors of :meth:`population_vectors` (chunks of features and,
+        for the joint loss, their labels)."""
+        label_chunks = label_chunks if label_chunks is not None else itertools.repeat(None)
+        self.population.warm_start(self.population_vectors(f, l) for f, l in zip(chunks, label_chunks))
 
     @property
     def scale(self) -> float:
@@ -102,10 +156,9 @@ class FDLoss(torch.nn.Module):
         """Start an optimizer step (the population's :meth:`~Population.begin_step`)."""
         self.population.begin_step()
 
-    def accumulate(self, features: torch.Tensor) -> None:
+    def accumulate(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Pass 1: add one micro-batch's (B_i, d) features, computed without grad (no-op when one-pass)."""
-        self._check(features)
-        self.population.accumulate(features)
+        self.population.accumulate(self.population_vectors(features, labels))
 
     def end_accumulation(self) -> None:
         """End pass 1 (collective under torch.distributed for a two-pass population, else a no-op)."""
@@ -116,16 +169,11 @@ class FDLoss(torch.nn.Module):
         advance once with the step's micro-batches; the exact population checks pass 2 against pass 1."""
         self.population.end_step()
 
-    def forward(self, features: torch.Tensor, *, update: bool = True) -> torch.Tensor:
-        self._check(features)
-        mu, sigma = self.population(features, update=update)
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, *, update: bool = True) -> torch.Tensor:
+        mu, sigma = self.population(self.population_vectors(features, labels), update=update)
         loss = self.population.distance(self.reference, mu, sigma)
         self.last_fd = float(loss.detach())
         return loss
-
-    def _check(self, features: torch.Tensor) -> None:
-        check_features(features, self.reference.feature_dim,
-                       f"features for reference {self.reference.encoder_id or ''}".strip())
 
 
 class MultiEncoderFDLoss(torch.nn.Module):
@@ -136,7 +184,8 @@ class MultiEncoderFDLoss(torch.nn.Module):
         weights: encoder name -> w_i (default 1 for every encoder; missing names get 1).
         eps: relative guard, see the module docstring (default 1e-6; absolute eps_i = eps * tr(sigma_ref_i)).
 
-    ``forward(features: dict[name, (B, d_i) tensor]) -> (loss 0-dim float64, {name: raw FD float})``.
+    ``forward(features: dict[name, (B, d_i) tensor], labels=None) -> (loss 0-dim float64, {name: raw FD float})``;
+    ``labels`` (B,) int64 go to every joint :class:`FDLoss` (and must be None when none is joint).
     The loss value is about ``sum_i w_i`` whatever the FDs; log the raw FDs, or their weighted sum
     :meth:`weighted_fd`. :attr:`two_pass`, :meth:`begin_step`, :meth:`accumulate`,
     :meth:`end_accumulation` and :meth:`end_step` run the step protocol (module docstring) for every
@@ -184,11 +233,20 @@ class MultiEncoderFDLoss(torch.nn.Module):
         for loss in self.losses.values():
             loss.begin_step()
 
-    def accumulate(self, features: dict[str, torch.Tensor]) -> None:
+    @property
+    def joint(self) -> bool:
+        """Whether the encoders' losses are joint (take the batch's labels)."""
+        return any(loss.label_embedding is not None for loss in self.losses.values())
+
+    def _labels_for(self, loss: FDLoss, labels):
+        return labels if loss.label_embedding is not None else None
+
+    def accumulate(self, features: dict[str, torch.Tensor], labels: torch.Tensor | None = None) -> None:
         """Pass 1: add one micro-batch's no-grad features ``{name: (B_i, d_i)}`` (no-op for one-pass)."""
         self._check_names(features, "features", "(B, d) tensor", "feature tensor")
+        self._check_labels(labels)
         for name, loss in self.losses.items():
-            loss.accumulate(features[name])
+            loss.accumulate(features[name], self._labels_for(loss, labels))
 
     def end_accumulation(self) -> None:
         """End pass 1 for every encoder (collective for two-pass populations, else a no-op)."""
@@ -221,12 +279,17 @@ class MultiEncoderFDLoss(torch.nn.Module):
                 f"(missing {missing}, unexpected {extra}); pass one {one} per configured encoder."
             )
 
-    def forward(self, features: dict[str, torch.Tensor], *, update: bool = True):
+    def _check_labels(self, labels) -> None:
+        if labels is not None and not self.joint:
+            raise ValueError("labels were given but no encoder's FD-loss is joint; drop them (marginal FD-loss).")
+
+    def forward(self, features: dict[str, torch.Tensor], labels: torch.Tensor | None = None, *, update: bool = True):
         self._check_names(features, "features", "(B, d) tensor", "feature tensor")
+        self._check_labels(labels)
         total = None
         raw: dict[str, float] = {}
         for name, loss_fn in self.losses.items():
-            fd = loss_fn(features[name], update=update)
+            fd = loss_fn(features[name], self._labels_for(loss_fn, labels), update=update)
             raw[name] = float(fd.detach())
             term = self.weights[name] * fd / (fd.detach() + self.eps_for(name))
             total = term if total is None else total + term
