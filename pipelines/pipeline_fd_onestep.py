@@ -42,7 +42,9 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
   ``x0``; latent families: to the decoded image). "tanh" keeps gradients everywhere (use it for training
   an ill-conditioned map); "clamp" is a hard clip.
 - ``sample_size``: spatial size of the generator input (pixels for "unet2d", latents otherwise).
-- ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label).
+- ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label; a
+  class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
+  the model's ``num_classes``).
 - ``max_sequence_length``: T5 tokens for "sd3" / "flux".
 
 Prompts ("sd", "sd3", "flux") are encoded by the stock ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` /
@@ -613,6 +615,16 @@ class FDOneStepPipeline(DiffusionPipeline):
             sample_size = cfg_size if isinstance(cfg_size, int) else int(cfg_size[0])
         if family == "dit" and null_class_label is None:
             null_class_label = int(denoiser.config.num_embeds_ada_norm)
+        if family == "unet2d" and null_class_label is not None:
+            # a UNet2DModel's class table has num_class_embeds rows; the null class must be the last one, so the
+            # real classes are 0 .. num_class_embeds - 2 (DiT's convention: its null label is num_classes)
+            num_embeds = denoiser.config.get("num_class_embeds")
+            if num_embeds is None or int(null_class_label) != int(num_embeds) - 1:
+                raise ValueError(
+                    f"null_class_label={null_class_label} for a UNet2DModel with num_class_embeds={num_embeds}: the "
+                    "null class (the label of dropped conditioning in training) must be the last class embedding, "
+                    f"{None if num_embeds is None else int(num_embeds) - 1}; omit it for a model trained without one."
+                )
         if max_sequence_length is None and family in ("sd3", "flux"):
             max_sequence_length = 256 if family == "sd3" else 512
 
@@ -664,7 +676,8 @@ class FDOneStepPipeline(DiffusionPipeline):
         if self.family == "dit":
             return int(cfg.num_embeds_ada_norm)
         if self.family == "unet2d" and cfg.get("num_class_embeds") is not None:
-            return int(cfg.num_class_embeds)
+            # with a null class (the last embedding, see __init__) the real classes are the ones before it
+            return int(cfg.num_class_embeds) - (self.config.null_class_label is not None)
         return None
 
     @property

@@ -347,6 +347,38 @@ def test_guidance_is_one_batched_forward_combining_cond_and_uncond(teachers, fam
     torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
 
 
+def test_class_conditional_unet_with_a_null_class_has_one_class_fewer_and_guides_with_it():
+    from test_pipeline_tiny_models import ddpm_teacher
+
+    torch.manual_seed(0)
+    teacher = ddpm_teacher(num_class_embeds=4)  # classes 0, 1, 2 and the null class 3
+    pipe = FDOneStepPipeline(unet=teacher.unet, scheduler=teacher.scheduler, timestep=600, null_class_label=3)
+    assert pipe.num_classes == 3 and pipe.is_class_conditional
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 2\]"):
+        pipe(class_labels=[3])  # the null class is not a class one can ask for
+    noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(4))
+    cond = pipe(class_labels=[0, 2], latents=noise, output_type="pt", guidance_scale=1.0).images
+    null = OneStepConditioning(class_labels=torch.full((2,), 3))
+    uncond = pipe.one_step(noise, null, guidance_scale=1.0)
+    guided = pipe.one_step(noise, OneStepConditioning(class_labels=torch.tensor([0, 2])), guidance_scale=2.5)
+    cond_x0 = pipe.one_step(noise, OneStepConditioning(class_labels=torch.tensor([0, 2])), guidance_scale=1.0)
+    torch.testing.assert_close(guided, uncond + 2.5 * (cond_x0 - uncond), rtol=1e-4, atol=1e-4)
+    assert cond.shape == (2, 1, 16, 16)
+    without_null = FDOneStepPipeline(unet=teacher.unet, scheduler=teacher.scheduler, timestep=600)
+    assert without_null.num_classes == 4  # a model trained without a null class: every embedding is a class
+
+
+def test_a_unet_null_class_that_is_not_the_last_embedding_is_refused_naming_the_fix():
+    from test_pipeline_tiny_models import ddpm_teacher
+
+    teacher = ddpm_teacher(num_class_embeds=4)
+    with pytest.raises(ValueError, match="must be the last class embedding, 3"):
+        FDOneStepPipeline(unet=teacher.unet, scheduler=teacher.scheduler, timestep=600, null_class_label=0)
+    plain = ddpm_teacher()
+    with pytest.raises(ValueError, match="num_class_embeds=None"):
+        FDOneStepPipeline(unet=plain.unet, scheduler=plain.scheduler, timestep=600, null_class_label=0)
+
+
 def test_guidance_scale_is_stored_in_the_pipeline_config(teachers, tmp_path):
     pipe = onestep_from(teachers("sd"), guidance_scale=3.0)
     noise = torch.randn(1, *pipe.noise_shape())
