@@ -32,6 +32,8 @@ __all__ = [
     "SPLIT_SEED",
     "VALIDATION_SIZE",
     "TEACHER_PATH",
+    "CLASS_TEACHER_PATH",
+    "NULL_CLASS_LABEL",
     "BUILTIN_ENCODERS",
     "ENCODERS_DIR",
     "STATS_DIR",
@@ -42,6 +44,7 @@ __all__ = [
     "encoder_path",
     "encoder_spec",
     "stats_path",
+    "class_stats_path",
     "split_indices",
     "load_digits_split",
     "digits_dataset",
@@ -56,6 +59,9 @@ __all__ = [
 
 DIGITS_ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher"
+# The class-conditional teacher: UNet2DModel with num_class_embeds = NUM_CLASSES + 1, the last one the null
+# class (the label of dropped conditioning in training), used by classifier-free guidance.
+CLASS_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-class"
 ENCODERS_DIR = DIGITS_ASSETS_DIR / "encoders"
 STATS_DIR = DIGITS_ASSETS_DIR / "stats"
 SPLIT_METADATA_PATH = DIGITS_ASSETS_DIR / "split.json"
@@ -64,6 +70,7 @@ DIGITS_RESOLUTION = 16
 NUM_CLASSES = 10
 SPLIT_SEED = 0
 VALIDATION_SIZE = 360
+NULL_CLASS_LABEL = NUM_CLASSES
 _NUM_DIGITS = 1797  # images in sklearn's load_digits
 
 # Encoders used in the default training loss, and representations that are only ever used to evaluate.
@@ -107,6 +114,20 @@ def stats_path(name: str) -> Path:
         raise FileNotFoundError(
             f"no bundled digits reference statistics for {name!r} ({path}); known: {known}. "
             "Use one of those names, or recompute them with train_scripts/train_digits_encoders.py --stats_only."
+        )
+    return path
+
+
+def class_stats_path(name: str) -> Path:
+    """Per-class statistics (``ClassConditionalStats``, ``<name>.classes.safetensors``) of a bundled digits
+    encoder on the digits train split: per-class FD, FJD and the joint FD-loss."""
+    from .dataset_stats import CLASS_STATS_SUFFIX
+
+    path = STATS_DIR / f"{name}{CLASS_STATS_SUFFIX}"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no bundled per-class digits statistics for {name!r} ({path}); recompute them with "
+            "train_scripts/train_digits_encoders.py --stats_only."
         )
     return path
 

@@ -194,17 +194,27 @@ def tensor_to_pil(images: torch.Tensor, *, keep_grayscale: bool = False) -> List
     return [p.convert("L") for p in pils] if gray and keep_grayscale else pils
 
 
-def save_images(images: torch.Tensor, folder: str | os.PathLike, start_index: int = 0) -> List[Path]:
+def save_images(images: torch.Tensor, folder: str | os.PathLike, start_index: int = 0,
+                labels: Optional[torch.Tensor] = None) -> List[Path]:
     """Write (N, C, H, W) images in [-1, 1] as ``folder/{start_index + i:06d}.png`` (e.g. ``000123.png``).
 
-    1-channel images are saved as mode "L", RGB ones as RGB (pixels as in :func:`tensor_to_pil`). The folder
-    is created if missing. Returns the written paths, in order.
+    ``labels``: (N,) int64 classes the images were generated for: image i then goes to
+    ``folder/<labels[i]>/{start_index + i:06d}.png`` (one folder per requested class; names stay the global
+    sample index, so processes writing their shares never collide).
+    1-channel images are saved as mode "L", RGB ones as RGB (pixels as in :func:`tensor_to_pil`). Folders
+    are created if missing. Returns the written paths, in order.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    if labels is not None and len(labels) != images.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {images.shape[0]} images; pass one label per image.")
+    names = [str(int(c)) for c in labels.tolist()] if labels is not None else None
+    paths, made = [], set()
     for i, image in enumerate(tensor_to_pil(images, keep_grayscale=True)):
-        paths.append(folder / f"{start_index + i:06d}.png")
+        target = folder / names[i] if names is not None else folder
+        if target not in made:
+            target.mkdir(parents=True, exist_ok=True)
+            made.add(target)
+        paths.append(target / f"{start_index + i:06d}.png")
         image.save(paths[-1])
     return paths
 

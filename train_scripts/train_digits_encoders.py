@@ -232,11 +232,18 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     """ReferenceStats of every encoder on the train split, through ``load_encoder(<folder>)`` and
     ``fd_onestep.dataset_stats`` (the user's code path), from the exact float images the teacher was trained
     on; ``validation_fd`` = FD of the validation split against them. Returns figures per encoder."""
-    from fd_onestep.dataset_stats import accumulate_moments, compute_reference_stats, iter_array_batches, save_reference_stats
+    from fd_onestep.dataset_stats import (
+        CLASS_STATS_SUFFIX,
+        accumulate_moments,
+        compute_class_conditional_stats,
+        compute_reference_stats,
+        iter_array_batches,
+        save_reference_stats,
+    )
     from fd_onestep.encoders import load_encoder
 
     encoders = {name: load_encoder(encoder_spec(name, encoders_dir), local_files_only=True) for name in names}
-    x_train, _ = load_digits_split("train")
+    x_train, y_train = load_digits_split("train")
     x_val, _ = load_digits_split("validation")
     stats = compute_reference_stats(
         encoders, images=x_train, batch_size=256, show_progress=False,
@@ -259,6 +266,19 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
         }
         print(f"[{name}] stats: {figures[name]}", flush=True)
     save_reference_stats(stats, stats_dir)
+
+    # Per-class moments of the same train split (<name>.classes.safetensors): per-class FD, FJD and the joint
+    # FD-loss of the class-conditional default. A pass of their own, so the marginal files above stay the
+    # plain single-pass statistics.
+    _, class_stats = compute_class_conditional_stats(
+        encoders, images=x_train, labels=y_train, num_classes=NUM_CLASSES, batch_size=256, show_progress=False,
+        source_name="sklearn load_digits via fd_onestep.digits (16x16, [-1,1]), train split",
+    )
+    for name, ref in class_stats.items():
+        ref.metadata["split"] = "train"
+        figures[name]["label_embedding_scale"] = ref.alpha
+        figures[name]["class_counts"] = ref.class_counts.tolist()
+    save_reference_stats(class_stats, stats_dir, suffix=CLASS_STATS_SUFFIX)
     return figures
 
 

@@ -1,5 +1,12 @@
 #!/usr/bin/env python
-"""Train the bundled digits teacher: an unconditional diffusers ``DDPMPipeline`` on scikit-learn's digits.
+"""Train a bundled digits teacher: a diffusers ``DDPMPipeline`` folder on scikit-learn's digits.
+
+Two teachers come from this script: ``teacher`` (unconditional) and, with ``--class_conditional``,
+``teacher-class``: the same UNet with ``num_class_embeds = 11`` (digits 0-9 and the null class 10, the label
+of dropped conditioning: each training label is replaced by it with ``--class_dropout_prob``), so that
+classifier-free guidance works. There is no stock diffusers pipeline for a class-conditional
+``UNet2DModel``; the folder is a ``DDPMPipeline`` layout (``DiffusionPipeline.from_pretrained`` loads it) and
+``fd_onestep.comparison.teacher_sampler`` samples it with class labels.
 
 The teacher is a small ``UNet2DModel`` (16x16, 1 channel) with **v-prediction** on **zero-terminal-SNR**
 betas (``DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
@@ -13,6 +20,10 @@ weights), ``training_log.json`` (loss curve and settings) and ``samples_<sampler
 with a few-step solver to eyeball quality).
 
     python train_scripts/train_digits_teacher.py --output_dir fd_onestep/assets/digits/teacher
+    python train_scripts/train_digits_teacher.py --class_conditional \
+        --output_dir fd_onestep/assets/digits/teacher-class
+
+The log and the sample grid go next to the folder: ``<name>_training_log.json``, ``<name>_samples_*.png``.
 """
 
 from __future__ import annotations
@@ -24,13 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from fd_onestep.digits import DIGITS_RESOLUTION, load_digits_split
+from fd_onestep.digits import DIGITS_RESOLUTION, NULL_CLASS_LABEL, NUM_CLASSES, load_digits_split
 
 
 def parse_args(argv=None):
@@ -51,10 +62,14 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (1 keeps runs deterministic).")
     p.add_argument("--sample_steps", type=int, default=20, help="DPM-Solver++ steps for the sample grid.")
     p.add_argument("--logging_steps", type=int, default=50)
+    p.add_argument("--class_conditional", action="store_true",
+                   help="Class embeddings for digits 0-9 plus the null class 10 (classifier-free guidance).")
+    p.add_argument("--class_dropout_prob", type=float, default=0.1,
+                   help="--class_conditional: share of training labels replaced by the null class.")
     return p.parse_args(argv)
 
 
-def build_unet(block_out_channels, layers_per_block) -> UNet2DModel:
+def build_unet(block_out_channels, layers_per_block, num_class_embeds=None) -> UNet2DModel:
     n = len(block_out_channels)
     # Self-attention only at the coarsest level (4x4 tokens): cheap on CPU, global context for the digit shape.
     down = ("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",)
@@ -69,6 +84,7 @@ def build_unet(block_out_channels, layers_per_block) -> UNet2DModel:
         up_block_types=up,
         norm_num_groups=8,
         attention_head_dim=32,
+        num_class_embeds=num_class_embeds,
     )
 
 
@@ -90,8 +106,11 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    images, _ = load_digits_split("train")  # (1437, 1, 16, 16) in [-1, 1]
-    unet = build_unet(args.block_out_channels, args.layers_per_block)
+    images, labels = load_digits_split("train")  # (1437, 1, 16, 16) in [-1, 1], (1437,) int64
+    if not 0.0 <= args.class_dropout_prob < 1.0:
+        raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
+    num_class_embeds = NUM_CLASSES + 1 if args.class_conditional else None  # + the null class
+    unet = build_unet(args.block_out_channels, args.layers_per_block, num_class_embeds)
     scheduler = build_scheduler(args)
     if float(scheduler.alphas_cumprod[-1]) != 0.0:
         raise RuntimeError("zero-terminal-SNR betas expected alphas_cumprod[T] == 0; check the diffusers version.")
@@ -109,13 +128,18 @@ def main(argv=None):
     for step in tqdm(range(1, args.train_steps + 1), desc="teacher", mininterval=10):
         if cursor + args.train_batch_size > len(images):
             perm, cursor = torch.randperm(len(images), generator=generator), 0
-        x0 = images[perm[cursor : cursor + args.train_batch_size]]
+        rows = perm[cursor : cursor + args.train_batch_size]
+        x0 = images[rows]
         cursor += args.train_batch_size
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
         x_t = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t)
-        loss = F.mse_loss(unet(x_t, t).sample, target)
+        class_labels = None
+        if args.class_conditional:
+            dropped = torch.rand(x0.shape[0], generator=generator) < args.class_dropout_prob
+            class_labels = torch.where(dropped, NULL_CLASS_LABEL, labels[rows])
+        loss = F.mse_loss(unet(x_t, t, class_labels=class_labels).sample, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -135,24 +159,26 @@ def main(argv=None):
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
 
-    # Eyeball check with a few-step solver built from the teacher's own scheduler config.
-    sampler = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(scheduler.config))
-    sampler.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        samples = sampler(
-            batch_size=100, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.sample_steps, output_type="pt"
-        ).images
-    grid_path = output_dir.parent / f"teacher_samples_dpmsolver{args.sample_steps}.png"
-    save_image(make_grid(samples, nrow=10, padding=1, pad_value=0.5), grid_path)
+    # Eyeball check with a few-step solver built from the teacher's own scheduler config (class-conditional:
+    # one row per digit, no guidance).
+    from fd_onestep.comparison import teacher_sampler
+
+    sample = teacher_sampler(pipeline, args.sample_steps, "dpmsolver++",
+                             null_class_label=NULL_CLASS_LABEL if args.class_conditional else None)
+    grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(10) if args.class_conditional else None
+    samples = sample(100, torch.Generator().manual_seed(args.seed), grid_labels)  # [-1, 1]
+    grid_path = output_dir.parent / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
+    save_image(make_grid(samples * 0.5 + 0.5, nrow=10, padding=1, pad_value=0.5), grid_path)
 
     summary = {
         "command_args": vars(args),
         "num_parameters": num_params,
+        "null_class_label": NULL_CLASS_LABEL if args.class_conditional else None,
         "train_time_s": round(train_time, 1),
         "final_loss": log[-1]["loss"],
         "loss_curve": log,
     }
-    (output_dir.parent / "teacher_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (output_dir.parent / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"saved {output_dir} (train {train_time:.0f}s, final loss {log[-1]['loss']:.4f}); grid {grid_path}", flush=True)
 
 
