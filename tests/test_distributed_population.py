@@ -4,7 +4,8 @@ For every population kind the FD-loss value and the DDP-averaged parameter gradi
 generator must equal the single-process run on the concatenated batch, over several optimizer steps
 (so the populations' state advances identically too), also with two micro-batches per step for the
 one-pass kinds (gradient accumulation: the step protocol's begin_step/end_step), and the exact
-population's end_step check of pass 2 against pass 1 runs its collective.
+population's end_step check of pass 2 against pass 1 runs its collective. The joint FD-loss (features with
+their labels' embedding, "<kind>/joint") is held to the same equality for every population kind.
 """
 
 import contextlib
@@ -15,11 +16,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from fd_onestep.conditioning_metrics import ClassConditionalMoments, ClassConditionalStats, LabelEmbedding
 from fd_onestep.losses import FDLoss
 from fd_onestep.populations import build_population
 from fd_onestep.reference_stats import ReferenceStats
 
-D, D_IN, B, STEPS, WARM_CHUNKS = 6, 4, 8, 3, 3
+D, D_IN, B, STEPS, WARM_CHUNKS, C = 6, 4, 8, 3, 3, 3
 KINDS = {
     "ema": {"beta": 0.7},
     "queue": {"queue_size": 20, "storage_dtype": torch.float64},
@@ -27,7 +29,8 @@ KINDS = {
 }
 # name -> (population kind, micro-batches per optimizer step)
 RUNS = {"ema": ("ema", 1), "queue": ("queue", 1), "exact": ("exact", 2),
-        "ema/accumulate": ("ema", 2), "queue/accumulate": ("queue", 2)}
+        "ema/accumulate": ("ema", 2), "queue/accumulate": ("queue", 2),
+        "ema/joint": ("ema", 1), "queue/joint": ("queue", 2), "exact/joint": ("exact", 2)}
 
 
 def _data():
@@ -38,35 +41,59 @@ def _data():
     return ReferenceStats.from_features(reference, encoder_id="toy"), steps, warm
 
 
+def _joint_data():
+    """Labeled reference features (class c shifted along axis c), step and warm-start labels."""
+    g = torch.Generator().manual_seed(321)
+    labels = torch.arange(300) % C
+    reference = torch.randn(300, D, generator=g, dtype=torch.float64)
+    reference[torch.arange(300), labels] += 1.5
+    stats = ClassConditionalStats.from_moments(ClassConditionalMoments(D, C).update(reference, labels))
+    step_labels = [torch.randint(0, C, (2 * B,), generator=g) for _ in range(STEPS)]
+    warm_labels = [torch.randint(0, C, (2 * 5,), generator=g) for _ in range(WARM_CHUNKS)]
+    return stats, step_labels, warm_labels
+
+
 def _run(run, world, rank):
     """Train STEPS SGD steps; return [(loss, [param grads])] (grads after DDP averaging)."""
     kind, k = RUNS[run]
+    joint = run.endswith("/joint")
     reference, steps, warm = _data()
+    stats, step_labels, warm_labels = _joint_data()
+    if not joint:  # the marginal loss takes no labels
+        step_labels = [None] * STEPS
+        warm_labels = None
     torch.manual_seed(0)
     generator = torch.nn.Sequential(torch.nn.Linear(D_IN, D), torch.nn.Tanh(), torch.nn.Linear(D, D)).double()
     model = DistributedDataParallel(generator) if world > 1 else generator
-    population = build_population(kind, D, **KINDS[kind])
-    loss_fn = FDLoss(reference, population)
+    if joint:
+        embedding = LabelEmbedding(C, 0.8 * stats.alpha)
+        population = build_population(kind, D + C, **KINDS[kind])
+        loss_fn = FDLoss(stats.joint_reference_at(embedding.alpha), population, label_embedding=embedding)
+    else:
+        population = build_population(kind, D, **KINDS[kind])
+        loss_fn = FDLoss(reference, population)
     assert loss_fn.two_pass == (kind == "exact")
     if population.supports_warm_start:
-        population.warm_start(chunk.chunk(world)[rank] for chunk in warm)
+        loss_fn.warm_start([chunk.chunk(world)[rank] for chunk in warm],
+                           None if warm_labels is None else [l.chunk(world)[rank] for l in warm_labels])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     history = []
-    for noise in steps:
+    for noise, labels in zip(steps, step_labels):
         optimizer.zero_grad()
         # the loss-level step protocol, the same code for every population kind; micro-batch i of the
         # step is the same global batch in both runs (this process's rows of it)
         micro = [m.chunk(world)[rank] for m in noise.chunk(k)]
+        micro_labels = [None] * k if labels is None else [l.chunk(world)[rank] for l in labels.chunk(k)]
         loss_fn.begin_step()
         if loss_fn.two_pass:
             with torch.no_grad():
-                for m in micro:
-                    loss_fn.accumulate(model(m))
+                for m, l in zip(micro, micro_labels):
+                    loss_fn.accumulate(model(m), l)
         loss_fn.end_accumulation()  # collective for the exact population
-        for i, m in enumerate(micro):
+        for i, (m, l) in enumerate(zip(micro, micro_labels)):
             last = i == len(micro) - 1
             with contextlib.nullcontext() if (last or world == 1) else model.no_sync():
-                loss = loss_fn(model(m))
+                loss = loss_fn(model(m), l)
                 loss.backward()
         loss_fn.end_step()  # one-pass: advance once with the step's micro-batches; exact: check (collective)
         history.append((float(loss.detach()), [p.grad.detach().clone() for p in model.parameters()]))
