@@ -75,6 +75,7 @@ def test_writes_grid_table_and_json_with_every_representation(tmp_path, bundled)
     for name in digits.TRAINING_ENCODERS:
         assert f"FD {name} |" in table and f"FD_r {name}" in table
     assert "| validation split (reference) |" in table and "| real digits |" in table and "| noise |" in table
+    assert "Conditioning" not in table and "num_classes" not in report and "adherence" not in report["generators"]["noise"]
 
     hist = report["generators"]["real digits"]["class_histogram"]
     assert hist["num_samples"] == 300 and hist["classes_present"] == 10
@@ -113,12 +114,13 @@ def test_naive_one_step_teacher_is_minus_v_at_the_top_timestep(teacher):
     torch.testing.assert_close(images, -v)
 
 
-def tiny_ddpm(prediction_type, zero_snr):
-    """An untrained 1-channel 8x8 DDPMPipeline."""
+def tiny_ddpm(prediction_type, zero_snr, num_class_embeds=None):
+    """An untrained 1-channel 8x8 DDPMPipeline (class-conditional with ``num_class_embeds``)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=num_class_embeds)
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(rescale_betas_zero_snr=zero_snr, prediction_type=prediction_type))
 
 

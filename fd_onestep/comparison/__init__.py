@@ -6,9 +6,11 @@ every given representation, including ones that were *held out* of the training 
 falls while a held-out FD rises means the generator is fooling the training encoders).
 
 A generator is any callable ``generate(batch_size: int, generator: torch.Generator) -> Tensor`` returning
-float images (batch_size, C, H, W) in [-1, 1]. Every generator gets the same random streams (the grid is
-drawn from ``seed``, the FD population from ``seed + 1``), so generators that draw their noise the same
-way (e.g. a teacher and its one-step student) show the same noise in the same grid cell.
+float images (batch_size, C, H, W) in [-1, 1]; class-conditional ones (``compare_generators(...,
+num_classes=C)``) are called ``generate(batch_size, generator, class_labels)`` with (batch_size,) int64
+labels. Every generator gets the same random streams (the grid is drawn from ``seed``, the FD population
+from ``seed + 1``) and the same labels, so generators that draw their noise the same way (e.g. a teacher
+and its one-step student) show the same noise in the same grid cell.
 
 ``compare_generators`` writes to ``output_dir``:
 
@@ -16,7 +18,11 @@ way (e.g. a teacher and its one-step student) show the same noise in the same gr
 - ``comparison.md``: the FD table (one column per representation, held-out ones marked, FD_r = FD /
   validation FD where the reference statistics carry a ``validation_fd``), plus the class histogram
   summary when a classifier is given;
-- ``comparison.json``: the same numbers, machine-readable (structure in :func:`compare_generators`).
+- ``comparison.json``: the same numbers, machine-readable (structure in :func:`compare_generators`);
+- class-conditional (``num_classes``): the grid has one row per class, and the table a "Conditioning" part:
+  adherence (classifier), per-class FD and the Fréchet Joint Distance (``class_references``);
+- ``comparison_samples/<folder>/[<label>/]<index>.png``: the FD samples of the generators named in
+  ``sample_folders``.
 
 FD of N samples is itself a random number. ``seed_spread`` repeats the FD measurement over several seeds
 and reports each FD's mean and standard deviation, so that "1.38x the teacher" can be read against the noise

@@ -15,6 +15,7 @@ __all__ = [
     "JSON_FILENAME",
     "SPREAD_TABLE_FILENAME",
     "SPREAD_JSON_FILENAME",
+    "SAMPLES_DIRNAME",
     "save_comparison_grid",
     "format_markdown_table",
     "format_seed_spread_table",
@@ -26,6 +27,16 @@ TABLE_FILENAME = "comparison.md"
 JSON_FILENAME = "comparison.json"
 SPREAD_TABLE_FILENAME = "seed_spread.md"
 SPREAD_JSON_FILENAME = "seed_spread.json"
+# output_dir/comparison_samples/<generator folder>/[<label>/]<index:06d>.png
+SAMPLES_DIRNAME = "comparison_samples"
+
+CONDITIONING_DEFINITIONS = (
+    "Adherence = share of the samples that the classifier (for digits: the bundled digit classifier) assigns to "
+    "the class they were generated for. "
+    "Per-class FD = mean over classes c of FD(samples of class c, reference of class c). "
+    "FJD (Fréchet Joint Distance, DeVries et al. 2019) = FD of the joint vectors [feature, alpha * one_hot(label)], "
+    "alpha the label scale stored with the class reference. Held out = never used in the training loss."
+)
 
 
 def save_comparison_grid(blocks: Mapping[str, torch.Tensor], path, nrow: Optional[int] = None, cell: int = 48) -> Path:
@@ -78,8 +89,44 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 0.01 else f"{value:.{digits}f}"
 
 
+def _conditioning_header(report: dict) -> list:
+    """``adherence (%) | per-class FD <rep> | FJD <rep> ...`` cells of a class-conditional report's table."""
+    header = ["adherence (%)"]
+    for rep in report["conditioning_representations"]:
+        mark = " (held out)" if report["representations"][rep]["held_out"] else ""
+        header += [f"per-class FD {rep}{mark}", f"FJD {rep}{mark}"]
+    return header
+
+
+def _table(header: list, rows: list) -> list:
+    """Markdown table lines: first column left-aligned (names), the others right-aligned (numbers)."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows]
+
+
+def _conditioning_lines(report: dict) -> list:
+    """The "Conditioning" section of a class-conditional ``compare_generators`` report."""
+    rows = []
+    for gname, result in report["generators"].items():
+        adherence = result.get("adherence")
+        row = [gname, "–" if adherence is None else f"{100 * adherence:.1f}"]
+        for rep in report["conditioning_representations"]:
+            measures = result["conditioning"][rep]
+            row += [_fmt(measures["per_class_fd"]), _fmt(measures["fjd"])]
+        rows.append(row)
+    classifier = f" (classifier: {report['classifier']})" if report.get("classifier") else ""
+    return [
+        "",
+        f"**Conditioning.** {report['num_samples']} samples per generator, requested labels balanced over "
+        f"{report['num_classes']} classes{classifier}. {CONDITIONING_DEFINITIONS}",
+        "",
+        *_table(["generator"] + _conditioning_header(report), rows),
+    ]
+
+
 def format_markdown_table(report: dict) -> str:
-    """The markdown of a ``compare_generators`` report (FD table, then the class histogram table)."""
+    """The markdown of a ``compare_generators`` report (FD table, the class histogram table, and for
+    class-conditional generators the "Conditioning" table: adherence, per-class FD, FJD)."""
     reps = report["representations"]
     header = ["generator"]
     for name, info in reps.items():
@@ -133,6 +180,8 @@ def format_markdown_table(report: dict) -> str:
                 f"| {gname} | {shares} | {hist['classes_present']} | {100 * hist['max_relative_deviation']:.0f}% "
                 f"| {hist['mean_confidence']:.2f} |"
             )
+    if report.get("num_classes") is not None:
+        lines += _conditioning_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -148,9 +197,24 @@ def format_seed_spread_table(report: dict) -> str:
         "|" + "|".join(["---"] + ["---:"] * len(reps)) + "|",
     ]
     for gname, per_rep in report["generators"].items():
-        cells = [f"{_fmt(per_rep[rep]['mean'])} ± {_fmt(per_rep[rep]['std'])}" for rep in reps]
+        cells = [_fmt_spread(per_rep[rep]) for rep in reps]
         lines.append("| " + " | ".join([gname] + cells) + " |")
+    if report.get("num_classes") is not None:
+        rows = []
+        for gname, measures in report["conditioning"].items():
+            adherence = measures["adherence"]
+            row = [gname, "–" if adherence is None else
+                   f"{100 * adherence['mean']:.1f} ± {100 * adherence['std']:.1f}"]
+            for rep in report["conditioning_representations"]:
+                row += [_fmt_spread(measures["per_class_fd"][rep]), _fmt_spread(measures["fjd"][rep])]
+            rows.append(row)
+        lines += ["", f"**Conditioning**, mean ± standard deviation over the same seeds. {CONDITIONING_DEFINITIONS}",
+                  "", *_table(["generator"] + _conditioning_header(report), rows)]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_spread(stat: dict) -> str:
+    return f"{_fmt(stat['mean'])} ± {_fmt(stat['std'])}"
 
 
 def write_report(report: dict, output_dir, markdown: str, table_filename: str, json_filename: str) -> Path:
