@@ -234,11 +234,11 @@ def test_conditional_comparison_reports_adherence_per_class_fd_fjd_and_writes_cl
     assert mine["adherence"] == direct.conditioning.adherence
     assert mine["conditioning"]["px"]["fjd"] == pytest.approx(direct.conditioning.representations["px"].fjd, rel=1e-9)
 
-    # PNGs: every FD sample, per class, as produced (clamped), in order within the class
+    # PNGs: every FD sample, per class, as produced (clamped), named by its index i (label i % C)
     for folder in folders.values():
         for c in range(C):
             files = sorted((tmp_path / SAMPLES_DIRNAME / folder / str(c)).glob("*.png"))
-            assert [f.name for f in files] == [f"{i:06d}.png" for i in range(n // C)]
+            assert [f.name for f in files] == [f"{i:06d}.png" for i in range(c, n, C)]
     assert not (tmp_path / SAMPLES_DIRNAME / "ignorer").exists()
     teacher_class_1 = [np.asarray(Image.open(f)) for f in sorted((tmp_path / SAMPLES_DIRNAME / "teacher" / "1").glob("*.png"))]
     expected = ((samples[labels == 1, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
@@ -258,7 +258,7 @@ def test_conditional_comparison_reports_adherence_per_class_fd_fjd_and_writes_cl
     # a second run replaces a folder's PNGs (fewer samples now: no stale files left)
     compare_generators({"follows its label": follower}, encoders, references, num_samples=6, output_dir=tmp_path,
                        num_classes=C, sample_folders={"follows its label": "follower"}, grid_samples=0)
-    assert sorted(p.name for p in (tmp_path / SAMPLES_DIRNAME / "follower" / "0").glob("*.png")) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in (tmp_path / SAMPLES_DIRNAME / "follower" / "0").glob("*.png")) == ["000000.png", f"{C:06d}.png"]
 
 
 def test_conditional_grid_rows_are_the_classes(tmp_path):

@@ -68,23 +68,20 @@ def _label_predictor(classifier) -> Optional[Callable[[torch.Tensor], torch.Tens
 
 class _SampleWriter:
     """Writes a generator's samples as PNGs while they stream: ``folder/<index:06d>.png`` or, with labels,
-    ``folder/<label>/<index within the class:06d>.png`` (:func:`fd_onestep.images.save_images`)."""
+    ``folder/<label>/<index:06d>.png``, ``index`` the sample's position in the stream
+    (:func:`fd_onestep.images.save_images`, the training script's naming)."""
 
     def __init__(self, folder: Path):
         # a previous run's files would mix with this one's (more samples then, or other classes)
         shutil.rmtree(folder, ignore_errors=True)
         self.folder = folder
-        self.written: dict = {}  # subfolder -> images written there
+        self.written = 0
 
     def __call__(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         from ..images import save_images
 
-        groups = [(self.folder, images)] if labels is None else [
-            (self.folder / str(c), images[labels == c]) for c in torch.unique(labels).tolist()]
-        for folder, group in groups:
-            start = self.written.get(folder, 0)
-            save_images(group, folder, start_index=start)
-            self.written[folder] = start + group.shape[0]
+        save_images(images, self.folder, start_index=self.written, labels=labels)
+        self.written += images.shape[0]
 
 
 def compare_generators(
@@ -135,7 +132,7 @@ def compare_generators(
         classifier_name: what the classifier is (reported with the adherence).
         sample_folders: ``{generator name: folder name}``: write those generators' FD samples (all
             ``num_samples``, clamped) as PNGs to ``output_dir/comparison_samples/<folder>/`` -- ``<index:06d>.png``,
-            or ``<label>/<index within the class:06d>.png`` with ``num_classes``; an existing folder of that
+            or ``<label>/<index:06d>.png`` with ``num_classes`` (index: the sample's, label ``index % C``); an existing folder of that
             name is replaced. Needs ``output_dir``.
         grid_per_class: images per class in the grid (class-conditional only).
 
