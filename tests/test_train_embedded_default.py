@@ -31,7 +31,7 @@ def _load_script():
 def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
     script = _load_script()
     args = script.parse_args(["--output_dir", str(tmp_path)])
-    assert args.embedded_default is True
+    assert args.embedded_default == "digits"
     assert args.pretrained_model_name_or_path == str(digits.TEACHER_PATH)
     assert args.encoders == [digits.encoder_spec(n) for n in digits.TRAINING_ENCODERS]
     assert args.eval_encoders == [digits.encoder_spec(n) for n in digits.HELD_OUT_ENCODERS]
@@ -47,8 +47,8 @@ def test_builtin_digits_representation_is_named_pixels_digits_only_in_the_offlin
     from types import SimpleNamespace
 
     script = _load_script()
-    embedded = script.label_aliases(SimpleNamespace(embedded_default=True))
-    general = script.label_aliases(SimpleNamespace(embedded_default=False))
+    embedded = script.label_aliases(SimpleNamespace(embedded_default="digits"))
+    general = script.label_aliases(SimpleNamespace(embedded_default=None))
     assert script.encoder_label("pixels-gray:16", embedded) == "pixels-digits"
     # a user's own run with the same spec is not labelled after the bundled digits assets
     assert script.encoder_label("pixels-gray:16", general) == "pixels-gray_16"
@@ -67,7 +67,7 @@ def _table_value(text: str):
 
 def test_docs_argument_table_shows_the_general_and_embedded_defaults():
     """Every defaulted argument's row in docs/training.md ("All arguments", linked from the README) reads
-    `general` (embedded: `digits`) exactly as the two dicts say."""
+    `general` (embedded: `digits`) (digits-class: `class-conditional digits`) exactly as the three dicts say."""
     import re
     from pathlib import Path
 
@@ -77,14 +77,21 @@ def test_docs_argument_table_shows_the_general_and_embedded_defaults():
     table = Path(SCRIPT).parents[1] / "docs" / "training.md"
     rows = {}
     for line in table.read_text().splitlines():
-        match = re.match(r"^\| `(--[a-z0-9_]+)(?:, --no-[a-z0-9_]+)?` \| `([^`]*)`(?: \(embedded: `([^`]*)`\))? \|", line)
+        match = re.match(r"^\| `(--[a-z0-9_]+)(?:, --no-[a-z0-9_]+)?` \| `([^`]*)`(?: \(embedded: `([^`]*)`\))?"
+                         r"(?: \(digits-class: `([^`]*)`\))? \|", line)
         if match:
-            rows[match.group(1)[2:]] = (match.group(2), match.group(3))
+            rows[match.group(1)[2:]] = (match.group(2), match.group(3), match.group(4))
     for key in script.DEFAULTED_ARGS:
         assert key in rows, f"{table.name} argument table has no row for --{key}"
-        general_text, embedded_text = rows[key]
+        general_text, embedded_text, class_text = rows[key]
         general = script.GENERAL_DEFAULTS.get(key)
         embedded = script.EMBEDDED_DEFAULTS.get(key, general)
+        class_embedded = script.CLASS_EMBEDDED_DEFAULTS.get(key, embedded)
+        if class_embedded != embedded:
+            assert class_text is not None, f"--{key}: {table.name} does not show the digits-class default {class_embedded!r}"
+            assert _table_value(class_text) == class_embedded, f"--{key}: {table.name} digits-class default {class_text!r}"
+        else:
+            assert class_text is None, f"--{key}: {table.name} shows a digits-class default equal to the digits one"
         assert _table_value(general_text) == general, f"--{key}: {table.name} general default {general_text!r}"
         if embedded != general:
             assert embedded_text is not None, f"--{key}: {table.name} does not show the embedded default {embedded!r}"
@@ -121,3 +128,73 @@ def test_embedded_default_trains_the_digits_teacher_and_compares_it(tmp_path):
     for name in digits.TRAINING_ENCODERS:
         fds = [e.value for e in events.Scalars(f"fd/{name}")]
         assert fds[-1] < fds[0], f"training FD in {name} did not go down: {fds}"
+
+
+# ------------------------------------------------------------------------------------ the class-conditional default
+def test_class_conditional_default_points_at_the_class_teacher_and_its_per_class_statistics(tmp_path):
+    script = _load_script()
+    args = script.parse_args(["--embedded_default", "digits-class", "--output_dir", str(tmp_path)])
+    assert args.embedded_default == "digits-class"
+    assert args.pretrained_model_name_or_path == str(digits.CLASS_TEACHER_PATH)
+    assert args.class_reference_stats == [str(digits.class_stats_path(n)) for n in digits.TRAINING_ENCODERS]
+    assert args.eval_class_reference_stats == [str(digits.class_stats_path(n)) for n in digits.HELD_OUT_ENCODERS]
+    for key, value in script.CLASS_EMBEDDED_DEFAULTS.items():
+        if value is not None:
+            assert getattr(args, key) == value, key
+    assert args.null_class_label == digits.NULL_CLASS_LABEL
+    # the choice of default is only for the bundled assets
+    with pytest.raises(ValueError, match="--embedded_default digits-class runs the bundled digits assets"):
+        script.parse_args(["--embedded_default", "digits-class", "--pretrained_model_name_or_path", "x",
+                           "--output_dir", str(tmp_path)])
+
+
+def test_class_conditional_default_follows_its_labels_and_writes_samples_per_class(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "digits-class-onestep"
+    run_script([
+        "--embedded_default", "digits-class", "--output_dir", str(out),
+        "--max_train_steps", "4", "--train_batch_size", "32", "--learning_rate", "1e-4", "--lr_warmup_steps", "1",
+        "--fd_ema_beta", "0.5", "--fd_warmup_samples", "64", "--sample_batch_size", "100",
+        "--validation_steps", "2", "--num_validation_samples", "100", "--num_validation_images", "10",
+        "--checkpointing_steps", "0", "--num_output_samples", "30", "--num_comparison_samples", "40",
+        "--teacher_num_inference_steps", "2",
+    ])
+    pipe = FDOneStepPipeline.from_pretrained(out)
+    assert pipe.num_classes == digits.NUM_CLASSES and pipe.config.null_class_label == digits.NULL_CLASS_LABEL
+    # samples/<label>/: every requested digit equally often
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [str(c) for c in range(10)]
+    assert all(len(list((out / "samples" / str(c)).glob("*.png"))) == 3 for c in range(10))
+    for folder in ("teacher_naive", "teacher_multistep", "student"):
+        root = out / "comparison_samples" / folder
+        assert all(len(list((root / str(c)).glob("*.png"))) == 4 for c in range(10)), folder
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["num_classes"] == 10
+    for name, result in report["generators"].items():
+        assert 0.0 <= result["adherence"] <= 1.0, name
+        assert set(result["conditioning"]) == set(digits.TRAINING_ENCODERS) | set(digits.HELD_OUT_ENCODERS)
+    table = (out / "comparison.md").read_text()
+    assert "adherence" in table and "FJD" in table
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"adherence", "per_class_fd/resnet-digits", "fjd/randcnn-digits", "fresh_fd/pixels-digits"} <= tags
+    summary = json.loads((out / "fd_onestep_summary.json").read_text())
+    assert 0.0 <= summary["final_validation"]["adherence"] <= 1.0
+
+
+def test_class_conditional_exact_population_feeds_the_joint_loss_the_labels_in_both_passes(tmp_path):
+    out = tmp_path / "exact-joint"
+    run_script([
+        "--embedded_default", "digits-class", "--output_dir", str(out), "--fd_population", "exact",
+        "--fd_micro_batches", "2", "--max_train_steps", "2", "--train_batch_size", "16", "--sample_batch_size", "50",
+        "--validation_steps", "0", "--num_validation_samples", "50", "--num_validation_images", "0",
+        "--checkpointing_steps", "0", "--num_output_samples", "0", "--no-compare_with_teacher",
+    ])
+    # pass 2 saw pass 1's joint vectors (the step's end checks it bitwise on CPU), and the loss is joint
+    summary = json.loads((out / "fd_onestep_summary.json").read_text())
+    assert summary["global_step"] == 2 and (out / "model_index.json").is_file()
+    validation = summary["final_validation"]["fds"]
+    for name in digits.TRAINING_ENCODERS:
+        assert "loss_fd" in validation[name] and validation[name]["loss_fd"] > 0

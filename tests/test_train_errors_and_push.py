@@ -77,7 +77,7 @@ def test_general_defaults_apply_when_a_model_is_given(script, assets, tmp_path):
                               *encoder_args(assets), "--output_dir", str(tmp_path)])
     for key, value in script.GENERAL_DEFAULTS.items():
         assert getattr(args, key) == value, key
-    assert args.embedded_default is False and args.compare_with_teacher is False
+    assert args.embedded_default is None and args.compare_with_teacher is False
 
 
 # ------------------------------------------------------------------------------------------ before training

@@ -10,6 +10,8 @@
 With no ``--pretrained_model_name_or_path`` / ``--encoders`` / ``--reference_stats`` the script runs the
 offline embedded default: the bundled digits teacher, the bundled digit encoders and their reference
 statistics (``fd_onestep/assets/digits``), on CPU in minutes, and writes a teacher-vs-student comparison.
+``--embedded_default digits-class`` runs the class-conditional one: the bundled class-conditional teacher,
+with adherence, per-class FD and FJD in the validation logs and the comparison, and samples per class.
 
 The loss: images = G(noise, cond) (one denoiser forward from pure noise), features f_i = E_i(images) for
 every encoder i, L = sum_i w_i F_i / (sg(F_i) + eps_i) with F_i the Fréchet distance between the reference
@@ -95,6 +97,10 @@ GENERAL_DEFAULTS = {
     "num_output_samples": 0,
     "num_comparison_samples": 1000,
     "eval_encoders": [],
+    "null_class_label": None,
+    "fd_condition": "marginal",
+    "classifier": None,
+    "write_comparison_samples": False,
     "seed": 0,
 }
 EMBEDDED_DEFAULTS = {
@@ -141,12 +147,25 @@ EMBEDDED_DEFAULTS = {
     # with weight 1 it lagged most behind the teacher among the training FDs (4.7x the teacher's pixel FD
     # against 1.05x and 1.16x for the two networks, measured over 1000 steps).
     "encoder_loss_weights": [1.0, 1.0, 2.0],
+    "fd_condition": "marginal",
+    "write_comparison_samples": False,
     "seed": 0,
 }
+# The class-conditional offline default (--embedded_default digits-class): the digits default's settings on the
+# bundled class-conditional teacher (digits 0-9 and its null class 10), uniform labels.
+CLASS_EMBEDDED_DEFAULTS = {
+    **EMBEDDED_DEFAULTS,
+    "null_class_label": 10,  # fd_onestep.digits.NULL_CLASS_LABEL: the teacher's last class embedding
+    "fd_condition": "joint",
+    "classifier": "digits",  # adherence by the bundled digit classifier
+    "write_comparison_samples": True,
+}
+EMBEDDED_DEFAULT_CHOICES = {"digits": EMBEDDED_DEFAULTS, "digits-class": CLASS_EMBEDDED_DEFAULTS}
 # a key only in EMBEDDED_DEFAULTS keeps the argument's own default (None) for general runs
-DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS]))
+DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CLASS_EMBEDDED_DEFAULTS]))
 
 POPULATIONS = ("ema", "queue", "exact")
+FD_CONDITIONS = ("marginal", "joint")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OUTPUT_BOUND_CHOICES = ("none", "tanh", "clamp")
 
@@ -185,8 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "clamp, or none.")
     g.add_argument("--guidance_scale", type=float, default=1.0,
                    help="Classifier-free guidance inside the one step (1 = off; stored in the pipeline).")
+    g.add_argument("--null_class_label", type=int, default=None,
+                   help="Class-conditional UNet2DModel teachers trained with a null class (dropped labels, for "
+                        "guidance): its label, which must be the last class embedding (DiT: its own, automatic).")
     g.add_argument("--resolution", type=int, default=None,
                    help="Image resolution in pixels (default: the model's sample size).")
+
+    g.add_argument("--embedded_default", type=str, default=None, choices=sorted(EMBEDDED_DEFAULT_CHOICES),
+                   help="Which offline embedded default runs when no model / encoders / stats are given: digits "
+                        "(unconditional, the default) or digits-class (class-conditional teacher, adherence, "
+                        "per-class FD and FJD, samples per class).")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", type=str, default="fd-onestep-output",
@@ -263,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder_autocast", type=str, default="no", choices=["no", "fp16", "bf16"],
                    help="Autocast dtype for the encoders' forward.")
     g.add_argument("--encoder_gradient_checkpointing", action="store_true")
+    g.add_argument("--fd_condition", type=str, default=None, choices=FD_CONDITIONS,
+                   help="Class-conditional models: match the marginal feature distribution, or the joint one of "
+                        "[features, alpha * one_hot(label)] (needs --class_reference_stats).")
+    g.add_argument("--fd_label_scale", type=float, default=1.0,
+                   help="Joint FD-loss: alpha = this factor times the reference's trace-matching scale (label "
+                        "block trace = feature block trace at 1).")
+    g.add_argument("--class_reference_stats", type=str, nargs="+", default=None,
+                   help="Per-class statistics (`fd-onestep stats --label_column`, *.classes.safetensors), one per "
+                        "encoder. Default: <stats>.classes.safetensors next to each --reference_stats file, if there.")
     g.add_argument("--sample_batch_size", type=_positive_int, default=256,
                    help="Per-process batch for no-grad generation (warm start, validation, samples).")
 
@@ -295,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_encoders", type=str, nargs="*", default=None,
                    help="Extra encoders for validation only (never in the loss).")
     g.add_argument("--eval_reference_stats", type=str, nargs="*", default=None, help="One stats file per --eval_encoders.")
+    g.add_argument("--eval_class_reference_stats", type=str, nargs="*", default=None,
+                   help="Per-class statistics per --eval_encoders (default: next to each eval stats file, if there).")
+    g.add_argument("--classifier", type=str, default=None,
+                   help="Class-conditional models: classifier for adherence in validation and the comparison: "
+                        "'digits' (the bundled digit classifier) or a local transformers image-classification folder.")
     g.add_argument("--keep_best_by", type=str, default=None,
                    help="Keep the pipeline with the lowest fresh-sample FD in DIR/best: a training encoder name, "
                         "'fd_mean' or 'fd_r_mean' (mean FD_r over the training encoders).")
@@ -308,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="At the end, compare teacher (naive one step, multi-step) and student: grid + FD table.")
     g.add_argument("--num_output_samples", type=int, default=None, help="Student samples written to DIR/samples/ as PNG.")
     g.add_argument("--num_comparison_samples", type=int, default=None, help="Samples per generator for the comparison FDs.")
+    g.add_argument("--write_comparison_samples", action=argparse.BooleanOptionalAction, default=None,
+                   help="Write every compared generator's samples to DIR/comparison_samples/<generator>/[<label>/].")
     g.add_argument("--teacher_sampler", type=str, default="dpmsolver++", choices=["dpmsolver++", "ddim", "ddpm"],
                    help="The teacher's multi-step sampler in the comparison.")
     g.add_argument("--teacher_num_inference_steps", type=int, default=20)
@@ -360,8 +403,15 @@ def encoder_labels(names: list[str], what: str, aliases: dict[str, str] | None =
     return labels
 
 
-def is_embedded_default(args) -> bool:
-    return args.pretrained_model_name_or_path is None and args.encoders is None and args.reference_stats is None
+def embedded_default_of(args) -> str | None:
+    """Which offline embedded default runs ("digits" / "digits-class"), or None for a run on the user's model."""
+    plain = args.pretrained_model_name_or_path is None and args.encoders is None and args.reference_stats is None
+    if args.embedded_default is not None and not plain:
+        raise ValueError(
+            f"--embedded_default {args.embedded_default} runs the bundled digits assets: drop it, or drop "
+            "--pretrained_model_name_or_path / --encoders / --reference_stats."
+        )
+    return (args.embedded_default or "digits") if plain else None
 
 
 def finalize_args(args) -> argparse.Namespace:
@@ -369,8 +419,8 @@ def finalize_args(args) -> argparse.Namespace:
 
     Raises ValueError / FileNotFoundError naming the argument and the fix.
     """
-    args.embedded_default = is_embedded_default(args)
-    defaults = EMBEDDED_DEFAULTS if args.embedded_default else GENERAL_DEFAULTS
+    args.embedded_default = embedded_default_of(args)
+    defaults = EMBEDDED_DEFAULT_CHOICES[args.embedded_default] if args.embedded_default else GENERAL_DEFAULTS
     for key in DEFAULTED_ARGS:
         if getattr(args, key, None) is None:
             setattr(args, key, defaults.get(key))
@@ -380,7 +430,8 @@ def finalize_args(args) -> argparse.Namespace:
     if args.embedded_default:
         from fd_onestep import digits
 
-        args.pretrained_model_name_or_path = str(digits.TEACHER_PATH)
+        class_conditional = args.embedded_default == "digits-class"
+        args.pretrained_model_name_or_path = str(digits.CLASS_TEACHER_PATH if class_conditional else digits.TEACHER_PATH)
         # the bundled folders load through load_encoder exactly like a user's local encoder folder
         args.encoders = [digits.encoder_spec(name) for name in digits.TRAINING_ENCODERS]
         args.reference_stats = [str(digits.stats_path(name)) for name in digits.TRAINING_ENCODERS]
@@ -399,6 +450,9 @@ def finalize_args(args) -> argparse.Namespace:
     args.reference_stats = parse_name_list(args.reference_stats)
     args.eval_encoders = parse_name_list(args.eval_encoders)
     args.eval_reference_stats = parse_name_list(args.eval_reference_stats)
+    args.class_reference_stats = class_stats_paths(args.class_reference_stats, args.reference_stats, "--class_reference_stats")
+    args.eval_class_reference_stats = class_stats_paths(args.eval_class_reference_stats, args.eval_reference_stats,
+                                                        "--eval_class_reference_stats")
     args.lora_target_modules = parse_name_list(args.lora_target_modules) or None
 
     if not args.encoders:
@@ -449,6 +503,15 @@ def finalize_args(args) -> argparse.Namespace:
         )
     if args.fd_population == "exact" and args.fd_micro_batches < 2:
         raise ValueError("--fd_population exact needs --fd_micro_batches >= 2 (1 is the plain batch: use ema or queue).")
+    if args.fd_condition == "joint" and any(path is None for path in args.class_reference_stats):
+        missing = [stats for stats, path in zip(args.reference_stats, args.class_reference_stats) if path is None]
+        raise ValueError(
+            f"--fd_condition joint needs per-class statistics of every training encoder; none found for {missing}. "
+            "Compute them with `fd-onestep stats --label_column label ...` and pass --class_reference_stats, or "
+            "use --fd_condition marginal."
+        )
+    if not (math.isfinite(args.fd_label_scale) and args.fd_label_scale > 0):
+        raise ValueError(f"--fd_label_scale must be a positive number, got {args.fd_label_scale}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.lr_warmup_steps < 0:
@@ -508,6 +571,28 @@ def finalize_args(args) -> argparse.Namespace:
     if args.report_to == "none":
         args.report_to = None
     return args
+
+
+def class_stats_paths(given, stats_paths, flag: str) -> list:
+    """Per-class statistics file of each encoder: ``given`` (one per stats file), else the
+    ``<stats>.classes.safetensors`` next to each stats file where there is one (None where not)."""
+    from fd_onestep.dataset_stats import CLASS_STATS_SUFFIX
+
+    given = parse_name_list(given)
+    if given:
+        if len(given) != len(stats_paths):
+            raise ValueError(f"{flag} has {len(given)} files for {len(stats_paths)} encoders; pass one per encoder.")
+        for path in given:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} file {path!r} does not exist; compute it with `fd-onestep stats "
+                                        "--label_column label ...` (it writes <encoder>.classes.safetensors).")
+        return list(given)
+    found = []
+    for stats in stats_paths:
+        path = Path(stats)
+        candidate = path.with_name(path.with_suffix("").name + CLASS_STATS_SUFFIX)
+        found.append(str(candidate) if candidate.is_file() else None)
+    return found
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
@@ -660,6 +745,7 @@ def build_one_step_pipeline(args):
         prediction_type=args.prediction_type,
         guidance_scale=args.guidance_scale,
         output_bound=args.output_bound,
+        **({"null_class_label": args.null_class_label} if args.null_class_label is not None else {}),
         **teacher_load_kwargs(args),
     )
     if args.resolution is not None:
@@ -674,11 +760,15 @@ def build_one_step_pipeline(args):
 
 
 class Representations:
-    """The encoders of the loss and the eval-only ones, each with its reference statistics (by short name)."""
+    """The encoders of the loss and the eval-only ones, each with its reference statistics (by short name), and
+    the per-class statistics (``ClassConditionalStats``) of those that have them."""
 
-    def __init__(self, encoders: dict, references: dict, eval_encoders: dict, eval_references: dict):
+    def __init__(self, encoders: dict, references: dict, eval_encoders: dict, eval_references: dict,
+                 class_references: dict | None = None):
         self.encoders, self.references = encoders, references
         self.eval_encoders, self.eval_references = eval_encoders, eval_references
+        self.class_references = dict(class_references or {})
+        self.classifier = None  # images -> predicted labels (--classifier), for adherence
 
     @property
     def all_encoders(self) -> dict:
@@ -689,14 +779,17 @@ class Representations:
         return {**self.references, **self.eval_references}
 
 
-def build_encoders(args, names, stats_paths, device):
-    """{label: FeatureEncoder}, {label: ReferenceStats}; stats checked against their encoder first."""
+def build_encoders(args, names, stats_paths, device, class_stats_paths=()):
+    """{label: FeatureEncoder}, {label: ReferenceStats}, {label: ClassConditionalStats}; stats checked against
+    their encoder first."""
+    from fd_onestep.conditioning_metrics import ClassConditionalStats
     from fd_onestep.encoders import INCEPTION_NAMES, load_encoder
 
     encoder_autocast = None if args.encoder_autocast == "no" else args.encoder_autocast
     aliases = label_aliases(args)
-    encoders, references = {}, {}
-    for name, path in zip(names, stats_paths):
+    encoders, references, class_references = {}, {}, {}
+    class_stats_paths = list(class_stats_paths) or [None] * len(names)
+    for name, path, class_path in zip(names, stats_paths, class_stats_paths):
         is_inception = name.strip().lower() in INCEPTION_NAMES
         enc = load_encoder(name, device=device, autocast_dtype=encoder_autocast,
                            gradient_checkpointing=args.encoder_gradient_checkpointing,
@@ -712,16 +805,30 @@ def build_encoders(args, names, stats_paths, device):
             raise ValueError(f"--encoders {name!r} with reference stats {path!r}: {err}") from None
         label = encoder_label(name, aliases)
         encoders[label], references[label] = enc, ref
-    return encoders, references
+        if class_path is not None:
+            class_ref = ClassConditionalStats.load(class_path)
+            try:
+                class_ref.check_compatible(enc.encoder_id, enc.feature_dim)
+            except ValueError as err:
+                raise ValueError(f"--encoders {name!r} with per-class stats {class_path!r}: {err}") from None
+            class_references[label] = class_ref
+    return encoders, references, class_references
 
 
 def build_representations(args, device) -> Representations:
-    encoders, references = build_encoders(args, args.encoders, args.reference_stats, device)
-    eval_encoders, eval_references = build_encoders(args, args.eval_encoders, args.eval_reference_stats, device)
-    return Representations(encoders, references, eval_encoders, eval_references)
+    encoders, references, class_refs = build_encoders(args, args.encoders, args.reference_stats, device,
+                                                      args.class_reference_stats)
+    eval_encoders, eval_references, eval_class_refs = build_encoders(
+        args, args.eval_encoders, args.eval_reference_stats, device, args.eval_class_reference_stats)
+    reps = Representations(encoders, references, eval_encoders, eval_references, {**class_refs, **eval_class_refs})
+    if args.classifier:
+        from fd_onestep.evaluation import image_classifier
+
+        reps.classifier = image_classifier(args.classifier, device=device)
+    return reps
 
 
-def load_conditioning(args, pipe, references):
+def load_conditioning(args, pipe, reps: Representations):
     """Training prompts (text models) and the class-label histogram (class-conditional models), checked."""
     prompts = load_prompts(args) if pipe.is_text_conditional else None
     if pipe.is_text_conditional and prompts is None:
@@ -731,15 +838,26 @@ def load_conditioning(args, pipe, references):
         )
     if not pipe.is_text_conditional and (args.prompts_file or args.dataset_name):
         raise ValueError(f"{args.pretrained_model_name_or_path} is not a text model: drop --prompts_file/--dataset_name.")
-    class_histogram = load_class_histogram(args, references) if pipe.is_class_conditional else None
+    class_histogram = load_class_histogram(args, reps.references) if pipe.is_class_conditional else None
     if not pipe.is_class_conditional and args.class_label_distribution != "uniform":
         raise ValueError("--class_label_distribution reference needs a class-conditional model.")
-    if args.compare_with_teacher and not (pipe.family == "unet2d" and not pipe.is_class_conditional):
+    if not pipe.is_class_conditional and (args.fd_condition == "joint" or args.classifier):
+        raise ValueError(f"{args.pretrained_model_name_or_path} is not class-conditional: --fd_condition joint and "
+                         "--classifier measure class labels; drop them.")
+    if args.compare_with_teacher and pipe.family != "unet2d":
         raise ValueError(
-            f"--compare_with_teacher supports unconditional pixel (UNet2DModel) teachers; this is a {pipe.family!r} "
-            "model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and evaluate with "
-            "`fd-onestep evaluate`."
+            f"--compare_with_teacher supports pixel (UNet2DModel) teachers, unconditional or class-conditional; this "
+            f"is a {pipe.family!r} model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and "
+            "evaluate with `fd-onestep evaluate`."
         )
+    if pipe.is_class_conditional:
+        for name, class_ref in reps.class_references.items():
+            if class_ref.num_classes != pipe.num_classes:
+                raise ValueError(
+                    f"the per-class stats of {name} have {class_ref.num_classes} classes, the model {pipe.num_classes}"
+                    + (" (its null class excluded)" if pipe.config.null_class_label is not None else "")
+                    + "; pass statistics of the model's label set (and --null_class_label if it has a null class)."
+                )
     return prompts, class_histogram
 
 
@@ -783,16 +901,23 @@ def build_generator(args, pipe, reps: Representations, prompts, class_histogram,
 def build_fd_loss(args, reps: Representations, device):
     """``MultiEncoderFDLoss`` over the training encoders, one population of ``--fd_population`` each, created on
     ``device`` (the process's: NCCL reduces CUDA tensors only)."""
+    from fd_onestep.conditioning_metrics import LabelEmbedding
     from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
     from fd_onestep.populations import build_population
 
     population_kwargs = {"ema": {"beta": args.fd_ema_beta}, "queue": {"queue_size": args.fd_queue_size},
                          "exact": {"micro_batches": args.fd_micro_batches}}[args.fd_population]
-    fd_losses = {
-        name: FDLoss(reps.references[name],
-                     build_population(args.fd_population, enc.feature_dim, device=device, **population_kwargs))
-        for name, enc in reps.encoders.items()
-    }
+    fd_losses = {}
+    for name, enc in reps.encoders.items():
+        if args.fd_condition == "joint":
+            # [features, alpha * one_hot(label)] against the joint reference at the same alpha
+            class_ref = reps.class_references[name]
+            embedding = LabelEmbedding(class_ref.num_classes, args.fd_label_scale * class_ref.alpha)
+            reference, dim = class_ref.joint_reference_at(embedding.alpha), enc.feature_dim + embedding.num_classes
+        else:
+            embedding, reference, dim = None, reps.references[name], enc.feature_dim
+        population = build_population(args.fd_population, dim, device=device, **population_kwargs)
+        fd_losses[name] = FDLoss(reference, population, label_embedding=embedding)
     weights = dict(zip(reps.encoders, args.encoder_loss_weights))
     return MultiEncoderFDLoss(fd_losses, weights=weights, **({} if args.fd_eps is None else {"eps": args.fd_eps}))
 
@@ -910,14 +1035,19 @@ def save_checkpoint(accelerator, args, step, fingerprint):
 
 # --------------------------------------------------------------------------------------------------------
 # Generation and features
-def draw_local_batch(accelerator, gen, global_n: int, rng: torch.Generator):
+def draw_local_batch(accelerator, gen, global_n: int, rng: torch.Generator, first_index: int | None = None):
     """The global batch's noise + conditioning, drawn identically on every process; this process's rows.
 
+    ``first_index``: class-conditional models get the balanced labels ``(first_index + i) % num_classes`` of the
+    global rows (validation, samples: every class equally often) instead of drawn ones (same noise either way).
     Returns ``(noise, conditioning or None, index of the first local row in the global batch)``.
     """
     device = accelerator.device
     noise = gen.sample_noise(global_n, generator=rng, device=device)
     cond = gen.sample_conditioning(global_n, generator=rng, device=device)
+    if first_index is not None and gen.is_class_conditional:
+        labels = (torch.arange(global_n, device=device) + first_index) % gen.num_classes
+        cond = type(cond)(class_labels=labels)
     with accelerator.split_between_processes(list(range(global_n))) as rows:
         start, end = (rows[0], rows[-1] + 1) if rows else (global_n, global_n)
     return noise[start:end], (cond[start:end] if cond is not None else None), start
@@ -954,47 +1084,93 @@ def ema_weights(ema, trainable):
         ema.restore(trainable)
 
 
-def stream_features(accelerator, gen, model, total: int, seed: int, encoders, batch_size: int, on_images=None):
-    """Yield per-chunk feature dicts of ``total`` fresh no-grad samples (global count, split over processes).
+def class_labels_of(cond) -> torch.Tensor | None:
+    """The (B,) int64 class labels of a batch's conditioning, or None (unconditional, text)."""
+    return getattr(cond, "class_labels", None) if cond is not None else None
 
-    ``on_images(images, first_global_index)`` sees each local chunk of images; a process with no rows in a
-    chunk yields None (every process yields once per chunk, so collectives stay in step).
+
+def stream_features(accelerator, gen, model, total: int, seed: int, encoders, batch_size: int, on_images=None,
+                    balanced: bool = False):
+    """Yield per-chunk ``(feature dict, class labels or None)`` of ``total`` fresh no-grad samples (global count,
+    split over processes).
+
+    ``on_images(images, first_global_index, labels)`` sees each local chunk of images; a process with no rows
+    in a chunk yields ``(None, None)`` (every process yields once per chunk, so collectives stay in step).
+    ``balanced``: class-conditional models get every class equally often (:func:`draw_local_batch`).
     """
     rng = torch.Generator().manual_seed(seed)
     done = 0
     while done < total:
         n = min(batch_size * accelerator.num_processes, total - done)
-        noise, cond, start = draw_local_batch(accelerator, gen, n, rng)
-        features = None
+        noise, cond, start = draw_local_batch(accelerator, gen, n, rng, first_index=done if balanced else None)
+        features, labels = None, class_labels_of(cond)
         # inference mode: no autograd bookkeeping in the generator or the encoders (the yielded tensors are
         # only read afterwards: moments, warm starts, PNGs)
         with torch.inference_mode():
             if noise.shape[0]:
                 images = generate_images(accelerator, gen, model, noise, cond)
                 if on_images is not None:
-                    on_images(images, done + start)
+                    on_images(images, done + start, labels)
                 features = encode(images, encoders)
-        yield features
+        yield features, (labels if features is not None else None)
         done += n
 
 
-def fresh_sample_fds(accelerator, gen, model, reps: Representations, total: int, seed: int, batch_size: int) -> dict:
-    """FD of ``total`` fresh samples vs the references, in every training and eval encoder."""
+def fresh_sample_fds(args, accelerator, gen, model, reps: Representations, total: int, seed: int,
+                     batch_size: int) -> tuple[dict, float | None]:
+    """FD of ``total`` fresh samples vs the references, in every training and eval encoder.
+
+    Class-conditional models (balanced labels with uniform label sampling): also per-class FD and FJD where
+    per-class statistics exist, the joint FD at the loss's own alpha (``loss_fd``, what the joint loss's
+    population FD estimates) and adherence with ``--classifier``.
+    Returns ``({name: {...}}, adherence or None)``.
+    """
+    from fd_onestep.conditioning_metrics import (
+        AdherenceCounter,
+        ClassConditionalMoments,
+        frechet_joint_distance,
+        joint_moments,
+        per_class_frechet_distances,
+    )
     from fd_onestep.moments import FeatureMoments
 
+    device = accelerator.device
     all_references = reps.all_references
-    moments = {name: FeatureMoments(enc.feature_dim, device=accelerator.device) for name, enc in reps.all_encoders.items()}
-    for feats in stream_features(accelerator, gen, model, total, seed, reps.all_encoders, batch_size):
+    moments = {name: FeatureMoments(enc.feature_dim, device=device) for name, enc in reps.all_encoders.items()}
+    conditional = gen.is_class_conditional
+    class_moments = {name: ClassConditionalMoments(reps.all_encoders[name].feature_dim, ref.num_classes, device=device)
+                     for name, ref in reps.class_references.items()} if conditional else {}
+    counter = AdherenceCounter() if conditional and reps.classifier is not None else None
+
+    def classify(images, start, labels):
+        counter.update(reps.classifier(images), labels)
+
+    balanced = conditional and args.class_label_distribution == "uniform"
+    for feats, labels in stream_features(accelerator, gen, model, total, seed, reps.all_encoders, batch_size,
+                                         on_images=classify if counter is not None else None, balanced=balanced):
         if feats is not None:
             for name, f in feats.items():
                 moments[name].update(f)
+                if name in class_moments:
+                    class_moments[name].update(f, labels)
     out = {}
     for name, m in moments.items():
         m.all_reduce()
         fd = float(all_references[name].frechet_distance(m.mean, m.covariance()))
         vfd = all_references[name].validation_fd
         out[name] = {"fresh_fd": fd, "fd_r": (fd / vfd) if vfd else None, "in_loss": name in reps.encoders}
-    return out
+    for name, cm in class_moments.items():
+        cm.all_reduce()
+        class_ref = reps.class_references[name]
+        distances = per_class_frechet_distances(cm, class_ref)
+        out[name]["per_class_fd"] = sum(distances.values()) / len(distances)
+        out[name]["fjd"] = frechet_joint_distance(cm, class_ref)
+        if args.fd_condition == "joint" and name in reps.encoders:
+            alpha = args.fd_label_scale * class_ref.alpha
+            joint = joint_moments(cm, alpha)
+            out[name]["loss_fd"] = float(class_ref.joint_reference_at(alpha).frechet_distance(joint.mean, joint.covariance()))
+    adherence = counter.all_reduce(device).compute() if counter is not None else None
+    return out, adherence
 
 
 def warm_start_populations(args, accelerator, gen, model, encoders, fd_loss) -> None:
@@ -1004,18 +1180,21 @@ def warm_start_populations(args, accelerator, gen, model, encoders, fd_loss) -> 
     process) are kept until every population has taken them (its warm_start reduces over processes).
     """
     logger.info(f"Warm-starting the FD populations from {args.fd_warmup_samples} generated samples")
-    chunks = {name: [] for name in encoders}
-    for feats in stream_features(accelerator, gen, model, args.fd_warmup_samples, args.seed + 1, encoders,
-                                 args.sample_batch_size):
+    chunks, label_chunks = {name: [] for name in encoders}, []
+    for feats, labels in stream_features(accelerator, gen, model, args.fd_warmup_samples, args.seed + 1, encoders,
+                                         args.sample_batch_size):
         for name in encoders:
             chunks[name].append(feats[name].detach() if feats is not None
                                 else torch.zeros(0, encoders[name].feature_dim, device=accelerator.device))
+        label_chunks.append(labels if labels is not None
+                            else torch.zeros(0, dtype=torch.long, device=accelerator.device))
     for name, loss in fd_loss.losses.items():
-        loss.population.warm_start(chunks[name])
+        loss.warm_start(chunks[name], label_chunks if loss.label_embedding is not None else None)
 
 
 def write_samples(args, accelerator, gen, model) -> None:
-    """``--num_output_samples`` student samples as ``DIR/samples/000123.png`` (all processes write their share)."""
+    """``--num_output_samples`` student samples as ``DIR/samples/000123.png`` (all processes write their share);
+    class-conditional models with uniform labels: every class equally often, ``DIR/samples/<label>/000123.png``."""
     from fd_onestep.images import save_images
 
     sample_folder = Path(args.output_dir) / "samples"
@@ -1024,8 +1203,10 @@ def write_samples(args, accelerator, gen, model) -> None:
             shutil.rmtree(sample_folder)
         sample_folder.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    balanced = gen.is_class_conditional and args.class_label_distribution == "uniform"
     for _ in stream_features(accelerator, gen, model, args.num_output_samples, args.seed + 4, {}, args.sample_batch_size,
-                             on_images=lambda imgs, start: save_images(imgs, sample_folder, start)):
+                             on_images=lambda imgs, start, labels: save_images(imgs, sample_folder, start, labels),
+                             balanced=balanced):
         pass
     accelerator.wait_for_everyone()
 
@@ -1047,11 +1228,14 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
     k = args.fd_micro_batches if two_pass else args.gradient_accumulation_steps
     global_batch = args.train_batch_size * accelerator.num_processes
     micro = [draw_local_batch(accelerator, gen, global_batch, rng)[:2] for _ in range(k)]
+    # the joint FD-loss also sees each batch's requested labels (the marginal one must not get them)
+    labels_of = class_labels_of if fd_loss.joint else (lambda cond: None)
     fd_loss.begin_step()
     if two_pass:
         with torch.no_grad():
             for noise, cond in micro:
-                fd_loss.accumulate(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders))
+                fd_loss.accumulate(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders),
+                                   labels_of(cond))
         fd_loss.end_accumulation()  # sum over processes (collective)
     objective = 0.0
     for i, (noise, cond) in enumerate(micro):
@@ -1060,7 +1244,8 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
         else:  # one gradient all-reduce per step, after the last micro-batch
             sync = contextlib.nullcontext() if i == k - 1 else accelerator.no_sync(denoiser)
         with sync:
-            loss, raw_fds = fd_loss(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders))
+            loss, raw_fds = fd_loss(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders),
+                                    labels_of(cond))
             accelerator.backward(loss)
         objective += float(loss.detach()) / k
     # EMA / queue: advance once with the step's k micro-batches; exact: pass 2 == pass 1, else an error (collective)
@@ -1183,22 +1368,27 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
                 np_images = VaeImageProcessor.denormalize(images).cpu().numpy()  # [-1, 1] -> [0, 1]
                 tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
     if args.num_validation_samples:
-        fds = fresh_sample_fds(accelerator, gen, model, reps, args.num_validation_samples, args.seed + 3,
-                               args.sample_batch_size)
-        logs = {}
+        fds, adherence = fresh_sample_fds(args, accelerator, gen, model, reps, args.num_validation_samples,
+                                          args.seed + 3, args.sample_batch_size)
+        logs = {} if adherence is None else {"adherence": adherence}
         for name, r in fds.items():
             logs[f"fresh_fd/{name}"] = r["fresh_fd"]
             if r["fd_r"] is not None:
                 logs[f"fd_r/{name}"] = r["fd_r"]
+            for key in ("per_class_fd", "fjd"):
+                if key in r:
+                    logs[f"{key}/{name}"] = r[key]
             pop_fd = population_fds.get(name)
             r["population_fd"] = pop_fd
+            # the population FD of a joint loss is a joint FD: compare it with the fresh samples' joint FD
+            fresh = r.get("loss_fd", r["fresh_fd"])
             if pop_fd is not None and pop_fd > 0:
-                ratio = r["fresh_fd"] / pop_fd
+                ratio = fresh / pop_fd
                 logs[f"fresh_over_population/{name}"] = ratio
                 if ratio > args.fresh_fd_warning_ratio:
                     logger.warning(
                         f"step {step}: fresh-sample FD in {name} is {ratio:.1f}x the population FD "
-                        f"({r['fresh_fd']:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
+                        f"({fresh:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
                         "population statistics (which then lag behind it) or gaming the encoder. Lower "
                         "--learning_rate, shorten the population's memory (lower --fd_ema_beta or "
                         "--fd_queue_size), raise the batch, or use --fd_population exact; --keep_best_by "
@@ -1206,9 +1396,11 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
                     )
         accelerator.log(logs, step=step)
         result["fds"] = fds
+        result["adherence"] = adherence
         logger.info(f"step {step}: fresh-sample FD " + ", ".join(
             f"{n}={r['fresh_fd']:.4g}" + (f" (FD_r {r['fd_r']:.3g})" if r["fd_r"] is not None else "")
-            for n, r in fds.items()))
+            + (f" per-class {r['per_class_fd']:.4g}" if "per_class_fd" in r else "")
+            for n, r in fds.items()) + ("" if adherence is None else f"; adherence {100 * adherence:.1f}%"))
         if args.keep_best_by is not None:
             metric = keep_metric(args, fds, list(reps.encoders))
             result["keep_metric"] = metric
@@ -1249,32 +1441,46 @@ def save_final_weights(args, accelerator, gen, model, progress) -> dict:
 def run_comparison(args, accelerator, gen, model, reps: Representations):
     """Teacher used naively in one step, teacher with its multi-step sampler, and the student: side-by-side grid
     (``comparison_grid.png``) and FD table (``comparison.md`` / ``comparison.json``) in every training and
-    held-out representation, through :func:`fd_onestep.comparison.compare_generators`."""
+    held-out representation, through :func:`fd_onestep.comparison.compare_generators`.
+
+    Class-conditional: every generator gets the same balanced labels; the tables add adherence (the digit
+    classifier, or ``--classifier``), per-class FD and FJD; the grid has one row per class.
+    ``--write_comparison_samples``: every generator's samples under ``comparison_samples/<generator>/[<label>/]``.
+    """
     from diffusers import DiffusionPipeline
 
     from fd_onestep import comparison
+    from fd_onestep.pipelines.pipeline_fd_onestep import OneStepConditioning
 
     device = accelerator.device
     teacher = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **teacher_load_kwargs(args)).to(device)
     teacher.set_progress_bar_config(disable=True)
+    conditional = gen.is_class_conditional
 
     @torch.no_grad()
-    def student(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def student(batch_size: int, generator: torch.Generator, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         noise = gen.sample_noise(batch_size, generator=generator, device=device)
-        cond = gen.sample_conditioning(batch_size, generator=generator, device=device)
+        if class_labels is not None:  # the comparison's labels (the noise stream stays the teacher's)
+            cond = OneStepConditioning(class_labels=class_labels.to(device))
+        else:
+            cond = gen.sample_conditioning(batch_size, generator=generator, device=device)
         return generate_images(accelerator, gen, model, noise, cond)
 
+    naive = "teacher, 1 step (naive)"
+    multistep = f"teacher, {args.teacher_sampler} {args.teacher_num_inference_steps} steps"
     generators = {
-        "teacher, 1 step (naive)": comparison.naive_one_step_teacher(teacher),
-        f"teacher, {args.teacher_sampler} {args.teacher_num_inference_steps} steps":
-            comparison.teacher_sampler(teacher, args.teacher_num_inference_steps, args.teacher_sampler),
+        naive: comparison.naive_one_step_teacher(teacher),
+        multistep: comparison.teacher_sampler(teacher, args.teacher_num_inference_steps, args.teacher_sampler,
+                                              null_class_label=gen.pipeline.config.null_class_label),
         "student, 1 step (FD-loss)": student,
     }
+    folders = {naive: "teacher_naive", multistep: "teacher_multistep", "student, 1 step (FD-loss)": "student"}
     classifier = None
-    if args.embedded_default:
+    if args.embedded_default or args.classifier:
         from fd_onestep import digits
 
-        classifier = digits.load_digit_classifier(device=device)
+        spec = args.classifier or "digits"
+        classifier = digits.load_digit_classifier(None if spec == "digits" else spec, device=device)
     return comparison.compare_generators(
         generators,
         reps.all_encoders,
@@ -1285,6 +1491,10 @@ def run_comparison(args, accelerator, gen, model, reps: Representations):
         classifier=classifier,
         batch_size=args.sample_batch_size,
         seed=args.seed,
+        num_classes=gen.num_classes if conditional else None,
+        class_references=reps.class_references if conditional else None,
+        classifier_name=(args.classifier or "digits") if conditional and classifier is not None else None,
+        sample_folders=folders if args.write_comparison_samples else None,
     )
 
 
@@ -1335,7 +1545,8 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
     license_info = teacher_license(base, hub_id=base_id, revision=args.revision, cache_dir=args.cache_dir,
                                    local_files_only=args.local_files_only)
     if args.embedded_default and not args.use_lora:
-        base = "fd_onestep bundled digits teacher (fd_onestep/assets/digits/teacher)"
+        base = (f"fd_onestep bundled {'class-conditional ' if pipe.is_class_conditional else ''}digits teacher "
+                f"(fd_onestep/assets/digits/{Path(args.pretrained_model_name_or_path).name})")
     one_step_settings = None
     if args.use_lora:  # what the LoRA's snippet must rebuild: the base with the run's one-step settings
         info = lora_base_info(args, pipe)
@@ -1374,7 +1585,7 @@ def main(args) -> dict:
     # The one-step generator from the teacher, the encoders with their reference statistics, the FD-loss.
     pipe = build_one_step_pipeline(args)
     reps = build_representations(args, device)
-    prompts, class_histogram = load_conditioning(args, pipe, reps.references)
+    prompts, class_histogram = load_conditioning(args, pipe, reps)
     gen, trainable = build_generator(args, pipe, reps, prompts, class_histogram, device, weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps, device)
     optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
