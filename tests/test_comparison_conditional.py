@@ -341,3 +341,34 @@ def test_seed_spread_of_conditional_generators_has_adherence_and_per_class_fd(tm
     again = seed_spread(generators, encoders, references, seeds=[0, 1], num_samples=12,
                         known_reports=[marked, unconditional], **settings)
     assert again["conditioning"]["follower"]["adherence"]["values"] == [0.25, 1.0]
+
+
+def _run_report(seed, student_pcfd, teacher_pcfd, adherence):
+    rep = {"held_out": True, "encoder_id": "e", "feature_dim": 2, "validation_fd": None}
+    def gen(pcfd, adh):
+        return {"fd": {"px": 2 * pcfd}, "adherence": adh,
+                "conditioning": {"px": {"per_class_fd": pcfd, "fjd": pcfd / 2, "class_fd": {}}}}
+    return {"num_samples": 100, "seed": seed, "num_classes": 3, "conditioning_representations": ["px"],
+            "representations": {"px": rep, "train": {**rep, "held_out": False}},
+            "generators": {"student": gen(student_pcfd, adherence), "teacher": gen(teacher_pcfd, 0.9)}}
+
+
+def test_training_runs_table_gives_mean_and_std_over_runs_and_per_run_ratios_to_the_baseline(tmp_path):
+    from fd_onestep.comparison.__main__ import main
+    from fd_onestep.comparison.report import format_training_runs_table
+
+    joint = [_run_report(0, 1.0, 2.0, 0.99), _run_report(1, 3.0, 2.0, 0.97)]
+    table = format_training_runs_table({"joint": joint}, "student", "teacher")
+    header = ("| generator | runs | adherence (%) | FD px | per-class FD px | per-class FD px / baseline | FJD px |")
+    assert header in table  # held-out representations only
+    # per-class FD 1 and 3 (mean 2, std 1.414), ratios 0.5 and 1.5 to the same run's teacher (mean 1, std 0.707)
+    assert "| student, joint | 2 | 98.0 ± 1.4 | 4.000 ± 2.828 | 2.000 ± 1.414 | 1.000 ± 0.707 | 1.000 ± 0.707 |" in table
+    assert "| teacher | 2 | 90.0 ± 0.0 | 4.000 ± 0 | 2.000 ± 0 | 1.000 ± 0 | 1.000 ± 0 |" in table
+    with pytest.raises(ValueError, match="has no generator"):
+        format_training_runs_table({"joint": joint}, "student", "nobody")
+    for seed, report in enumerate(joint):  # the command line reads the runs' comparison.json
+        (tmp_path / f"run{seed}").mkdir()
+        (tmp_path / f"run{seed}" / "comparison.json").write_text(json.dumps(report))
+    main(["--output_dir", str(tmp_path / "summary"), "--student", "student", "--baseline", "teacher",
+          "--summarize", f"joint={tmp_path / 'run0'},{tmp_path / 'run1'}"])
+    assert (tmp_path / "summary" / "training_runs.md").read_text() == table

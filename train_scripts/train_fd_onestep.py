@@ -1531,6 +1531,9 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         "FD population": {"ema": f"EMA, beta {args.fd_ema_beta}", "queue": f"queue of {args.fd_queue_size} samples",
                           "exact": f"exact two-pass, {args.fd_micro_batches} micro-batches"}[args.fd_population]
                          + (f", warm start from {args.fd_warmup_samples} samples" if args.fd_warmup_samples else ""),
+        **({"FD-loss": "joint: [features, alpha * one_hot(label)], alpha = "
+                       f"{args.fd_label_scale:g} x the reference's trace-matching scale" if args.fd_condition == "joint"
+                       else "marginal (features only)"} if pipe.is_class_conditional else {}),
         "one-step timestep": pipe.config.timestep,
         "parameterization": pipe.config.prediction_type,
         "output bound": pipe.config.output_bound or "none",

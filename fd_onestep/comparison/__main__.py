@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .digits_baselines import digits_teacher_baselines
-from .report import SPREAD_TABLE_FILENAME, TABLE_FILENAME
+from .report import JSON_FILENAME, RUNS_TABLE_FILENAME, SPREAD_TABLE_FILENAME, TABLE_FILENAME, format_training_runs_table
 
 
 def _student_arg(item: str) -> tuple[str, str]:
@@ -38,7 +38,28 @@ def main(argv=None):
         "--spread_seeds", type=int, nargs="*", default=[], metavar="SEED",
         help="repeat the FDs over these seeds (two or more) and write seed_spread.md / .json (mean ± std)",
     )
+    parser.add_argument(
+        "--summarize", nargs="*", default=[], metavar="NAME=DIR[,DIR...]",
+        help="instead of sampling: summarize training runs (each DIR a train_fd_onestep.py output folder with its "
+             "comparison.json, one per training seed) as mean ± std per group, into OUTPUT_DIR/training_runs.md",
+    )
+    parser.add_argument("--student", default="student, 1 step (FD-loss)", help="--summarize: the student's name")
+    parser.add_argument("--baseline", default="teacher, dpmsolver++ 20 steps", help="--summarize: the baseline's name")
     args = parser.parse_args(argv)
+    if args.summarize:
+        import json
+
+        groups = {}
+        for item in args.summarize:
+            name, sep, dirs = item.partition("=")
+            if not sep or not name or not dirs:
+                parser.error(f"--summarize takes NAME=DIR[,DIR...], got {item!r}")
+            groups[name] = [json.loads(Path(d, JSON_FILENAME).read_text()) for d in dirs.split(",")]
+        table = format_training_runs_table(groups, args.student, args.baseline)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir, RUNS_TABLE_FILENAME).write_text(table)
+        print(table)
+        return
     extra = []
     for item in args.extra:
         name, _, steps = item.partition(":")

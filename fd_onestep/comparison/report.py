@@ -19,6 +19,7 @@ __all__ = [
     "save_comparison_grid",
     "format_markdown_table",
     "format_seed_spread_table",
+    "format_training_runs_table",
     "write_report",
 ]
 
@@ -27,6 +28,7 @@ TABLE_FILENAME = "comparison.md"
 JSON_FILENAME = "comparison.json"
 SPREAD_TABLE_FILENAME = "seed_spread.md"
 SPREAD_JSON_FILENAME = "seed_spread.json"
+RUNS_TABLE_FILENAME = "training_runs.md"
 # output_dir/comparison_samples/<generator folder>/[<label>/]<index:06d>.png
 SAMPLES_DIRNAME = "comparison_samples"
 
@@ -215,6 +217,73 @@ def format_seed_spread_table(report: dict) -> str:
 
 def _fmt_spread(stat: dict) -> str:
     return f"{_fmt(stat['mean'])} ± {_fmt(stat['std'])}"
+
+
+def _mean_std(values, fmt=_fmt) -> str:
+    """``mean ± std`` (n - 1) of the values, the value alone for one, "–" for none."""
+    values = [float(v) for v in values]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt(values[0])
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{fmt(float(t.mean()))} ± {fmt(float(t.std()))}"
+
+
+def format_training_runs_table(groups: Mapping[str, list], student: str, baseline: str) -> str:
+    """Markdown: a student trained several times (one ``compare_generators`` report per training seed, in
+    each group, e.g. ``{"joint FD-loss": [...], "marginal FD-loss": [...]}``) against a baseline generator of
+    the same reports (e.g. the teacher's multi-step sampler), as mean ± standard deviation over the runs.
+
+    Columns, for every held-out representation: FD, and (class-conditional reports) per-class FD, its ratio to
+    the baseline's of the same report (the same seed), and FJD; adherence first. The baseline's row comes from
+    the first group. Every report must hold both generators.
+    """
+    if not groups or not all(groups.values()):
+        raise ValueError("pass at least one group with at least one comparison report.")
+    for name, reports in groups.items():
+        for r in reports:
+            missing = {student, baseline} - set(r["generators"])
+            if missing:
+                raise ValueError(f"a report of group {name!r} (seed {r.get('seed')}) has no generator {sorted(missing)}.")
+    first = next(iter(groups.values()))[0]
+    held_out = [rep for rep, info in first["representations"].items() if info["held_out"]]
+    conditional = "num_classes" in first
+    cond_reps = [rep for rep in held_out if rep in first.get("conditioning_representations", [])]
+    header = ["generator", "runs"] + (["adherence (%)"] if conditional else [])
+    for rep in held_out:
+        header.append(f"FD {rep}")
+        if rep in cond_reps:
+            header += [f"per-class FD {rep}", f"per-class FD {rep} / baseline", f"FJD {rep}"]
+
+    def row(label: str, reports: list, gname: str) -> str:
+        cells = [label, str(len(reports))]
+        results = [r["generators"][gname] for r in reports]
+        if conditional:
+            cells.append(_mean_std([100 * x["adherence"] for x in results if x.get("adherence") is not None],
+                                   fmt=lambda v: f"{v:.1f}"))
+        for rep in held_out:
+            cells.append(_mean_std([x["fd"][rep] for x in results]))
+            if rep in cond_reps:
+                cells.append(_mean_std([x["conditioning"][rep]["per_class_fd"] for x in results]))
+                cells.append(_mean_std([x["conditioning"][rep]["per_class_fd"]
+                                        / r["generators"][baseline]["conditioning"][rep]["per_class_fd"]
+                                        for x, r in zip(results, reports)]))
+                cells.append(_mean_std([x["conditioning"][rep]["fjd"] for x in results]))
+        return "| " + " | ".join(cells) + " |"
+
+    seeds = sorted({r["seed"] for reports in groups.values() for r in reports})
+    lines = [
+        f"Held-out representations, {first['num_samples']} samples per generator and run; mean ± standard "
+        f"deviation over training runs (seeds {', '.join(map(str, seeds))}): the spread includes training noise. "
+        f"Ratios are to the baseline ({baseline}) of the same run's comparison.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        row(baseline, next(iter(groups.values())), baseline),
+    ]
+    lines += [row(f"{student}, {name}", reports, student) for name, reports in groups.items()]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, output_dir, markdown: str, table_filename: str, json_filename: str) -> Path:
