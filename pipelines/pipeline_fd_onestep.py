@@ -1024,6 +1024,68 @@ class FDOneStepPipeline(DiffusionPipeline):
             return (image,)
         return ImagePipelineOutput(images=image)
 
+    # ------------------------------------------------------------------ the stock pipelines' one step
+    def stock_one_step(self) -> dict:
+        """How the teacher's stock diffusers pipeline takes exactly this one step (the LCM-LoRA / TCD recipe).
+
+        Returns ``{"scheduler": <scheduler>, "call_kwargs": {...}}``: set ``stock_pipe.scheduler`` to the
+        scheduler (after loading the LoRA, if any) and call ``stock_pipe(prompt, **call_kwargs)`` with the same
+        noise as ``latents=`` to get this pipeline's images (to float32 round-off). The stock pipelines:
+        ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``DDPMPipeline``.
+
+        - DDPM-style teachers: ``DDIMScheduler`` from the teacher's config with ``timestep_spacing="leading"``,
+          ``steps_offset = timestep`` (its one timestep is then this pipeline's), ``set_alpha_to_one=True``,
+          ``clip_sample=False`` and ``thresholding=False``, so that with ``eta = 0`` the step to "t = -1" returns
+          the clean-sample estimate itself; ``num_inference_steps=1``.
+        - Flow matching: the teacher's ``FlowMatchEulerDiscreteScheduler``: one Euler step from sigma to 0 is
+          ``x - sigma * v``; ``sigmas=[timestep / N]`` (shifted by the scheduler, as here) when the timestep is
+          not the top one.
+        - Prompts: SD3 and Flux with this pipeline's ``max_sequence_length`` (T5 tokens).
+        - Guidance: ``guidance_scale`` (SD, SD3: the stock pipelines' classifier-free guidance against the empty
+          negative prompt, as here; guidance-distilled Flux: its guidance embedding); Flux without a guidance
+          embedding: ``true_cfg_scale`` with ``negative_prompt=""``.
+
+        Raises ValueError for what the stock pipelines cannot reproduce: ``output_bound="tanh"`` (they clamp,
+        which is ``"clamp"`` or no bound), class-conditional models (no stock pipeline samples a class-conditional
+        UNet2DModel; DiTPipeline decodes its own way).
+        """
+        from diffusers import DDIMScheduler
+
+        if self.config.output_bound == "tanh":
+            raise ValueError(
+                "output_bound='tanh' has no stock equivalent: the stock pipelines clamp the decoded image to [-1, 1] "
+                "(output_bound 'clamp' or None give the same images); train with --output_bound clamp to ship a "
+                "LoRA for the stock pipeline."
+            )
+        if self.is_class_conditional:
+            raise ValueError(f"no stock diffusers pipeline takes the one step of a class-conditional {self.family!r} "
+                             "model the same way; use FDOneStepPipeline.")
+        g = float(self.config.guidance_scale)
+        kwargs = {"num_inference_steps": 1}
+        if self.is_latent:  # the image size this pipeline generates (the stock default may differ)
+            kwargs["height"] = kwargs["width"] = int(self.config.sample_size) * self.vae_scale_factor
+        level = self.noise_level()
+        if level["kind"] == "flow":
+            scheduler = self.scheduler
+            n = int(self.scheduler.config.num_train_timesteps)
+            if self.config.timestep != n:
+                kwargs["sigmas"] = [self.config.timestep / n]
+            kwargs["max_sequence_length"] = int(self.config.max_sequence_length)  # the T5 prompt length used here
+            if self.family == "flux" and not self.transformer.config.guidance_embeds:
+                if g > 1:
+                    kwargs.update(true_cfg_scale=g, negative_prompt="")
+            else:
+                kwargs["guidance_scale"] = g
+        else:
+            scheduler = DDIMScheduler.from_config(
+                self.scheduler.config, timestep_spacing="leading", steps_offset=int(self.config.timestep),
+                set_alpha_to_one=True, clip_sample=False, thresholding=False,
+                prediction_type=self.config.prediction_type,
+            )
+            if self.is_text_conditional:
+                kwargs["guidance_scale"] = g
+        return {"scheduler": scheduler, "call_kwargs": kwargs}
+
     # ------------------------------------------------------------------ building and saving
     @classmethod
     def from_teacher(
