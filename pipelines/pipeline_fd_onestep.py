@@ -1028,7 +1028,9 @@ class FDOneStepPipeline(DiffusionPipeline):
     def stock_one_step(self) -> dict:
         """How the teacher's stock diffusers pipeline takes exactly this one step (the LCM-LoRA / TCD recipe).
 
-        Returns ``{"scheduler": <scheduler>, "call_kwargs": {...}}``: set ``stock_pipe.scheduler`` to the
+        Returns ``{"pipeline": <stock class name>, "scheduler": <scheduler>, "scheduler_overrides": {...},
+        "call_kwargs": {...}}`` (the scheduler is ``type(scheduler).from_config(teacher's config,
+        **scheduler_overrides)``; no overrides: the teacher's own): set ``stock_pipe.scheduler`` to the
         scheduler (after loading the LoRA, if any) and call ``stock_pipe(prompt, **call_kwargs)`` with the same
         noise as ``latents=`` to get this pipeline's images (to float32 round-off). The stock pipelines:
         ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``DDPMPipeline``.
@@ -1061,12 +1063,16 @@ class FDOneStepPipeline(DiffusionPipeline):
             raise ValueError(f"no stock diffusers pipeline takes the one step of a class-conditional {self.family!r} "
                              "model the same way; use FDOneStepPipeline.")
         g = float(self.config.guidance_scale)
+        stock = {"unet2d": "DDPMPipeline", "sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline",
+                 "flux": "FluxPipeline"}.get(self.family)
+        if stock is None:
+            raise ValueError(f"no stock diffusers pipeline is known to take the one step of the {self.family!r} family.")
         kwargs = {"num_inference_steps": 1}
         if self.is_latent:  # the image size this pipeline generates (the stock default may differ)
             kwargs["height"] = kwargs["width"] = int(self.config.sample_size) * self.vae_scale_factor
         level = self.noise_level()
         if level["kind"] == "flow":
-            scheduler = self.scheduler
+            scheduler, overrides = self.scheduler, {}
             n = int(self.scheduler.config.num_train_timesteps)
             if self.config.timestep != n:
                 kwargs["sigmas"] = [self.config.timestep / n]
@@ -1077,14 +1083,13 @@ class FDOneStepPipeline(DiffusionPipeline):
             else:
                 kwargs["guidance_scale"] = g
         else:
-            scheduler = DDIMScheduler.from_config(
-                self.scheduler.config, timestep_spacing="leading", steps_offset=int(self.config.timestep),
-                set_alpha_to_one=True, clip_sample=False, thresholding=False,
-                prediction_type=self.config.prediction_type,
-            )
+            overrides = {"timestep_spacing": "leading", "steps_offset": int(self.config.timestep),
+                         "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
+                         "prediction_type": self.config.prediction_type}
+            scheduler = DDIMScheduler.from_config(self.scheduler.config, **overrides)
             if self.is_text_conditional:
                 kwargs["guidance_scale"] = g
-        return {"scheduler": scheduler, "call_kwargs": kwargs}
+        return {"pipeline": stock, "scheduler": scheduler, "scheduler_overrides": overrides, "call_kwargs": kwargs}
 
     # ------------------------------------------------------------------ building and saving
     @classmethod

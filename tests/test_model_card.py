@@ -197,6 +197,35 @@ def test_lora_card_snippet_rebuilds_the_generator_the_lora_was_trained_on(teache
     assert (other - expected).abs().max() > 1e-2  # what today's snippet built
 
 
+def test_text_lora_card_shows_the_stock_pipeline_recipe_and_it_takes_the_same_one_step(tmp_path):
+    """A Stable Diffusion LoRA card has a second snippet without fd-onestep: stock StableDiffusionPipeline, the
+    LoRA, a DDIM scheduler set up by stock_one_step(); run as written it gives FDOneStepPipeline's images."""
+    from test_lora_fd_onestep import trained_lora
+    from test_pipeline_tiny_models import TEACHERS
+
+    from fd_onestep import FDOneStepPipeline
+
+    torch.manual_seed(0)
+    TEACHERS["sd"]().save_pretrained(tmp_path / "sd")
+    settings = {"timestep": 500, "output_bound": "clamp", "guidance_scale": 2.0}
+    pipe = FDOneStepPipeline.from_teacher(tmp_path / "sd", **settings)
+    trained_lora(pipe)
+    pipe.save_lora(tmp_path / "lora")
+    recipe = pipe.stock_one_step()
+    card_recipe = {"pipeline": recipe["pipeline"], "scheduler": type(recipe["scheduler"]).__name__,
+                   "scheduler_overrides": recipe["scheduler_overrides"], "call_kwargs": recipe["call_kwargs"]}
+    text = str(_card(lora=True, base_model=str(tmp_path / "sd"), model_family="sd", conditioning="text",
+                     repo_id=str(tmp_path / "lora"), one_step_settings=settings, stock_recipe=card_recipe))
+    blocks = _python_blocks(text)
+    assert len(blocks) == 2 and "StableDiffusionPipeline.from_pretrained" in blocks[1]
+    assert "DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing='leading', steps_offset=500" in blocks[1]
+    stock = _run(blocks[1])["pipe"]
+    stock.set_progress_bar_config(disable=True)
+    expected = pipe("a cab", generator=torch.Generator().manual_seed(3), output_type="pt").images
+    got = stock("a cab", generator=torch.Generator().manual_seed(3), output_type="pt", **recipe["call_kwargs"]).images
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
 # ------------------------------------------------------------------- license and base model from the teacher
 def _write_card(folder: Path, **metadata) -> None:
     folder.mkdir(parents=True, exist_ok=True)

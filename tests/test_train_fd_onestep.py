@@ -204,6 +204,22 @@ def test_stable_diffusion_lora_with_prompts_file_loads_into_stock_pipeline_too(a
     stock = StableDiffusionPipeline.from_pretrained(assets["teachers"]["sd"], safety_checker=None)
     stock.load_lora_weights(out)  # diffusers' own loader reads the same file
     assert any("lora" in n for n, _ in stock.unet.named_parameters())
+    # fd_onestep_lora.json (and the model card) say how the stock pipeline takes the same one step
+    import diffusers
+
+    info = json.loads((out / "fd_onestep_lora.json").read_text())
+    recipe = info["stock_pipeline"]
+    assert recipe["pipeline"] == "StableDiffusionPipeline" and recipe["scheduler"] == "DDIMScheduler"
+    assert "steps_offset=" in (out / "README.md").read_text()
+    stock.scheduler = getattr(diffusers, recipe["scheduler"]).from_config(stock.scheduler.config,
+                                                                         **recipe["scheduler_overrides"])
+    stock.set_progress_bar_config(disable=True)
+    trained = FDOneStepPipeline.from_teacher(info["base_model"], **info["one_step_settings"])
+    trained.load_lora_weights(out)
+    expected = trained(["a red square"], generator=torch.Generator().manual_seed(2), output_type="pt").images
+    got = stock(["a red square"], generator=torch.Generator().manual_seed(2), output_type="pt",
+                **recipe["call_kwargs"]).images
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
 def test_sd3_flow_family_with_dataset_caption_column(assets, tmp_path):

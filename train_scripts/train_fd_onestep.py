@@ -1301,8 +1301,19 @@ def keep_metric(args, fds, train_names) -> float:
     return fds[args.keep_best_by]["fresh_fd"]
 
 
+def stock_recipe_of(pipe) -> dict | None:
+    """The stock diffusers pipeline's one step equal to ``pipe``'s (``stock_one_step``), JSON-able; None where
+    there is none (tanh output bound, class-conditional models, DiT)."""
+    try:
+        recipe = pipe.stock_one_step()
+    except ValueError:
+        return None
+    return {"pipeline": recipe["pipeline"], "scheduler": type(recipe["scheduler"]).__name__,
+            "scheduler_overrides": recipe["scheduler_overrides"], "call_kwargs": recipe["call_kwargs"]}
+
+
 def lora_base_info(args, pipe) -> dict:
-    return {
+    info = {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
         "variant": args.variant,
@@ -1310,6 +1321,10 @@ def lora_base_info(args, pipe) -> dict:
                                                           "output_bound", "sample_size")},
         "how_to_load": "FDOneStepPipeline.from_teacher(base_model, **one_step_settings).load_lora_weights(dir)",
     }
+    recipe = stock_recipe_of(pipe) if pipe.is_text_conditional else None
+    if recipe is not None:  # the LCM-LoRA / TCD way: the stock pipeline with a one-step scheduler
+        info["stock_pipeline"] = recipe
+    return info
 
 
 def save_weights(args, gen, model, folder: Path) -> None:
@@ -1550,11 +1565,12 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
     if args.embedded_default and not args.use_lora:
         base = (f"fd_onestep bundled {'class-conditional ' if pipe.is_class_conditional else ''}digits teacher "
                 f"(fd_onestep/assets/digits/{Path(args.pretrained_model_name_or_path).name})")
-    one_step_settings = None
+    one_step_settings = stock_recipe = None
     if args.use_lora:  # what the LoRA's snippet must rebuild: the base with the run's one-step settings
         info = lora_base_info(args, pipe)
         one_step_settings = {**{k: info[k] for k in ("revision", "variant") if info[k] is not None},
                              **info["one_step_settings"]}
+        stock_recipe = info.get("stock_pipeline")
     conditioning = "text" if pipe.is_text_conditional else "class" if pipe.is_class_conditional else "unconditional"
     grid = "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None
     from fd_onestep.comparison.report import GRID_FILENAME, TABLE_FILENAME
@@ -1567,7 +1583,7 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         eval_encoders=describe(reps.eval_encoders, reps.eval_references, args.eval_reference_stats),
         training=training, final_fds=final_fds, sample_grid=grid, repo_id=repo_id or str(output_dir),
         lora=args.use_lora, conditioning=conditioning, one_step_settings=one_step_settings,
-        comparison_grid=comparison_grid, comparison_table=comparison_table, **license_info,
+        comparison_grid=comparison_grid, comparison_table=comparison_table, stock_recipe=stock_recipe, **license_info,
     )
     card.save(str(output_dir / "README.md"))
     return card

@@ -43,6 +43,7 @@ def render_model_card(
     one_step_settings: Mapping[str, Any] | None = None,
     comparison_grid: str | None = None,
     comparison_table: str | None = None,
+    stock_recipe: Mapping[str, Any] | None = None,
 ):
     """Render ``model_card_template.md`` into a ``huggingface_hub.ModelCard``.
 
@@ -58,7 +59,9 @@ def render_model_card(
     ``encoder``, ``population_fd`` (or None), ``fresh_fd``, ``fd_r`` (or None), ``in_loss`` (bool).
     ``training``: steps, global batch, processes, learning rate, schedule, population mode, ... (rendered
     as a table). ``sample_grid`` / ``comparison_grid``: image paths relative to the card; ``comparison_table``:
-    the markdown of the run's ``comparison.md``. Raises ``ValueError`` if a template placeholder is left over
+    the markdown of the run's ``comparison.md``. ``stock_recipe``: a LoRA's stock-pipeline one step
+    (``FDOneStepPipeline.stock_one_step()``'s ``pipeline``, the scheduler's class name as ``scheduler``,
+    ``scheduler_overrides`` and ``call_kwargs``), shown as a snippet without fd-onestep. Raises ``ValueError`` if a template placeholder is left over
     (see :func:`check_model_card`).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -108,13 +111,23 @@ def render_model_card(
         comparison_table=(comparison_table or "").strip() or None,
         repo_id=repo_id,
         lora=lora,
-        one_step_kwargs=", ".join(f"{k}={v!r}" for k, v in (one_step_settings or {}).items()),
+        one_step_kwargs=_keywords(one_step_settings or {}),
         pipeline_module=PIPELINE_FILE_NAME.removesuffix(".py"),
         conditioning=conditioning,
         example_call=example_call,
+        stock_recipe=None if not stock_recipe else {
+            "pipeline": stock_recipe["pipeline"], "scheduler": stock_recipe["scheduler"],
+            "overrides": _keywords(stock_recipe.get("scheduler_overrides") or {}),
+            "call_kwargs": _keywords(stock_recipe["call_kwargs"]),
+        },
     )
     check_model_card(card)
     return card
+
+
+def _keywords(values: Mapping[str, Any]) -> str:
+    """``{"a": 1, "b": "x"}`` -> ``a=1, b='x'``: keyword arguments as Python source."""
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
 
 
 def _looks_like_hub_id(name: str | None) -> bool:
