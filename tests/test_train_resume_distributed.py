@@ -85,10 +85,11 @@ def test_resume_from_a_checkpoint_that_does_not_exist_is_an_early_error(assets, 
     assert proc.returncode != 0 and "no such checkpoint folder" in proc.stderr
 
 
-def _first_step_grad(assets, out, processes, batch, population):
+def _first_step_grad(assets, out, processes, batch, population, condition="marginal"):
     dump = out / "grad.safetensors"
+    teacher = assets["teachers"]["unet2d_class" if condition == "joint" else "unet2d"]
     run_script([
-        "--pretrained_model_name_or_path", assets["teachers"]["unet2d"], *encoder_args(assets), *FAST_ARGS,
+        "--pretrained_model_name_or_path", teacher, *encoder_args(assets), *FAST_ARGS, "--fd_condition", condition,
         "--output_dir", str(out), "--max_train_steps", "1", "--train_batch_size", str(batch),
         "--fd_population", population, "--fd_micro_batches", "2", "--fd_warmup_samples", "24",
         "--num_validation_samples", "0", "--num_validation_images", "0",
@@ -102,10 +103,12 @@ def _first_step_grad(assets, out, processes, batch, population):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("population", ["ema", "exact"])
-def test_two_processes_give_the_single_process_gradient_of_the_same_global_batch(assets, tmp_path, population):
-    one = _first_step_grad(assets, tmp_path / "one", processes=1, batch=8, population=population)
-    two = _first_step_grad(assets, tmp_path / "two", processes=2, batch=4, population=population)
+@pytest.mark.parametrize("population,condition", [("ema", "marginal"), ("exact", "marginal"), ("exact", "joint")])
+def test_two_processes_give_the_single_process_gradient_of_the_same_global_batch(assets, tmp_path, population,
+                                                                                 condition):
+    """Also for the joint FD-loss of a class-conditional teacher: every process's rows carry their own labels."""
+    one = _first_step_grad(assets, tmp_path / "one", processes=1, batch=8, population=population, condition=condition)
+    two = _first_step_grad(assets, tmp_path / "two", processes=2, batch=4, population=population, condition=condition)
     assert one.keys() == two.keys() and len(one) > 10
     flat_one = torch.cat([one[k].double().flatten() for k in sorted(one)])
     flat_two = torch.cat([two[k].double().flatten() for k in sorted(one)])

@@ -150,6 +150,7 @@ def build_encoders_and_stats(root: Path) -> dict:
     """Tiny DINOv2 + SigLIP (+ a held-out tiny SigLIP) saved locally, and ReferenceStats for each."""
     from fd_onestep.encoders import load_encoder
     from fd_onestep.encoders.testing import save_tiny_dinov2, save_tiny_siglip
+    from fd_onestep.conditioning_metrics import ClassConditionalMoments, ClassConditionalStats
     from fd_onestep.reference_stats import ReferenceStats
 
     folders = {
@@ -169,6 +170,11 @@ def build_encoders_and_stats(root: Path) -> dict:
         stats.validation_fd = val_fd
         path = root / f"{name}.safetensors"
         stats.save(path)
+        # per-class statistics next to it (labels i % 10): the joint FD-loss and per-class FD find them there
+        labels = torch.arange(train_images.shape[0]) % 10
+        class_stats = ClassConditionalStats.from_moments(
+            ClassConditionalMoments(encoder.feature_dim, 10).update(feats, labels), encoder_id=encoder.encoder_id)
+        class_stats.save(root / f"{name}.classes.safetensors")
         out["encoders"][name] = str(folder)
         out["stats"][name] = str(path)
     return out
