@@ -110,7 +110,7 @@ def stats_path(name: str) -> Path:
     """ReferenceStats file (safetensors) of a bundled digits encoder on the digits train split."""
     path = STATS_DIR / f"{name}.safetensors"
     if not path.is_file():
-        known = sorted(p.stem for p in STATS_DIR.glob("*.safetensors")) if STATS_DIR.is_dir() else []
+        known = sorted(p.stem for p in STATS_DIR.glob("*.safetensors") if "." not in p.stem) if STATS_DIR.is_dir() else []
         raise FileNotFoundError(
             f"no bundled digits reference statistics for {name!r} ({path}); known: {known}. "
             "Use one of those names, or recompute them with train_scripts/train_digits_encoders.py --stats_only."
