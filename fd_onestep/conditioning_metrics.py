@@ -33,7 +33,7 @@ generated and the reference joint vectors use the same one. Units: ``alpha`` is 
 one-hot is unitless), FJD in squared feature units, like FD.
 
 Memory: the per-class moments hold ``num_classes * d^2`` float64 numbers (10 digits at d = 256: 5 MB;
-ImageNet's 1,000 classes at Inception's d = 2048: 34 GB).
+ImageNet's 1,000 classes at Inception's d = 2048: 34 GB); files store the upper triangles, half of that.
 """
 
 from __future__ import annotations
@@ -374,13 +374,18 @@ class ClassConditionalStats:
         ReferenceStats.check_compatible(self, encoder_id, feature_dim)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file: tensors ``class_counts``, ``class_sum``, ``class_sum_outer``; metadata strings."""
+        """Write a safetensors file: tensors ``class_counts`` (C,), ``class_sum`` (C, d) and
+        ``class_sum_outer_triu`` (C, d (d + 1) / 2: the upper triangles of the symmetric per-class
+        ``sum z z^T``, row-major as ``torch.triu_indices``; half the bytes, the same numbers); metadata strings."""
         from safetensors.torch import save
 
+        state = self.moments.state_dict()
+        rows, cols = torch.triu_indices(self.feature_dim, self.feature_dim)
+        state["class_sum_outer_triu"] = state.pop("class_sum_outer")[:, rows, cols].contiguous()
         meta = dict(self.metadata)
         meta.update(format=_FORMAT, num_classes=str(self.num_classes), feature_dim=str(self.feature_dim),
                     alpha=repr(self.alpha), class_counts=json.dumps(self.class_counts.tolist()))
-        write_file_atomically(Path(path), save(self.moments.state_dict(), metadata=meta))
+        write_file_atomically(Path(path), save(state, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassConditionalStats":
@@ -396,7 +401,17 @@ class ClassConditionalStats:
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{str(path)!r} is not a class statistics file (format {meta.get('format')!r}); "
                                  "pass the <encoder>.classes.safetensors written by `fd-onestep stats --label_column`.")
-            state = {k: f.get_tensor(k) for k in ("class_counts", "class_sum", "class_sum_outer")}
+            state = {k: f.get_tensor(k) for k in ("class_counts", "class_sum")}
+            if "class_sum_outer_triu" in f.keys():  # the packed upper triangles (see save)
+                packed = f.get_tensor("class_sum_outer_triu")
+                d = state["class_sum"].shape[1]
+                rows, cols = torch.triu_indices(d, d)
+                full = torch.zeros(packed.shape[0], d, d, dtype=packed.dtype)
+                full[:, rows, cols] = packed
+                full[:, cols, rows] = packed
+                state["class_sum_outer"] = full
+            else:  # files written before the packing
+                state["class_sum_outer"] = f.get_tensor("class_sum_outer")
         alpha = float(meta.pop("alpha"))
         for key in ("format", "num_classes", "feature_dim", "class_counts"):
             meta.pop(key, None)

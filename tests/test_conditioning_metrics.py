@@ -343,3 +343,18 @@ def test_labeled_shards_of_two_processes_sum_to_the_moments_of_one(labeled_datas
         assert summed.class_counts.tolist() == whole.class_counts.tolist()
         for mine, theirs in zip(summed.classes, whole.classes):
             assert torch.allclose(mine.sum_outer, theirs.sum_outer, rtol=0, atol=1e-10)
+
+
+def test_class_statistics_files_store_the_symmetric_second_moments_packed_and_load_them_back_exactly(tmp_path):
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.arange(60) % 3
+    stats = ClassConditionalStats.from_moments(ClassConditionalMoments(5, 3).update(features, labels), encoder_id="e")
+    stats.save(tmp_path / "e.classes.safetensors")
+    with safe_open(str(tmp_path / "e.classes.safetensors"), "pt") as f:
+        assert f.get_tensor("class_sum_outer_triu").shape == (3, 15)  # d (d + 1) / 2 per class
+        assert "class_sum_outer" not in f.keys()
+    back = ClassConditionalStats.load(tmp_path / "e.classes.safetensors")
+    for key, value in stats.moments.state_dict().items():
+        assert torch.equal(back.moments.state_dict()[key], value), key

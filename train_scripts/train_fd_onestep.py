@@ -1159,8 +1159,16 @@ def fresh_sample_fds(args, accelerator, gen, model, reps: Representations, total
         fd = float(all_references[name].frechet_distance(m.mean, m.covariance()))
         vfd = all_references[name].validation_fd
         out[name] = {"fresh_fd": fd, "fd_r": (fd / vfd) if vfd else None, "in_loss": name in reps.encoders}
-    for name, cm in class_moments.items():
+    for cm in class_moments.values():
         cm.all_reduce()
+    counts = next(iter(class_moments.values())).class_counts if class_moments else None
+    if counts is not None and int(counts[counts > 0].min()) < 2:
+        # too few samples of some requested class for its covariance: no per-class measures this time
+        logger.warning(f"per-class FD and FJD skipped: {int((counts == 1).sum())} class(es) got a single one of the "
+                       f"{total} validation samples; raise --num_validation_samples (>= 2 per class, far more for "
+                       "a meaningful per-class FD).")
+        class_moments = {}
+    for name, cm in class_moments.items():
         class_ref = reps.class_references[name]
         distances = per_class_frechet_distances(cm, class_ref)
         out[name]["per_class_fd"] = sum(distances.values()) / len(distances)
