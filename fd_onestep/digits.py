@@ -34,6 +34,12 @@ __all__ = [
     "TEACHER_PATH",
     "CLASS_TEACHER_PATH",
     "NULL_CLASS_LABEL",
+    "TEXT_TEACHER_PATH",
+    "DIGIT_WORDS",
+    "TRAINING_PHRASINGS",
+    "HELD_OUT_PHRASINGS",
+    "digit_prompt",
+    "digit_prompts",
     "BUILTIN_ENCODERS",
     "ENCODERS_DIR",
     "STATS_DIR",
@@ -62,6 +68,14 @@ TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher"
 # The class-conditional teacher: UNet2DModel with num_class_embeds = NUM_CLASSES + 1, the last one the null
 # class (the label of dropped conditioning in training), used by classifier-free guidance.
 CLASS_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-class"
+# The text-conditional teacher: a StableDiffusionPipeline (UNet2DConditionModel, a small AutoencoderKL, a small
+# CLIP text encoder and tokenizer) whose prompts name the digit.
+TEXT_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-text"
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# How a prompt names digit c: {word} is DIGIT_WORDS[c], {numeral} is str(c). The held-out phrasings are never
+# trained on; they combine only words that the training phrasings use, in new ways.
+TRAINING_PHRASINGS = ("{word}", "the digit {word}", "a handwritten {word}", "the number {numeral}", "a {numeral}")
+HELD_OUT_PHRASINGS = ("a handwritten digit {word}", "the handwritten number {numeral}")
 ENCODERS_DIR = DIGITS_ASSETS_DIR / "encoders"
 STATS_DIR = DIGITS_ASSETS_DIR / "stats"
 SPLIT_METADATA_PATH = DIGITS_ASSETS_DIR / "split.json"
@@ -130,6 +144,21 @@ def class_stats_path(name: str) -> Path:
             "train_scripts/train_digits_encoders.py --stats_only."
         )
     return path
+
+
+def digit_prompt(label: int, phrasing: str) -> str:
+    """The prompt that names digit ``label`` (0-9) in ``phrasing`` (e.g. "the digit {word}" -> "the digit seven")."""
+    if not 0 <= int(label) < NUM_CLASSES:
+        raise ValueError(f"a digit is 0-9, got {label}.")
+    return phrasing.format(word=DIGIT_WORDS[int(label)], numeral=str(int(label)))
+
+
+def digit_prompts(labels, phrasings=TRAINING_PHRASINGS, generator: torch.Generator | None = None) -> list[str]:
+    """One prompt per label (an int64 tensor or a list of 0-9), each in a phrasing drawn uniformly from
+    ``phrasings`` with ``generator``."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    picks = torch.randint(len(phrasings), (labels.numel(),), generator=generator)
+    return [digit_prompt(int(c), phrasings[int(i)]) for c, i in zip(labels, picks)]
 
 
 @lru_cache(maxsize=1)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from .generators import naive_one_step_teacher, one_step_pipeline, teacher_sampler
+from .generators import naive_one_step_teacher, one_step_pipeline, prompted_pipeline, teacher_sampler
 from .measure import compare_generators, seed_spread
 
-__all__ = ["digits_generators", "digits_teacher_baselines"]
+__all__ = ["digits_generators", "digits_teacher_baselines", "digits_text_generators"]
 
 
 def digits_generators(
@@ -92,3 +92,33 @@ def digits_teacher_baselines(
         seed_spread(generators, encoders, references, seeds=spread_seeds, num_samples=num_samples,
                     output_dir=output_dir, held_out=set(HELD_OUT_ENCODERS), known_reports=[report])
     return report
+
+
+def digits_text_generators(phrasings, *, sampler: str = "dpmsolver++", num_inference_steps: int = 20,
+                           guidance_scale: float = 1.0, device=None) -> dict:
+    """The bundled text-conditional digits teacher (``TEXT_TEACHER_PATH``, a stock ``StableDiffusionPipeline``)
+    as class-conditional generators whose prompts name the requested digit in one of ``phrasings`` (drawn per
+    image): used naively in one step (x0 at the top timestep, ``FDOneStepPipeline.from_teacher``) and with
+    its multi-step sampler (``sampler`` built ``from_config`` of the teacher's scheduler)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from ..digits import TEXT_TEACHER_PATH, digit_prompts
+    from ..pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    def prompts_for(labels, generator):
+        return digit_prompts(labels, phrasings, generator)
+
+    teacher = StableDiffusionPipeline.from_pretrained(TEXT_TEACHER_PATH, local_files_only=True)
+    classes = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    teacher.scheduler = classes[sampler].from_config(teacher.scheduler.config)
+    naive = FDOneStepPipeline.from_teacher(TEXT_TEACHER_PATH, local_files_only=True, guidance_scale=guidance_scale)
+    for pipe in (teacher, naive):
+        pipe.set_progress_bar_config(disable=True)
+        if device is not None:
+            pipe.to(device)
+    return {
+        "teacher, 1 step (naive)": prompted_pipeline(naive, prompts_for, description="1 step (x0 at the top timestep)"),
+        f"teacher, {sampler} {num_inference_steps} steps": prompted_pipeline(
+            teacher, prompts_for, description=f"{sampler} {num_inference_steps} steps",
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
+    }

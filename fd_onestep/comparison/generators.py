@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["GeneratorFn", "teacher_sampler", "naive_one_step_teacher", "one_step_pipeline", "scheduler_loop"]
+__all__ = ["GeneratorFn", "teacher_sampler", "naive_one_step_teacher", "one_step_pipeline", "scheduler_loop",
+           "prompted_pipeline"]
 
 # generate(batch_size, generator) or generate(batch_size, generator, class_labels) -> (B, C, H, W) in [-1, 1]
 GeneratorFn = Callable[..., torch.Tensor]
@@ -269,4 +270,42 @@ def one_step_pipeline(pipeline) -> GeneratorFn:
         return VaeImageProcessor.normalize(images)
 
     generate.description = "1 step"
+    return generate
+
+
+def prompted_pipeline(
+    pipeline,
+    prompts_for: Callable[[torch.Tensor, torch.Generator], list],
+    *,
+    description: str,
+    **call_kwargs,
+) -> GeneratorFn:
+    """A text-to-image pipeline (stock ``StableDiffusionPipeline`` & co., or a text ``FDOneStepPipeline``) as a
+    class-conditional generator: the requested classes become prompts.
+
+    Args:
+        pipeline: called as ``pipeline(prompts, generator=generator, output_type="pt", **call_kwargs)``,
+            returning images in [0, 1] (diffusers' convention).
+        prompts_for: ``(labels (B,) int64, generator) -> B prompts`` naming each label, e.g.
+            ``lambda labels, g: fd_onestep.digits.digit_prompts(labels, HELD_OUT_PHRASINGS, g)``; it draws from
+            ``generator`` before the pipeline does (the same for every generator given the same seed).
+        description: how it samples (e.g. "dpmsolver++ 20 steps").
+        call_kwargs: e.g. ``num_inference_steps=20`` for a multi-step pipeline.
+    Returns:
+        ``generate(batch_size, generator, class_labels) -> (batch_size, C, H, W) float32`` in [-1, 1].
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    @torch.no_grad()
+    def generate(batch_size: int, generator: torch.Generator, class_labels=None) -> torch.Tensor:
+        if class_labels is None:
+            raise ValueError("a prompted pipeline needs class_labels: the classes its prompts name, one per image.")
+        labels = torch.as_tensor(class_labels).to("cpu", torch.int64)
+        prompts = list(prompts_for(labels, generator))
+        if len(prompts) != batch_size:
+            raise ValueError(f"prompts_for returned {len(prompts)} prompts for {batch_size} labels; return one per label.")
+        images = pipeline(prompts, generator=generator, output_type="pt", **call_kwargs).images  # [0, 1]
+        return VaeImageProcessor.normalize(torch.as_tensor(images).float())
+
+    generate.description = description
     return generate
