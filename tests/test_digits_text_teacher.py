@@ -68,3 +68,27 @@ def test_its_one_step_pipeline_and_the_stock_one_step_agree(teacher):
     teacher.scheduler = recipe["scheduler"]
     stock = teacher(prompts, generator=torch.Generator().manual_seed(1), output_type="pt", **recipe["call_kwargs"]).images
     torch.testing.assert_close(stock, ours, rtol=0, atol=2e-5)
+
+
+def test_the_comparison_asks_the_text_teacher_for_each_requested_digit_in_a_phrasing():
+    from fd_onestep.comparison.digits_baselines import digits_text_generators
+    from fd_onestep.comparison.generators import prompted_pipeline
+
+    generators = digits_text_generators(digits.HELD_OUT_PHRASINGS, num_inference_steps=2)
+    assert list(generators) == ["teacher, 1 step (naive)", "teacher, dpmsolver++ 2 steps"]
+    for generate in generators.values():
+        images = generate(4, torch.Generator().manual_seed(0), torch.tensor([1, 2, 3, 4]))
+        assert images.shape == (4, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+
+    seen = []
+
+    class Recorder:  # a pipeline that records the prompts it is given
+        def __call__(self, prompts, generator=None, output_type=None):
+            seen.extend(prompts)
+            return type("Out", (), {"images": torch.zeros(len(prompts), 1, 4, 4)})()
+
+    generate = prompted_pipeline(Recorder(), lambda labels, g: [f"digit {int(c)}" for c in labels], description="x")
+    assert generate(2, torch.Generator(), torch.tensor([7, 0])).min() == -1  # [0, 1] -> [-1, 1]
+    assert seen == ["digit 7", "digit 0"]
+    with pytest.raises(ValueError, match="needs class_labels"):
+        generate(2, torch.Generator())
