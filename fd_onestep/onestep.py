@@ -46,6 +46,8 @@ Typical use with accelerate::
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import logging
 import os
 from typing import Callable, Sequence
@@ -122,6 +124,10 @@ class OneStepGenerator:
             (uniformly, with replacement). Their embeddings are computed once with the frozen text
             encoders, ``prompt_chunk_size`` prompts per call, and cached on the CPU (module docstring).
             Required for text families unless conditioning is passed explicitly.
+        prompt_labels: with ``prompts``: the class each prompt names (one int in ``[0, C)`` per prompt, e.g.
+            the digit of "the digit seven"). The drawn conditioning then carries them as ``class_labels``
+            (for the joint FD-loss, adherence and per-class measures; the denoiser never sees them), and
+            :meth:`conditioning_for_labels` picks prompts that name requested classes.
         class_histogram: class-conditional families only: unnormalized weights (num_classes,) to draw
             class labels from, e.g. the reference data's label histogram. ``None``: uniform.
         device: where noise, conditioning and the frozen modules live. Default: the denoiser's device.
@@ -136,6 +142,8 @@ class OneStepGenerator:
         noise_shape (tuple[int, int, int]): (C, h, w) of one generator input (pixels or VAE latents).
         image_shape (tuple[int, int, int]): (C, H, W) of one generated image.
         is_class_conditional, is_text_conditional (bool), num_classes (int | None).
+        labeled (bool): the conditioning names classes (class-conditional, or prompts with ``prompt_labels``);
+        num_label_classes (int | None): how many (``num_classes``, or ``max(prompt_labels) + 1``).
         denoiser (torch.nn.Module): ``pipeline.unet`` or ``pipeline.transformer``.
         prompt_embeddings (OneStepConditioning | None): the CPU cache, one row per distinct prompt.
     """
@@ -145,6 +153,7 @@ class OneStepGenerator:
         pipeline: FDOneStepPipeline,
         *,
         prompts: Sequence[str] | None = None,
+        prompt_labels: Sequence[int] | torch.Tensor | None = None,
         class_histogram: Sequence[float] | torch.Tensor | None = None,
         device: torch.device | str | None = None,
         weight_dtype: torch.dtype | None = None,
@@ -198,6 +207,20 @@ class OneStepGenerator:
             self._rows_of_prompts = torch.tensor([self._prompt_row[p] for p in prompts], dtype=torch.long)
             logger.info(f"cached the embeddings of {len(self._prompt_row)} distinct prompts on the CPU "
                         f"({_conditioning_bytes(self.prompt_embeddings) / 2**20:.1f} MiB)")
+
+        self.prompt_labels: torch.Tensor | None = None
+        if prompt_labels is not None:
+            if self.prompts is None:
+                raise ValueError("prompt_labels name the class of each prompt: pass them together with `prompts`.")
+            labels = torch.as_tensor(prompt_labels, dtype=torch.long).reshape(-1)
+            if labels.numel() != len(self.prompts) or (labels.numel() and int(labels.min()) < 0):
+                raise ValueError(f"prompt_labels must hold one class >= 0 per prompt: {labels.numel()} labels for "
+                                 f"{len(self.prompts)} prompts.")
+            self.prompt_labels = labels
+        self.labeled: bool = self.is_class_conditional or self.prompt_labels is not None
+        self.num_label_classes: int | None = (
+            self.num_classes if self.is_class_conditional
+            else int(self.prompt_labels.max()) + 1 if self.prompt_labels is not None else None)
 
         self.class_probabilities: torch.Tensor | None = None
         if class_histogram is not None:
@@ -269,8 +292,39 @@ class OneStepGenerator:
                 )
             gen_device = generator.device if generator is not None else torch.device("cpu")
             index = torch.randint(len(self.prompts), (batch_size,), generator=generator, device=gen_device)
-            return self.prompt_embeddings[self._rows_of_prompts[index.cpu()]].to(device)
+            return self._prompt_conditioning(index.cpu(), device)
         return None
+
+    def _prompt_conditioning(self, index: torch.Tensor, device) -> OneStepConditioning:
+        """The cached embeddings of prompts ``index`` (CPU int64), with their labels if known, on ``device``."""
+        cond = self.prompt_embeddings[self._rows_of_prompts[index]]
+        if self.prompt_labels is not None:
+            cond = replace(cond, class_labels=self.prompt_labels[index])
+        return cond.to(device)
+
+    def conditioning_for_labels(
+        self,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> OneStepConditioning:
+        """Conditioning that asks for the classes ``labels`` ((B,) int64): class labels for class-conditional
+        models; for prompts with ``prompt_labels``, per row a prompt naming that class, drawn uniformly among them
+        with ``generator`` (CPU)."""
+        device = torch.device(device) if device is not None else self.device
+        labels = torch.as_tensor(labels).to("cpu", torch.long).reshape(-1)
+        if self.is_class_conditional:
+            return OneStepConditioning(class_labels=labels.to(device))
+        if self.prompt_labels is None:
+            raise ValueError("conditioning_for_labels needs a class-conditional model or prompts with prompt_labels.")
+        index = torch.empty_like(labels)
+        for c in torch.unique(labels).tolist():
+            rows = (labels == c).nonzero().flatten()
+            candidates = (self.prompt_labels == c).nonzero().flatten()
+            if candidates.numel() == 0:
+                raise ValueError(f"no prompt names class {c}; prompt_labels cover {sorted(set(self.prompt_labels.tolist()))}.")
+            index[rows] = candidates[torch.randint(candidates.numel(), (rows.numel(),), generator=generator)]
+        return self._prompt_conditioning(index, device)
 
     def encode_prompts(self, prompts: Sequence[str], device: torch.device | str | None = None) -> OneStepConditioning:
         """Prompt embeddings (and, with guidance, negative embeddings) for a list of prompts, on ``device``

@@ -249,3 +249,24 @@ def test_add_lora_without_weight_dtype_casts_nothing():
     denoiser = gen.add_lora(rank=2)
     assert {p.dtype for p in denoiser.parameters()} == {torch.float32}
     assert any(p.requires_grad for p in denoiser.parameters())
+
+
+def test_prompts_with_labels_carry_them_and_can_be_drawn_by_the_class_they_name():
+    prompts = ["a cab", "dog", "two cabs", "a dog"]
+    gen = OneStepGenerator(pipeline("sd"), prompts=prompts, prompt_labels=[0, 1, 0, 1])
+    assert gen.labeled and gen.num_label_classes == 2 and not gen.is_class_conditional
+    drawn = gen.sample_conditioning(64, generator=torch.Generator().manual_seed(0))
+    by_prompt = {p: gen.encode_prompts([p]).prompt_embeds[0] for p in prompts}
+    for row, label in zip(drawn.prompt_embeds, drawn.class_labels.tolist()):
+        # each row's label is the one of the prompt it embeds
+        assert any(torch.equal(row, by_prompt[p]) for p, c in zip(prompts, [0, 1, 0, 1]) if c == label)
+    asked = gen.conditioning_for_labels(torch.tensor([1, 0, 1, 1, 0]), generator=torch.Generator().manual_seed(1))
+    assert asked.class_labels.tolist() == [1, 0, 1, 1, 0]
+    for row, label in zip(asked.prompt_embeds, asked.class_labels.tolist()):
+        assert any(torch.equal(row, by_prompt[p]) for p, c in zip(prompts, [0, 1, 0, 1]) if c == label)
+    with pytest.raises(ValueError, match="no prompt names class 2"):
+        gen.conditioning_for_labels(torch.tensor([2]))
+    with pytest.raises(ValueError, match="one class >= 0 per prompt"):
+        OneStepGenerator(pipeline("sd"), prompts=prompts, prompt_labels=[0, 1])
+    with pytest.raises(ValueError, match="together with `prompts`"):
+        OneStepGenerator(pipeline("sd"), prompt_labels=[0])
