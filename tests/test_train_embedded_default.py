@@ -198,3 +198,40 @@ def test_class_conditional_exact_population_feeds_the_joint_loss_the_labels_in_b
     validation = summary["final_validation"]["fds"]
     for name in digits.TRAINING_ENCODERS:
         assert "loss_fd" in validation[name] and validation[name]["loss_fd"] > 0
+
+
+# ------------------------------------------------------------------------------------ the text-to-image default
+def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_compares_both_phrasings(tmp_path):
+    import diffusers
+
+    out = tmp_path / "digits-text-onestep"
+    run_script([
+        "--embedded_default", "digits-text", "--output_dir", str(out),
+        "--max_train_steps", "3", "--train_batch_size", "16", "--fd_warmup_samples", "32", "--sample_batch_size", "100",
+        "--validation_steps", "0", "--num_validation_samples", "100", "--num_validation_images", "10",
+        "--checkpointing_steps", "0", "--num_output_samples", "20", "--num_comparison_samples", "20",
+        "--teacher_num_inference_steps", "2",
+    ])
+    info = json.loads((out / "fd_onestep_lora.json").read_text())
+    assert info["base_model"] == str(digits.TEXT_TEACHER_PATH) and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert all(len(list((out / "samples" / str(c)).glob("*.png"))) == 2 for c in range(10))
+    for folder in (out, out / "held_out_phrasings"):  # training and held-out phrasings, each with all generators
+        report = json.loads((folder / "comparison.json").read_text())
+        assert report["num_classes"] == 10 and len(report["generators"]) == 3
+        assert all(0 <= r["adherence"] <= 1 for r in report["generators"].values())
+        assert all(len(list((folder / "comparison_samples" / "student" / str(c)).glob("*.png"))) == 2 for c in range(10))
+    summary = json.loads((out / "fd_onestep_summary.json").read_text())
+    assert 0 <= summary["final_validation"]["adherence"] <= 1  # the label of each drawn prompt is known
+    # the stock StableDiffusionPipeline with the LoRA and the recipe takes the student's one step
+    recipe = info["stock_pipeline"]
+    stock = diffusers.StableDiffusionPipeline.from_pretrained(info["base_model"], local_files_only=True)
+    stock.load_lora_weights(out)
+    stock.scheduler = getattr(diffusers, recipe["scheduler"]).from_config(stock.scheduler.config,
+                                                                         **recipe["scheduler_overrides"])
+    stock.set_progress_bar_config(disable=True)
+    student = FDOneStepPipeline.from_teacher(info["base_model"], local_files_only=True, **info["one_step_settings"])
+    student.load_lora_weights(out)
+    prompts = ["the digit seven", "a handwritten digit two"]
+    ours = student(prompts, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    theirs = stock(prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **recipe["call_kwargs"]).images
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-5)

@@ -160,9 +160,14 @@ CLASS_EMBEDDED_DEFAULTS = {
     "classifier": "digits",  # adherence by the bundled digit classifier
     "write_comparison_samples": True,
 }
-EMBEDDED_DEFAULT_CHOICES = {"digits": EMBEDDED_DEFAULTS, "digits-class": CLASS_EMBEDDED_DEFAULTS}
+# The text-to-image offline default (--embedded_default digits-text): a one-step LoRA (always) on the bundled
+# Stable Diffusion-family digits teacher, prompts naming the digit in the training phrasings.
+TEXT_EMBEDDED_DEFAULTS = {**CLASS_EMBEDDED_DEFAULTS, "null_class_label": None}
+EMBEDDED_DEFAULT_CHOICES = {"digits": EMBEDDED_DEFAULTS, "digits-class": CLASS_EMBEDDED_DEFAULTS,
+                            "digits-text": TEXT_EMBEDDED_DEFAULTS}
 # a key only in EMBEDDED_DEFAULTS keeps the argument's own default (None) for general runs
-DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CLASS_EMBEDDED_DEFAULTS]))
+DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CLASS_EMBEDDED_DEFAULTS,
+                                      *TEXT_EMBEDDED_DEFAULTS]))
 
 POPULATIONS = ("ema", "queue", "exact")
 FD_CONDITIONS = ("marginal", "joint")
@@ -212,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g.add_argument("--embedded_default", type=str, default=None, choices=sorted(EMBEDDED_DEFAULT_CHOICES),
                    help="Which offline embedded default runs when no model / encoders / stats are given: digits "
-                        "(unconditional, the default) or digits-class (class-conditional teacher, adherence, "
-                        "per-class FD and FJD, samples per class).")
+                        "(unconditional, the default), digits-class (class-conditional teacher, adherence, "
+                        "per-class FD and FJD, samples per class) or digits-text (a one-step LoRA on the Stable "
+                        "Diffusion-family digits teacher, prompts that name the digit).")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", type=str, default="fd-onestep-output",
@@ -430,8 +436,10 @@ def finalize_args(args) -> argparse.Namespace:
     if args.embedded_default:
         from fd_onestep import digits
 
-        class_conditional = args.embedded_default == "digits-class"
-        args.pretrained_model_name_or_path = str(digits.CLASS_TEACHER_PATH if class_conditional else digits.TEACHER_PATH)
+        args.pretrained_model_name_or_path = str({"digits": digits.TEACHER_PATH, "digits-class": digits.CLASS_TEACHER_PATH,
+                                                  "digits-text": digits.TEXT_TEACHER_PATH}[args.embedded_default])
+        if args.embedded_default == "digits-text":
+            args.use_lora = True  # the point of this default: a one-step LoRA for the stock text-to-image pipeline
         # the bundled folders load through load_encoder exactly like a user's local encoder folder
         args.encoders = [digits.encoder_spec(name) for name in digits.TRAINING_ENCODERS]
         args.reference_stats = [str(digits.stats_path(name)) for name in digits.TRAINING_ENCODERS]
@@ -829,8 +837,18 @@ def build_representations(args, device) -> Representations:
 
 
 def load_conditioning(args, pipe, reps: Representations):
-    """Training prompts (text models) and the class-label histogram (class-conditional models), checked."""
-    prompts = load_prompts(args) if pipe.is_text_conditional else None
+    """Training prompts (text models) with the class each names where known (the digits-text default), and the
+    class-label histogram (class-conditional models), checked. Returns ``(prompts, prompt_labels, histogram)``."""
+    prompts = prompt_labels = None
+    if args.embedded_default == "digits-text":
+        from fd_onestep import digits
+
+        pairs = [(digits.digit_prompt(c, phrasing), c) for c in range(digits.NUM_CLASSES)
+                 for phrasing in digits.TRAINING_PHRASINGS]
+        prompts, prompt_labels = [p for p, _ in pairs], [c for _, c in pairs]
+    elif pipe.is_text_conditional:
+        prompts = load_prompts(args)
+    labeled = pipe.is_class_conditional or prompt_labels is not None
     if pipe.is_text_conditional and prompts is None:
         raise ValueError(
             f"{args.pretrained_model_name_or_path} is a text-to-image model ({pipe.family}): pass training prompts "
@@ -841,24 +859,25 @@ def load_conditioning(args, pipe, reps: Representations):
     class_histogram = load_class_histogram(args, reps.references) if pipe.is_class_conditional else None
     if not pipe.is_class_conditional and args.class_label_distribution != "uniform":
         raise ValueError("--class_label_distribution reference needs a class-conditional model.")
-    if not pipe.is_class_conditional and (args.fd_condition == "joint" or args.classifier):
+    if not labeled and (args.fd_condition == "joint" or args.classifier):
         raise ValueError(f"{args.pretrained_model_name_or_path} is not class-conditional: --fd_condition joint and "
                          "--classifier measure class labels; drop them.")
-    if args.compare_with_teacher and pipe.family != "unet2d":
+    if args.compare_with_teacher and pipe.family != "unet2d" and args.embedded_default != "digits-text":
         raise ValueError(
             f"--compare_with_teacher supports pixel (UNet2DModel) teachers, unconditional or class-conditional; this "
             f"is a {pipe.family!r} model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and "
             "evaluate with `fd-onestep evaluate`."
         )
-    if pipe.is_class_conditional:
+    num_classes = pipe.num_classes if pipe.is_class_conditional else (max(prompt_labels) + 1 if prompt_labels else None)
+    if labeled:
         for name, class_ref in reps.class_references.items():
-            if class_ref.num_classes != pipe.num_classes:
+            if class_ref.num_classes != num_classes:
                 raise ValueError(
-                    f"the per-class stats of {name} have {class_ref.num_classes} classes, the model {pipe.num_classes}"
+                    f"the per-class stats of {name} have {class_ref.num_classes} classes, the model {num_classes}"
                     + (" (its null class excluded)" if pipe.config.null_class_label is not None else "")
                     + "; pass statistics of the model's label set (and --null_class_label if it has a null class)."
                 )
-    return prompts, class_histogram
+    return prompts, prompt_labels, class_histogram
 
 
 def weight_dtype_of(accelerator) -> torch.dtype | None:
@@ -866,7 +885,8 @@ def weight_dtype_of(accelerator) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
 
 
-def build_generator(args, pipe, reps: Representations, prompts, class_histogram, device, weight_dtype=None):
+def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, class_histogram, device,
+                    weight_dtype=None):
     """The trainable one-step generator (full denoiser or a LoRA on it). Returns ``(gen, trainable params)``.
 
     Under mixed precision (``weight_dtype``) the frozen VAE / text encoders and a LoRA's base weights are cast
@@ -880,7 +900,7 @@ def build_generator(args, pipe, reps: Representations, prompts, class_histogram,
         for module in [pipe.denoiser, *(getattr(pipe, n) for n in pipe.frozen_component_names),
                        *reps.all_encoders.values()]:
             module.to(torch.float64)
-    gen = OneStepGenerator(pipe, prompts=prompts, class_histogram=class_histogram, device=device,
+    gen = OneStepGenerator(pipe, prompts=prompts, prompt_labels=prompt_labels, class_histogram=class_histogram, device=device,
                            weight_dtype=weight_dtype)
     denoiser = gen.denoiser
     if args.use_lora:
@@ -1045,9 +1065,9 @@ def draw_local_batch(accelerator, gen, global_n: int, rng: torch.Generator, firs
     device = accelerator.device
     noise = gen.sample_noise(global_n, generator=rng, device=device)
     cond = gen.sample_conditioning(global_n, generator=rng, device=device)
-    if first_index is not None and gen.is_class_conditional:
-        labels = (torch.arange(global_n, device=device) + first_index) % gen.num_classes
-        cond = type(cond)(class_labels=labels)
+    if first_index is not None and gen.labeled:
+        labels = (torch.arange(global_n) + first_index) % gen.num_label_classes
+        cond = gen.conditioning_for_labels(labels, generator=rng, device=device)
     with accelerator.split_between_processes(list(range(global_n))) as rows:
         start, end = (rows[0], rows[-1] + 1) if rows else (global_n, global_n)
     return noise[start:end], (cond[start:end] if cond is not None else None), start
@@ -1137,7 +1157,7 @@ def fresh_sample_fds(args, accelerator, gen, model, reps: Representations, total
     device = accelerator.device
     all_references = reps.all_references
     moments = {name: FeatureMoments(enc.feature_dim, device=device) for name, enc in reps.all_encoders.items()}
-    conditional = gen.is_class_conditional
+    conditional = gen.labeled
     class_moments = {name: ClassConditionalMoments(reps.all_encoders[name].feature_dim, ref.num_classes, device=device)
                      for name, ref in reps.class_references.items()} if conditional else {}
     counter = AdherenceCounter() if conditional and reps.classifier is not None else None
@@ -1211,7 +1231,7 @@ def write_samples(args, accelerator, gen, model) -> None:
             shutil.rmtree(sample_folder)
         sample_folder.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    balanced = gen.is_class_conditional and args.class_label_distribution == "uniform"
+    balanced = gen.labeled and args.class_label_distribution == "uniform"
     for _ in stream_features(accelerator, gen, model, args.num_output_samples, args.seed + 4, {}, args.sample_batch_size,
                              on_images=lambda imgs, start, labels: save_images(imgs, sample_folder, start, labels),
                              balanced=balanced):
@@ -1461,6 +1481,49 @@ def save_final_weights(args, accelerator, gen, model, progress) -> dict:
     return {"which": "best" if use_best else "last", "step": progress.best_step if use_best else progress.global_step}
 
 
+def run_text_comparison(args, accelerator, gen, model, reps: Representations):
+    """The digits-text default's comparison: the text teacher used naively in one step, its multi-step sampler
+    (the stock ``StableDiffusionPipeline``) and the one-step LoRA student, every image asked for a digit by a
+    prompt in a phrasing drawn per image: the training phrasings (``DIR/comparison.*``) and the held-out ones
+    (``DIR/held_out_phrasings/comparison.*``). Returns the training phrasings' report."""
+    from types import SimpleNamespace
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    from fd_onestep import comparison, digits
+    from fd_onestep.comparison.digits_baselines import digits_text_generators
+    from fd_onestep.comparison.generators import prompted_pipeline
+
+    device = accelerator.device
+
+    @torch.no_grad()
+    def student(prompts, generator=None, output_type="pt"):  # the stock call the comparison makes
+        cond = gen.encode_prompts(prompts, device=device)
+        noise = gen.sample_noise(len(prompts), generator=generator, device=device)
+        return SimpleNamespace(images=VaeImageProcessor.denormalize(generate_images(accelerator, gen, model, noise, cond)))
+
+    classifier = digits.load_digit_classifier(device=device)
+    reports = {}
+    for tag, phrasings, out in (("training", digits.TRAINING_PHRASINGS, Path(args.output_dir)),
+                                ("held out", digits.HELD_OUT_PHRASINGS, Path(args.output_dir) / "held_out_phrasings")):
+        def prompts_for(labels, generator, phrasings=phrasings):
+            return digits.digit_prompts(labels, phrasings, generator)
+
+        generators = digits_text_generators(phrasings, sampler=args.teacher_sampler,
+                                            num_inference_steps=args.teacher_num_inference_steps, device=device)
+        naive, multistep = list(generators)
+        generators["student, 1 step (FD-loss)"] = prompted_pipeline(student, prompts_for, description="1 step")
+        folders = {naive: "teacher_naive", multistep: "teacher_multistep", "student, 1 step (FD-loss)": "student"}
+        logger.info(f"Comparing on the {tag} phrasings")
+        reports[tag] = comparison.compare_generators(
+            generators, reps.all_encoders, reps.all_references, num_samples=args.num_comparison_samples,
+            output_dir=out, held_out=set(reps.eval_encoders), classifier=classifier, batch_size=args.sample_batch_size,
+            seed=args.seed, num_classes=gen.num_label_classes, class_references=reps.class_references,
+            classifier_name="digits", sample_folders=folders if args.write_comparison_samples else None,
+        )
+    return reports["training"]
+
+
 def run_comparison(args, accelerator, gen, model, reps: Representations):
     """Teacher used naively in one step, teacher with its multi-step sampler, and the student: side-by-side grid
     (``comparison_grid.png``) and FD table (``comparison.md`` / ``comparison.json``) in every training and
@@ -1612,8 +1675,9 @@ def main(args) -> dict:
     # The one-step generator from the teacher, the encoders with their reference statistics, the FD-loss.
     pipe = build_one_step_pipeline(args)
     reps = build_representations(args, device)
-    prompts, class_histogram = load_conditioning(args, pipe, reps)
-    gen, trainable = build_generator(args, pipe, reps, prompts, class_histogram, device, weight_dtype_of(accelerator))
+    prompts, prompt_labels, class_histogram = load_conditioning(args, pipe, reps)
+    gen, trainable = build_generator(args, pipe, reps, prompts, prompt_labels, class_histogram, device,
+                                     weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps, device)
     optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
     sampling_rng = CheckpointableGenerator(args.seed)
@@ -1696,7 +1760,8 @@ def main(args) -> dict:
         summary["comparison"] = None
         if args.compare_with_teacher and accelerator.is_main_process:
             logger.info("Comparing the student with its teacher (naive one step, multi-step sampler)")
-            summary["comparison"] = run_comparison(args, accelerator, gen, model, reps)
+            compare = run_text_comparison if gen.is_text_conditional else run_comparison
+            summary["comparison"] = compare(args, accelerator, gen, model, reps)
             summary["comparison_table"] = str(output_dir / "comparison.md")
     if accelerator.is_main_process:
         card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id)
