@@ -395,14 +395,18 @@ def _peft_configs(model) -> dict:
 
 
 def denoiser_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict:
-    """PEFT state dict (``<module>.lora_A.weight`` ...) of one adapter, unwrapped from DDP/compile wrappers."""
+    """PEFT state dict (``<module>.lora_A.weight`` ...) of one adapter, unwrapped from DDP/compile wrappers.
+
+    Tensors are contiguous (the same values): a convolution LoRA of a denoiser in ``channels_last`` memory format
+    has ``channels_last`` weights, which safetensors refuses to write.
+    """
     from accelerate.utils import extract_model_from_parallel
     from peft import get_peft_model_state_dict
 
     denoiser = extract_model_from_parallel(denoiser, keep_torch_compile=False)
     if not _has_peft_adapters(denoiser):
         raise ValueError("the denoiser has no LoRA adapter; add one with add_lora_to_denoiser(...) before saving.")
-    return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    return {k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser, adapter_name=adapter_name).items()}
 
 
 def _lora_mixin(family: str):

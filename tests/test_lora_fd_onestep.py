@@ -162,3 +162,18 @@ def test_save_lora_weights_from_a_training_state_dict(tmp_path):
         loaded = dict(other.denoiser.named_parameters())
         match = [v for k, v in loaded.items() if k.replace(".default_0", "") == name]
         assert match and torch.equal(match[0], value)
+
+
+def test_a_convolution_lora_of_a_channels_last_denoiser_saves_and_loads_back(tmp_path):
+    """--channels_last with conv LoRA targets (the unet2d default: conv1, conv2): the LoRA's 4-D weights are
+    channels_last; the saved file holds them contiguous, with the same values."""
+    pipe = fresh_pipeline("unet2d")
+    trained_lora(pipe)
+    pipe.denoiser.to(memory_format=torch.channels_last)  # the training script's order: LoRA, then the layout
+    assert any(not p.is_contiguous() for n, p in pipe.denoiser.named_parameters() if "lora_A" in n)
+    noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(1))
+    expected = generate(pipe, "unet2d", noise)
+    pipe.save_lora(tmp_path / "lora")
+    other = fresh_pipeline("unet2d")
+    other.load_lora_weights(tmp_path / "lora")
+    torch.testing.assert_close(generate(other, "unet2d", noise), expected, rtol=0, atol=1e-5)
