@@ -235,3 +235,14 @@ def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_co
     ours = student(prompts, generator=torch.Generator().manual_seed(0), output_type="pt").images
     theirs = stock(prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **recipe["call_kwargs"]).images
     torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-5)
+
+
+def test_text_default_always_trains_its_lora_with_conv_targets_unless_told_otherwise(tmp_path):
+    script = _load_script()
+    args = script.parse_args(["--embedded_default", "digits-text", "--output_dir", str(tmp_path)])
+    assert args.use_lora and args.pretrained_model_name_or_path == str(digits.TEXT_TEACHER_PATH)
+    assert args.lora_rank == 16 and args.lora_target_modules == script.TEXT_LORA_TARGETS
+    given = script.parse_args(["--embedded_default", "digits-text", "--lora_rank", "4", "--lora_target_modules",
+                               "to_q", "--output_dir", str(tmp_path)])
+    assert given.lora_rank == 4 and given.lora_target_modules == ["to_q"]
+    assert script.parse_args(["--output_dir", str(tmp_path)]).lora_rank == 8
