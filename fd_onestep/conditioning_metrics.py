@@ -38,7 +38,6 @@ ImageNet's 1,000 classes at Inception's d = 2048: 34 GB); files store the upper 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -320,6 +319,7 @@ class ClassConditionalStats:
             raise ValueError(f"the label embedding scale alpha must be a positive number, got {alpha}.")
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._class_references: Dict[int, ReferenceStats] = {}
+        self._joint_references: Dict[float, ReferenceStats] = {}
 
     @classmethod
     def from_moments(cls, moments: ClassConditionalMoments, *, alpha: Optional[float] = None,
@@ -358,15 +358,20 @@ class ClassConditionalStats:
             self._class_references[c] = ReferenceStats.from_moments(m, **self.metadata, **{"class": str(c)})
         return self._class_references[c]
 
-    @functools.cached_property
+    @property
     def joint_reference(self) -> ReferenceStats:
         """:class:`ReferenceStats` (dim d + C) of the joint vectors ``[z, alpha * one_hot(label)]``."""
         return self.joint_reference_at(self.alpha)
 
     def joint_reference_at(self, alpha: float) -> ReferenceStats:
         """:class:`ReferenceStats` (dim d + C) of ``[z, alpha * one_hot(label)]`` for any ``alpha`` (exact, from
-        the per-class moments): the joint FD-loss's reference at its own embedding scale."""
-        return ReferenceStats.from_moments(joint_moments(self.moments, alpha), **self.metadata, alpha=repr(float(alpha)))
+        the per-class moments): the joint FD-loss's reference at its own embedding scale. Cached per alpha, so
+        the loss and validation share one reference and its factor."""
+        alpha = float(alpha)
+        if alpha not in self._joint_references:
+            self._joint_references[alpha] = ReferenceStats.from_moments(
+                joint_moments(self.moments, alpha), **self.metadata, alpha=repr(alpha))
+        return self._joint_references[alpha]
 
     def check_compatible(self, encoder_id: Optional[str], feature_dim: int) -> None:
         """Like :meth:`ReferenceStats.check_compatible` (encoder id and feature dimension)."""

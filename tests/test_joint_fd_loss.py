@@ -126,3 +126,10 @@ def test_joint_and_marginal_losses_refuse_the_wrong_labels_naming_the_fix():
     with pytest.raises(ValueError, match="joint reference of that embedding"):  # another alpha than the reference's
         FDLoss(stats.joint_reference_at(stats.alpha), build_population("ema", D + C),
                label_embedding=LabelEmbedding(C, 2 * stats.alpha))
+
+
+def test_the_joint_reference_is_formed_once_per_alpha_so_loss_and_validation_share_it():
+    stats = _class_stats()
+    assert stats.joint_reference_at(0.5 * stats.alpha) is stats.joint_reference_at(0.5 * stats.alpha)
+    assert stats.joint_reference is stats.joint_reference_at(stats.alpha)
+    assert stats.joint_reference_at(0.5 * stats.alpha) is not stats.joint_reference

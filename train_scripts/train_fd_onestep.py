@@ -929,10 +929,17 @@ def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, c
     return gen, trainable
 
 
+def loss_label_embedding(args, class_ref):
+    """The joint FD-loss's ``LabelEmbedding`` for an encoder's per-class statistics: alpha = ``--fd_label_scale``
+    times their trace-matching scale."""
+    from fd_onestep.conditioning_metrics import LabelEmbedding
+
+    return LabelEmbedding(class_ref.num_classes, args.fd_label_scale * class_ref.alpha)
+
+
 def build_fd_loss(args, reps: Representations, device):
     """``MultiEncoderFDLoss`` over the training encoders, one population of ``--fd_population`` each, created on
     ``device`` (the process's: NCCL reduces CUDA tensors only)."""
-    from fd_onestep.conditioning_metrics import LabelEmbedding
     from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
     from fd_onestep.populations import build_population
 
@@ -943,7 +950,7 @@ def build_fd_loss(args, reps: Representations, device):
         if args.fd_condition == "joint":
             # [features, alpha * one_hot(label)] against the joint reference at the same alpha
             class_ref = reps.class_references[name]
-            embedding = LabelEmbedding(class_ref.num_classes, args.fd_label_scale * class_ref.alpha)
+            embedding = loss_label_embedding(args, class_ref)
             reference, dim = class_ref.joint_reference_at(embedding.alpha), enc.feature_dim + embedding.num_classes
         else:
             embedding, reference, dim = None, reps.references[name], enc.feature_dim
@@ -1117,7 +1124,7 @@ def ema_weights(ema, trainable):
 
 def class_labels_of(cond) -> torch.Tensor | None:
     """The (B,) int64 class labels of a batch's conditioning, or None (unconditional, text)."""
-    return getattr(cond, "class_labels", None) if cond is not None else None
+    return getattr(cond, "class_labels", None)
 
 
 def stream_features(accelerator, gen, model, total: int, seed: int, encoders, batch_size: int, on_images=None,
@@ -1205,8 +1212,8 @@ def fresh_sample_fds(args, accelerator, gen, model, reps: Representations, total
         out[name]["per_class_fd"] = sum(distances.values()) / len(distances)
         out[name]["fjd"] = frechet_joint_distance(cm, class_ref)
         if args.fd_condition == "joint" and name in reps.encoders:
-            alpha = args.fd_label_scale * class_ref.alpha
-            joint = joint_moments(cm, alpha)
+            alpha = loss_label_embedding(args, class_ref).alpha
+            joint = joint_moments(cm, alpha)  # the loss's own reference (cached with its factor)
             out[name]["loss_fd"] = float(class_ref.joint_reference_at(alpha).frechet_distance(joint.mean, joint.covariance()))
     adherence = counter.all_reduce(device).compute() if counter is not None else None
     return out, adherence
@@ -1547,7 +1554,6 @@ def run_comparison(args, accelerator, gen, model, reps: Representations):
     from diffusers import DiffusionPipeline
 
     from fd_onestep import comparison
-    from fd_onestep.pipelines.pipeline_fd_onestep import OneStepConditioning
 
     device = accelerator.device
     teacher = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **teacher_load_kwargs(args)).to(device)
@@ -1558,7 +1564,7 @@ def run_comparison(args, accelerator, gen, model, reps: Representations):
     def student(batch_size: int, generator: torch.Generator, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         noise = gen.sample_noise(batch_size, generator=generator, device=device)
         if class_labels is not None:  # the comparison's labels (the noise stream stays the teacher's)
-            cond = OneStepConditioning(class_labels=class_labels.to(device))
+            cond = gen.conditioning_for_labels(class_labels, device=device)
         else:
             cond = gen.sample_conditioning(batch_size, generator=generator, device=device)
         return generate_images(accelerator, gen, model, noise, cond)
