@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -384,6 +384,12 @@ def classify_digits(images: torch.Tensor, classifier=None, batch_size: int = 256
         preds.append(pred.cpu())
         confs.append(conf.cpu())
     return torch.cat(preds), torch.cat(confs)
+
+
+def digit_label_predictor(classifier) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images float (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)`` from a ``(model,
+    image_processor)`` classifier of :func:`load_digit_classifier`, applied by :func:`classify_digits`."""
+    return lambda images: classify_digits(images, classifier)[0]
 
 
 def class_histogram(images: torch.Tensor, classifier=None, batch_size: int = 256) -> dict:

@@ -641,7 +641,6 @@ def image_classifier(spec: str, device=None) -> Callable[[torch.Tensor], torch.T
     a local ``transformers`` image-classification folder (``AutoModelForImageClassification`` with its image
     processor), applied as :func:`fd_onestep.digits.classify_digits` applies the bundled one.
     """
-    from .digits import classify_digits, load_digit_classifier
+    from .digits import digit_label_predictor, load_digit_classifier
 
-    model_and_processor = load_digit_classifier(None if spec == "digits" else spec, device=device)
-    return lambda images: classify_digits(images, model_and_processor)[0]
+    return digit_label_predictor(load_digit_classifier(None if spec == "digits" else spec, device=device))

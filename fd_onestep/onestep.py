@@ -110,6 +110,17 @@ def encode_in_chunks(
     return out
 
 
+def num_label_classes(pipeline: FDOneStepPipeline, prompt_labels=None) -> int | None:
+    """How many label classes a generator asks for: a class-conditional pipeline's ``num_classes`` (its null
+    class excluded), else ``max(prompt_labels) + 1`` for prompts labeled by class (int, one per prompt), else
+    None (unlabeled)."""
+    if pipeline.is_class_conditional:
+        return pipeline.num_classes
+    if prompt_labels is None or len(prompt_labels) == 0:
+        return None
+    return int(torch.as_tensor(prompt_labels).max()) + 1
+
+
 def _conditioning_bytes(cond: OneStepConditioning) -> int:
     return sum(t.nbytes for t in vars(cond).values() if isinstance(t, torch.Tensor))
 
@@ -218,9 +229,7 @@ class OneStepGenerator:
                                  f"{len(self.prompts)} prompts.")
             self.prompt_labels = labels
         self.labeled: bool = self.is_class_conditional or self.prompt_labels is not None
-        self.num_label_classes: int | None = (
-            self.num_classes if self.is_class_conditional
-            else int(self.prompt_labels.max()) + 1 if self.prompt_labels is not None else None)
+        self.num_label_classes: int | None = num_label_classes(pipeline, self.prompt_labels)
 
         self.class_probabilities: torch.Tensor | None = None
         if class_histogram is not None:

@@ -70,7 +70,7 @@ def test_its_one_step_pipeline_and_the_stock_one_step_agree(teacher):
     torch.testing.assert_close(stock, ours, rtol=0, atol=2e-5)
 
 
-def test_the_comparison_asks_the_text_teacher_for_each_requested_digit_in_a_phrasing():
+def test_the_comparison_asks_the_text_teacher_for_each_requested_digit_in_a_phrasing(monkeypatch):
     from fd_onestep.comparison.digits_baselines import digits_text_generators
     from fd_onestep.comparison.generators import prompted_pipeline
 
@@ -79,6 +79,25 @@ def test_the_comparison_asks_the_text_teacher_for_each_requested_digit_in_a_phra
     for generate in generators.values():
         images = generate(4, torch.Generator().manual_seed(0), torch.tensor([1, 2, 3, 4]))
         assert images.shape == (4, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+
+    # several phrasing sets share one load of the teacher: the generators of the second call use the first's
+    # pipelines and prompt them in its own phrasings
+    from fd_onestep.comparison.digits_baselines import load_digits_text_teachers
+
+    teachers = load_digits_text_teachers()
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the teacher was loaded again")
+
+    import diffusers
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", no_second_load)
+    monkeypatch.setattr(FDOneStepPipeline, "from_teacher", no_second_load)
+    shared = digits_text_generators(digits.HELD_OUT_PHRASINGS, num_inference_steps=2, teachers=teachers)
+    labels = torch.tensor([5, 6, 7, 8])
+    for name, generate in shared.items():
+        torch.testing.assert_close(generate(4, torch.Generator().manual_seed(0), labels),
+                                   generators[name](4, torch.Generator().manual_seed(0), labels), rtol=0, atol=0)
 
     seen = []
 

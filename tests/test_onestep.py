@@ -270,3 +270,13 @@ def test_prompts_with_labels_carry_them_and_can_be_drawn_by_the_class_they_name(
         OneStepGenerator(pipeline("sd"), prompts=prompts, prompt_labels=[0, 1])
     with pytest.raises(ValueError, match="together with `prompts`"):
         OneStepGenerator(pipeline("sd"), prompt_labels=[0])
+
+
+def test_num_label_classes_counts_the_model_classes_or_the_labeled_prompts_classes():
+    from fd_onestep.onestep import num_label_classes
+
+    assert num_label_classes(pipeline("unet2d")) is None  # unconditional
+    assert num_label_classes(pipeline("sd")) is None  # prompts without labels
+    assert num_label_classes(pipeline("sd"), [0, 3, 1]) == 4  # classes 0..3, whichever the prompts name
+    gen = OneStepGenerator(pipeline("sd"), prompts=["a", "b"], prompt_labels=[0, 3])
+    assert gen.num_label_classes == num_label_classes(gen.pipeline, [0, 3]) == 4

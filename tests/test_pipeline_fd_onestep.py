@@ -354,6 +354,9 @@ def test_class_conditional_unet_with_a_null_class_has_one_class_fewer_and_guides
     teacher = ddpm_teacher(num_class_embeds=4)  # classes 0, 1, 2 and the null class 3
     pipe = FDOneStepPipeline(unet=teacher.unet, scheduler=teacher.scheduler, timestep=600, null_class_label=3)
     assert pipe.num_classes == 3 and pipe.is_class_conditional
+    from fd_onestep.onestep import num_label_classes
+
+    assert num_label_classes(pipe) == 3  # what a generator asks labels of: the null class excluded
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 2\]"):
         pipe(class_labels=[3])  # the null class is not a class one can ask for
     noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(4))

@@ -788,6 +788,7 @@ class Representations:
         self.eval_encoders, self.eval_references = eval_encoders, eval_references
         self.class_references = dict(class_references or {})
         self.classifier = None  # images -> predicted labels (--classifier), for adherence
+        self.classifier_model = None  # its (model, image_processor), which the comparison's class histogram needs
 
     @property
     def all_encoders(self) -> dict:
@@ -841,9 +842,11 @@ def build_representations(args, device) -> Representations:
         args, args.eval_encoders, args.eval_reference_stats, device, args.eval_class_reference_stats)
     reps = Representations(encoders, references, eval_encoders, eval_references, {**class_refs, **eval_class_refs})
     if args.classifier:
-        from fd_onestep.evaluation import image_classifier
+        from fd_onestep.digits import digit_label_predictor, load_digit_classifier
 
-        reps.classifier = image_classifier(args.classifier, device=device)
+        reps.classifier_model = load_digit_classifier(None if args.classifier == "digits" else args.classifier,
+                                                      device=device)
+        reps.classifier = digit_label_predictor(reps.classifier_model)
     return reps
 
 
@@ -879,7 +882,9 @@ def load_conditioning(args, pipe, reps: Representations):
             f"is a {pipe.family!r} model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and "
             "evaluate with `fd-onestep evaluate`."
         )
-    num_classes = pipe.num_classes if pipe.is_class_conditional else (max(prompt_labels) + 1 if prompt_labels else None)
+    from fd_onestep.onestep import num_label_classes
+
+    num_classes = num_label_classes(pipe, prompt_labels)
     if labeled:
         for name, class_ref in reps.class_references.items():
             if class_ref.num_classes != num_classes:
@@ -1509,7 +1514,7 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
     from diffusers.image_processor import VaeImageProcessor
 
     from fd_onestep import comparison, digits
-    from fd_onestep.comparison.digits_baselines import digits_text_generators
+    from fd_onestep.comparison.digits_baselines import digits_text_generators, load_digits_text_teachers
     from fd_onestep.comparison.generators import prompted_pipeline
 
     device = accelerator.device
@@ -1520,7 +1525,8 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
         noise = gen.sample_noise(len(prompts), generator=generator, device=device)
         return SimpleNamespace(images=VaeImageProcessor.denormalize(generate_images(accelerator, gen, model, noise, cond)))
 
-    classifier = digits.load_digit_classifier(device=device)
+    classifier = reps.classifier_model or digits.load_digit_classifier(device=device)
+    teachers = load_digits_text_teachers(sampler=args.teacher_sampler, device=device)
     reports = {}
     for tag, phrasings, out in (("training", digits.TRAINING_PHRASINGS, Path(args.output_dir)),
                                 ("held out", digits.HELD_OUT_PHRASINGS, Path(args.output_dir) / "held_out_phrasings")):
@@ -1528,7 +1534,7 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
             return digits.digit_prompts(labels, phrasings, generator)
 
         generators = digits_text_generators(phrasings, sampler=args.teacher_sampler,
-                                            num_inference_steps=args.teacher_num_inference_steps, device=device)
+                                            num_inference_steps=args.teacher_num_inference_steps, teachers=teachers)
         naive, multistep = list(generators)
         generators["student, 1 step (FD-loss)"] = prompted_pipeline(student, prompts_for, description="1 step")
         folders = {naive: "teacher_naive", multistep: "teacher_multistep", "student, 1 step (FD-loss)": "student"}
@@ -1537,7 +1543,7 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
             generators, reps.all_encoders, reps.all_references, num_samples=args.num_comparison_samples,
             output_dir=out, held_out=set(reps.eval_encoders), classifier=classifier, batch_size=args.sample_batch_size,
             seed=args.seed, num_classes=gen.num_label_classes, class_references=reps.class_references,
-            classifier_name="digits", sample_folders=folders if args.write_comparison_samples else None,
+            classifier_name=args.classifier or "digits", sample_folders=folders if args.write_comparison_samples else None,
         )
     return reports["training"]
 
@@ -1578,12 +1584,11 @@ def run_comparison(args, accelerator, gen, model, reps: Representations):
         "student, 1 step (FD-loss)": student,
     }
     folders = {naive: "teacher_naive", multistep: "teacher_multistep", "student, 1 step (FD-loss)": "student"}
-    classifier = None
-    if args.embedded_default or args.classifier:
+    classifier = reps.classifier_model
+    if classifier is None and args.embedded_default:  # the class histogram of the digits default
         from fd_onestep import digits
 
-        spec = args.classifier or "digits"
-        classifier = digits.load_digit_classifier(None if spec == "digits" else spec, device=device)
+        classifier = digits.load_digit_classifier(device=device)
     return comparison.compare_generators(
         generators,
         reps.all_encoders,

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 from .generators import naive_one_step_teacher, one_step_pipeline, prompted_pipeline, teacher_sampler
 from .measure import compare_generators, seed_spread
 
-__all__ = ["digits_generators", "digits_teacher_baselines", "digits_text_generators"]
+__all__ = ["digits_generators", "digits_teacher_baselines", "digits_text_generators", "load_digits_text_teachers"]
 
 
 def digits_generators(
@@ -94,19 +94,14 @@ def digits_teacher_baselines(
     return report
 
 
-def digits_text_generators(phrasings, *, sampler: str = "dpmsolver++", num_inference_steps: int = 20,
-                           guidance_scale: float = 1.0, device=None) -> dict:
-    """The bundled text-conditional digits teacher (``TEXT_TEACHER_PATH``, a stock ``StableDiffusionPipeline``)
-    as class-conditional generators whose prompts name the requested digit in one of ``phrasings`` (drawn per
-    image): used naively in one step (x0 at the top timestep, ``FDOneStepPipeline.from_teacher``) and with
-    its multi-step sampler (``sampler`` built ``from_config`` of the teacher's scheduler)."""
+def load_digits_text_teachers(*, sampler: str = "dpmsolver++", guidance_scale: float = 1.0, device=None) -> tuple:
+    """The bundled text-conditional digits teacher (``TEXT_TEACHER_PATH``) as ``(multi-step, naive one-step)``
+    pipelines: the stock ``StableDiffusionPipeline`` with ``sampler`` built ``from_config`` of its scheduler, and
+    ``FDOneStepPipeline.from_teacher`` (x0 at the top timestep)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from ..digits import TEXT_TEACHER_PATH, digit_prompts
+    from ..digits import TEXT_TEACHER_PATH
     from ..pipelines.pipeline_fd_onestep import FDOneStepPipeline
-
-    def prompts_for(labels, generator):
-        return digit_prompts(labels, phrasings, generator)
 
     teacher = StableDiffusionPipeline.from_pretrained(TEXT_TEACHER_PATH, local_files_only=True)
     classes = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -116,6 +111,22 @@ def digits_text_generators(phrasings, *, sampler: str = "dpmsolver++", num_infer
         pipe.set_progress_bar_config(disable=True)
         if device is not None:
             pipe.to(device)
+    return teacher, naive
+
+
+def digits_text_generators(phrasings, *, sampler: str = "dpmsolver++", num_inference_steps: int = 20,
+                           guidance_scale: float = 1.0, device=None, teachers: tuple | None = None) -> dict:
+    """The bundled text-conditional digits teacher as class-conditional generators whose prompts name the
+    requested digit in one of ``phrasings`` (drawn per image): used naively in one step and with its multi-step
+    sampler. ``teachers``: the pipelines of :func:`load_digits_text_teachers` (with this ``sampler`` and
+    ``guidance_scale``), so that several phrasing sets share one load; loaded here if None."""
+    from ..digits import digit_prompts
+
+    def prompts_for(labels, generator):
+        return digit_prompts(labels, phrasings, generator)
+
+    teacher, naive = teachers if teachers is not None else load_digits_text_teachers(
+        sampler=sampler, guidance_scale=guidance_scale, device=device)
     return {
         "teacher, 1 step (naive)": prompted_pipeline(naive, prompts_for, description="1 step (x0 at the top timestep)"),
         f"teacher, {sampler} {num_inference_steps} steps": prompted_pipeline(

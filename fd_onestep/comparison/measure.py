@@ -61,9 +61,9 @@ def _label_predictor(classifier) -> Optional[Callable[[torch.Tensor], torch.Tens
     digit classifier (:func:`fd_onestep.digits.classify_digits`) or such a callable itself; None stays None."""
     if classifier is None or callable(classifier):
         return classifier
-    from ..digits import classify_digits
+    from ..digits import digit_label_predictor
 
-    return lambda images: classify_digits(images, classifier)[0]
+    return digit_label_predictor(classifier)
 
 
 class _SampleWriter:
