@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_fd_onestep.py"
 ROOT = "other (startup, logging, the loop itself)"
 STEP = "training step: the rest (noise draws, syncs)"
+# the step count of the main job's speed target (issue: "1.3x the floor of 1,000 default steps")
+REFERENCE_STEPS = 1000
 # parts inside a training step, charged only while a step runs
 STEP_PARTS = ("denoiser forward", "encoders forward", "FD math and populations",
               "backward (denoiser + encoders)", "optimizer (clip, AdamW, schedule)")
@@ -158,15 +160,20 @@ def end_to_end(script, args, opts, script_args: list, floor_before: float) -> No
     floor = min(floor_before, floor_after)
     floor_total = floor * args.max_train_steps
     summary = json.loads(Path(opts.output_dir, "fd_onestep_summary.json").read_text())
-    print(f"\n| the README command | seconds | / floor ({floor:.4f} s x {args.max_train_steps} steps) |")
-    print("|---|---:|---:|")
-    print(f"| wall time, end to end | {wall:.1f} | {wall / floor_total:.2f}x |")
-    print(f"| of which the training loop (steps, validations, checkpoints) | {summary['train_seconds']:.1f} | {summary['train_seconds'] / floor_total:.2f}x |")
+    # the main job's speed target is stated against 1,000 steps' floor, whatever the steps of the run
+    floor_1000 = floor * REFERENCE_STEPS
+    print(f"\n| the README command ({args.max_train_steps} steps) | seconds | / floor x {args.max_train_steps} steps "
+          f"| / floor x {REFERENCE_STEPS} steps |")
+    print("|---|---:|---:|---:|")
+    for what, sec in (("wall time, end to end", wall),
+                      ("of which the training loop (steps, validations, checkpoints)", summary["train_seconds"])):
+        print(f"| {what} | {sec:.1f} | {sec / floor_total:.2f}x | {sec / floor_1000:.2f}x |")
     print(f"\nfloor: {floor_before:.4f} s per step before the run, {floor_after:.4f} after (the smaller is used)")
     Path(opts.output_dir, "end_to_end.json").write_text(json.dumps({
         "command": command, "wall_seconds": wall, "train_loop_seconds": summary["train_seconds"],
         "floor_step_seconds": floor, "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after,
         "floor_total_seconds": floor_total, "wall_over_floor": wall / floor_total,
+        "wall_over_floor_of_reference_steps": wall / floor_1000, "reference_steps": REFERENCE_STEPS,
         "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
     }, indent=2))
 
@@ -214,12 +221,14 @@ def main(argv=None):
           f"best of 3 x 10; {floor_before:.4f} before the job, {floor_after:.4f} after), x {args.max_train_steps} "
           f"steps = {floor_total:.1f} s")
     print(f"training steps: {steps:.1f} s = {steps / floor_total:.2f}x the floor; whole job: {job:.1f} s = "
-          f"{job / floor_total:.2f}x the floor")
+          f"{job / floor_total:.2f}x the floor ({job / (floor * REFERENCE_STEPS):.2f}x the floor of "
+          f"{REFERENCE_STEPS} steps)")
     Path(opts.output_dir, "profile.json").write_text(json.dumps({
         "parts_seconds": dict(rows), "calls": dict(profile.calls), "job_seconds": job,
         "training_steps_seconds": steps, "floor_step_seconds": floor,
         "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after, "floor_total_seconds": floor_total,
         "job_over_floor": job / floor_total, "steps_over_floor": steps / floor_total,
+        "job_over_floor_of_reference_steps": job / (floor * REFERENCE_STEPS), "reference_steps": REFERENCE_STEPS,
         "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
     }, indent=2))
 

@@ -93,6 +93,7 @@ GENERAL_DEFAULTS = {
     "onestep_timestep": None,  # the teacher's top training timestep
     "output_bound": None,
     "channels_last": False,
+    "adam_fused": False,
     "compare_with_teacher": False,
     "num_output_samples": 0,
     "num_comparison_samples": 1000,
@@ -109,6 +110,8 @@ EMBEDDED_DEFAULTS = {
     # EMA beta 0.95 had the held-out resnet-digits FD at 5.6, against 9.0 with lr 1e-5 and beta 0.99 (whose
     # population lagged the generator: population FD 0.4-0.75x the fresh-sample FD).
     "train_batch_size": 64,
+    # 850 steps (cosine over 850) ran the main job in 4:21-4:27 but raised the held-out resnet FD by 12% over three
+    # training seeds (docs/main_job_speed.md): kept at 1,000
     "max_train_steps": 1000,
     "learning_rate": 1e-4,
     "lr_scheduler": "cosine",
@@ -135,6 +138,9 @@ EMBEDDED_DEFAULTS = {
     # The digits UNet's forward + backward at batch 64 on 2 CPU cores (benchmarks/bench_channels_last.py):
     # 0.132 s in channels_last against 0.145 s contiguous (oneDNN convolutions); the main job 6:33 vs 7:01.
     "channels_last": True,
+    # AdamW's fused kernel: the digits UNet's optimizer step (1.1M parameters in 182 tensors) in 2.7 ms against
+    # 11.5 ms for the foreach default, 2 cores. The same update up to float round-off (not bitwise).
+    "adam_fused": True,
     # clamp, not tanh: a tanh output never reaches the exactly -1 background that 30% of the real digit
     # pixels have (0% of a tanh student's pixels did, 23% were below -0.95 against 33% real); with clamp the
     # held-out randcnn FD fell from 0.300 to 0.192 in the same 1000-step run.
@@ -155,6 +161,9 @@ EMBEDDED_DEFAULTS = {
 # bundled class-conditional teacher (digits 0-9 and its null class 10), uniform labels.
 CLASS_EMBEDDED_DEFAULTS = {
     **EMBEDDED_DEFAULTS,
+    # the conditional defaults' figures (docs/digits_class.md, docs/digits_text.md) were measured with AdamW's
+    # foreach kernel: kept, so that they reproduce bit for bit (the fused one is the same update, other round-off)
+    "adam_fused": False,
     "null_class_label": 10,  # fd_onestep.digits.NULL_CLASS_LABEL: the teacher's last class embedding
     "fd_condition": "joint",
     "classifier": "digits",  # adherence by the bundled digit classifier
@@ -256,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (torch.optim.AdamW(fused=True)) instead of its foreach default: the "
+                        "same update up to float round-off, fewer passes over the weights. Default: off (offline "
+                        "default: on).")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (<= 0: no clipping, norm still logged).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config (no on CPU).")
@@ -977,6 +990,7 @@ def build_optimizer(args, trainable, accelerator):
     optimizer = torch.optim.AdamW(
         trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        **({"fused": True} if args.adam_fused else {}),  # else torch's own default (foreach where it can)
     )
     # AcceleratedScheduler steps once per process per optimizer step: scale so the schedule is world-size free.
     lr_scheduler = get_scheduler(
@@ -1635,7 +1649,8 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         "samples per update": args.train_batch_size * world * (
             args.fd_micro_batches if args.fd_population == "exact" else args.gradient_accumulation_steps),
         "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
-        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}; weight decay {args.adam_weight_decay})",
+        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}; weight decay {args.adam_weight_decay}"
+                     f"{'; fused' if args.adam_fused else ''})",
         "FD population": {"ema": f"EMA, beta {args.fd_ema_beta}", "queue": f"queue of {args.fd_queue_size} samples",
                           "exact": f"exact two-pass, {args.fd_micro_batches} micro-batches"}[args.fd_population]
                          + (f", warm start from {args.fd_warmup_samples} samples" if args.fd_warmup_samples else ""),

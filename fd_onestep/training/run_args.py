@@ -76,6 +76,7 @@ NON_FINGERPRINT_ARGS = frozenset(
         "local_files_only",
         "inception_weights",
         "num_cpu_threads",
+        "adam_fused",  # like the thread count: the same update, another float round-off
     }
 )
 
