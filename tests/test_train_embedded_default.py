@@ -43,6 +43,31 @@ def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
     assert args.keep_best_by not in args.eval_encoders and args.compare_with_teacher is True
 
 
+def test_main_job_steps_with_fused_adamw_and_the_conditional_defaults_keep_foreach(tmp_path):
+    """The main job runs AdamW's fused kernel; digits-class / digits-text keep torch's default (their documented
+    figures were trained with it), and so does a general run unless --adam_fused is given."""
+    from accelerate import Accelerator
+
+    script = _load_script()
+    params = [torch.nn.Parameter(torch.zeros(3))]
+
+    def optimizer_of(argv):
+        args = script.parse_args(["--output_dir", str(tmp_path), *argv])
+        return args, script.build_optimizer(args, params, Accelerator(cpu=True))[0]
+
+    args, optimizer = optimizer_of([])
+    assert args.adam_fused is True and optimizer.defaults["fused"] is True
+    for default in ("digits-class", "digits-text"):
+        args, optimizer = optimizer_of(["--embedded_default", default])
+        assert args.adam_fused is False and not optimizer.defaults["fused"]
+    _, optimizer = optimizer_of(["--no-adam_fused"])
+    assert not optimizer.defaults["fused"]
+    # not in the run fingerprint (the same update, another round-off), like the thread count
+    from fd_onestep.training.run_args import NON_FINGERPRINT_ARGS
+
+    assert "adam_fused" in NON_FINGERPRINT_ARGS
+
+
 def test_builtin_digits_representation_is_named_pixels_digits_only_in_the_offline_default():
     from types import SimpleNamespace
 
