@@ -46,10 +46,9 @@ Typical use with accelerate::
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import logging
 import os
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch

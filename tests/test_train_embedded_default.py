@@ -173,6 +173,11 @@ def test_class_conditional_default_points_at_the_class_teacher_and_its_per_class
                            "--output_dir", str(tmp_path)])
 
 
+def pngs_per_digit(root) -> list[int]:
+    """How many PNGs each of ``root/0`` ... ``root/9`` holds (samples written per requested digit)."""
+    return [len(list((root / str(c)).glob("*.png"))) for c in range(digits.NUM_CLASSES)]
+
+
 def test_class_conditional_default_follows_its_labels_and_writes_samples_per_class(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -189,10 +194,10 @@ def test_class_conditional_default_follows_its_labels_and_writes_samples_per_cla
     assert pipe.num_classes == digits.NUM_CLASSES and pipe.config.null_class_label == digits.NULL_CLASS_LABEL
     # samples/<label>/: every requested digit equally often
     assert sorted(p.name for p in (out / "samples").iterdir()) == [str(c) for c in range(10)]
-    assert all(len(list((out / "samples" / str(c)).glob("*.png"))) == 3 for c in range(10))
+    assert pngs_per_digit(out / "samples") == [3] * 10
     for folder in ("teacher_naive", "teacher_multistep", "student"):
         root = out / "comparison_samples" / folder
-        assert all(len(list((root / str(c)).glob("*.png"))) == 4 for c in range(10)), folder
+        assert pngs_per_digit(root) == [4] * 10, folder
     report = json.loads((out / "comparison.json").read_text())
     assert report["num_classes"] == 10
     for name, result in report["generators"].items():
@@ -239,12 +244,12 @@ def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_co
     ])
     info = json.loads((out / "fd_onestep_lora.json").read_text())
     assert info["base_model"] == str(digits.TEXT_TEACHER_PATH) and (out / "pytorch_lora_weights.safetensors").is_file()
-    assert all(len(list((out / "samples" / str(c)).glob("*.png"))) == 2 for c in range(10))
+    assert pngs_per_digit(out / "samples") == [2] * 10
     for folder in (out, out / "held_out_phrasings"):  # training and held-out phrasings, each with all generators
         report = json.loads((folder / "comparison.json").read_text())
         assert report["num_classes"] == 10 and len(report["generators"]) == 3
         assert all(0 <= r["adherence"] <= 1 for r in report["generators"].values())
-        assert all(len(list((folder / "comparison_samples" / "student" / str(c)).glob("*.png"))) == 2 for c in range(10))
+        assert pngs_per_digit(folder / "comparison_samples" / "student") == [2] * 10
     summary = json.loads((out / "fd_onestep_summary.json").read_text())
     assert 0 <= summary["final_validation"]["adherence"] <= 1  # the label of each drawn prompt is known
     # the stock StableDiffusionPipeline with the LoRA and the recipe takes the student's one step
