@@ -10,8 +10,10 @@ Runs ``train_scripts/train_fd_onestep.py``'s ``main()`` in this process with the
 the **floor** of one training step: the denoiser plus the training encoders, forward + backward at the run's
 batch size, in the run's memory format, best of 3 rounds of 10 steps. Prints a table of seconds per part (each
 second is charged to one part only: validation's sampling counts as validation, not as denoiser forward) and
-the whole job's time as a ratio to ``max_train_steps x floor``. The floor is measured before and after the job
-and the smaller one is used (the conservative ratio). Writes the same numbers to
+the whole job's time as a ratio to the floor of 1,000 steps. The floor is measured before and after the job
+(the smaller one is used: the conservative ratio) and, because the machine's speed drifts, also interleaved
+with the job: one block of 10 floor steps before each validation, on a copy of the UNet (the job's
+trajectory is untouched; the blocks' time is not charged to the job). Writes the same numbers to
 ``OUTPUT_DIR/profile.json``. Nothing else may run on the machine while it measures.
 
 ``--end_to_end`` times the README's command itself instead (``accelerate launch train_scripts/train_fd_onestep.py
@@ -22,10 +24,12 @@ measurements, and writes ``OUTPUT_DIR/end_to_end.json``: the acceptance measure 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_fd_onestep.py"
 ROOT = "other (startup, logging, the loop itself)"
 STEP = "training step: the rest (noise draws, syncs)"
+# floor blocks run between the job's parts (before each validation): not part of the job, subtracted from it
+PROBE = "floor probes (not the job)"
 # the step count of the main job's speed target (issue: "1.3x the floor of 1,000 default steps")
 REFERENCE_STEPS = 1000
 # parts inside a training step, charged only while a step runs
@@ -59,7 +65,20 @@ class Profile:
         self.seconds[top[0]] += now - top[1]
         return now
 
-    def wrap(self, owner, attr: str, name: str, inside_step: bool = False) -> None:
+    @contextlib.contextmanager
+    def part(self, name: str):
+        """Charge the time inside to ``name`` (and not to the part around it)."""
+        self.stack.append([name, self._switch()])
+        self.calls[name] += 1
+        try:
+            yield
+        finally:
+            now = self._switch()
+            self.stack.pop()
+            self.stack[-1][1] = now
+
+    def wrap(self, owner, attr: str, name: str, inside_step: bool = False, before=None) -> None:
+        """Time ``owner.attr`` as part ``name``; ``before()``, if given, runs first, charged to :data:`PROBE`."""
         original = getattr(owner, attr)
         profile = self
 
@@ -67,21 +86,19 @@ class Profile:
         def timed(*args, **kwargs):
             if inside_step and profile.stack[-1][0] != STEP:
                 return original(*args, **kwargs)
-            profile.stack.append([name, profile._switch()])
-            profile.calls[name] += 1
-            try:
+            if before is not None:
+                with profile.part(PROBE):
+                    before()
+            with profile.part(name):
                 return original(*args, **kwargs)
-            finally:
-                now = profile._switch()
-                profile.stack.pop()
-                profile.stack[-1][1] = now
 
         setattr(owner, attr, timed)
 
     def total(self) -> float:
+        """Seconds charged to the job's parts (floor probes excluded)."""
         self._switch()
         self.stack[-1][1] = time.perf_counter()
-        return sum(self.seconds.values())
+        return sum(sec for name, sec in self.seconds.items() if name != PROBE)
 
 
 def load_script():
@@ -92,7 +109,8 @@ def load_script():
     return module
 
 
-def instrument(script, profile: Profile) -> None:
+def instrument(script, profile: Profile, probe=None) -> None:
+    """Timers around the script's parts; ``probe()``, if given, runs before every validation (a floor block)."""
     from accelerate import Accelerator
 
     for name in ("build_one_step_pipeline", "build_representations", "build_generator", "build_fd_loss"):
@@ -109,7 +127,7 @@ def instrument(script, profile: Profile) -> None:
     profile.wrap(Accelerator, "backward", "backward (denoiser + encoders)", inside_step=True)
     profile.wrap(Accelerator, "clip_grad_norm_", "optimizer (clip, AdamW, schedule)", inside_step=True)
     profile.wrap(torch.optim.AdamW, "step", "optimizer (clip, AdamW, schedule)", inside_step=True)
-    profile.wrap(script, "log_validation", "validation (grid, fresh-sample FDs)")
+    profile.wrap(script, "log_validation", "validation (grid, fresh-sample FDs)", before=probe)
     profile.wrap(script, "save_weights_atomically", "best-pipeline saves")
     profile.wrap(script, "save_checkpoint", "checkpoints")
     profile.wrap(script, "save_final_weights", "final weights")
@@ -118,45 +136,54 @@ def instrument(script, profile: Profile) -> None:
     profile.wrap(script, "save_model_card", "model card")
 
 
-def floor_seconds(script, args, repeats: int = 3, iters: int = 10) -> float:
-    """Best mean seconds of one step's unavoidable work: denoiser + training encoders, forward + backward."""
-    device = torch.device("cpu")
-    pipe = script.build_one_step_pipeline(args)
-    reps = script.build_representations(args, device)
-    unet = pipe.denoiser.to(device).train().requires_grad_(True)
-    if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(0)
-    size = pipe.config.sample_size
-    # contiguous noise into channels_last weights, as OneStepGenerator.sample_noise feeds the script's denoiser
-    x = torch.randn(args.train_batch_size, unet.config.in_channels, size, size, generator=g)
-    t = torch.full((args.train_batch_size,), pipe.config.timestep)
+class Floor:
+    """One training step's unavoidable work: the denoiser + the training encoders, forward + backward.
 
-    def step():
-        unet.zero_grad(set_to_none=True)
-        images = unet(x, t).sample.float().clamp(-1, 1)
-        loss = sum(enc(images).pow(2).mean() for enc in reps.encoders.values())
+    A copy of the teacher's UNet at the run's batch size and memory format, fed fixed noise (no global RNG
+    draws, no dropout in the digits UNet: probing between the job's steps leaves its trajectory alone).
+    """
+
+    def __init__(self, script, args):
+        device = torch.device("cpu")
+        pipe = script.build_one_step_pipeline(args)
+        self.encoders = script.build_representations(args, device).encoders
+        self.unet = pipe.denoiser.to(device).train().requires_grad_(True)
+        if args.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        g = torch.Generator().manual_seed(0)
+        size = pipe.config.sample_size
+        # contiguous noise into channels_last weights, as OneStepGenerator.sample_noise feeds the script's denoiser
+        self.x = torch.randn(args.train_batch_size, self.unet.config.in_channels, size, size, generator=g)
+        self.t = torch.full((args.train_batch_size,), pipe.config.timestep)
+        for _ in range(2):  # warm-up (oneDNN primitive creation)
+            self.step()
+
+    def step(self) -> None:
+        self.unet.zero_grad(set_to_none=True)
+        images = self.unet(self.x, self.t).sample.float().clamp(-1, 1)
+        loss = sum(enc(images).pow(2).mean() for enc in self.encoders.values())
         loss.backward()
 
-    for _ in range(2):  # warm-up (oneDNN primitive creation)
-        step()
-    best = float("inf")
-    for _ in range(repeats):
+    def block(self, iters: int = 10) -> float:
+        """Mean seconds per step over ``iters`` consecutive steps."""
         start = time.perf_counter()
         for _ in range(iters):
-            step()
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
+            self.step()
+        return (time.perf_counter() - start) / iters
+
+    def best(self, repeats: int = 3, iters: int = 10) -> float:
+        """Best of ``repeats`` blocks: the issue's measure of the floor."""
+        return min(self.block(iters) for _ in range(repeats))
 
 
-def end_to_end(script, args, opts, script_args: list, floor_before: float) -> None:
+def end_to_end(script, args, opts, script_args: list, floor: Floor, floor_before: float) -> None:
     """Wall time of ``accelerate launch train_scripts/train_fd_onestep.py`` between two floor measurements."""
     command = ["accelerate", "launch", str(SCRIPT), "--output_dir", opts.output_dir, *script_args]
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - start
-    floor_after = floor_seconds(script, args)
+    floor_after = floor.best()
     floor = min(floor_before, floor_after)
     floor_total = floor * args.max_train_steps
     summary = json.loads(Path(opts.output_dir, "fd_onestep_summary.json").read_text())
@@ -194,21 +221,27 @@ def main(argv=None):
     args = script.parse_args(["--output_dir", opts.output_dir, "--report_to", "none", *quick, *opts.script_args])
     if not args.embedded_default:
         raise SystemExit("profile_main_job.py profiles the offline embedded default: give no model arguments.")
-    floor_before = floor_seconds(script, args)
+    floor = Floor(script, args)
+    floor_before = floor.best()
     if opts.end_to_end:
-        end_to_end(script, args, opts, [*quick, *opts.script_args], floor_before)
+        end_to_end(script, args, opts, [*quick, *opts.script_args], floor, floor_before)
         return
     profile = Profile()
-    instrument(script, profile)
+    probes: list[float] = []
+    instrument(script, profile, probe=lambda: probes.append(floor.block()))
     start = time.perf_counter()
     script.main(args)
-    job = time.perf_counter() - start
     accounted = profile.total()
-    floor_after = floor_seconds(script, args)
-    floor = min(floor_before, floor_after)
-    floor_total = floor * args.max_train_steps
+    job = time.perf_counter() - start - profile.seconds[PROBE]
+    floor_after = floor.best()
+    best = min(floor_before, floor_after)
+    # The machine's speed drifts by more than the job's overheads: the interleaved blocks sample the floor
+    # across the job's whole time, the before / after ones only at its two ends
+    floors = {"best of 3 x 10, before / after the job (the smaller)": best}
+    if probes:
+        floors[f"interleaved: mean of {len(probes)} blocks of 10, one before each validation"] = statistics.fmean(probes)
 
-    rows = sorted(profile.seconds.items(), key=lambda kv: -kv[1])
+    rows = sorted(((k, v) for k, v in profile.seconds.items() if k != PROBE), key=lambda kv: -kv[1])
     print(f"\nmain job: {args.max_train_steps} steps at batch {args.train_batch_size}, {torch.get_num_threads()} "
           f"threads, {platform.processor() or platform.machine()}\n")
     print("| part | seconds | share |")
@@ -217,19 +250,26 @@ def main(argv=None):
         print(f"| {name} | {sec:.1f} | {sec / accounted:.1%} |")
     print(f"| **whole job** | **{job:.1f}** | 100% |")
     steps = sum(profile.seconds[k] for k in (STEP, *STEP_PARTS))
-    print(f"\nfloor: {floor:.4f} s per step (denoiser + {len(args.encoders)} training encoders, forward + backward, "
-          f"best of 3 x 10; {floor_before:.4f} before the job, {floor_after:.4f} after), x {args.max_train_steps} "
-          f"steps = {floor_total:.1f} s")
-    print(f"training steps: {steps:.1f} s = {steps / floor_total:.2f}x the floor; whole job: {job:.1f} s = "
-          f"{job / floor_total:.2f}x the floor ({job / (floor * REFERENCE_STEPS):.2f}x the floor of "
-          f"{REFERENCE_STEPS} steps)")
+    print(f"\nfloor: denoiser + {len(args.encoders)} training encoders, forward + backward; {floor_before:.4f} s per "
+          f"step before the job, {floor_after:.4f} after (best of 3 x 10)"
+          + (f"; interleaved blocks {min(probes):.4f}-{max(probes):.4f}" if probes else ""))
+    print(f"\n| floor | s per step | training steps ({steps:.1f} s) / floor x {args.max_train_steps} | whole job "
+          f"({job:.1f} s) / floor x {REFERENCE_STEPS} |")
+    print("|---|---:|---:|---:|")
+    for what, sec in floors.items():
+        print(f"| {what} | {sec:.4f} | {steps / (sec * args.max_train_steps):.2f}x | "
+              f"{job / (sec * REFERENCE_STEPS):.2f}x |")
     Path(opts.output_dir, "profile.json").write_text(json.dumps({
         "parts_seconds": dict(rows), "calls": dict(profile.calls), "job_seconds": job,
-        "training_steps_seconds": steps, "floor_step_seconds": floor,
-        "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after, "floor_total_seconds": floor_total,
-        "job_over_floor": job / floor_total, "steps_over_floor": steps / floor_total,
-        "job_over_floor_of_reference_steps": job / (floor * REFERENCE_STEPS), "reference_steps": REFERENCE_STEPS,
-        "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
+        "training_steps_seconds": steps, "floor_step_seconds": best,
+        "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after,
+        "floor_total_seconds": best * args.max_train_steps, "floor_probe_seconds": probes,
+        "floor_interleaved_step_seconds": statistics.fmean(probes) if probes else None,
+        "job_over_floor": job / (best * args.max_train_steps), "steps_over_floor": steps / (best * args.max_train_steps),
+        "job_over_floor_of_reference_steps": job / (best * REFERENCE_STEPS),
+        "job_over_interleaved_floor_of_reference_steps": job / (statistics.fmean(probes) * REFERENCE_STEPS) if probes else None,
+        "steps_over_interleaved_floor": steps / (statistics.fmean(probes) * args.max_train_steps) if probes else None,
+        "reference_steps": REFERENCE_STEPS, "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
     }, indent=2))
 
 

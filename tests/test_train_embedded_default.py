@@ -68,6 +68,20 @@ def test_main_job_steps_with_fused_adamw_and_the_conditional_defaults_keep_forea
     assert "adam_fused" in NON_FINGERPRINT_ARGS
 
 
+def test_main_job_validates_every_200_steps_and_the_conditional_defaults_every_100(tmp_path):
+    """The main job's validations (1,000 fresh samples each) come every 200 steps and at the end; digits-class /
+    digits-text keep 100, the cadence their documented figures were selected with; an explicit value wins."""
+    script = _load_script()
+
+    def cadence(*argv):
+        return script.parse_args(["--output_dir", str(tmp_path), *argv]).validation_steps
+
+    assert cadence() == 200
+    assert cadence("--embedded_default", "digits-class") == 100
+    assert cadence("--embedded_default", "digits-text") == 100
+    assert cadence("--validation_steps", "100") == 100
+
+
 def test_builtin_digits_representation_is_named_pixels_digits_only_in_the_offline_default():
     from types import SimpleNamespace
 

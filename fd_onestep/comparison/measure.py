@@ -41,7 +41,10 @@ def _generate(fn: GeneratorFn, name: str, n: int, batch_size: int, generator: to
     while done < n:
         b = min(batch_size, n - done)
         batch_labels = None if labels is None else labels[done : done + b]
-        images = fn(b, generator) if batch_labels is None else fn(b, generator, batch_labels)
+        # inference mode: no autograd bookkeeping in the samplers (a 20-step teacher ran ~5% faster, the same
+        # bits); the images are only read afterwards
+        with torch.inference_mode():
+            images = fn(b, generator) if batch_labels is None else fn(b, generator, batch_labels)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] != b:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(
