@@ -176,14 +176,14 @@ class Floor:
         return min(self.block(iters) for _ in range(repeats))
 
 
-def end_to_end(script, args, opts, script_args: list, floor: Floor, floor_before: float) -> None:
+def end_to_end(script, args, opts, script_args: list, floor_meter: Floor, floor_before: float) -> None:
     """Wall time of ``accelerate launch train_scripts/train_fd_onestep.py`` between two floor measurements."""
     command = ["accelerate", "launch", str(SCRIPT), "--output_dir", opts.output_dir, *script_args]
     print("running:", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - start
-    floor_after = floor.best()
+    floor_after = floor_meter.best()
     floor = min(floor_before, floor_after)
     floor_total = floor * args.max_train_steps
     summary = json.loads(Path(opts.output_dir, "fd_onestep_summary.json").read_text())
@@ -237,9 +237,10 @@ def main(argv=None):
     best = min(floor_before, floor_after)
     # The machine's speed drifts by more than the job's overheads: the interleaved blocks sample the floor
     # across the job's whole time, the before / after ones only at its two ends
+    interleaved = statistics.fmean(probes) if probes else None
     floors = {"best of 3 x 10, before / after the job (the smaller)": best}
-    if probes:
-        floors[f"interleaved: mean of {len(probes)} blocks of 10, one before each validation"] = statistics.fmean(probes)
+    if interleaved is not None:
+        floors[f"interleaved: mean of {len(probes)} blocks of 10, one before each validation"] = interleaved
 
     rows = sorted(((k, v) for k, v in profile.seconds.items() if k != PROBE), key=lambda kv: -kv[1])
     print(f"\nmain job: {args.max_train_steps} steps at batch {args.train_batch_size}, {torch.get_num_threads()} "
@@ -264,11 +265,11 @@ def main(argv=None):
         "training_steps_seconds": steps, "floor_step_seconds": best,
         "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after,
         "floor_total_seconds": best * args.max_train_steps, "floor_probe_seconds": probes,
-        "floor_interleaved_step_seconds": statistics.fmean(probes) if probes else None,
+        "floor_interleaved_step_seconds": interleaved,
         "job_over_floor": job / (best * args.max_train_steps), "steps_over_floor": steps / (best * args.max_train_steps),
         "job_over_floor_of_reference_steps": job / (best * REFERENCE_STEPS),
-        "job_over_interleaved_floor_of_reference_steps": job / (statistics.fmean(probes) * REFERENCE_STEPS) if probes else None,
-        "steps_over_interleaved_floor": steps / (statistics.fmean(probes) * args.max_train_steps) if probes else None,
+        "job_over_interleaved_floor_of_reference_steps": job / (interleaved * REFERENCE_STEPS) if probes else None,
+        "steps_over_interleaved_floor": steps / (interleaved * args.max_train_steps) if probes else None,
         "reference_steps": REFERENCE_STEPS, "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
     }, indent=2))
 

@@ -89,6 +89,19 @@ def test_same_seed_gives_the_same_report(bundled):
     assert first["generators"]["real"]["fd"] == second["generators"]["real"]["fd"]
 
 
+def test_generators_sample_in_inference_mode(bundled):
+    """Every sampler call (grid and FD samples) runs without autograd bookkeeping: the images are only read."""
+    encoders, references, _ = bundled
+    modes = []
+
+    def recording(batch_size, generator):
+        modes.append(torch.is_inference_mode_enabled())
+        return real_digits(batch_size, generator)
+
+    compare_generators({"real": recording}, encoders, references, num_samples=64, grid_samples=8, batch_size=32)
+    assert modes == [True, True, True]  # one grid batch, two FD batches
+
+
 def test_rejects_mismatched_inputs(bundled):
     encoders, references, _ = bundled
     with pytest.raises(ValueError, match="same names"):
