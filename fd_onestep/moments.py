@@ -139,7 +139,9 @@ class FeatureMoments:
         s1, s2 = raw_sums(z)
         self.count += int(z.shape[0])
         self.sum += s1
-        self.sum_outer += s2
+        # z^T z is not bitwise symmetric with every BLAS (it was not on an AMD EPYC's): keep the accumulator
+        # exactly symmetric, so that statistics files, which store its upper triangle, load back the same numbers
+        self.sum_outer += (s2 + s2.mT) / 2
         return self
 
     @property

@@ -100,3 +100,14 @@ def test_covariance_from_moments_is_numpy_cov_for_equal_and_for_reliability_weig
     # equal normalized weights 1/n: the same estimator as numpy.cov
     cov = covariance_from_moments(s1 / n, s2 / n, 1.0, 1.0 - 1.0 / n)
     np.testing.assert_allclose(cov.numpy(), np.cov(x.numpy(), rowvar=False), rtol=1e-12, atol=1e-13)
+
+
+def test_accumulated_second_moment_is_exactly_symmetric():
+    """sum z z^T stays bitwise symmetric whatever the BLAS's round-off in z^T z (statistics files store only its
+    upper triangle and must load back the same numbers)."""
+    g = torch.Generator().manual_seed(0)
+    for batch, dim in ((60, 5), (64, 256), (1000, 64)):  # shapes whose float64 z^T z was not symmetric here
+        moments = FeatureMoments(dim)
+        for _ in range(2):
+            moments.update(torch.randn(batch, dim, generator=g, dtype=torch.float64))
+        assert torch.equal(moments.sum_outer, moments.sum_outer.mT), (batch, dim)
