@@ -148,7 +148,7 @@ class OneStepGenerator:
         prompt_chunk_size: prompts per text-encoder call when filling the cache (``PROMPT_CHUNK_SIZE``).
 
     Attributes:
-        family (str): "unet2d", "dit", "sd", "sd3" or "flux" (see ``FDOneStepPipeline.SUPPORTED_FAMILIES``).
+        family (str): the pipeline's family, a key of ``FDOneStepPipeline.FAMILY_ADAPTERS``.
         noise_shape (tuple[int, int, int]): (C, h, w) of one generator input (pixels or VAE latents).
         image_shape (tuple[int, int, int]): (C, H, W) of one generated image.
         is_class_conditional, is_text_conditional (bool), num_classes (int | None).
@@ -185,11 +185,13 @@ class OneStepGenerator:
         if prompt_chunk_size < 1:
             raise ValueError(f"prompt_chunk_size must be >= 1, got {prompt_chunk_size}.")
         self.prompt_chunk_size = int(prompt_chunk_size)
+        keep_float32 = set(pipeline.float32_component_names)  # e.g. an SDXL VAE with force_upcast
         for name in pipeline.frozen_component_names:
             module = getattr(pipeline, name)
             module.requires_grad_(False)
             module.eval()
-            module.to(self.device, dtype=weight_dtype)
+            dtype = torch.float32 if (weight_dtype is not None and name in keep_float32) else weight_dtype
+            module.to(self.device, dtype=dtype)
         pipeline.denoiser.to(self.device)
 
         self.noise_shape: tuple[int, int, int] = pipeline.noise_shape()
@@ -443,8 +445,8 @@ class OneStepGenerator:
         """Save the denoiser's LoRA (added with ``add_lora_to_denoiser``) in diffusers' LoRA file format.
 
         Returns the path of the written ``.safetensors`` file. Load it back with
-        ``FDOneStepPipeline.load_lora_weights(output_dir)`` (and, for the "sd" family, with stock
-        ``StableDiffusionPipeline.load_lora_weights``).
+        ``FDOneStepPipeline.load_lora_weights(output_dir)`` (and, for families with a diffusers LoRA loader, with
+        the stock pipeline's ``load_lora_weights``, e.g. ``StableDiffusionXLPipeline``).
         """
         model = _unwrap(denoiser) if denoiser is not None else self.denoiser
         return FDOneStepPipeline.save_lora_weights(

@@ -80,9 +80,12 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     ImagePipelineOutput,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -97,21 +100,6 @@ PIPELINE_FILE_NAME = "pipeline_fd_onestep.py"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"
 
-# family -> (denoiser component, denoiser class, latent?, conditioning, LoRA route)
-SUPPORTED_FAMILIES = {
-    "unet2d": ("unet", UNet2DModel, False, "class-or-none", "peft"),
-    "dit": ("transformer", DiTTransformer2DModel, True, "class", "peft"),
-    "sd": ("unet", UNet2DConditionModel, True, "text", "StableDiffusionLoraLoaderMixin"),
-    "sd3": ("transformer", SD3Transformer2DModel, True, "text", "SD3LoraLoaderMixin"),
-    "flux": ("transformer", FluxTransformer2DModel, True, "text", "FluxLoraLoaderMixin"),
-}
-# text family -> (stock diffusers pipeline whose ``encode_prompt`` encodes the prompts, the components it is given)
-STOCK_TEXT_PIPELINES = {
-    "sd": (StableDiffusionPipeline, ("text_encoder", "tokenizer")),
-    "sd3": (StableDiffusion3Pipeline, ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                                       "text_encoder_3", "tokenizer_3")),
-    "flux": (FluxPipeline, ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
-}
 DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FLOW_PREDICTION_TYPES = ("flow",)
 OUTPUT_BOUNDS = (None, "tanh", "clamp")
@@ -123,26 +111,13 @@ FROM_PRETRAINED_DTYPE_KWARG = (
     "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 40) else "torch_dtype"
 )
 
-# default LoRA targets per family (module-name suffixes, PEFT ``target_modules``)
-DEFAULT_LORA_TARGETS = {
-    "unet2d": ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"],
-    "dit": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "sd": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0"],
-    "flux": ["to_q", "to_k", "to_v", "to_out.0"],
-}
-
-
-def _supported_text() -> str:
-    return ", ".join(f"{name} ({spec[1].__name__})" for name, spec in SUPPORTED_FAMILIES.items())
-
-
 # --------------------------------------------------------------------------------------------------
 # Parameterization math (the single implementation; fd_onestep.onestep imports it)
 # --------------------------------------------------------------------------------------------------
 def is_flow_matching_scheduler(scheduler) -> bool:
-    """True for flow-matching schedulers (sigmas, no ``alphas_cumprod``), e.g. FlowMatchEulerDiscreteScheduler."""
-    return "FlowMatch" in type(scheduler).__name__ or (
+    """True for flow-matching schedulers: FlowMatchEulerDiscreteScheduler and the like (sigmas, no ``alphas_cumprod``),
+    or a DPM-Solver with ``use_flow_sigmas`` (SANA's)."""
+    return "FlowMatch" in type(scheduler).__name__ or bool(scheduler.config.get("use_flow_sigmas", False)) or (
         not hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "sigmas") and "shift" in scheduler.config
     )
 
@@ -172,7 +147,8 @@ def flow_sigma(scheduler, timestep: float, image_seq_len: int | None = None) -> 
         mu = image_seq_len * m + (cfg.base_shift - m * cfg.base_image_seq_len)
         s = scheduler.time_shift(mu, 1.0, s)
     else:
-        shift = float(getattr(scheduler, "shift", cfg.get("shift", 1.0)))
+        # FlowMatchEulerDiscreteScheduler: shift; DPM-Solver with flow sigmas: flow_shift
+        shift = float(getattr(scheduler, "shift", cfg.get("shift", cfg.get("flow_shift", 1.0))))
         s = shift * s / (1 + (shift - 1) * s)
     return float(s)
 
@@ -282,9 +258,11 @@ class OneStepConditioning:
     """Per-sample conditioning of the one step (batch dimension first in every tensor).
 
     - ``class_labels``: (B,) int64 class ids (class-conditional families).
-    - ``prompt_embeds``: (B, L, D) text embeddings ("sd": CLIP hidden states; "sd3": CLIP+T5 joint;
-      "flux": T5); ``pooled_prompt_embeds``: (B, P) ("sd3", "flux").
-    - ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds``: the unconditional branch of guidance.
+    - ``prompt_embeds``: (B, L, D) text embeddings ("sd": CLIP hidden states; "sdxl": both CLIPs' joined;
+      "sd3": CLIP+T5 joint; "flux": T5; "sana": Gemma-2); ``pooled_prompt_embeds``: (B, P) ("sdxl", "sd3", "flux").
+    - ``prompt_attention_mask``: (B, L) int64 token mask ("sana": Gemma-2 padding).
+    - ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds`` / ``negative_prompt_attention_mask``: the
+      unconditional branch of guidance.
     """
 
     class_labels: torch.Tensor | None = None
@@ -292,6 +270,8 @@ class OneStepConditioning:
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    prompt_attention_mask: torch.Tensor | None = None
+    negative_prompt_attention_mask: torch.Tensor | None = None
 
     def _tensors(self):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -342,19 +322,6 @@ def _has_peft_adapters(model: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def family_of_denoiser(denoiser: torch.nn.Module) -> str:
-    """Family name of a denoiser instance (ValueError listing the supported classes otherwise)."""
-    for name, (_, cls, _, _, _) in SUPPORTED_FAMILIES.items():
-        if type(denoiser) is cls:
-            return name
-    for name, (_, cls, _, _, _) in SUPPORTED_FAMILIES.items():
-        if isinstance(denoiser, cls):
-            return name
-    raise ValueError(
-        f"unsupported denoiser class {type(denoiser).__name__}; supported families: {_supported_text()}."
-    )
-
-
 def add_lora_to_denoiser(
     denoiser: torch.nn.Module,
     rank: int = 8,
@@ -367,23 +334,19 @@ def add_lora_to_denoiser(
 
     ``target_modules``: PEFT module-name suffixes; default ``DEFAULT_LORA_TARGETS[family]``.
     ``alpha`` defaults to ``rank`` (scale 1). Models with diffusers' ``PeftAdapterMixin`` use
-    ``add_adapter``; UNet2DModel and DiT use ``peft.inject_adapter_in_model``.
+    ``add_adapter`` (families with a diffusers LoRA loader); UNet2DModel and DiT use ``peft.inject_adapter_in_model``.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
-    family = family_of_denoiser(denoiser)
+    adapter = adapter_of_denoiser(denoiser)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
-        target_modules=list(target_modules or DEFAULT_LORA_TARGETS[family]),
+        target_modules=list(target_modules or adapter.default_lora_targets),
         init_lora_weights=init_lora_weights,
     )
     denoiser.requires_grad_(False)
-    if hasattr(denoiser, "add_adapter") and SUPPORTED_FAMILIES[family][4] != "peft":
-        denoiser.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
-        _peft_configs(denoiser)[adapter_name] = config
+    adapter.add_lora(denoiser, config, adapter_name)
     return denoiser
 
 
@@ -409,10 +372,841 @@ def denoiser_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "def
     return {k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser, adapter_name=adapter_name).items()}
 
 
-def _lora_mixin(family: str):
-    import diffusers.loaders as loaders
+# --------------------------------------------------------------------------------------------------
+# Model families: one adapter class each (see docs/adding_a_family.md)
+# --------------------------------------------------------------------------------------------------
+class FamilyAdapter:
+    """Everything that differs between model families, for one ``FDOneStepPipeline`` (``pipe.adapter``).
 
-    return getattr(loaders, SUPPORTED_FAMILIES[family][4])
+    Class attributes describe the family; classmethods detect and check it before a pipeline exists; methods of
+    an instance (bound to its pipeline as ``self.pipe``) encode the conditioning, call the denoiser, decode and
+    describe the stock pipeline's one step. The one-step math (``noise_level``, ``prediction_to_sample``) and the
+    classifier-free-guidance combination are shared and live outside the adapters.
+    """
+
+    name: str = ""
+    denoiser_slot: str = "transformer"  # "unet" | "transformer": the pipeline component that holds the denoiser
+    denoiser_class: type = None
+    is_latent: bool = True
+    conditioning: str = "text"  # "text" | "class" | "class-or-none"
+    lora_loader: str | None = None  # diffusers LoRA loader mixin (in diffusers.loaders); None: PEFT directly
+    default_lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    stock_pipeline: str | None = None  # the stock diffusers pipeline that takes the same one step
+    flow_matching_only: bool = False
+    default_max_sequence_length: int | None = None
+    # (components, message) the family cannot do without
+    required_components: tuple = ()
+
+    def __init__(self, pipe: "FDOneStepPipeline"):
+        self.pipe = pipe
+
+    # ---------------------------------------------------------------- detection (no pipeline yet)
+    @classmethod
+    def describe(cls) -> str:
+        return f"{cls.name} ({cls.denoiser_class.__name__})"
+
+    @classmethod
+    def owns_denoiser(cls, denoiser) -> bool:
+        """This family's denoiser (the model class, and the variant of it where one class serves two families)."""
+        return isinstance(denoiser, cls.denoiser_class)
+
+    @classmethod
+    def owns_model_index(cls, config: dict) -> bool:
+        """Whether a teacher's ``model_index.json`` is one of this family's pipelines."""
+        entry = config.get(cls.denoiser_slot)
+        return isinstance(entry, (list, tuple)) and entry[1] == cls.denoiser_class.__name__
+
+    @classmethod
+    def check_model_index(cls, config: dict, source) -> None:
+        """Raise for a pipeline of this family that the one step cannot take (e.g. an img2img variant)."""
+
+    @classmethod
+    def check_components(cls, denoiser, components: dict) -> None:
+        if cls.is_latent and components.get("vae") is None:
+            raise ValueError(f"the {cls.name!r} family is a latent model: pass its `vae`.")
+        for names, message in cls.required_components:
+            if any(components.get(n) is None for n in names):
+                raise ValueError(message)
+
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings: dict) -> dict:
+        """Fill in the family defaults of the pipeline config (``sample_size``, ``max_sequence_length``, ...)."""
+        if settings["sample_size"] is None:
+            cfg_size = cls.default_sample_size(denoiser)
+            if cfg_size is None:
+                raise ValueError("the denoiser config has no sample_size; pass `sample_size=` (generator input side).")
+            settings["sample_size"] = cfg_size if isinstance(cfg_size, int) else int(cfg_size[0])
+        if settings["max_sequence_length"] is None:
+            settings["max_sequence_length"] = cls.default_max_sequence_length
+        return settings
+
+    @classmethod
+    def default_sample_size(cls, denoiser):
+        return denoiser.config.get("sample_size", None)
+
+    # ---------------------------------------------------------------- shapes
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, self.denoiser_slot)
+
+    def vae_scale_factor(self) -> int:
+        vae = getattr(self.pipe, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    def noise_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    def image_channels(self) -> int:
+        return int(self.pipe.vae.config.out_channels)
+
+    def image_seq_len(self) -> int | None:
+        """Latent tokens of one sample, for resolution-dependent flow shifts (None: not used)."""
+        return None
+
+    def num_classes(self) -> int | None:
+        return None
+
+    def frozen_component_names(self) -> list[str]:
+        names = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+        return [n for n in names if getattr(self.pipe, n, None) is not None]
+
+    def float32_component_names(self) -> list[str]:
+        """Frozen components that stay in float32 under mixed precision (e.g. a VAE that overflows in fp16)."""
+        return []
+
+    # ---------------------------------------------------------------- conditioning
+    def uses_negative_branch(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0
+
+    def default_negative_prompt(self):
+        return ""
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        raise ValueError(f"the {self.name!r} family takes no prompt.")
+
+    def example_conditioning(self, batch_size, device, dtype, guided) -> "OneStepConditioning | None":
+        return None
+
+    # ---------------------------------------------------------------- the denoiser
+    def flow_timestep_dtype(self, dtype):
+        """dtype of a flow-matching timestep as the stock pipeline passes it (StableDiffusion3Pipeline: float32;
+        a bf16 timestep near 1000 is rounded to a multiple of 4)."""
+        return torch.float32
+
+    def denoise(self, denoiser, x, t, cond, use_negative: bool, guidance_scale: float, dtype):
+        """Raw output of ``denoiser`` on ``x`` (B', C, h, w) at timesteps ``t`` (B',), conditioned on ``cond``
+        (its negative rows appended when ``use_negative``), in the unpacked latent / pixel layout."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> images (B, C, H, W) float32, nominally in [-1, 1] (differentiable)."""
+        vae = self.pipe.vae
+        cfg = vae.config
+        latents = latents / cfg.scaling_factor
+        if cfg.get("shift_factor", None) is not None:
+            latents = latents + cfg.shift_factor
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+
+    # ---------------------------------------------------------------- the stock pipeline's one step
+    def stock_scheduler(self):
+        """(scheduler, overrides) of the stock flow-matching one step: the teacher's own by default."""
+        return self.pipe.scheduler, {}
+
+    def stock_call_kwargs(self, kwargs: dict, guidance_scale: float) -> dict:
+        if self.conditioning == "text":
+            kwargs["guidance_scale"] = guidance_scale
+        return kwargs
+
+    # ---------------------------------------------------------------- LoRA
+    @classmethod
+    def lora_mixin(cls):
+        import diffusers.loaders as loaders
+
+        return getattr(loaders, cls.lora_loader)
+
+    @classmethod
+    def add_lora(cls, denoiser, config, adapter_name):
+        from peft import inject_adapter_in_model
+
+        if cls.lora_loader is not None and hasattr(denoiser, "add_adapter"):
+            denoiser.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+            _peft_configs(denoiser)[adapter_name] = config
+
+    def _lora_state_dict(self, mixin, source, weight_name, **kwargs):
+        """(state dict, network alphas or None, metadata) through the loader mixin."""
+        state_dict, metadata = mixin.lora_state_dict(source, weight_name=weight_name, return_lora_metadata=True,
+                                                     **kwargs)
+        return state_dict, None, metadata
+
+    def _load_lora_into_denoiser(self, mixin, state_dict, alphas, metadata, adapter_name):
+        mixin.load_lora_into_transformer(state_dict, transformer=self.denoiser, adapter_name=adapter_name,
+                                         _pipeline=self.pipe, metadata=metadata)
+
+    def load_lora(self, source, adapter_name, weight_name=None, **kwargs):
+        prefix = self.denoiser_slot
+        if self.lora_loader is None:
+            state_dict, config = _read_peft_lora(source, weight_name, **kwargs)
+            _load_peft_lora(self.denoiser, state_dict, config, prefix, adapter_name)
+            return
+        mixin = self.lora_mixin()
+        state_dict, alphas, metadata = self._lora_state_dict(mixin, source, weight_name, **kwargs)
+        ignored = [k for k in state_dict if not k.startswith(prefix + ".")]
+        if ignored and len(ignored) < len(state_dict):
+            logger.warning(f"ignoring {len(ignored)} LoRA weights outside `{prefix}` (e.g. {ignored[0]}).")
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+        self._load_lora_into_denoiser(mixin, state_dict, alphas, metadata, adapter_name)
+
+    @classmethod
+    def save_lora(cls, save_directory, layers: dict, meta, weight_name, is_main_process, safe_serialization) -> str:
+        prefix = cls.denoiser_slot
+        if cls.lora_loader is not None:
+            cls.lora_mixin().save_lora_weights(
+                save_directory, is_main_process=is_main_process, weight_name=weight_name,
+                safe_serialization=safe_serialization,
+                **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": meta},
+            )
+            return os.path.join(save_directory, weight_name)
+        if not is_main_process:
+            return os.path.join(save_directory, weight_name)
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        tensors = {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in layers.items()}
+        metadata = {"format": "pt"}
+        if meta is not None:
+            # as diffusers' LoRA writers do: the config keys prefixed with the component name
+            metadata[LORA_METADATA_KEY] = json.dumps({f"{prefix}.{k}": v for k, v in meta.items()}, indent=2,
+                                                     sort_keys=True)
+        path = os.path.join(save_directory, weight_name)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+        return path
+
+
+def _example_tensor(shape, dtype, device, dtype_override=None):
+    """Random values of the exact shape and dtype (``dtype_override`` for float tensors); meta / fake ready."""
+    if dtype_override is not None and dtype.is_floating_point:
+        dtype = dtype_override
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+def _module_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _module_device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# ------------------------------------------------------------------ class-conditional / unconditional pixels and DiT
+class _ClassFamilyAdapter(FamilyAdapter):
+    stock_pipeline = None
+
+    def class_labels(self, cond, use_negative, device):
+        if not self.pipe.is_class_conditional:
+            if use_negative:
+                raise ValueError("guidance needs a conditional model; this one is unconditional: use guidance_scale=1.")
+            return None
+        if cond is None or cond.class_labels is None:
+            raise ValueError("class-conditional model: conditioning.class_labels is required.")
+        labels = cond.class_labels.to(device)
+        if use_negative:
+            if self.pipe.config.null_class_label is None:
+                raise ValueError(
+                    "guidance needs an unconditional class: set `null_class_label` in the pipeline config "
+                    "(the label the model was trained with for dropped conditioning), or guidance_scale=1."
+                )
+            labels = torch.cat([labels, torch.full_like(labels, self.pipe.config.null_class_label)])
+        return labels
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        if self.num_classes() is None:
+            return None
+        device = device if device is not None else _module_device(self.denoiser)
+        return OneStepConditioning(class_labels=torch.zeros(batch_size, dtype=torch.long, device=device))
+
+
+class UNet2DAdapter(_ClassFamilyAdapter):
+    """Pixel-space ``UNet2DModel`` (``DDPMPipeline``), unconditional or class-conditional."""
+
+    name = "unet2d"
+    denoiser_slot = "unet"
+    denoiser_class = UNet2DModel
+    is_latent = False
+    conditioning = "class-or-none"
+    default_lora_targets = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
+    stock_pipeline = "DDPMPipeline"
+
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings):
+        settings = super().resolve_settings(denoiser, scheduler, settings)
+        null_class_label = settings["null_class_label"]
+        if null_class_label is not None:
+            # a UNet2DModel's class table has num_class_embeds rows; the null class must be the last one, so the
+            # real classes are 0 .. num_class_embeds - 2 (DiT's convention: its null label is num_classes)
+            num_embeds = denoiser.config.get("num_class_embeds")
+            if num_embeds is None or int(null_class_label) != int(num_embeds) - 1:
+                raise ValueError(
+                    f"null_class_label={null_class_label} for a UNet2DModel with num_class_embeds={num_embeds}: the "
+                    "null class (the label of dropped conditioning in training) must be the last class embedding, "
+                    f"{None if num_embeds is None else int(num_embeds) - 1}; omit it for a model trained without one."
+                )
+        return settings
+
+    def image_channels(self):
+        return int(self.denoiser.config.out_channels)
+
+    def num_classes(self):
+        cfg = self.denoiser.config
+        if cfg.get("num_class_embeds") is None:
+            return None
+        # with a null class (the last embedding, see resolve_settings) the real classes are the ones before it
+        return int(cfg.num_class_embeds) - (self.pipe.config.null_class_label is not None)
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        labels = self.class_labels(cond, use_negative, x.device)
+        return denoiser(x, t, class_labels=labels, return_dict=False)[0]
+
+
+class DiTAdapter(_ClassFamilyAdapter):
+    """Class-conditional latent ``DiTTransformer2DModel`` (``DiTPipeline``)."""
+
+    name = "dit"
+    denoiser_class = DiTTransformer2DModel
+    conditioning = "class"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings):
+        settings = super().resolve_settings(denoiser, scheduler, settings)
+        if settings["null_class_label"] is None:
+            settings["null_class_label"] = int(denoiser.config.num_embeds_ada_norm)
+        return settings
+
+    def num_classes(self):
+        return int(self.denoiser.config.num_embeds_ada_norm)
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        labels = self.class_labels(cond, use_negative, x.device)
+        return denoiser(x, timestep=t, class_labels=labels, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------ text-to-image
+class _TextFamilyAdapter(FamilyAdapter):
+    """Prompts encoded by the stock pipeline's own ``encode_prompt`` over this pipeline's text components."""
+
+    stock_pipeline_class: type = None
+    text_components: tuple = ()  # what the stock pipeline's encode_prompt reads
+
+    def stock_text_pipeline(self) -> DiffusionPipeline:
+        """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied).
+
+        Built once and rebuilt only when one of the components it holds is replaced.
+        """
+        parts = {name: getattr(self.pipe, name) for name in self.text_components}
+        stock = getattr(self.pipe, "_stock_text", None)
+        if stock is None or type(stock) is not self.stock_pipeline_class or any(
+            getattr(stock, k) is not v for k, v in parts.items()
+        ):
+            stock = self.build_stock_text_pipeline(parts)
+            self.pipe._stock_text = stock
+        return stock
+
+    def build_stock_text_pipeline(self, parts: dict) -> DiffusionPipeline:
+        return self.stock_pipeline_class(**parts, vae=None, scheduler=None)
+
+    def text_inputs(self, cond, use_negative, device, dtype, names=("prompt_embeds", "pooled_prompt_embeds")):
+        """The conditioning tensors ``names`` (their negative rows appended when ``use_negative``) on ``device``;
+        float ones in the denoiser's ``dtype``."""
+        if cond is None or cond.prompt_embeds is None:
+            raise ValueError(
+                f"the {self.name!r} family needs prompt embeddings: build them with encode_conditioning(prompt=...)."
+            )
+        if use_negative and cond.negative_prompt_embeds is None:
+            raise ValueError(
+                "guidance_scale > 1 needs negative prompt embeddings: build the conditioning with "
+                "encode_conditioning(..., guidance_scale=<same value>)."
+            )
+        out = []
+        for name in names:
+            value = getattr(cond, name)
+            if value is not None and use_negative:
+                value = torch.cat([value, getattr(cond, "negative_" + name)])
+            if value is not None:
+                value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+            out.append(value)
+        return out
+
+    def stock_call_kwargs(self, kwargs, guidance_scale):
+        if self.pipe.config.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = int(self.pipe.config.max_sequence_length)
+        kwargs["guidance_scale"] = guidance_scale
+        return kwargs
+
+
+class SDAdapter(_TextFamilyAdapter):
+    """Stable Diffusion 1.x / 2.x: ``UNet2DConditionModel`` without added embeddings, one CLIP text encoder."""
+
+    name = "sd"
+    denoiser_slot = "unet"
+    denoiser_class = UNet2DConditionModel
+    lora_loader = "StableDiffusionLoraLoaderMixin"
+    stock_pipeline = "StableDiffusionPipeline"
+    stock_pipeline_class = StableDiffusionPipeline
+    text_components = ("text_encoder", "tokenizer")
+    required_components = ((("text_encoder", "tokenizer"), "the 'sd' family needs `text_encoder` and `tokenizer`."),)
+
+    @classmethod
+    def owns_denoiser(cls, denoiser):
+        return super().owns_denoiser(denoiser) and getattr(denoiser.config, "addition_embed_type", None) is None
+
+    @classmethod
+    def owns_model_index(cls, config):
+        return super().owns_model_index(config) and config.get("text_encoder_2") in (None, [None, None])
+
+    def build_stock_text_pipeline(self, parts):
+        # only what encode_prompt reads. No scheduler and no UNet: StableDiffusionPipeline's constructor rewrites
+        # legacy scheduler / UNet configs in place (steps_offset, clip_sample, sample_size)
+        return self.stock_pipeline_class(**parts, vae=None, unet=None, scheduler=None, safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        stock = self.stock_text_pipeline()
+        embeds, negative = stock.encode_prompt(prompts, device, num_images_per_prompt, guided, negative_prompts)
+        return OneStepConditioning(prompt_embeds=embeds, negative_prompt_embeds=negative)
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        te = self.pipe.text_encoder
+        device = device if device is not None else _module_device(te)
+        shape = (batch_size, self._token_length(), int(te.config.hidden_size))
+        embeds = _example_tensor(shape, _module_dtype(te), device, dtype)
+        return OneStepConditioning(prompt_embeds=embeds,
+                                   negative_prompt_embeds=torch.randn_like(embeds) if guided else None)
+
+    def _token_length(self) -> int:
+        tokenizer = self.pipe.tokenizer
+        if tokenizer is not None:
+            return int(tokenizer.model_max_length)
+        return int(self.pipe.text_encoder.config.max_position_embeddings)
+
+    def _lora_state_dict(self, mixin, source, weight_name, **kwargs):
+        return mixin.lora_state_dict(source, weight_name=weight_name, return_lora_metadata=True, **kwargs)
+
+    def _load_lora_into_denoiser(self, mixin, state_dict, alphas, metadata, adapter_name):
+        mixin.load_lora_into_unet(state_dict, alphas, unet=self.denoiser, adapter_name=adapter_name,
+                                  _pipeline=self.pipe, metadata=metadata)
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        (embeds,) = self.text_inputs(cond, use_negative, x.device, dtype, names=("prompt_embeds",))
+        return denoiser(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+class SDXLAdapter(SDAdapter):
+    """Stable Diffusion XL (base, text-to-image): ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``,
+    two CLIP text encoders (pooled embeddings of the second), micro-conditioning time ids."""
+
+    name = "sdxl"
+    lora_loader = "StableDiffusionXLLoraLoaderMixin"
+    stock_pipeline = "StableDiffusionXLPipeline"
+    stock_pipeline_class = StableDiffusionXLPipeline
+    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet")
+    required_components = (
+        (("text_encoder_2", "tokenizer_2"),
+         "the 'sdxl' family needs its second text encoder: pass `text_encoder_2` and `tokenizer_2`."),
+        (("text_encoder", "tokenizer"),
+         "an SDXL UNet without `text_encoder` / `tokenizer` is the SDXL refiner (an img2img model with aesthetic-score "
+         "conditioning), which one-step text-to-image does not support: use the SDXL base model."),
+    )
+    # the only ones the stock text-to-image pipeline takes
+    IMG2IMG_PIPELINES = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                         "StableDiffusionXLInstructPix2PixPipeline")
+
+    @classmethod
+    def owns_denoiser(cls, denoiser):
+        return isinstance(denoiser, cls.denoiser_class) and getattr(denoiser.config, "addition_embed_type",
+                                                                     None) == "text_time"
+
+    @classmethod
+    def owns_model_index(cls, config):
+        return FamilyAdapter.owns_model_index.__func__(cls, config) and (
+            config.get("text_encoder_2") not in (None, [None, None])
+            or str(config.get("_class_name", "")).startswith("StableDiffusionXL")
+        )
+
+    @classmethod
+    def check_model_index(cls, config, source):
+        name = config.get("_class_name")
+        if name in cls.IMG2IMG_PIPELINES or config.get("requires_aesthetics_score") or config.get(
+            "text_encoder"
+        ) in (None, [None, None]):
+            raise ValueError(
+                f"{source} is a {name} (an SDXL refiner or image-to-image pipeline); one-step generation supports "
+                "SDXL base text-to-image teachers (StableDiffusionXLPipeline, e.g. "
+                "stabilityai/stable-diffusion-xl-base-1.0)."
+            )
+
+    @classmethod
+    def check_components(cls, denoiser, components):
+        super().check_components(denoiser, components)
+        cfg = denoiser.config
+        expected = int(cfg.addition_time_embed_dim) * 6 + int(components["text_encoder_2"].config.projection_dim)
+        if cfg.projection_class_embeddings_input_dim != expected:
+            raise ValueError(
+                f"this SDXL UNet takes added embeddings of {cfg.projection_class_embeddings_input_dim} values, not "
+                f"6 time ids x {cfg.addition_time_embed_dim} + the pooled text embedding ({expected}): it is not an "
+                "SDXL base text-to-image UNet (the refiner takes 5 time ids with an aesthetic score); use the SDXL "
+                "base model."
+            )
+
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings):
+        settings = super().resolve_settings(denoiser, scheduler, settings)
+        if settings["force_zeros_for_empty_prompt"] is None:
+            settings["force_zeros_for_empty_prompt"] = True  # StableDiffusionXLPipeline's default
+        return settings
+
+    def float32_component_names(self):
+        vae = self.pipe.vae
+        return ["vae"] if vae is not None and vae.config.get("force_upcast", False) else []
+
+    def build_stock_text_pipeline(self, parts):
+        # the UNet is read by _get_add_time_ids (the stock micro-conditioning); no scheduler, no VAE, no watermark
+        return self.stock_pipeline_class(**parts, vae=None, scheduler=None, add_watermarker=False,
+                                         force_zeros_for_empty_prompt=bool(
+                                             self.pipe.config.force_zeros_for_empty_prompt))
+
+    def default_negative_prompt(self):
+        # as StableDiffusionXLPipeline: no negative prompt -> zeros when force_zeros_for_empty_prompt, else ""
+        return None
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        stock = self.stock_text_pipeline()
+        embeds, negative, pooled, negative_pooled = stock.encode_prompt(
+            prompts, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompts,
+        )
+        return OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                                   negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+
+    def _token_length(self):
+        return int(self.pipe.tokenizer_2.model_max_length)
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        te, te2 = self.pipe.text_encoder, self.pipe.text_encoder_2
+        device = device if device is not None else _module_device(te2)
+        width = int(te.config.hidden_size) + int(te2.config.hidden_size)
+        embeds = _example_tensor((batch_size, self._token_length(), width), _module_dtype(te2), device, dtype)
+        pooled = _example_tensor((batch_size, int(te2.config.projection_dim)), _module_dtype(te2), device, dtype)
+        return OneStepConditioning(
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=torch.randn_like(embeds) if guided else None,
+            negative_pooled_prompt_embeds=torch.randn_like(pooled) if guided else None,
+        )
+
+    def add_time_ids(self, dtype, device, rows) -> torch.Tensor:
+        """The stock micro-conditioning: original size = target size = the generated size, crop (0, 0)."""
+        size = int(self.pipe.config.sample_size) * self.pipe.vae_scale_factor
+        ids = self.stock_text_pipeline()._get_add_time_ids(
+            (size, size), (0, 0), (size, size), dtype=dtype,
+            text_encoder_projection_dim=int(self.pipe.text_encoder_2.config.projection_dim),
+        )
+        return ids.to(device).repeat(rows, 1)
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        embeds, pooled = self.text_inputs(cond, use_negative, x.device, dtype)
+        added = {"text_embeds": pooled, "time_ids": self.add_time_ids(embeds.dtype, x.device, x.shape[0])}
+        return denoiser(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+    def decode(self, latents):
+        vae = self.pipe.vae
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            # as StableDiffusionXLPipeline: this VAE overflows in float16 (NaN images); it decodes in float32
+            logger.info("the VAE has force_upcast=True: it stays in float32 for decoding.")
+            vae.to(dtype=torch.float32)
+        cfg = vae.config
+        if cfg.get("latents_mean", None) is not None and cfg.get("latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / cfg.scaling_factor + mean
+            return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+        return super().decode(latents)
+
+
+class SD3Adapter(_TextFamilyAdapter):
+    """Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel``, two CLIP encoders and an optional T5, flow matching."""
+
+    name = "sd3"
+    denoiser_class = SD3Transformer2DModel
+    lora_loader = "SD3LoraLoaderMixin"
+    stock_pipeline = "StableDiffusion3Pipeline"
+    stock_pipeline_class = StableDiffusion3Pipeline
+    text_components = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                       "tokenizer_3")
+    flow_matching_only = True
+    default_max_sequence_length = 256
+    required_components = (
+        (("text_encoder", "tokenizer"), "the 'sd3' family needs `text_encoder` and `tokenizer`."),
+        (("text_encoder_2", "tokenizer_2"),
+         "the 'sd3' family needs both CLIP encoders: pass `text_encoder_2` and `tokenizer_2`."),
+    )
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        embeds, negative, pooled, negative_pooled = self.stock_text_pipeline().encode_prompt(
+            prompts, None, None, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=guided, negative_prompt=negative_prompts,
+            max_sequence_length=self.pipe.config.max_sequence_length,
+        )
+        return OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                                   negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        p = self.pipe
+        te, te2, te3 = p.text_encoder, p.text_encoder_2, p.text_encoder_3
+        device = device if device is not None else _module_device(te)
+        clip_length = int(p.tokenizer.model_max_length) if p.tokenizer is not None else 77
+        length = clip_length + int(p.config.max_sequence_length)
+        # CLIP states in the first encoder's dtype; T5's (or its zeros, in the CLIP dtype) joined to them
+        t5_dtype = _module_dtype(te3) if te3 is not None else _module_dtype(te)
+        embeds_dtype = torch.promote_types(_module_dtype(te), t5_dtype)
+        pooled_dtype = torch.promote_types(_module_dtype(te), _module_dtype(te2))
+        width = int(p.transformer.config.joint_attention_dim)
+        pooled_width = int(te.config.projection_dim) + int(te2.config.projection_dim)
+        embeds = _example_tensor((batch_size, length, width), embeds_dtype, device, dtype)
+        pooled = _example_tensor((batch_size, pooled_width), pooled_dtype, device, dtype)
+        return OneStepConditioning(
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=torch.randn_like(embeds) if guided else None,
+            negative_pooled_prompt_embeds=torch.randn_like(pooled) if guided else None,
+        )
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        embeds, pooled = self.text_inputs(cond, use_negative, x.device, dtype)
+        return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                        return_dict=False)[0]
+
+
+class FluxAdapter(_TextFamilyAdapter):
+    """FLUX.1: ``FluxTransformer2DModel`` on packed 2x2 latent patches, CLIP (pooled) + T5, flow matching with a
+    resolution-dependent shift; guidance-distilled models take the guidance scale as an embedding."""
+
+    name = "flux"
+    denoiser_class = FluxTransformer2DModel
+    lora_loader = "FluxLoraLoaderMixin"
+    stock_pipeline = "FluxPipeline"
+    stock_pipeline_class = FluxPipeline
+    text_components = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    flow_matching_only = True
+    default_max_sequence_length = 512
+    required_components = (
+        (("text_encoder", "tokenizer"), "the 'flux' family needs `text_encoder` and `tokenizer`."),
+        (("text_encoder_2", "tokenizer_2"),
+         "the 'flux' family needs the T5 encoder: pass `text_encoder_2` and `tokenizer_2`."),
+    )
+
+    @classmethod
+    def default_sample_size(cls, denoiser):
+        return 128  # FluxPipeline.default_sample_size (latent pixels)
+
+    def noise_channels(self):
+        return int(self.denoiser.config.in_channels) // 4
+
+    def image_seq_len(self):
+        return (self.pipe.config.sample_size // 2) ** 2
+
+    def uses_negative_branch(self, guidance_scale):
+        return guidance_scale > 1.0 and not self.pipe.transformer.config.guidance_embeds
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        # encode_prompt has no negative branch; FluxPipeline encodes its true-CFG negative prompt with a second
+        # call, as here
+        stock = self.stock_text_pipeline()
+        length = self.pipe.config.max_sequence_length
+        embeds, pooled, _ = stock.encode_prompt(prompts, device=device, num_images_per_prompt=num_images_per_prompt,
+                                                max_sequence_length=length)
+        cond = OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if guided:
+            negative, negative_pooled, _ = stock.encode_prompt(
+                negative_prompts, device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=length
+            )
+            cond = replace(cond, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return cond
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        te, te2 = self.pipe.text_encoder, self.pipe.text_encoder_2
+        device = device if device is not None else _module_device(te)
+        length = int(self.pipe.config.max_sequence_length)
+        embeds = _example_tensor((batch_size, length, int(te2.config.d_model)), _module_dtype(te2), device, dtype)
+        pooled = _example_tensor((batch_size, int(te.config.hidden_size)), _module_dtype(te), device, dtype)
+        return OneStepConditioning(
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=torch.randn_like(embeds) if guided else None,
+            negative_pooled_prompt_embeds=torch.randn_like(pooled) if guided else None,
+        )
+
+    def flow_timestep_dtype(self, dtype):
+        return dtype  # FluxPipeline passes it in the latents' dtype
+
+    def _lora_state_dict(self, mixin, source, weight_name, **kwargs):
+        return mixin.lora_state_dict(source, weight_name=weight_name, return_alphas=True, return_lora_metadata=True,
+                                     **kwargs)
+
+    def _load_lora_into_denoiser(self, mixin, state_dict, alphas, metadata, adapter_name):
+        mixin.load_lora_into_transformer(state_dict, alphas, transformer=self.denoiser, adapter_name=adapter_name,
+                                         metadata=metadata, _pipeline=self.pipe)
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        embeds, pooled = self.text_inputs(cond, use_negative, x.device, dtype)
+        n, c, h, w = x.shape
+        vsf = self.pipe.vae_scale_factor
+        packed = FluxPipeline._pack_latents(x, n, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((n,), guidance_scale, device=x.device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=packed, timestep=t / self.pipe.scheduler.config.num_train_timesteps, guidance=guidance,
+            pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(out, h * vsf, w * vsf, vsf)
+
+    def stock_call_kwargs(self, kwargs, guidance_scale):
+        kwargs = super().stock_call_kwargs(kwargs, guidance_scale)
+        if not self.pipe.transformer.config.guidance_embeds:
+            del kwargs["guidance_scale"]
+            if guidance_scale > 1:
+                kwargs.update(true_cfg_scale=guidance_scale, negative_prompt="")
+        return kwargs
+
+
+class SanaAdapter(_TextFamilyAdapter):
+    """SANA: ``SanaTransformer2DModel``, a Gemma-2 text encoder (with SanaPipeline's complex human instruction and
+    attention mask), ``AutoencoderDC`` (32x), flow matching (``DPMSolverMultistepScheduler`` with flow sigmas)."""
+
+    name = "sana"
+    denoiser_class = SanaTransformer2DModel
+    lora_loader = "SanaLoraLoaderMixin"
+    stock_pipeline = "SanaPipeline"
+    stock_pipeline_class = SanaPipeline
+    text_components = ("text_encoder", "tokenizer")
+    flow_matching_only = True
+    required_components = ((("text_encoder", "tokenizer"), "the 'sana' family needs `text_encoder` and `tokenizer`."),)
+
+    @staticmethod
+    def stock_call_default(name):
+        return inspect.signature(SanaPipeline.__call__).parameters[name].default
+
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings):
+        if settings["max_sequence_length"] is None:
+            settings["max_sequence_length"] = int(cls.stock_call_default("max_sequence_length"))
+        settings = super().resolve_settings(denoiser, scheduler, settings)
+        if settings["complex_human_instruction"] is None:
+            settings["complex_human_instruction"] = list(cls.stock_call_default("complex_human_instruction"))
+        return settings
+
+    def vae_scale_factor(self):
+        return 2 ** (len(self.pipe.vae.config.encoder_block_out_channels) - 1)
+
+    def image_channels(self):
+        return int(self.pipe.vae.config.in_channels)
+
+    def build_stock_text_pipeline(self, parts):
+        return self.stock_pipeline_class(**parts, vae=None, transformer=None, scheduler=None)
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        # one row per prompt, then repeated here: SanaPipeline.encode_prompt repeats the embeddings per prompt but
+        # its attention masks prompt after prompt, which pairs masks with the wrong prompts when n > 1
+        embeds, mask, negative, negative_mask = self.stock_text_pipeline().encode_prompt(
+            prompts, do_classifier_free_guidance=guided, negative_prompt=negative_prompts, num_images_per_prompt=1,
+            device=device, clean_caption=False, max_sequence_length=int(self.pipe.config.max_sequence_length),
+            complex_human_instruction=self.pipe.config.complex_human_instruction or None,
+        )
+        cond = OneStepConditioning(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=negative,
+                                   negative_prompt_attention_mask=negative_mask)
+        return cond.repeat_interleave(num_images_per_prompt)
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        te = self.pipe.text_encoder
+        device = device if device is not None else _module_device(te)
+        length = int(self.pipe.config.max_sequence_length)
+        embeds = _example_tensor((batch_size, length, int(te.config.hidden_size)), _module_dtype(te), device, dtype)
+        mask = _example_tensor((batch_size, length), torch.long, device)
+        return OneStepConditioning(
+            prompt_embeds=embeds, prompt_attention_mask=mask,
+            negative_prompt_embeds=torch.randn_like(embeds) if guided else None,
+            negative_prompt_attention_mask=torch.ones_like(mask) if guided else None,
+        )
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        embeds, mask = self.text_inputs(cond, use_negative, x.device, dtype,
+                                        names=("prompt_embeds", "prompt_attention_mask"))
+        timestep = t * self.pipe.transformer.config.timestep_scale
+        return denoiser(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timestep,
+                        return_dict=False)[0]
+
+    def stock_scheduler(self):
+        # SanaPipeline takes any flow-matching scheduler: FlowMatchEulerDiscreteScheduler with the teacher's shift
+        # takes one Euler step x - sigma * v at the sigma used here (its DPM-Solver's one-step sigma is another one)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = self.pipe.scheduler
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            return scheduler, {}
+        overrides = {"shift": float(scheduler.config.get("flow_shift", 1.0))}
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, **overrides), overrides
+
+    def stock_call_kwargs(self, kwargs, guidance_scale):
+        kwargs = super().stock_call_kwargs(kwargs, guidance_scale)
+        kwargs["use_resolution_binning"] = False  # the generated size as it is
+        instruction = self.pipe.config.complex_human_instruction
+        if list(instruction or []) != list(self.stock_call_default("complex_human_instruction")):
+            kwargs["complex_human_instruction"] = list(instruction or [])
+        return kwargs
+
+
+FAMILY_ADAPTERS = {cls.name: cls for cls in (UNet2DAdapter, DiTAdapter, SDAdapter, SDXLAdapter, SD3Adapter,
+                                             FluxAdapter, SanaAdapter)}
+# family -> (denoiser component, denoiser class, latent?, conditioning, LoRA route)
+SUPPORTED_FAMILIES = {
+    name: (cls.denoiser_slot, cls.denoiser_class, cls.is_latent, cls.conditioning, cls.lora_loader or "peft")
+    for name, cls in FAMILY_ADAPTERS.items()
+}
+# default LoRA targets per family (module-name suffixes, PEFT ``target_modules``)
+DEFAULT_LORA_TARGETS = {name: list(cls.default_lora_targets) for name, cls in FAMILY_ADAPTERS.items()}
+
+
+def _supported_text() -> str:
+    return ", ".join(cls.describe() for cls in FAMILY_ADAPTERS.values())
+
+
+def adapter_of_denoiser(denoiser: torch.nn.Module) -> type[FamilyAdapter]:
+    """The family adapter class of a denoiser instance (ValueError naming the supported families otherwise)."""
+    for cls in FAMILY_ADAPTERS.values():
+        if type(denoiser) is cls.denoiser_class and cls.owns_denoiser(denoiser):
+            return cls
+    for cls in FAMILY_ADAPTERS.values():
+        if cls.owns_denoiser(denoiser):
+            return cls
+    if isinstance(denoiser, UNet2DConditionModel):
+        raise ValueError(
+            f"UNet2DConditionModel with addition_embed_type={denoiser.config.addition_embed_type!r} is not supported "
+            f"(sd: none, sdxl: 'text_time'); supported families: {_supported_text()}."
+        )
+    raise ValueError(
+        f"unsupported denoiser class {type(denoiser).__name__}; supported families: {_supported_text()}."
+    )
+
+
+def family_of_denoiser(denoiser: torch.nn.Module) -> str:
+    """Family name of a denoiser instance (ValueError listing the supported classes otherwise)."""
+    return adapter_of_denoiser(denoiser).name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,21 +1309,24 @@ class FDOneStepPipeline(DiffusionPipeline):
     r"""One-step generator from a diffusers model: one denoiser forward (two with guidance) from pure noise.
 
     Components (registered the diffusers way; only what the family needs is set):
-        scheduler: a DDPM-style scheduler with ``alphas_cumprod`` or ``FlowMatchEulerDiscreteScheduler``
-            (only its noise schedule is used).
+        scheduler: a DDPM-style scheduler with ``alphas_cumprod`` or a flow-matching one
+            (``FlowMatchEulerDiscreteScheduler``, or ``DPMSolverMultistepScheduler`` with flow sigmas; only its noise
+            schedule is used).
         unet (`UNet2DModel` | `UNet2DConditionModel`) or transformer (`DiTTransformer2DModel` |
-            `SD3Transformer2DModel` | `FluxTransformer2DModel`): the denoiser.
-        vae (`AutoencoderKL`): latent families.
-        text_encoder / tokenizer (CLIP), text_encoder_2 / tokenizer_2 (second CLIP for SD3, none for SD),
-        text_encoder_3 / tokenizer_3 (T5 for SD3, optional as in SD3); Flux uses text_encoder (CLIP) and
-        text_encoder_2 (T5).
+            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel`): the denoiser.
+        vae (`AutoencoderKL` | `AutoencoderDC`): latent families.
+        text_encoder / tokenizer, text_encoder_2 / tokenizer_2, text_encoder_3 / tokenizer_3: the text
+        components of the family's stock pipeline, under the same names (SD: one CLIP; SDXL and SD3: two CLIPs,
+        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2).
 
-    One-step settings (all in the pipeline config, see the module docstring): ``family``, ``timestep``,
-    ``prediction_type``, ``guidance_scale``, ``output_bound``, ``sample_size``, ``null_class_label``,
-    ``max_sequence_length``.
+    Everything that differs between families lives in one adapter class per family (``pipe.adapter``, see
+    ``FAMILY_ADAPTERS``). One-step settings (all in the pipeline config, see the module docstring): ``family``,
+    ``timestep``, ``prediction_type``, ``guidance_scale``, ``output_bound``, ``sample_size``,
+    ``null_class_label``, ``max_sequence_length``, ``force_zeros_for_empty_prompt``, ``complex_human_instruction``.
     """
 
     SUPPORTED_FAMILIES = SUPPORTED_FAMILIES
+    FAMILY_ADAPTERS = FAMILY_ADAPTERS
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
     _optional_components = [
         "unet",
@@ -548,7 +1345,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         scheduler,
         unet=None,
         transformer=None,
-        vae: AutoencoderKL | None = None,
+        vae=None,
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,
@@ -563,6 +1360,8 @@ class FDOneStepPipeline(DiffusionPipeline):
         sample_size: int | None = None,
         null_class_label: int | None = None,
         max_sequence_length: int | None = None,
+        force_zeros_for_empty_prompt: bool | None = None,
+        complex_human_instruction: list[str] | None = None,
     ):
         super().__init__()
         denoiser = unet if unet is not None else transformer
@@ -571,29 +1370,21 @@ class FDOneStepPipeline(DiffusionPipeline):
                 "FDOneStepPipeline needs a denoiser: pass `unet` or `transformer`. Supported families: "
                 f"{_supported_text()}."
             )
-        detected = family_of_denoiser(denoiser)
-        if family is not None and family != detected:
-            raise ValueError(f"family={family!r} does not match the denoiser ({type(denoiser).__name__} is {detected!r}).")
-        family = detected
-        slot = SUPPORTED_FAMILIES[family][0]
+        adapter_cls = adapter_of_denoiser(denoiser)
+        if family is not None and family != adapter_cls.name:
+            raise ValueError(
+                f"family={family!r} does not match the denoiser ({type(denoiser).__name__} is {adapter_cls.name!r})."
+            )
+        family = adapter_cls.name
+        slot = adapter_cls.denoiser_slot
         if (slot == "unet" and unet is None) or (slot == "transformer" and transformer is None):
             raise ValueError(f"a {type(denoiser).__name__} must be passed as `{slot}`, not as the other slot.")
-        if family == "sd" and getattr(denoiser.config, "addition_embed_type", None) is not None:
-            raise ValueError(
-                f"UNet2DConditionModel with addition_embed_type={denoiser.config.addition_embed_type!r} (e.g. SDXL) "
-                f"is not supported; supported families: {_supported_text()}."
-            )
-        if SUPPORTED_FAMILIES[family][2] and vae is None:
-            raise ValueError(f"the {family!r} family is a latent model: pass its `vae` (AutoencoderKL).")
-        if family in ("sd", "sd3", "flux") and (text_encoder is None or tokenizer is None):
-            raise ValueError(f"the {family!r} family needs `text_encoder` and `tokenizer`.")
-        if family == "sd3" and (text_encoder_2 is None or tokenizer_2 is None):
-            raise ValueError("the 'sd3' family needs both CLIP encoders: pass `text_encoder_2` and `tokenizer_2`.")
-        if family == "flux" and (text_encoder_2 is None or tokenizer_2 is None):
-            raise ValueError("the 'flux' family needs the T5 encoder: pass `text_encoder_2` and `tokenizer_2`.")
+        components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                          tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        adapter_cls.check_components(denoiser, components)
 
         flow = is_flow_matching_scheduler(scheduler)
-        if family in ("sd3", "flux") and not flow:
+        if adapter_cls.flow_matching_only and not flow:
             raise ValueError(f"the {family!r} family needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler).")
         if prediction_type is None:
             prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
@@ -609,52 +1400,27 @@ class FDOneStepPipeline(DiffusionPipeline):
             timestep = default_timestep(scheduler)
         timestep = int(timestep)
         guidance_scale = float(guidance_scale)
+        settings = adapter_cls.resolve_settings(denoiser, scheduler, dict(
+            sample_size=sample_size, null_class_label=null_class_label, max_sequence_length=max_sequence_length,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            complex_human_instruction=complex_human_instruction,
+        ))
 
-        if sample_size is None:
-            cfg_size = denoiser.config.get("sample_size", None)
-            if family == "flux":
-                cfg_size = 128  # FluxPipeline.default_sample_size (latent pixels)
-            if cfg_size is None:
-                raise ValueError("the denoiser config has no sample_size; pass `sample_size=` (generator input side).")
-            sample_size = cfg_size if isinstance(cfg_size, int) else int(cfg_size[0])
-        if family == "dit" and null_class_label is None:
-            null_class_label = int(denoiser.config.num_embeds_ada_norm)
-        if family == "unet2d" and null_class_label is not None:
-            # a UNet2DModel's class table has num_class_embeds rows; the null class must be the last one, so the
-            # real classes are 0 .. num_class_embeds - 2 (DiT's convention: its null label is num_classes)
-            num_embeds = denoiser.config.get("num_class_embeds")
-            if num_embeds is None or int(null_class_label) != int(num_embeds) - 1:
-                raise ValueError(
-                    f"null_class_label={null_class_label} for a UNet2DModel with num_class_embeds={num_embeds}: the "
-                    "null class (the label of dropped conditioning in training) must be the last class embedding, "
-                    f"{None if num_embeds is None else int(num_embeds) - 1}; omit it for a model trained without one."
-                )
-        if max_sequence_length is None and family in ("sd3", "flux"):
-            max_sequence_length = 256 if family == "sd3" else 512
-
-        self.register_modules(
-            scheduler=scheduler,
-            unet=unet,
-            transformer=transformer,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            text_encoder_3=text_encoder_3,
-            tokenizer_3=tokenizer_3,
-        )
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, **components)
         self.register_to_config(
             family=family,
             timestep=timestep,
             prediction_type=prediction_type,
             guidance_scale=guidance_scale,
             output_bound=output_bound,
-            sample_size=int(sample_size),
-            null_class_label=null_class_label,
-            max_sequence_length=max_sequence_length,
+            sample_size=int(settings["sample_size"]),
+            null_class_label=settings["null_class_label"],
+            max_sequence_length=settings["max_sequence_length"],
+            force_zeros_for_empty_prompt=settings["force_zeros_for_empty_prompt"],
+            complex_human_instruction=settings["complex_human_instruction"],
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.adapter = adapter_cls(self)
+        self.vae_scale_factor = self.adapter.vae_scale_factor()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.amplification = check_one_step_conditioning(
             prediction_type, self.noise_level(), timestep, output_bound
@@ -666,23 +1432,22 @@ class FDOneStepPipeline(DiffusionPipeline):
         return self.config.family
 
     @property
+    def denoiser_slot(self) -> str:
+        """The component that holds the denoiser: "unet" or "transformer"."""
+        return self.adapter.denoiser_slot
+
+    @property
     def denoiser(self) -> torch.nn.Module:
         """The network that the one step runs (``unet`` or ``transformer``)."""
-        return getattr(self, SUPPORTED_FAMILIES[self.config.family][0])
+        return getattr(self, self.adapter.denoiser_slot)
 
     @property
     def is_latent(self) -> bool:
-        return SUPPORTED_FAMILIES[self.config.family][2]
+        return self.adapter.is_latent
 
     @property
     def num_classes(self) -> int | None:
-        cfg = self.denoiser.config
-        if self.family == "dit":
-            return int(cfg.num_embeds_ada_norm)
-        if self.family == "unet2d" and cfg.get("num_class_embeds") is not None:
-            # with a null class (the last embedding, see __init__) the real classes are the ones before it
-            return int(cfg.num_class_embeds) - (self.config.null_class_label is not None)
-        return None
+        return self.adapter.num_classes()
 
     @property
     def is_class_conditional(self) -> bool:
@@ -690,93 +1455,42 @@ class FDOneStepPipeline(DiffusionPipeline):
 
     @property
     def is_text_conditional(self) -> bool:
-        return SUPPORTED_FAMILIES[self.config.family][3] == "text"
+        return self.adapter.conditioning == "text"
 
     @property
     def frozen_component_names(self) -> list[str]:
         """Components that stay frozen in training (VAE, text encoders)."""
-        names = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
-        return [n for n in names if getattr(self, n, None) is not None]
+        return self.adapter.frozen_component_names()
+
+    @property
+    def float32_component_names(self) -> list[str]:
+        """Frozen components kept in float32 under mixed precision (an SDXL VAE with ``force_upcast``)."""
+        return self.adapter.float32_component_names()
 
     def noise_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one generator input: pixels ("unet2d") or unpacked VAE latents."""
-        cfg = self.denoiser.config
-        channels = cfg.in_channels // 4 if self.family == "flux" else cfg.in_channels
         s = self.config.sample_size
-        return (int(channels), s, s)
+        return (self.adapter.noise_channels(), s, s)
 
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one generated image."""
         c, h, w = self.noise_shape()
         if not self.is_latent:
-            return (int(self.denoiser.config.out_channels), h, w)
-        return (int(self.vae.config.out_channels), h * self.vae_scale_factor, w * self.vae_scale_factor)
+            return (self.adapter.image_channels(), h, w)
+        return (self.adapter.image_channels(), h * self.vae_scale_factor, w * self.vae_scale_factor)
 
     def noise_level(self) -> dict:
         """``{"kind": "ddpm", "alpha_prod": a}`` or ``{"kind": "flow", "sigma": s}`` of the configured timestep."""
-        seq_len = None
-        if self.family == "flux":
-            seq_len = (self.config.sample_size // 2) ** 2
-        return noise_level(self.scheduler, self.config.timestep, image_seq_len=seq_len)
+        return noise_level(self.scheduler, self.config.timestep, image_seq_len=self.adapter.image_seq_len())
 
-    # ------------------------------------------------------------------ text
+    # ------------------------------------------------------------------ conditioning
     def _stock_text_pipeline(self) -> DiffusionPipeline:
-        """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied).
-
-        Its ``encode_prompt`` encodes every prompt here, so the embeddings are exactly what the stock pipeline
-        feeds the same denoiser. Built once and rebuilt only when one of the components it holds is replaced.
-        """
-        fam = self.family
-        cls, names = STOCK_TEXT_PIPELINES[fam]
-        parts = {name: getattr(self, name) for name in names}
-        stock = getattr(self, "_stock_text", None)
-        if stock is None or any(getattr(stock, k) is not v for k, v in parts.items()):
-            # only what encode_prompt reads. No scheduler and, for SD, no UNet: StableDiffusionPipeline's
-            # constructor rewrites legacy scheduler / UNet configs in place (steps_offset, clip_sample, sample_size)
-            if fam == "sd":
-                stock = cls(**parts, vae=None, unet=None, scheduler=None, safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False)
-            else:
-                stock = cls(**parts, vae=None, scheduler=None)
-            self._stock_text = stock
-        return stock
-
-    def _encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None, num_images_per_prompt: int, device
-    ) -> OneStepConditioning:
-        """Prompt (and, if ``negative_prompts`` is given, negative) embeddings from the stock ``encode_prompt``.
-
-        Rows: each prompt ``num_images_per_prompt`` times (consecutive), as the stock pipelines repeat them.
-        """
-        stock = self._stock_text_pipeline()
-        guided = negative_prompts is not None
-        n = num_images_per_prompt
-        if self.family == "sd":
-            embeds, negative = stock.encode_prompt(prompts, device, n, guided, negative_prompts)
-            return OneStepConditioning(prompt_embeds=embeds, negative_prompt_embeds=negative)
-        length = self.config.max_sequence_length
-        if self.family == "sd3":
-            embeds, negative, pooled, negative_pooled = stock.encode_prompt(
-                prompts, None, None, device=device, num_images_per_prompt=n, do_classifier_free_guidance=guided,
-                negative_prompt=negative_prompts, max_sequence_length=length,
-            )
-            return OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                                       negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
-        # flux: encode_prompt has no negative branch; FluxPipeline encodes its true-CFG negative prompt with a
-        # second call, as here
-        embeds, pooled, _ = stock.encode_prompt(prompts, device=device, num_images_per_prompt=n,
-                                                max_sequence_length=length)
-        cond = OneStepConditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-        if guided:
-            negative, negative_pooled, _ = stock.encode_prompt(negative_prompts, device=device, num_images_per_prompt=n,
-                                                               max_sequence_length=length)
-            cond = replace(cond, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
-        return cond
+        """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied);
+        its ``encode_prompt`` encodes every prompt here."""
+        return self.adapter.stock_text_pipeline()
 
     def _uses_negative_branch(self, guidance_scale: float) -> bool:
-        if guidance_scale <= 1.0:
-            return False
-        return not (self.family == "flux" and self.transformer.config.guidance_embeds)
+        return self.adapter.uses_negative_branch(guidance_scale)
 
     def encode_conditioning(
         self,
@@ -787,11 +1501,12 @@ class FDOneStepPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         device: torch.device | str | None = None,
     ) -> OneStepConditioning | None:
-        """Build the conditioning for ``one_step`` (prompts encoded by the stock pipeline's ``encode_prompt``, see
-        ``STOCK_TEXT_PIPELINES``; not cached here).
+        """Build the conditioning for ``one_step`` (prompts encoded by the stock pipeline's ``encode_prompt``; not
+        cached here).
 
         Returns ``None`` for unconditional models. Each prompt / label is repeated ``num_images_per_prompt``
-        times (consecutive rows). With guidance (> 1) text families also get negative embeddings.
+        times (consecutive rows). With guidance (> 1) text families also get negative embeddings (of ``""`` by
+        default; SDXL: as its stock pipeline, zeros when ``force_zeros_for_empty_prompt``).
         """
         device = torch.device(device) if device is not None else self._execution_device
         guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -801,13 +1516,17 @@ class FDOneStepPipeline(DiffusionPipeline):
             if prompt is None:
                 raise ValueError(f"the {self.family!r} family is text-conditioned: pass `prompt` (str or list of str).")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            guided = self._uses_negative_branch(guidance_scale)
             negs = None
-            if self._uses_negative_branch(guidance_scale):
-                neg = negative_prompt if negative_prompt is not None else ""
-                negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
-                if len(negs) != len(prompts):
-                    raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts; pass one per prompt.")
-            return self._encode_prompts(prompts, negs, num_images_per_prompt, device)
+            if guided:
+                neg = negative_prompt if negative_prompt is not None else self.adapter.default_negative_prompt()
+                if neg is not None:
+                    negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+                    if len(negs) != len(prompts):
+                        raise ValueError(
+                            f"got {len(negs)} negative prompts for {len(prompts)} prompts; pass one per prompt."
+                        )
+            return self.adapter.encode_prompts(prompts, negs, guided, num_images_per_prompt, device)
         if prompt is not None:
             raise ValueError(f"the {self.family!r} family takes no prompt; use class_labels (class-conditional) or batch_size.")
         if self.is_class_conditional:
@@ -824,10 +1543,28 @@ class FDOneStepPipeline(DiffusionPipeline):
             raise ValueError("this model is unconditional: drop `class_labels` (use batch_size).")
         return None
 
+    def example_conditioning(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        guidance_scale: float | None = None,
+    ) -> OneStepConditioning | None:
+        """Conditioning of ``batch_size`` rows with the exact shapes and dtypes ``encode_conditioning`` gives (random
+        values; no text encoder runs), derived from the component configs and ``max_sequence_length``.
+
+        For planning memory and compute: works with components on the ``meta`` device and under
+        ``FakeTensorMode``. ``device``: default the text encoder's (the denoiser's for class labels); ``dtype``:
+        overrides the float tensors' dtype (labels and attention masks stay int64). With guidance (> 1; default the
+        config's) the negative rows of text families are included. ``None`` for unconditional models.
+        """
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guided = self.is_text_conditional and self._uses_negative_branch(guidance_scale)
+        return self.adapter.example_conditioning(int(batch_size), device, dtype, guided)
+
     # ------------------------------------------------------------------ the one step
     def _forward_denoiser(self, denoiser, x, cond: OneStepConditioning | None, guidance_scale: float):
         """Raw model output (B, C, h, w) in the unpacked latent / pixel layout (learned-sigma half dropped)."""
-        fam = self.family
         b = x.shape[0]
         level = self.noise_level()
         params = denoiser.parameters() if isinstance(denoiser, torch.nn.Module) else None
@@ -837,78 +1574,16 @@ class FDOneStepPipeline(DiffusionPipeline):
         if cond is not None and len(cond) != b:
             raise ValueError(f"conditioning has {len(cond)} rows but the noise has {b}; pass one row per sample.")
 
-        def batched(t):
-            return torch.cat([t, t], dim=0) if use_negative else t
-
-        xin = batched(x).to(dtype)
+        xin = (torch.cat([x, x], dim=0) if use_negative else x).to(dtype)
         n = xin.shape[0]
         if level["kind"] == "ddpm":
             t = torch.full((n,), self.config.timestep, device=x.device, dtype=torch.long)
         else:
-            # as the stock pipelines pass it: StableDiffusion3Pipeline in float32 (a bf16 timestep near 1000 is
-            # rounded to a multiple of 4), FluxPipeline in the latents' dtype
-            t_dtype = dtype if fam == "flux" else torch.float32
             t = torch.full((n,), level["sigma"] * self.scheduler.config.num_train_timesteps, device=x.device,
-                           dtype=t_dtype)
-
-        if fam in ("unet2d", "dit"):
-            labels = None
-            if self.is_class_conditional:
-                if cond is None or cond.class_labels is None:
-                    raise ValueError("class-conditional model: conditioning.class_labels is required.")
-                labels = cond.class_labels.to(x.device)
-                if use_negative:
-                    if self.config.null_class_label is None:
-                        raise ValueError(
-                            "guidance needs an unconditional class: set `null_class_label` in the pipeline config "
-                            "(the label the model was trained with for dropped conditioning), or guidance_scale=1."
-                        )
-                    labels = torch.cat([labels, torch.full_like(labels, self.config.null_class_label)])
-            elif use_negative:
-                raise ValueError("guidance needs a conditional model; this one is unconditional: use guidance_scale=1.")
-            if fam == "unet2d":
-                out = denoiser(xin, t, class_labels=labels, return_dict=False)[0]
-            else:
-                out = denoiser(xin, timestep=t, class_labels=labels, return_dict=False)[0]
-        else:
-            if cond is None or cond.prompt_embeds is None:
-                raise ValueError(f"the {fam!r} family needs prompt embeddings: build them with encode_conditioning(prompt=...).")
-            embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
-            if use_negative:
-                if cond.negative_prompt_embeds is None:
-                    raise ValueError(
-                        "guidance_scale > 1 needs negative prompt embeddings: build the conditioning with "
-                        "encode_conditioning(..., guidance_scale=<same value>)."
-                    )
-                embeds = torch.cat([embeds, cond.negative_prompt_embeds])
-                if pooled is not None:
-                    pooled = torch.cat([pooled, cond.negative_pooled_prompt_embeds])
-            embeds = embeds.to(x.device, dtype)
-            pooled = pooled.to(x.device, dtype) if pooled is not None else None
-            if fam == "sd":
-                out = denoiser(xin, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            elif fam == "sd3":
-                out = denoiser(
-                    hidden_states=xin, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
-                    return_dict=False,
-                )[0]
-            else:  # flux: packed 2x2 latent patches, timestep in [0, 1]
-                c, h, w = xin.shape[1:]
-                packed = FluxPipeline._pack_latents(xin, n, c, h, w)
-                img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, dtype)
-                txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
-                guidance = None
-                if self.transformer.config.guidance_embeds:
-                    guidance = torch.full((n,), guidance_scale, device=x.device, dtype=torch.float32)
-                out = denoiser(
-                    hidden_states=packed, timestep=t / self.scheduler.config.num_train_timesteps, guidance=guidance,
-                    pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
-                    return_dict=False,
-                )[0]
-                out = FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
-                                                   self.vae_scale_factor)
+                           dtype=self.adapter.flow_timestep_dtype(dtype))
+        out = self.adapter.denoise(denoiser, xin, t, cond, use_negative, guidance_scale, dtype)
         if out.shape[1] == 2 * x.shape[1]:
-            # learned-sigma models (DiT, improved DDPM): the first half is the mean prediction
+            # learned-sigma models (DiT, improved DDPM, SANA with learned sigma): the first half is the mean prediction
             out = out[:, : x.shape[1]]
         if use_negative:
             cond_out, uncond_out = out.chunk(2)
@@ -917,11 +1592,7 @@ class FDOneStepPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> images (B, C, H, W) float32, nominally in [-1, 1] (differentiable)."""
-        cfg = self.vae.config
-        latents = latents / cfg.scaling_factor
-        if cfg.get("shift_factor", None) is not None:
-            latents = latents + cfg.shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()
+        return self.adapter.decode(latents)
 
     def one_step(
         self,
@@ -1037,16 +1708,18 @@ class FDOneStepPipeline(DiffusionPipeline):
         **scheduler_overrides)``; no overrides: the teacher's own): set ``stock_pipe.scheduler`` to the
         scheduler (after loading the LoRA, if any) and call ``stock_pipe(prompt, **call_kwargs)`` with the same
         noise as ``latents=`` to get this pipeline's images (to float32 round-off). The stock pipelines:
-        ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``DDPMPipeline``.
+        ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
+        ``SanaPipeline``, ``DDPMPipeline`` (the family adapter's ``stock_pipeline``).
 
         - DDPM-style teachers: ``DDIMScheduler`` from the teacher's config with ``timestep_spacing="leading"``,
           ``steps_offset = timestep`` (its one timestep is then this pipeline's), ``set_alpha_to_one=True``,
           ``clip_sample=False`` and ``thresholding=False``, so that with ``eta = 0`` the step to "t = -1" returns
           the clean-sample estimate itself; ``num_inference_steps=1``.
-        - Flow matching: the teacher's ``FlowMatchEulerDiscreteScheduler``: one Euler step from sigma to 0 is
-          ``x - sigma * v``; ``sigmas=[timestep / N]`` (shifted by the scheduler, as here) when the timestep is
-          not the top one.
-        - Prompts: SD3 and Flux with this pipeline's ``max_sequence_length`` (T5 tokens).
+        - Flow matching: the teacher's ``FlowMatchEulerDiscreteScheduler`` (SANA: one built from its DPM-Solver's
+          config with ``shift=flow_shift``): one Euler step from sigma to 0 is ``x - sigma * v``;
+          ``sigmas=[timestep / N]`` (shifted by the scheduler, as here) when the timestep is not the top one.
+        - Prompts: SD3, Flux and SANA with this pipeline's ``max_sequence_length``; SANA without resolution binning
+          and with this pipeline's complex human instruction where it is not the stock default.
         - Guidance: ``guidance_scale`` (SD, SD3: the stock pipelines' classifier-free guidance against the empty
           negative prompt, as here; guidance-distilled Flux: its guidance embedding); Flux without a guidance
           embedding: ``true_cfg_scale`` with ``negative_prompt=""``.
@@ -1067,8 +1740,7 @@ class FDOneStepPipeline(DiffusionPipeline):
             raise ValueError(f"no stock diffusers pipeline takes the one step of a class-conditional {self.family!r} "
                              "model the same way; use FDOneStepPipeline.")
         g = float(self.config.guidance_scale)
-        stock = {"unet2d": "DDPMPipeline", "sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline",
-                 "flux": "FluxPipeline"}.get(self.family)
+        stock = self.adapter.stock_pipeline
         if stock is None:
             raise ValueError(f"no stock diffusers pipeline is known to take the one step of the {self.family!r} family.")
         kwargs = {"num_inference_steps": 1}
@@ -1076,23 +1748,16 @@ class FDOneStepPipeline(DiffusionPipeline):
             kwargs["height"] = kwargs["width"] = int(self.config.sample_size) * self.vae_scale_factor
         level = self.noise_level()
         if level["kind"] == "flow":
-            scheduler, overrides = self.scheduler, {}
+            scheduler, overrides = self.adapter.stock_scheduler()
             n = int(self.scheduler.config.num_train_timesteps)
             if self.config.timestep != n:
                 kwargs["sigmas"] = [self.config.timestep / n]
-            kwargs["max_sequence_length"] = int(self.config.max_sequence_length)  # the T5 prompt length used here
-            if self.family == "flux" and not self.transformer.config.guidance_embeds:
-                if g > 1:
-                    kwargs.update(true_cfg_scale=g, negative_prompt="")
-            else:
-                kwargs["guidance_scale"] = g
         else:
             overrides = {"timestep_spacing": "leading", "steps_offset": int(self.config.timestep),
                          "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
                          "prediction_type": self.config.prediction_type}
             scheduler = DDIMScheduler.from_config(self.scheduler.config, **overrides)
-            if self.is_text_conditional:
-                kwargs["guidance_scale"] = g
+        kwargs = self.adapter.stock_call_kwargs(kwargs, g)
         return {"pipeline": stock, "scheduler": scheduler, "scheduler_overrides": overrides, "call_kwargs": kwargs}
 
     # ------------------------------------------------------------------ building and saving
@@ -1125,28 +1790,21 @@ class FDOneStepPipeline(DiffusionPipeline):
             pretrained_model_name_or_path,
             {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs},
         )
-        supported = {spec[1].__name__: name for name, spec in SUPPORTED_FAMILIES.items()}
-        found = None
-        for slot in ("unet", "transformer"):
-            entry = config.get(slot)
-            if isinstance(entry, (list, tuple)) and entry[1] is not None:
-                found = entry[1]
-                if entry[1] not in supported:
+        owners = [adapter for adapter in FAMILY_ADAPTERS.values() if adapter.owns_model_index(config)]
+        if not owners:
+            for slot in ("unet", "transformer"):
+                entry = config.get(slot)
+                if isinstance(entry, (list, tuple)) and entry[1] is not None:
                     raise ValueError(
                         f"{pretrained_model_name_or_path}: unsupported {slot} class {entry[1]} "
                         f"(pipeline {config.get('_class_name')}); supported families: {_supported_text()}."
                     )
-        if found is None:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: model_index.json has no `unet` or `transformer`; supported "
                 f"families: {_supported_text()}."
             )
-        family = supported[found]
-        if family == "sd" and config.get("text_encoder_2") not in (None, [None, None]):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} ({config.get('_class_name')}) has two text encoders (SDXL-style); "
-                f"supported families: {_supported_text()}."
-            )
+        owners[0].check_model_index(config, pretrained_model_name_or_path)
+        family = owners[0].name
         return cls.from_pretrained(
             pretrained_model_name_or_path,
             family=family,
@@ -1170,13 +1828,13 @@ class FDOneStepPipeline(DiffusionPipeline):
 
     def _settings(self) -> dict:
         keys = ("family", "timestep", "prediction_type", "guidance_scale", "output_bound", "sample_size",
-                "null_class_label", "max_sequence_length")
+                "null_class_label", "max_sequence_length", "force_zeros_for_empty_prompt", "complex_human_instruction")
         return {k: self.config[k] for k in keys}
 
     def with_denoiser(self, denoiser: torch.nn.Module) -> "FDOneStepPipeline":
         """A pipeline sharing every component but the denoiser (e.g. a trained copy)."""
         components = {k: v for k, v in self.components.items()}
-        components[SUPPORTED_FAMILIES[self.family][0]] = denoiser
+        components[self.denoiser_slot] = denoiser
         return type(self)(**components, **self._settings())
 
     def save_one_step(self, save_directory: str | os.PathLike, denoiser: torch.nn.Module | None = None, **kwargs) -> str:
@@ -1206,45 +1864,13 @@ class FDOneStepPipeline(DiffusionPipeline):
     ):
         """Load a LoRA (diffusers format, see the module docstring) into the denoiser.
 
-        "sd" / "sd3" / "flux": diffusers' loaders (their key conversions included; text-encoder LoRA
-        weights in the file are ignored with a warning, the one step uses the denoiser only).
-        "unet2d" / "dit": PEFT ``inject_adapter_in_model`` + ``set_peft_model_state_dict``.
+        Families with a diffusers LoRA loader (the adapter's ``lora_loader``: sd, sdxl, sd3, flux, sana): that
+        loader (its key conversions included; text-encoder LoRA weights in the file are ignored with a warning,
+        the one step uses the denoiser only). "unet2d" / "dit": PEFT ``inject_adapter_in_model`` +
+        ``set_peft_model_state_dict``.
         """
-        route = SUPPORTED_FAMILIES[self.family][4]
         adapter_name = adapter_name or _next_adapter_name(self.denoiser)
-        if route != "peft":
-            mixin = _lora_mixin(self.family)
-            if self.family == "sd3":
-                state_dict, metadata = mixin.lora_state_dict(
-                    pretrained_model_name_or_path_or_dict, weight_name=weight_name, return_lora_metadata=True, **kwargs
-                )
-                alphas = None
-            elif self.family == "flux":
-                state_dict, alphas, metadata = mixin.lora_state_dict(
-                    pretrained_model_name_or_path_or_dict, weight_name=weight_name, return_alphas=True,
-                    return_lora_metadata=True, **kwargs,
-                )
-            else:
-                state_dict, alphas, metadata = mixin.lora_state_dict(
-                    pretrained_model_name_or_path_or_dict, weight_name=weight_name, return_lora_metadata=True, **kwargs
-                )
-            prefix = SUPPORTED_FAMILIES[self.family][0]
-            ignored = [k for k in state_dict if not k.startswith(prefix + ".")]
-            if ignored and len(ignored) < len(state_dict):
-                logger.warning(f"ignoring {len(ignored)} LoRA weights outside `{prefix}` (e.g. {ignored[0]}).")
-                state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
-            if self.family == "sd":
-                mixin.load_lora_into_unet(state_dict, alphas, unet=self.unet, adapter_name=adapter_name,
-                                          _pipeline=self, metadata=metadata)
-            elif self.family == "sd3":
-                mixin.load_lora_into_transformer(state_dict, transformer=self.transformer, adapter_name=adapter_name,
-                                                 _pipeline=self, metadata=metadata)
-            else:
-                mixin.load_lora_into_transformer(state_dict, alphas, transformer=self.transformer,
-                                                 adapter_name=adapter_name, metadata=metadata, _pipeline=self)
-            return
-        state_dict, config = _read_peft_lora(pretrained_model_name_or_path_or_dict, weight_name, **kwargs)
-        _load_peft_lora(self.denoiser, state_dict, config, SUPPORTED_FAMILIES[self.family][0], adapter_name)
+        self.adapter.load_lora(pretrained_model_name_or_path_or_dict, adapter_name, weight_name=weight_name, **kwargs)
 
     def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None):
         """Merge the loaded LoRA(s) into the denoiser weights (``unfuse_lora`` restores them)."""
@@ -1295,45 +1921,19 @@ class FDOneStepPipeline(DiffusionPipeline):
         """Write a denoiser LoRA (PEFT state dict, e.g. ``denoiser_lora_state_dict(model)``) in diffusers' format.
 
         Args:
-            family: the pipeline family ("unet2d", "dit", "sd", "sd3", "flux").
+            family: the pipeline family (a key of ``FAMILY_ADAPTERS``).
             lora_config: the PEFT ``LoraConfig`` (or its dict); stored as ``lora_adapter_metadata``.
         Returns the path of the written file (``<dir>/pytorch_lora_weights.safetensors`` by default).
         """
-        if family not in SUPPORTED_FAMILIES:
-            raise ValueError(f"unknown family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}.")
+        if family not in FAMILY_ADAPTERS:
+            raise ValueError(f"unknown family {family!r}; supported: {', '.join(FAMILY_ADAPTERS)}.")
         weight_name = weight_name or LORA_WEIGHT_NAME
         meta = None
         if lora_config is not None:
             meta = lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config)
             meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        route = SUPPORTED_FAMILIES[family][4]
-        prefix = SUPPORTED_FAMILIES[family][0]
-        if route != "peft":
-            mixin = _lora_mixin(family)
-            mixin.save_lora_weights(
-                save_directory,
-                is_main_process=is_main_process,
-                weight_name=weight_name,
-                safe_serialization=safe_serialization,
-                **{f"{prefix}_lora_layers": denoiser_lora_layers, f"{prefix}_lora_adapter_metadata": meta},
-            )
-            return os.path.join(save_directory, weight_name)
-        if not is_main_process:
-            return os.path.join(save_directory, weight_name)
-        from safetensors.torch import save_file
-
-        os.makedirs(save_directory, exist_ok=True)
-        tensors = {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in denoiser_lora_layers.items()}
-        metadata = {"format": "pt"}
-        if meta is not None:
-            # as diffusers' LoRA writers do: the config keys prefixed with the component name
-            metadata[LORA_METADATA_KEY] = json.dumps({f"{prefix}.{k}": v for k, v in meta.items()}, indent=2,
-                                                     sort_keys=True)
-        path = os.path.join(save_directory, weight_name)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        return FAMILY_ADAPTERS[family].save_lora(save_directory, denoiser_lora_layers, meta, weight_name,
+                                                 is_main_process, safe_serialization)
 
     def save_lora(self, save_directory: str | os.PathLike, adapter_name: str = "default", **kwargs) -> str:
         """Save this pipeline's denoiser LoRA ``adapter_name`` (see ``save_lora_weights``)."""

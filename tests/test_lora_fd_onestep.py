@@ -27,14 +27,14 @@ def fresh_pipeline(family) -> FDOneStepPipeline:
     components = {k: v for k, v in teacher.components.items() if k in _SIGNATURE}
     # epsilon teachers (DiT, SD) one step at t=500, where x0 does not amplify float32 rounding of the
     # denoiser 157x: these tests pin the LoRA plumbing, not the conditioning of the map
-    settings = {"timestep": 500} if family in ("dit", "sd") else {}
+    settings = {"timestep": 500} if family in ("dit", "sd", "sdxl") else {}
     return FDOneStepPipeline(**components, **FAMILY_KWARGS.get(family, {}), **settings)
 
 
 def call_kwargs(family):
     if family == "dit":
         return {"class_labels": [3, 4]}
-    if family in ("sd", "sd3", "flux"):
+    if family in ("sd", "sdxl", "sd3", "flux", "sana"):
         return {"prompt": ["a cab", "dog"]}
     return {"batch_size": 2}
 
@@ -75,7 +75,7 @@ def saved_loras(tmp_path_factory):
 def test_saved_lora_is_diffusers_format_with_peft_config_metadata(saved_loras, family):
     info = saved_loras[family]
     assert info["file"].endswith("pytorch_lora_weights.safetensors")
-    prefix = "unet" if family in ("unet2d", "sd") else "transformer"
+    prefix = "unet" if family in ("unet2d", "sd", "sdxl") else "transformer"
     with safe_open(info["file"], framework="pt") as f:
         keys = list(f.keys())
         meta = f.metadata()

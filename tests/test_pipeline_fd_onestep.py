@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline, FluxPipeline, ImagePipelineOutput
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from test_pipeline_tiny_models import FAMILY_KWARGS, TEACHERS
 
-from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline, OneStepConditioning
+from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline, OneStepConditioning, family_of_denoiser
 
 # the tiny SD / DiT teachers are epsilon models (like the real ones): their warning is pinned in its own test
 pytestmark = pytest.mark.filterwarnings("ignore:ill-conditioned one-step map")
@@ -26,9 +26,7 @@ _SIGNATURE = set(inspect.signature(FDOneStepPipeline.__init__).parameters)
 def onestep_from(teacher, **settings) -> FDOneStepPipeline:
     """The one-step pipeline over a teacher's components (what from_teacher does, without the disk trip)."""
     components = {k: v for k, v in teacher.components.items() if k in _SIGNATURE}
-    family = {"UNet2DModel": "unet2d", "DiTTransformer2DModel": "dit", "UNet2DConditionModel": "sd",
-              "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}[
-        type(components.get("unet") or components.get("transformer")).__name__]
+    family = family_of_denoiser(components.get("unet") or components.get("transformer"))
     return FDOneStepPipeline(**components, **{**FAMILY_KWARGS.get(family, {}), **settings})
 
 
@@ -49,7 +47,7 @@ def teachers():
 def conditioning_kwargs(family, batch=2):
     if family == "dit":
         return {"class_labels": list(range(batch))}
-    if family in ("sd", "sd3", "flux"):
+    if family in ("sd", "sdxl", "sd3", "flux", "sana"):
         return {"prompt": ["a cab", "dog"][:batch] if batch <= 2 else ["cab"] * batch}
     return {"batch_size": batch}
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from tiny_teachers import train_teacher as build_teacher  # the training-script teachers live with the others
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "train_scripts" / "train_fd_onestep.py"
@@ -48,93 +48,6 @@ FAST_ARGS = [
     "--report_to", "none",
     "--seed", "0",
 ]
-
-
-# ----------------------------------------------------------------------------------------------- teachers
-def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase + string.digits:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.model_max_length = 8
-    return tok
-
-
-def _clip_text_config(vocab_size: int, hidden: int = 16):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                          num_attention_heads=2, max_position_embeddings=8, projection_dim=hidden,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
-
-
-def _unet2d(num_class_embeds=None):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds)
-
-
-def build_teacher(family: str):
-    """A tiny multi-step diffusers pipeline of ``family`` ("unet2d", "unet2d_class", "dit", "sd", "sd3")."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    torch.manual_seed(0)
-    if family == "unet2d":
-        return DDPMPipeline(unet=_unet2d(), scheduler=DDPMScheduler(prediction_type="v_prediction",
-                                                                     rescale_betas_zero_snr=True))
-    if family == "unet2d_class":
-        return DDPMPipeline(unet=_unet2d(num_class_embeds=10),
-                            scheduler=DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True))
-    if family == "dit":
-        from diffusers import DiTPipeline, DiTTransformer2DModel
-
-        transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                            num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                            norm_num_groups=4)
-        return DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDPMScheduler(prediction_type="epsilon"))
-    if family == "sd":
-        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        tok = _clip_tokenizer()
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                    block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                    norm_num_groups=4, attention_head_dim=4)
-        scheduler = DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                  beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
-        return StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_clip_text_config(len(tok))), tokenizer=tok,
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       image_encoder=None, requires_safety_checker=False)
-    if family == "sd3":
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-        from transformers import CLIPTextModelWithProjection
-
-        tok1, tok2 = _clip_tokenizer(), _clip_tokenizer()
-        transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
-                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                            caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                            pos_embed_max_size=8)
-        return StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
-            text_encoder=CLIPTextModelWithProjection(_clip_text_config(len(tok1))), tokenizer=tok1,
-            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(len(tok2))), tokenizer_2=tok2,
-            text_encoder_3=None, tokenizer_3=None,
-        )
-    raise ValueError(family)
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -187,7 +100,7 @@ def build_all(root: Path) -> dict:
         return json.loads(manifest.read_text())
     root.mkdir(parents=True, exist_ok=True)
     teachers = {}
-    for family in ("unet2d", "unet2d_class", "dit", "sd", "sd3"):
+    for family in ("unet2d", "unet2d_class", "dit", "sd", "sd3", "sdxl", "sana"):
         path = root / "teachers" / family
         build_teacher(family).save_pretrained(path)
         teachers[family] = str(path)

@@ -894,7 +894,7 @@ def load_conditioning(args, pipe, reps: Representations):
     if not labeled and (args.fd_condition == "joint" or args.classifier):
         raise ValueError(f"{args.pretrained_model_name_or_path} is not class-conditional: --fd_condition joint and "
                          "--classifier measure class labels; drop them.")
-    if args.compare_with_teacher and pipe.family != "unet2d" and args.embedded_default != "digits-text":
+    if args.compare_with_teacher and pipe.is_latent and args.embedded_default != "digits-text":
         raise ValueError(
             f"--compare_with_teacher supports pixel (UNet2DModel) teachers, unconditional or class-conditional; this "
             f"is a {pipe.family!r} model. Drop --compare_with_teacher (or pass --no-compare_with_teacher) and "
@@ -1019,7 +1019,7 @@ def unwrap(accelerator, model):
 # --------------------------------------------------------------------------------------------------------
 # Checkpoints: everything as safetensors (+ JSON), through accelerate's save/load state hooks
 def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint):
-    slot = gen.pipeline.SUPPORTED_FAMILIES[gen.family][0]
+    slot = gen.pipeline.denoiser_slot
 
     def save_model_hook(models, weights, ckpt_dir):
         if accelerator.is_main_process:
