@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .errors import EXPECTED_ERRORS, run_reporting_errors
+
 
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -176,7 +178,7 @@ def _resolve(args, device):
     return resolve_encoders(args.encoders, **kwargs)
 
 
-def _check_output_path(path: str, option: str, *, folder: bool) -> None:
+def check_output_path(path: str, option: str, *, folder: bool) -> None:
     """Fail before the work, not after it: ``path`` (a folder, or a file when ``folder`` is False) can be written.
 
     Its nearest existing ancestor must be a writable folder (missing folders are created when saving).
@@ -206,7 +208,7 @@ def _cmd_stats(args) -> int:
     if args.label_column is not None and args.dataset is None:
         raise ValueError("--label_column needs --dataset (a plain --images_dir has no labels; an imagefolder layout read "
                          "with --dataset has a 'label' column from its class subfolders).")
-    _check_output_path(args.output_dir, "--output_dir", folder=True)
+    check_output_path(args.output_dir, "--output_dir", folder=True)
     accelerator = _accelerator()
     encoders = _resolve(args, accelerator.device)
     options = dict(
@@ -288,7 +290,7 @@ def _cmd_evaluate(args) -> int:
                          "request labels with --num_classes (balanced) or --class_labels.")
     pipeline_kwargs = _pipeline_kwargs(args.pipeline_kwargs)
     if args.output:
-        _check_output_path(args.output, "--output", folder=False)
+        check_output_path(args.output, "--output", folder=False)
     accelerator = _accelerator()
     device = args.device or accelerator.device
     encoders = _resolve(args, device)
@@ -345,7 +347,7 @@ def _cmd_import(args) -> int:
     from .dataset_stats import import_npz_stats, save_reference_stats
 
     encoder_id = _import_encoder_id(args)
-    _check_output_path(args.output_dir, "--output_dir", folder=True)
+    check_output_path(args.output_dir, "--output_dir", folder=True)
     encoders = None
     if args.encoders:
         encoders = _resolve(args, None)
@@ -365,12 +367,10 @@ def _cmd_export(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"stats": _cmd_stats, "evaluate": _cmd_evaluate, "import-npz": _cmd_import, "export-npz": _cmd_export}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
-        # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path.
-        print(f"fd-onestep {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path. (The
+    # commands' library calls also raise TypeError / RuntimeError for bad input, e.g. undecodable images.)
+    return run_reporting_errors(f"fd-onestep {args.command}", handlers[args.command], args,
+                                expected=(*EXPECTED_ERRORS, TypeError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,9 +50,12 @@ from fd_onestep.training.checkpoints import (  # noqa: E402
     resolve_resume_checkpoint,
     save_checkpoint_atomically,
 )
+from fd_onestep.errors import RunError, run_reporting_errors  # noqa: E402
 from fd_onestep.training.hub import check_push_to_hub, push_folder_to_hub  # noqa: E402
 from fd_onestep.training.model_card import render_model_card, teacher_hub_id, teacher_license  # noqa: E402
+from fd_onestep.training.output_dir import OutputDirLock, check_no_overwrite, clear_previous_run  # noqa: E402
 from fd_onestep.training.run_args import (  # noqa: E402
+    RUN_ARGS_FILE,
     check_checkpoint_compatible,
     check_output_dir_compatible,
     fingerprint_digest,
@@ -242,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", type=str, default="fd-onestep-output",
-                   help="Where the pipeline, checkpoints, samples, logs and model card go.")
+                   help="Where the pipeline, checkpoints, samples, logs and model card go. A folder holding "
+                        "checkpoints of a run is continued (--resume_from_checkpoint) or started over "
+                        "(--overwrite_output_dir), never silently overwritten.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds an earlier run's checkpoints: deletes them "
+                        "(and its best/ pipeline) first.")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard dir, relative to --output_dir.")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='Trackers for accelerate ("tensorboard", "wandb", "all" or "none").')
@@ -600,6 +610,12 @@ def finalize_args(args) -> argparse.Namespace:
             f"--output_dir {args.output_dir!r} is a file, not a folder; pass a new or existing folder for the "
             "pipeline, checkpoints and samples."
         )
+    from fd_onestep.cli import check_output_path
+
+    check_output_path(args.output_dir, "--output_dir", folder=True)
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError("--overwrite_output_dir starts the run over and --resume_from_checkpoint continues it; "
+                         "pass one of the two.")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         raise FileNotFoundError(
             f"--inception_weights {args.inception_weights!r} does not exist; pass the path of "
@@ -754,6 +770,17 @@ def check_run_setup(args, accelerator):
         logger.warning("--hub_token is ignored without --push_to_hub (and is never saved or logged).")
     fingerprint = run_fingerprint(args, accelerator.num_processes)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    # The main process alone takes the folder (lock; overwrite refusal or clean-up); every process learns the outcome.
+    lock, refusal = OutputDirLock(output_dir), None
+    if accelerator.is_main_process:
+        try:
+            check_no_overwrite(output_dir, resuming=resume_path is not None, overwrite=args.overwrite_output_dir)
+            lock.acquire()
+            if args.overwrite_output_dir:
+                clear_previous_run(output_dir, [RUN_ARGS_FILE])
+        except RunError as err:
+            refusal = err
+    raise_if_main_refused(accelerator, refusal)
     check_output_dir_compatible(output_dir, fingerprint)
     if resume_path is not None:
         check_checkpoint_compatible(resume_path, fingerprint)
@@ -761,7 +788,21 @@ def check_run_setup(args, accelerator):
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_args(output_dir, args, fingerprint)
     accelerator.wait_for_everyone()
-    return fingerprint, resume_path, hub_repo_id, hub_token
+    return fingerprint, resume_path, hub_repo_id, hub_token, lock
+
+
+def raise_if_main_refused(accelerator, refusal: Exception | None) -> None:
+    """Raise ``refusal`` on the main process and a :class:`RunError` on the others (which print nothing: the
+    main process says why). One broadcast of a flag on the process's device."""
+    from accelerate.utils import broadcast
+
+    flag = torch.tensor([0 if refusal is None else 1], dtype=torch.int32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = broadcast(flag, from_process=0)
+    if refusal is not None:
+        raise refusal
+    if int(flag.item()):
+        raise RunError("the main process refused this run (its message says why).")
 
 
 def teacher_load_kwargs(args) -> dict:
@@ -1085,6 +1126,45 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (preemption, a scheduler's time limit, Ctrl-C): finish the current step, checkpoint, stop.
+
+    The handlers only note the signal; :meth:`agreed` is checked after every step and tells all processes
+    at once (a sum over processes of a flag on the process's device), so they stop after the same step. A
+    second Ctrl-C stops at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def _note(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning(f"{self.received} received: finishing this step, then writing a checkpoint and stopping "
+                       "(Ctrl-C again to stop at once).", main_process_only=False)
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process received a stop signal (a collective: every process calls it after each step)."""
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return int(flag.item()) > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def save_checkpoint(accelerator, args, step, fingerprint):
@@ -1711,7 +1791,7 @@ def main(args) -> dict:
     accelerator = build_accelerator(args)
     device, world = accelerator.device, accelerator.num_processes
     output_dir = Path(args.output_dir)
-    fingerprint, resume_path, hub_repo_id, hub_token = check_run_setup(args, accelerator)
+    fingerprint, resume_path, hub_repo_id, hub_token, lock = check_run_setup(args, accelerator)
     set_seed(args.seed)
 
     # The one-step generator from the teacher, the encoders with their reference statistics, the FD-loss.
@@ -1759,6 +1839,8 @@ def main(args) -> dict:
     population_fds: dict[str, float] = {}
     last_validation = None
     first_step_of_run = True
+    stop_request = StopRequest().install()
+    interrupted = False
     while progress.global_step < stop_at:
         logs, raw_fds = train_step(
             args, accelerator, gen, denoiser, reps.encoders, fd_loss, optimizer, lr_scheduler, ema, trainable,
@@ -1777,16 +1859,30 @@ def main(args) -> dict:
                 last_validation = log_validation(args, accelerator, gen, unwrap(accelerator, denoiser), reps, step,
                                                  progress, population_fds)
         stopping_early = step == stop_at < args.max_train_steps  # --stop_after_steps: resume needs this state
-        if stopping_early or (args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at)):
+        interrupted = stop_request.agreed(accelerator)  # SIGTERM / SIGINT on any process: the same step on all
+        if stopping_early or interrupted or (args.checkpointing_steps and (step % args.checkpointing_steps == 0
+                                                                         or step == stop_at)):
             save_checkpoint(accelerator, args, step, fingerprint)
+        if interrupted:
+            break
+    stop_request.restore()
     progress_bar.close()
     accelerator.wait_for_everyone()
     summary = {"global_step": progress.global_step, "train_seconds": time.time() - train_start,
                "final_population_fds": dict(population_fds)}
+    if interrupted:
+        summary["interrupted_by"] = stop_request.received or "a signal to another process"
+        logger.warning(f"Stopped by {summary['interrupted_by']} at step {progress.global_step}, saved as "
+                       f"checkpoint-{progress.global_step}; continue with the same command and "
+                       "--resume_from_checkpoint latest.")
+        accelerator.end_training()
+        lock.release()
+        return summary
     if progress.global_step < args.max_train_steps:
         logger.info(f"Stopped at step {progress.global_step} (--stop_after_steps); resume with "
                     "--resume_from_checkpoint latest.")
         accelerator.end_training()
+        lock.release()
         return summary
 
     # The end: final validation, the output weights, samples, the comparison, the model card, the Hub.
@@ -1815,8 +1911,10 @@ def main(args) -> dict:
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    lock.release()
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # expected errors (bad input, refused runs, damaged checkpoints): one `error:` line, exit status 2
+    sys.exit(run_reporting_errors("train_fd_onestep.py", lambda: main(parse_args()) and 0))

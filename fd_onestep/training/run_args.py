@@ -42,6 +42,7 @@ SECRET_ARGS = frozenset({"hub_token"})
 NON_FINGERPRINT_ARGS = frozenset(
     {
         "output_dir",
+        "overwrite_output_dir",
         "logging_dir",
         "report_to",
         "tracker_project_name",
