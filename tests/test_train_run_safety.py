@@ -185,3 +185,91 @@ def test_every_process_stops_after_the_same_step(script, monkeypatch):
     accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
     assert request.agreed(accelerator) is True and request.received is None
     assert reduced == [(torch.device("cpu"), "sum")]
+
+
+# ------------------------------------------------------------------------------------ resume identity by content
+def _text_args(assets, out, prompts, *extra):
+    return ["--pretrained_model_name_or_path", assets["teachers"]["sd"], *encoder_args(assets, ("dinov2",)),
+            "--prompts_file", str(prompts), "--output_dir", str(out), *FAST_ARGS, "--use_lora", "--lora_rank", "2",
+            "--num_validation_images", "0", "--num_validation_samples", "0", *extra]
+
+
+def test_resume_compares_the_prompts_file_by_content_not_by_path(script, assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("a red square\na blue circle\n")
+    out = tmp_path / "out"
+    script.main(script.parse_args(_text_args(assets, out, "prompts.txt", "--stop_after_steps", "1")))
+    # the same file spelled as an absolute path: the same run, it resumes
+    summary = script.main(script.parse_args(_text_args(assets, out, tmp_path / "prompts.txt", "--stop_after_steps",
+                                                       "2", "--resume_from_checkpoint", "latest")))
+    assert summary["global_step"] == 2
+    # the same path with other prompts: another run, refused before anything loads
+    Path("prompts.txt").write_text("a red square\na green cat\n")
+    with pytest.raises(ValueError, match="--prompts_file: the file's content changed"):
+        script.main(script.parse_args(_text_args(assets, out, "prompts.txt", "--resume_from_checkpoint", "latest")))
+
+
+def test_resume_compares_the_reference_statistics_by_content(script, assets, tmp_path):
+    import shutil
+
+    stats = tmp_path / "stats.safetensors"
+    shutil.copy(assets["stats"]["dinov2"], stats)
+    argv = ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], "--encoders", assets["encoders"]["dinov2"],
+            "--reference_stats", str(stats), "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    script.main(script.parse_args([*argv, "--stop_after_steps", "1"]))
+    from fd_onestep.reference_stats import ReferenceStats
+
+    ref = ReferenceStats.load(stats)
+    ref.mu = ref.mu + 1.0  # recomputed in place, e.g. on another dataset
+    ref.save(stats)
+    with pytest.raises(ValueError, match="--reference_stats: the file's content changed"):
+        script.main(script.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+
+
+def test_a_caption_dataset_enters_the_fingerprint_by_its_datasets_fingerprint(script, assets, tmp_path):
+    args = script.parse_args(["--pretrained_model_name_or_path", assets["teachers"]["sd"],
+                              *encoder_args(assets, ("dinov2",)), "--dataset_name", assets["captions_dataset"],
+                              "--output_dir", str(tmp_path)])
+    fingerprint = script.run_fingerprint(args, 1, script.load_caption_dataset(args)._fingerprint)
+    assert fingerprint["dataset_fingerprint"] == script.load_caption_dataset(args)._fingerprint
+    assert all(v.startswith("sha256:") for v in fingerprint["reference_stats"])
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+def _two_checkpoints(script, assets, out):
+    script.main(script.parse_args(_args(assets, out, "--checkpointing_steps", "1", "--stop_after_steps", "2",
+                                        "--max_train_steps", "3")))
+    return out / "checkpoint-1", out / "checkpoint-2"
+
+
+def test_latest_skips_a_truncated_population_file_and_says_why(script, assets, tmp_path, caplog):
+    out = tmp_path / "out"
+    _, second = _two_checkpoints(script, assets, out)
+    population = second / "fd_populations.safetensors"
+    population.write_bytes(population.read_bytes()[: population.stat().st_size // 2])
+    with caplog.at_level("INFO"):
+        summary = script.main(script.parse_args(_args(assets, out, "--max_train_steps", "3",
+                                                      "--checkpointing_steps", "0",
+                                                      "--resume_from_checkpoint", "latest")))
+    assert "skipped damaged checkpoint-2" in caplog.text and str(population) in caplog.text
+    assert "resuming from checkpoint-1" in caplog.text and "resumed at step 1" in caplog.text
+    assert summary["global_step"] == 3
+
+
+def test_a_named_checkpoint_without_its_optimizer_is_a_clear_error_naming_the_file(script, assets, tmp_path):
+    out = tmp_path / "out"
+    _, second = _two_checkpoints(script, assets, out)
+    (second / "optimizer.bin").unlink()
+    with pytest.raises(script.RunError, match=f"{second}' is damaged: {second / 'optimizer.bin'} is missing"):
+        script.main(script.parse_args(_args(assets, out, "--max_train_steps", "3",
+                                            "--resume_from_checkpoint", str(second))))
+
+
+def test_a_named_truncated_population_file_is_a_clear_error_naming_it(script, assets, tmp_path):
+    out = tmp_path / "out"
+    _, second = _two_checkpoints(script, assets, out)
+    population = second / "fd_populations.safetensors"
+    population.write_bytes(population.read_bytes()[:100])
+    with pytest.raises(script.RunError, match=f"{population}.*cannot be read as safetensors"):
+        script.main(script.parse_args(_args(assets, out, "--max_train_steps", "3",
+                                            "--resume_from_checkpoint", "checkpoint-2")))

@@ -665,10 +665,7 @@ def load_prompts(args) -> list[str] | None:
             raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
         return prompts[: args.max_prompts] if args.max_prompts else prompts
     if args.dataset_name is not None:
-        import datasets
-
-        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
-                                        cache_dir=args.cache_dir)
+        dataset = load_caption_dataset(args)
         if args.caption_column not in dataset.column_names:
             raise ValueError(
                 f"--caption_column {args.caption_column!r} is not a column of {args.dataset_name} "
@@ -686,6 +683,14 @@ def load_prompts(args) -> list[str] | None:
             raise ValueError(f"no captions in column {args.caption_column!r} of {args.dataset_name}.")
         return prompts
     return None
+
+
+def load_caption_dataset(args):
+    """``--dataset_name``'s split (``datasets.load_dataset``; cached after the first call)."""
+    import datasets
+
+    return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
+                                 cache_dir=args.cache_dir)
 
 
 def load_class_histogram(args, references) -> list[float] | None:
@@ -768,7 +773,9 @@ def check_run_setup(args, accelerator):
         hub_repo_id, hub_token = check_push_to_hub(args.hub_token, args.hub_model_id, output_dir)
     elif args.hub_token:
         logger.warning("--hub_token is ignored without --push_to_hub (and is never saved or logged).")
-    fingerprint = run_fingerprint(args, accelerator.num_processes)
+    # the caption dataset by its content: datasets' own fingerprint of the loaded split
+    dataset_fingerprint = load_caption_dataset(args)._fingerprint if args.dataset_name is not None else None
+    fingerprint = run_fingerprint(args, accelerator.num_processes, dataset_fingerprint)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     # The main process alone takes the folder (lock; overwrite refusal or clean-up); every process learns the outcome.
     lock, refusal = OutputDirLock(output_dir), None
@@ -1165,6 +1172,23 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def load_checkpoint(accelerator, path) -> None:
+    """``accelerator.load_state``; a file that cannot be read is a :class:`RunError` naming the checkpoint."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        accelerator.load_state(str(path))
+    except RunError:
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        raise RunError(
+            f"could not load checkpoint {str(path)!r} ({type(err).__name__}: {err}): a damaged checkpoint. Resume "
+            "from another one (--resume_from_checkpoint checkpoint-<step>, or 'latest' after deleting this one)."
+        ) from err
 
 
 def save_checkpoint(accelerator, args, step, fingerprint):
@@ -1826,7 +1850,7 @@ def main(args) -> dict:
     # Resume, or warm-start the populations from generated samples.
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(accelerator, resume_path)
         logger.info(f"  resumed at step {progress.global_step}")
     elif args.fd_warmup_samples > 0 and not fd_loss.two_pass:
         warm_start_populations(args, accelerator, gen, unwrap(accelerator, denoiser), reps.encoders, fd_loss)
