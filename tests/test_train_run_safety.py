@@ -273,3 +273,91 @@ def test_a_named_truncated_population_file_is_a_clear_error_naming_it(script, as
     with pytest.raises(script.RunError, match=f"{population}.*cannot be read as safetensors"):
         script.main(script.parse_args(_args(assets, out, "--max_train_steps", "3",
                                             "--resume_from_checkpoint", "checkpoint-2")))
+
+
+# ------------------------------------------------------------------------------------ fail before any model loads
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """The teacher and the encoders cannot load: a test using this proves its error comes before them."""
+    import fd_onestep.encoders
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(FDOneStepPipeline, "from_teacher", classmethod(refuse))
+    monkeypatch.setattr(fd_onestep.encoders, "load_encoder", refuse)
+
+
+def test_an_encoder_name_typo_fails_before_the_teacher_loads(script, assets, tmp_path, no_model_loads):
+    argv = ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], "--encoders", "dinvo2",
+            "--reference_stats", assets["stats"]["dinov2"], "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    with pytest.raises(ValueError, match="--encoders: Unknown encoder 'dinvo2'. Known names: inception, dinov2"):
+        script.main(script.parse_args(argv))
+
+
+def test_an_encoder_name_typo_is_one_error_line_without_a_traceback(assets, tmp_path):
+    argv = ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], "--encoders", "dinvo2",
+            "--reference_stats", assets["stats"]["dinov2"], "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    proc = run_script(argv, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [f"train_fd_onestep.py: error: --encoders: Unknown encoder 'dinvo2'. {errors[0].split('. ', 1)[1]}"]
+
+
+def test_under_accelerate_launch_the_error_is_printed_once(assets, tmp_path):
+    """accelerate's launcher re-raises its child's stderr: the line goes to stdout there, so it appears once."""
+    from train_fixtures import accelerate_launch
+
+    argv = ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], "--encoders", "dinvo2",
+            "--reference_stats", assets["stats"]["dinov2"], "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    proc = run_script(argv, launcher=accelerate_launch(1), check=False)
+    assert proc.returncode != 0 and (proc.stdout + proc.stderr).count("Unknown encoder 'dinvo2'") == 1
+    assert "train_fd_onestep.py: error: --encoders: Unknown encoder 'dinvo2'" in proc.stdout
+
+
+def test_statistics_of_another_encoder_and_nan_statistics_fail_before_any_model_loads(script, assets, tmp_path,
+                                                                                    no_model_loads):
+    base = ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], "--encoders", assets["encoders"]["dinov2"],
+            "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    with pytest.raises(ValueError, match="computed with encoder 'siglip:tiny-siglip.*not 'tiny-dinov2'"):
+        script.main(script.parse_args([*base, "--reference_stats", assets["stats"]["siglip"]]))
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(assets["stats"]["dinov2"], framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["mu"][0] = float("nan")  # written around ReferenceStats.save, which refuses it
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="NaN"):
+        script.main(script.parse_args([*base, "--reference_stats", str(tmp_path / "nan.safetensors")]))
+
+
+def test_prompts_and_resolution_fail_before_any_model_loads(script, assets, tmp_path, no_model_loads):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        script.main(script.parse_args(_text_args(assets, tmp_path / "out", empty)))
+    text = ["--pretrained_model_name_or_path", assets["teachers"]["sd"], *encoder_args(assets, ("dinov2",)),
+            "--output_dir", str(tmp_path / "out"), *FAST_ARGS]
+    with pytest.raises(ValueError, match="text-to-image model.*--prompts_file"):
+        script.main(script.parse_args(text))
+    with pytest.raises(ValueError, match="not a multiple of the VAE's downsampling factor 2"):
+        script.main(script.parse_args([*text, "--prompts_file", assets["prompts_file"], "--resolution", "15"]))
+
+
+def test_lora_targets_matching_no_module_fail_before_any_model_loads_naming_the_layers(script, assets, tmp_path,
+                                                                                      no_model_loads):
+    with pytest.raises(ValueError, match=r"--lora_target_modules \['to_qq'\] match no module of the teacher's unet "
+                                         r"\(UNet2DConditionModel\).*to_q.*pass some of those"):
+        script.main(script.parse_args(_text_args(assets, tmp_path / "out", assets["prompts_file"],
+                                                 "--lora_target_modules", "to_q", "to_qq")))
+
+
+def test_a_lora_rank_above_the_layers_width_warns(script, assets, tmp_path, caplog):
+    from accelerate import PartialState
+
+    PartialState()  # the script's logger is accelerate's
+    with caplog.at_level("WARNING"):
+        script.check_inputs(script.parse_args(_args(assets, tmp_path / "out", "--use_lora", "--lora_rank", "512")))
+    assert "--lora_rank 512 exceeds the width of" in caplog.text and "Lower --lora_rank to at most 16" in caplog.text

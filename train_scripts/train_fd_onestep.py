@@ -762,6 +762,120 @@ def cpu_threads(args, num_local_processes: int) -> int:
     return max(1, cores // max(1, num_local_processes))
 
 
+def teacher_config_file(args, filename: str) -> dict | None:
+    """A JSON config file of the teacher (``model_index.json``, ``vae/config.json``...), read without any weights:
+    from its folder, or from the Hub or its cache; None where it cannot be read (the loading then says why)."""
+    root = Path(args.pretrained_model_name_or_path)
+    try:
+        if root.is_dir():
+            path = root / filename
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(args.pretrained_model_name_or_path, filename, revision=args.revision,
+                                        cache_dir=args.cache_dir, local_files_only=args.local_files_only))
+        return json.loads(path.read_text()) if path.is_file() else None
+    except Exception:  # offline, not on the Hub, not JSON: from_teacher gives the precise error later
+        return None
+
+
+def check_inputs(args) -> None:
+    """Everything about the inputs that needs no model, before any loads: encoder names, statistics files (finite,
+    made with the named encoder), prompts, the resolution against the VAE, LoRA targets and rank against the
+    denoiser's module names (the denoiser built from its config on the meta device: no weights, no memory).
+    Raises ValueError naming the argument and the fix; warns about a LoRA rank above the targeted layers' width."""
+    from fd_onestep.encoders import check_encoder_name, expected_encoder_id
+
+    for flag, names in (("--encoders", args.encoders), ("--eval_encoders", args.eval_encoders)):
+        for name in names:
+            try:
+                check_encoder_name(name)
+            except ValueError as err:
+                raise ValueError(f"{flag}: {err}") from None
+    for name, path in [*zip(args.encoders, args.reference_stats), *zip(args.eval_encoders, args.eval_reference_stats)]:
+        full_id, model = expected_encoder_id(name)
+        ref = load_reference(path, full_id)
+        if not (torch.isfinite(ref.mu).all() and torch.isfinite(ref.sigma).all()):
+            raise ValueError(f"reference statistics {path!r} hold NaN or infinite values; recompute them with "
+                             "`fd-onestep stats` (with --skip_unreadable_images if some images are damaged).")
+        made_with = ref.encoder_id
+        parts = (made_with or "").split(":")
+        if made_with and ((full_id and made_with != full_id) or (model and (len(parts) < 4 or parts[1] != model))):
+            raise ValueError(
+                f"--encoders {name!r} with reference stats {path!r}: the statistics were computed with encoder "
+                f"{made_with!r}, not {full_id or model!r}. Pass each encoder's own statistics, in the order of "
+                f"--encoders, or compute them: `fd-onestep stats --encoders {name} ...`."
+            )
+    if args.prompts_file is not None and not any(
+            line.strip() for line in Path(args.prompts_file).read_text().splitlines()):
+        raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
+    index = teacher_config_file(args, "model_index.json")
+    if index is None:
+        return
+    text_model = "text_encoder" in index or "text_encoder_2" in index
+    if text_model and not args.embedded_default and args.prompts_file is None and args.dataset_name is None:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is a text-to-image model ({index.get('_class_name')}): pass "
+            "training prompts with --prompts_file FILE or --dataset_name NAME --caption_column COLUMN."
+        )
+    if not text_model and (args.prompts_file or args.dataset_name):
+        raise ValueError(f"{args.pretrained_model_name_or_path} is not a text model: drop --prompts_file/--dataset_name.")
+    vae = teacher_config_file(args, "vae/config.json") if "vae" in index else None
+    if args.resolution is not None and vae is not None:
+        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        if args.resolution % factor:
+            raise ValueError(
+                f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}; "
+                f"use a multiple of {factor}."
+            )
+    if args.use_lora:
+        check_lora_targets(args, index)
+
+
+def check_lora_targets(args, index: dict) -> None:
+    """``--lora_target_modules`` against the denoiser's module names, and ``--lora_rank`` against the targeted
+    layers' widths, on the denoiser built from its config on the meta device (PEFT's suffix matching)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from fd_onestep.pipelines.pipeline_fd_onestep import DEFAULT_LORA_TARGETS, family_of_denoiser
+
+    component = next((c for c in ("unet", "transformer") if c in index), None)
+    config = teacher_config_file(args, f"{component}/config.json") if component else None
+    model_class = getattr(diffusers, str((index.get(component) or [None, None])[1]), None) if component else None
+    if config is None or model_class is None:
+        return
+    try:
+        with init_empty_weights():
+            denoiser = model_class.from_config(config)
+        family = family_of_denoiser(denoiser)
+    except Exception:  # not a supported denoiser: from_teacher's own error is the clear one
+        return
+    targets = args.lora_target_modules or DEFAULT_LORA_TARGETS[family]
+    modules = dict(denoiser.named_modules())
+    matched = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in targets}
+    unmatched = [t for t, names in matched.items() if not names]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                           if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+        raise ValueError(
+            f"--lora_target_modules {unmatched} match no module of the teacher's {component} ({model_class.__name__}). "
+            f"Its linear and convolution layers end in: {', '.join(suffixes[:30])}; pass some of those "
+            f"(default for {family}: {' '.join(DEFAULT_LORA_TARGETS[family])})."
+        )
+    widths = {n: min(getattr(m, "in_features", 0) or m.in_channels, getattr(m, "out_features", 0) or m.out_channels)
+              for names in matched.values() for n in names
+              if isinstance(modules[n], (torch.nn.Linear, torch.nn.Conv2d)) for m in [modules[n]]}
+    narrow = {n: w for n, w in widths.items() if w < args.lora_rank}
+    if narrow:
+        name, width = min(narrow.items(), key=lambda item: item[1])
+        logger.warning(
+            f"--lora_rank {args.lora_rank} exceeds the width of {len(narrow)} of the {len(widths)} targeted layers "
+            f"(e.g. {name}: {width}): a LoRA of rank r on a layer of width w < r is still rank w, and only costs "
+            f"memory and time. Lower --lora_rank to at most {max(widths.values())} (the widest targeted layer)."
+        )
+
+
 def check_run_setup(args, accelerator):
     """Everything that can fail before a model is loaded: Hub credentials, resume target, output dir.
 
@@ -1814,6 +1928,7 @@ def main(args) -> dict:
 
     accelerator = build_accelerator(args)
     device, world = accelerator.device, accelerator.num_processes
+    check_inputs(args)
     output_dir = Path(args.output_dir)
     fingerprint, resume_path, hub_repo_id, hub_token, lock = check_run_setup(args, accelerator)
     set_seed(args.seed)
