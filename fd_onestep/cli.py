@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resolution", type=_positive_int, default=None,
                     help="With --images: center-crop-resize every image to this size first (as `stats --resolution`). "
                     "Default: native size, which must be the same for all images.")
+    ev.add_argument("--skip_unreadable_images", action="store_true",
+                    help="With --images: skip images that cannot be decoded (corrupt or truncated files) instead of "
+                    "stopping at the first one; their number is printed and stored in the results' metadata.")
     ev.add_argument("--seed", type=int, default=0, help="Base seed; batch b uses seed + b.")
     ev.add_argument("--num_classes", type=int, default=None, help="Class-conditional pipelines: balanced labels i mod num_classes.")
     ev.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class labels to cycle through.")
@@ -266,8 +269,17 @@ def _pipeline_kwargs(text: Optional[str]) -> Optional[dict]:
     return kwargs
 
 
+def _is_text_pipeline(pipe) -> bool:
+    """Whether a loaded pipeline is prompted (an FDOneStepPipeline says so; a stock one has a text encoder)."""
+    known = getattr(pipe, "is_text_conditional", None)
+    if isinstance(known, bool):
+        return known
+    return getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "text_encoder_2", None) is not None
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluation import (
+        LORA_INFO_FILE,
         evaluate_folder,
         evaluate_pipeline,
         image_classifier,
@@ -282,8 +294,9 @@ def _cmd_evaluate(args) -> int:
                                     "classifier") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --pipeline (generation); drop them with --images.")
-    elif args.resolution is not None:
-        raise ValueError("--resolution applies to --images (resizing files); a pipeline generates at its own size.")
+    elif args.resolution is not None or args.skip_unreadable_images:
+        flag = "--resolution" if args.resolution is not None else "--skip_unreadable_images"
+        raise ValueError(f"{flag} applies to --images (reading files); a pipeline generates its own images.")
     conditional = args.class_stats is not None or args.classifier is not None
     if conditional and args.num_classes is None and args.class_labels is None:
         raise ValueError("--class_stats and --classifier measure how generated images follow their requested labels: "
@@ -301,12 +314,23 @@ def _cmd_evaluate(args) -> int:
         result = evaluate_folder(
             args.images, encoders, references, batch_size=args.batch_size, max_samples=args.num_samples,
             resolution=args.resolution, show_progress=accelerator.is_main_process,
+            skip_unreadable=args.skip_unreadable_images,
         )
     else:
         prompts = None
+        evaluated = {"source": args.pipeline}
         if args.prompts_file:
             prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
+            evaluated.update(prompts_file=args.prompts_file, num_prompts=str(len(prompts)))
         pipe = load_pipeline(args.pipeline, cache_dir=args.cache_dir, local_files_only=True if args.local_files_only else None)
+        lora_info = Path(args.pipeline) / LORA_INFO_FILE
+        if lora_info.is_file():  # a LoRA: the base model it was loaded onto, and the LoRA itself
+            evaluated.update(lora=args.pipeline, base_model=str(json.loads(lora_info.read_text()).get("base_model")))
+        if prompts is None and _is_text_pipeline(pipe):
+            raise ValueError(f"{args.pipeline} is a text-to-image pipeline: pass prompts with --prompts_file FILE "
+                             "(one prompt per line, cycled over the samples).")
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         result = evaluate_pipeline(
@@ -314,8 +338,12 @@ def _cmd_evaluate(args) -> int:
             class_labels=args.class_labels, num_classes=args.num_classes, prompts=prompts,
             pipeline_kwargs=pipeline_kwargs, show_progress=accelerator.is_main_process,
             class_references=class_references, classifier=classifier, classifier_name=args.classifier,
+            metadata=evaluated,
         )
     if accelerator.is_main_process:
+        skipped = result.metadata.get("skipped_unreadable_images")
+        if skipped is not None:
+            print(f"{skipped} unreadable image(s) skipped; {result.num_samples} evaluated")
         print(result.to_markdown())
         if args.output:
             print(f"saved {result.save_json(args.output)}")

@@ -53,7 +53,12 @@ from fd_onestep.training.checkpoints import (  # noqa: E402
 from fd_onestep.errors import RunError, run_reporting_errors  # noqa: E402
 from fd_onestep.training.hub import check_push_to_hub, push_folder_to_hub  # noqa: E402
 from fd_onestep.training.model_card import render_model_card, teacher_hub_id, teacher_license  # noqa: E402
-from fd_onestep.training.output_dir import OutputDirLock, check_no_overwrite, clear_previous_run  # noqa: E402
+from fd_onestep.training.output_dir import (  # noqa: E402
+    OutputDirLock,
+    check_no_overwrite,
+    clear_previous_run,
+    honour_umask,
+)
 from fd_onestep.training.run_args import (  # noqa: E402
     RUN_ARGS_FILE,
     check_checkpoint_compatible,
@@ -194,6 +199,9 @@ DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CL
                                       *TEXT_EMBEDDED_DEFAULTS]))
 
 POPULATIONS = ("ema", "queue", "exact")
+# The fresh-vs-population FD warning needs this many validation samples per feature dimension: with fewer, the
+# fresh FD's own small-sample bias (of order d / N) can exceed the population FD of a well-trained generator.
+FRESH_FD_MIN_SAMPLES_PER_DIM = 2
 FD_CONDITIONS = ("marginal", "joint")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OUTPUT_BOUND_CHOICES = ("none", "tanh", "clamp")
@@ -381,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--final_weights", type=str, default=None, choices=["last", "best"],
                    help="Which weights the pipeline in --output_dir gets at the end.")
     g.add_argument("--fresh_fd_warning_ratio", type=float, default=3.0,
-                   help="Warn when fresh-sample FD / population FD exceeds this.")
+                   help="Warn when fresh-sample FD / population FD exceeds this (only with --num_validation_samples "
+                        "of at least twice the encoder's feature dimension: fewer samples bias the fresh FD).")
 
     g = p.add_argument_group("outputs of the embedded default")
     g.add_argument("--compare_with_teacher", action=argparse.BooleanOptionalAction, default=None,
@@ -1309,6 +1318,7 @@ def save_checkpoint(accelerator, args, step, fingerprint):
     path = save_checkpoint_atomically(accelerator, args.output_dir, step,
                                       {"fingerprint_digest": fingerprint_digest(fingerprint)})
     if accelerator.is_main_process:
+        honour_umask(path)
         prune_checkpoints(args.output_dir, args.checkpoints_total_limit, protect=[path])
     logger.info(f"Saved state to {path}")
 
@@ -1688,10 +1698,13 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
             if pop_fd is not None and pop_fd > 0:
                 ratio = fresh / pop_fd
                 logs[f"fresh_over_population/{name}"] = ratio
-                if ratio > args.fresh_fd_warning_ratio:
+                # below FRESH_FD_MIN_SAMPLES_PER_DIM samples per feature dimension the fresh FD's small-sample bias
+                # alone can make the ratio large: no warning there (the ratio is still logged)
+                enough = args.num_validation_samples >= FRESH_FD_MIN_SAMPLES_PER_DIM * reps.all_encoders[name].feature_dim
+                if ratio > args.fresh_fd_warning_ratio and enough:
                     logger.warning(
-                        f"step {step}: fresh-sample FD in {name} is {ratio:.1f}x the population FD "
-                        f"({fresh:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
+                        f"step {step}: fresh-sample FD in {name} ({args.num_validation_samples} samples) is "
+                        f"{ratio:.1f}x the population FD ({fresh:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
                         "population statistics (which then lag behind it) or gaming the encoder. Lower "
                         "--learning_rate, shorten the population's memory (lower --fd_ema_beta or "
                         "--fd_queue_size), raise the batch, or use --fd_population exact; --keep_best_by "
@@ -1700,7 +1713,8 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
         accelerator.log(logs, step=step)
         result["fds"] = fds
         result["adherence"] = adherence
-        logger.info(f"step {step}: fresh-sample FD " + ", ".join(
+        result["num_samples"] = args.num_validation_samples
+        logger.info(f"step {step}: fresh-sample FD ({args.num_validation_samples} samples) " + ", ".join(
             f"{n}={r['fresh_fd']:.4g}" + (f" (FD_r {r['fd_r']:.3g})" if r["fd_r"] is not None else "")
             + (f" per-class {r['per_class_fd']:.4g}" if "per_class_fd" in r else "")
             for n, r in fds.items()) + ("" if adherence is None else f"; adherence {100 * adherence:.1f}%"))
@@ -1914,7 +1928,8 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         eval_encoders=describe(reps.eval_encoders, reps.eval_references, args.eval_reference_stats),
         training=training, final_fds=final_fds, sample_grid=grid, repo_id=repo_id or str(output_dir),
         lora=args.use_lora, conditioning=conditioning, one_step_settings=one_step_settings,
-        comparison_grid=comparison_grid, comparison_table=comparison_table, stock_recipe=stock_recipe, **license_info,
+        comparison_grid=comparison_grid, comparison_table=comparison_table, stock_recipe=stock_recipe,
+        fresh_samples=(last_validation or {}).get("num_samples"), **license_info,
     )
     card.save(str(output_dir / "README.md"))
     return card
@@ -2044,6 +2059,7 @@ def main(args) -> dict:
         card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id)
         summary["model_card"] = str(output_dir / "README.md")
         (output_dir / "fd_onestep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        honour_umask(output_dir)  # the weights (safetensors writes 0600) get the umask's mode like every other file
         if args.push_to_hub:
             card.validate()  # the Hub's own card validation (network)
             push_folder_to_hub(output_dir, hub_repo_id, hub_token, private=args.hub_private_repo or None)

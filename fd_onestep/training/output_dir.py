@@ -23,7 +23,7 @@ from fd_onestep.training.checkpoints import list_checkpoints, list_partial_check
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_FILE", "OutputDirLock", "check_no_overwrite", "clear_previous_run"]
+__all__ = ["LOCK_FILE", "OutputDirLock", "check_no_overwrite", "clear_previous_run", "honour_umask"]
 
 LOCK_FILE = ".fd_onestep.lock"
 
@@ -58,6 +58,25 @@ def clear_previous_run(output_dir: str | os.PathLike, run_files=()) -> list[Path
     if removed:
         logger.warning("--overwrite_output_dir: deleted the earlier run's %s", ", ".join(p.name for p in removed))
     return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(folder: str | os.PathLike) -> int:
+    """Give the files under ``folder`` that were written with mode 0600 (safetensors' own file creation, which
+    ``save_pretrained`` and the checkpoints use) the mode a plain ``open()`` gives: 0666 minus the umask.
+    Returns how many files changed."""
+    mode = 0o666 & ~_umask()
+    changed = 0
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600 and mode != 0o600:
+            path.chmod(mode)
+            changed += 1
+    return changed
 
 
 def _pid_alive(pid: int) -> bool:
