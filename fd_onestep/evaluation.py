@@ -622,10 +622,24 @@ def evaluate_folder(
 def load_references(paths: Sequence[str | os.PathLike], encoders: Mapping[str, FeatureEncoder]) -> Dict[str, "object"]:
     """Match saved ReferenceStats files to encoders by encoder id (order-independent).
 
-    Raises ``ValueError`` naming the encoder ids when an encoder has no matching file.
+    Per-class statistics (``<encoder>.classes.safetensors``, which a ``stats/*.safetensors`` glob also picks up)
+    are left out with a warning naming ``--class_stats``. Raises ``ValueError`` naming the encoder ids when an
+    encoder has no matching file.
     """
+    import logging
+
+    from .dataset_stats import CLASS_STATS_SUFFIX
     from .reference_stats import ReferenceStats
 
+    per_class = [str(p) for p in paths if str(p).endswith(CLASS_STATS_SUFFIX)]
+    if per_class:
+        if len(per_class) == len(paths):
+            raise ValueError(f"{per_class} are per-class statistics (pass them with --class_stats); --reference_stats "
+                             "takes the <encoder>.safetensors files next to them.")
+        logging.getLogger(__name__).warning(
+            "reference stats: left out the per-class statistics %s (pass them with --class_stats for per-class FD "
+            "and FJD).", per_class)
+        paths = [p for p in paths if not str(p).endswith(CLASS_STATS_SUFFIX)]
     loaded = [ReferenceStats.load(p) for p in paths]
     references = {}
     for name, encoder in encoders.items():

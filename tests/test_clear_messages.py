@@ -146,3 +146,21 @@ def test_written_weights_and_checkpoints_honour_the_umask(script, assets, tmp_pa
     assert modes["unet/diffusion_pytorch_model.safetensors"] == 0o644
     assert modes["checkpoint-1/fd_populations.safetensors"] == 0o644
     assert set(modes.values()) == {0o644}, {k: oct(v) for k, v in modes.items() if v != 0o644}
+
+
+def test_a_stats_glob_that_picks_up_per_class_files_still_evaluates(assets, tmp_path, caplog):
+    """README: `--reference_stats stats/*.safetensors`, with `stats --label_column` files in the folder."""
+    from pathlib import Path
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), color=(60 * i, 20, 200 - 40 * i)).save(images / f"{i}.png")
+    stats = sorted(str(p) for p in Path(assets["stats"]["dinov2"]).parent.glob("*.safetensors"))
+    assert any(p.endswith(".classes.safetensors") for p in stats)
+    out = tmp_path / "result.json"
+    with caplog.at_level("WARNING"):
+        code = cli(["evaluate", "--images", str(images), "--encoders", assets["encoders"]["dinov2"],
+                    "--reference_stats", *stats, "--output", str(out)])
+    assert code == 0 and json.loads(out.read_text())["num_samples"] == 4
+    assert "left out the per-class statistics" in caplog.text and "--class_stats" in caplog.text
