@@ -830,8 +830,10 @@ def check_inputs(args) -> None:
     if not text_model and (args.prompts_file or args.dataset_name):
         raise ValueError(f"{args.pretrained_model_name_or_path} is not a text model: drop --prompts_file/--dataset_name.")
     vae = teacher_config_file(args, "vae/config.json") if "vae" in index else None
-    if args.resolution is not None and vae is not None:
-        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    # the downsampling factor as the family adapters compute it (AutoencoderKL; SANA's AutoencoderDC)
+    blocks = (vae or {}).get("block_out_channels") or (vae or {}).get("encoder_block_out_channels")
+    if args.resolution is not None and blocks:
+        factor = 2 ** (len(blocks) - 1)
         if args.resolution % factor:
             raise ValueError(
                 f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}; "
