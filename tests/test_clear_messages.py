@@ -83,6 +83,13 @@ def test_evaluate_on_a_text_pipeline_without_prompts_names_prompts_file(assets, 
                 "--reference_stats", str(stats), "--num_samples", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "is a text-to-image pipeline: pass prompts with --prompts_file" in err
+    out = tmp_path / "result.json"
+    assert cli(["evaluate", "--pipeline", assets["teachers"]["sd"], "--encoders", "pixels:8", "--reference_stats",
+                str(stats), "--num_samples", "2", "--prompts_file", assets["prompts_file"], "--pipeline_kwargs",
+                '{"num_inference_steps": 1}', "--output", str(out)]) == 0
+    metadata = json.loads(out.read_text())["metadata"]  # what was evaluated: the pipeline and its prompts
+    assert metadata["source"] == assets["teachers"]["sd"] and metadata["prompts_file"] == assets["prompts_file"]
+    assert metadata["num_prompts"] == "3"
 
 
 def test_evaluate_records_the_lora_and_its_base_model(folders, tmp_path):  # noqa: F811

@@ -1111,7 +1111,11 @@ def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, c
                            weight_dtype=weight_dtype)
     denoiser = gen.denoiser
     if args.use_lora:
-        gen.add_lora(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
+        try:
+            gen.add_lora(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
+        except ValueError as err:  # PEFT's, for targets check_inputs could not check (a config it could not read)
+            raise ValueError(f"--lora_target_modules {args.lora_target_modules or '(the family default)'}: {err} "
+                             "Pass module-name suffixes of the denoiser's linear / convolution layers.") from None
     else:
         denoiser.requires_grad_(True)
     if args.gradient_checkpointing:
