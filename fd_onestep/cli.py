@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .errors import EXPECTED_ERRORS, run_reporting_errors
+
 
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resolution", type=_positive_int, default=None,
                     help="With --images: center-crop-resize every image to this size first (as `stats --resolution`). "
                     "Default: native size, which must be the same for all images.")
+    ev.add_argument("--skip_unreadable_images", action="store_true",
+                    help="With --images: skip images that cannot be decoded (corrupt or truncated files) instead of "
+                    "stopping at the first one; their number is printed and stored in the results' metadata.")
     ev.add_argument("--seed", type=int, default=0, help="Base seed; batch b uses seed + b.")
     ev.add_argument("--num_classes", type=int, default=None, help="Class-conditional pipelines: balanced labels i mod num_classes.")
     ev.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class labels to cycle through.")
@@ -176,7 +181,7 @@ def _resolve(args, device):
     return resolve_encoders(args.encoders, **kwargs)
 
 
-def _check_output_path(path: str, option: str, *, folder: bool) -> None:
+def check_output_path(path: str, option: str, *, folder: bool) -> None:
     """Fail before the work, not after it: ``path`` (a folder, or a file when ``folder`` is False) can be written.
 
     Its nearest existing ancestor must be a writable folder (missing folders are created when saving).
@@ -206,7 +211,7 @@ def _cmd_stats(args) -> int:
     if args.label_column is not None and args.dataset is None:
         raise ValueError("--label_column needs --dataset (a plain --images_dir has no labels; an imagefolder layout read "
                          "with --dataset has a 'label' column from its class subfolders).")
-    _check_output_path(args.output_dir, "--output_dir", folder=True)
+    check_output_path(args.output_dir, "--output_dir", folder=True)
     accelerator = _accelerator()
     encoders = _resolve(args, accelerator.device)
     options = dict(
@@ -264,8 +269,17 @@ def _pipeline_kwargs(text: Optional[str]) -> Optional[dict]:
     return kwargs
 
 
+def _is_text_pipeline(pipe) -> bool:
+    """Whether a loaded pipeline is prompted (an FDOneStepPipeline says so; a stock one has a text encoder)."""
+    known = getattr(pipe, "is_text_conditional", None)
+    if isinstance(known, bool):
+        return known
+    return getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "text_encoder_2", None) is not None
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluation import (
+        LORA_INFO_FILE,
         evaluate_folder,
         evaluate_pipeline,
         image_classifier,
@@ -280,15 +294,16 @@ def _cmd_evaluate(args) -> int:
                                     "classifier") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --pipeline (generation); drop them with --images.")
-    elif args.resolution is not None:
-        raise ValueError("--resolution applies to --images (resizing files); a pipeline generates at its own size.")
+    elif args.resolution is not None or args.skip_unreadable_images:
+        flag = "--resolution" if args.resolution is not None else "--skip_unreadable_images"
+        raise ValueError(f"{flag} applies to --images (reading files); a pipeline generates its own images.")
     conditional = args.class_stats is not None or args.classifier is not None
     if conditional and args.num_classes is None and args.class_labels is None:
         raise ValueError("--class_stats and --classifier measure how generated images follow their requested labels: "
                          "request labels with --num_classes (balanced) or --class_labels.")
     pipeline_kwargs = _pipeline_kwargs(args.pipeline_kwargs)
     if args.output:
-        _check_output_path(args.output, "--output", folder=False)
+        check_output_path(args.output, "--output", folder=False)
     accelerator = _accelerator()
     device = args.device or accelerator.device
     encoders = _resolve(args, device)
@@ -299,12 +314,23 @@ def _cmd_evaluate(args) -> int:
         result = evaluate_folder(
             args.images, encoders, references, batch_size=args.batch_size, max_samples=args.num_samples,
             resolution=args.resolution, show_progress=accelerator.is_main_process,
+            skip_unreadable=args.skip_unreadable_images,
         )
     else:
         prompts = None
+        evaluated = {"source": args.pipeline}
         if args.prompts_file:
             prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
+            evaluated.update(prompts_file=args.prompts_file, num_prompts=str(len(prompts)))
         pipe = load_pipeline(args.pipeline, cache_dir=args.cache_dir, local_files_only=True if args.local_files_only else None)
+        lora_info = Path(args.pipeline) / LORA_INFO_FILE
+        if lora_info.is_file():  # a LoRA: the base model it was loaded onto, and the LoRA itself
+            evaluated.update(lora=args.pipeline, base_model=str(json.loads(lora_info.read_text()).get("base_model")))
+        if prompts is None and _is_text_pipeline(pipe):
+            raise ValueError(f"{args.pipeline} is a text-to-image pipeline: pass prompts with --prompts_file FILE "
+                             "(one prompt per line, cycled over the samples).")
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         result = evaluate_pipeline(
@@ -312,8 +338,12 @@ def _cmd_evaluate(args) -> int:
             class_labels=args.class_labels, num_classes=args.num_classes, prompts=prompts,
             pipeline_kwargs=pipeline_kwargs, show_progress=accelerator.is_main_process,
             class_references=class_references, classifier=classifier, classifier_name=args.classifier,
+            metadata=evaluated,
         )
     if accelerator.is_main_process:
+        skipped = result.metadata.get("skipped_unreadable_images")
+        if skipped is not None:
+            print(f"{skipped} unreadable image(s) skipped; {result.num_samples} evaluated")
         print(result.to_markdown())
         if args.output:
             print(f"saved {result.save_json(args.output)}")
@@ -345,7 +375,7 @@ def _cmd_import(args) -> int:
     from .dataset_stats import import_npz_stats, save_reference_stats
 
     encoder_id = _import_encoder_id(args)
-    _check_output_path(args.output_dir, "--output_dir", folder=True)
+    check_output_path(args.output_dir, "--output_dir", folder=True)
     encoders = None
     if args.encoders:
         encoders = _resolve(args, None)
@@ -365,12 +395,10 @@ def _cmd_export(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"stats": _cmd_stats, "evaluate": _cmd_evaluate, "import-npz": _cmd_import, "export-npz": _cmd_export}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
-        # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path.
-        print(f"fd-onestep {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path. (The
+    # commands' library calls also raise TypeError / RuntimeError for bad input, e.g. undecodable images.)
+    return run_reporting_errors(f"fd-onestep {args.command}", handlers[args.command], args,
+                                expected=(*EXPECTED_ERRORS, TypeError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -524,8 +524,12 @@ def evaluate_pipeline(
     class_references: Optional[Mapping[str, "object"]] = None,
     classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     classifier_name: Optional[str] = None,
+    metadata: Optional[Mapping[str, str]] = None,
 ) -> EvaluationResult:
     """Generate ``num_samples`` images and evaluate them (see :func:`generate_batches`).
+
+    ``metadata``: what was evaluated, recorded with the result (default ``source``: the pipeline's
+    ``_name_or_path``); the seed is added.
 
     Under ``torch.distributed`` every process generates every ``world_size``-th batch and the
     moments are summed, so the result equals the single-process one.
@@ -546,9 +550,19 @@ def evaluate_pipeline(
     name = getattr(getattr(generator, "config", None), "_name_or_path", None) or type(generator).__name__
     return evaluate_images(
         batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=num_samples,
-        metadata={"source": str(name), "seed": str(seed)}, class_references=class_references, classifier=classifier,
+        metadata={"source": str(name), **dict(metadata or {}), "seed": str(seed)}, class_references=class_references, classifier=classifier,
         classifier_name=classifier_name,
     )
+
+
+def _header_readable(path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except OSError:
+        return False
 
 
 def evaluate_folder(
@@ -561,8 +575,12 @@ def evaluate_folder(
     resolution: Optional[int] = None,
     num_workers: int = 0,
     show_progress: bool = True,
+    skip_unreadable: bool = False,
 ) -> EvaluationResult:
     """Evaluate the images of a folder (sorted, read like pytorch-fid) against the references.
+
+    ``skip_unreadable``: images that cannot be decoded (truncated, corrupt) are left out instead of stopping
+    the evaluation; their number (over all processes) is recorded as ``skipped_unreadable_images``.
 
     ``resolution``: center-crop-resize every image to ``resolution`` x ``resolution`` first (as
     ``fd-onestep stats --resolution`` does for the reference). Without it the images must all have one size
@@ -574,28 +592,54 @@ def evaluate_folder(
 
     _check_references(encoders, references)
     if resolution is None:
-        common_image_size(list_image_files(folder)[:max_samples])
+        files = list_image_files(folder)[:max_samples]
+        if skip_unreadable:  # a file whose header cannot be read is skipped (and counted) when the pixels are read
+            files = [f for f in files if _header_readable(f)]
+        common_image_size(files)
     rank, world_size = process_info()
+    skipped: List[str] = []
     batches, total = iter_folder_batches(
         folder, batch_size=batch_size, resolution=resolution, max_samples=max_samples, rank=rank,
-        world_size=world_size, num_workers=num_workers,
+        world_size=world_size, num_workers=num_workers, skip_unreadable=skip_unreadable, skipped=skipped,
     )
     metadata = {"source": str(folder)}
     if resolution is not None:
         metadata["resolution"] = str(resolution)
-    return evaluate_images(
+    result = evaluate_images(
         batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=total,
         metadata=metadata,
     )
+    if skip_unreadable:
+        from .distributed import all_reduce_sum
+
+        # on the process's device: NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        count = all_reduce_sum(torch.tensor([len(skipped)], dtype=torch.int64, device=device))
+        result.metadata["skipped_unreadable_images"] = str(int(count.item()))
+    return result
 
 
 def load_references(paths: Sequence[str | os.PathLike], encoders: Mapping[str, FeatureEncoder]) -> Dict[str, "object"]:
     """Match saved ReferenceStats files to encoders by encoder id (order-independent).
 
-    Raises ``ValueError`` naming the encoder ids when an encoder has no matching file.
+    Per-class statistics (``<encoder>.classes.safetensors``, which a ``stats/*.safetensors`` glob also picks up)
+    are left out with a warning naming ``--class_stats``. Raises ``ValueError`` naming the encoder ids when an
+    encoder has no matching file.
     """
+    import logging
+
+    from .dataset_stats import CLASS_STATS_SUFFIX
     from .reference_stats import ReferenceStats
 
+    per_class = [str(p) for p in paths if str(p).endswith(CLASS_STATS_SUFFIX)]
+    if per_class:
+        if len(per_class) == len(paths):
+            raise ValueError(f"{per_class} are per-class statistics (pass them with --class_stats); --reference_stats "
+                             "takes the <encoder>.safetensors files next to them.")
+        logging.getLogger(__name__).warning(
+            "reference stats: left out the per-class statistics %s (pass them with --class_stats for per-class FD "
+            "and FJD).", per_class)
+        paths = [p for p in paths if not str(p).endswith(CLASS_STATS_SUFFIX)]
     loaded = [ReferenceStats.load(p) for p in paths]
     references = {}
     for name, encoder in encoders.items():

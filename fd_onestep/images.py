@@ -49,7 +49,8 @@ def common_image_size(files: Sequence[str | os.PathLike]) -> Optional[Tuple[int,
             with Image.open(path) as image:
                 size = image.size
         except OSError as err:  # UnidentifiedImageError, truncated headers
-            raise ValueError(f"Cannot read '{path}' as an image ({err}); remove it or save it again.") from None
+            raise ValueError(f"Cannot read '{path}' as an image ({err}); remove it or save it again, or skip unreadable "
+                             "images with skip_unreadable=True (CLI: --skip_unreadable_images).") from None
         if first is None:
             first = (path, size)
         elif size != first[1]:

@@ -1258,6 +1258,27 @@ def _exception_chain_names(err: BaseException) -> set[str]:
     return names
 
 
+def _check_component_folders(name_or_path, needed, passed=()) -> None:
+    """A local pipeline folder has a subfolder for every ``needed`` component its ``model_index.json`` lists
+    (except those ``passed`` as objects): else a ``FileNotFoundError`` naming the missing component, not the
+    folder's root (diffusers' own message)."""
+    name = os.fspath(name_or_path)
+    index_file = os.path.join(name, "model_index.json")
+    if not os.path.isfile(index_file):
+        return
+    with open(index_file) as f:
+        index = json.load(f)
+    for component, entry in index.items():
+        if component not in needed or component in passed or not isinstance(entry, (list, tuple)):
+            continue
+        if len(entry) == 2 and entry[1] is not None and not os.path.isdir(os.path.join(name, component)):
+            raise FileNotFoundError(
+                f"{name}: model_index.json lists the component {component!r} ({entry[1]}) but there is no "
+                f"{os.path.join(name, component)} folder. Copy the complete pipeline folder (with {component}/), "
+                f"or pass the component itself: from_pretrained(..., {component}=...)."
+            )
+
+
 def _teacher_model_index(name_or_path, load_kwargs: dict) -> dict:
     """``model_index.json`` of a teacher (local folder or Hub id), or an error that names the problem and the fix.
 
@@ -1762,6 +1783,14 @@ class FDOneStepPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ building and saving
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``; a local folder missing a component's subfolder is an error
+        naming that component."""
+        if os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+            _check_component_folders(pretrained_model_name_or_path, cls._get_signature_keys(cls)[0], passed=kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def from_teacher(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -2025,10 +2054,24 @@ def _load_peft_lora(model, state_dict, config, prefix, adapter_name):
     for key in ("peft_type", "task_type", "base_model_name_or_path", "revision", "auto_mapping"):
         config.pop(key, None)
     lora_config = LoraConfig(**{k: v for k, v in config.items() if k in inspect.signature(LoraConfig).parameters})
-    inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
-    result = set_peft_model_state_dict(model, keyed, adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    lora_unexpected = [k for k in unexpected if "lora_" in k]
-    if lora_unexpected:
-        raise ValueError(f"LoRA weights do not match the model: unexpected keys {lora_unexpected[:5]}.")
+    had_adapters = _has_peft_adapters(model)
+    try:
+        inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(model, keyed, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        lora_unexpected = [k for k in unexpected if "lora_" in k]
+        if lora_unexpected:
+            raise ValueError(f"LoRA weights do not match the model: unexpected keys {lora_unexpected[:5]}.")
+    except (ValueError, RuntimeError) as err:
+        # a failed load leaves no half-loaded (untrained) adapter behind, nor LoRA layers where there were none
+        if had_adapters:
+            from peft.tuners.tuners_utils import delete_adapter
+
+            delete_adapter(model, adapter_name=adapter_name, prefix="lora_")
+        else:
+            from diffusers.utils import recurse_remove_peft_layers
+
+            recurse_remove_peft_layers(model)
+        raise ValueError(f"this LoRA does not fit the {prefix} ({type(model).__name__}): {err} Load a LoRA trained "
+                         "on this base model (fd_onestep_lora.json names it).") from None
     _peft_configs(model)[adapter_name] = lora_config

@@ -115,3 +115,34 @@ def test_two_processes_give_the_single_process_gradient_of_the_same_global_batch
     assert flat_one.norm() > 0
     relative = float((flat_two - flat_one).norm() / flat_one.norm())
     assert relative <= 1e-6, f"2-process gradient differs from 1-process by {relative:.2e} (relative)"
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(assets, tmp_path):
+    """Preemption signals may reach any process: the stop flag is summed over processes after every step
+    (gloo here, on the process's device), so both write the same checkpoint and exit cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from train_fixtures import REPO_ROOT, SCRIPT, SUBPROCESS_ENV
+
+    out, first_step = tmp_path / "out", tmp_path / "first_step.safetensors"
+    cmd = [*accelerate_launch(2), str(SCRIPT), "--pretrained_model_name_or_path", assets["teachers"]["unet2d"],
+           *encoder_args(assets), *FAST_ARGS, "--max_train_steps", "30", "--checkpointing_steps", "0",
+           "--output_dir", str(out), "--debug_dump_first_step_grad", str(first_step)]
+    launcher = subprocess.Popen(cmd, cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not first_step.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if str(SCRIPT) in " ".join(p.cmdline())]
+    (second,) = [p for p in workers if p.environ().get("RANK") == "1"]
+    second.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, stderr[-4000:]
+    checkpoints = [p.name for p in out.glob("checkpoint-*")]
+    assert len(checkpoints) == 1 and "SIGTERM received" in stderr
+    step = int(checkpoints[0].split("-")[1])
+    assert step < 30 and f"Stopped by a signal to another process at step {step}" in stderr

@@ -30,7 +30,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,9 +50,17 @@ from fd_onestep.training.checkpoints import (  # noqa: E402
     resolve_resume_checkpoint,
     save_checkpoint_atomically,
 )
+from fd_onestep.errors import RunError, run_reporting_errors  # noqa: E402
 from fd_onestep.training.hub import check_push_to_hub, push_folder_to_hub  # noqa: E402
 from fd_onestep.training.model_card import render_model_card, teacher_hub_id, teacher_license  # noqa: E402
+from fd_onestep.training.output_dir import (  # noqa: E402
+    OutputDirLock,
+    check_no_overwrite,
+    clear_previous_run,
+    honour_umask,
+)
 from fd_onestep.training.run_args import (  # noqa: E402
+    RUN_ARGS_FILE,
     check_checkpoint_compatible,
     check_output_dir_compatible,
     fingerprint_digest,
@@ -189,6 +199,9 @@ DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CL
                                       *TEXT_EMBEDDED_DEFAULTS]))
 
 POPULATIONS = ("ema", "queue", "exact")
+# The fresh-vs-population FD warning needs this many validation samples per feature dimension: with fewer, the
+# fresh FD's own small-sample bias (of order d / N) can exceed the population FD of a well-trained generator.
+FRESH_FD_MIN_SAMPLES_PER_DIM = 2
 FD_CONDITIONS = ("marginal", "joint")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OUTPUT_BOUND_CHOICES = ("none", "tanh", "clamp")
@@ -242,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", type=str, default="fd-onestep-output",
-                   help="Where the pipeline, checkpoints, samples, logs and model card go.")
+                   help="Where the pipeline, checkpoints, samples, logs and model card go. A folder holding "
+                        "checkpoints of a run is continued (--resume_from_checkpoint) or started over "
+                        "(--overwrite_output_dir), never silently overwritten.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds an earlier run's checkpoints: deletes them "
+                        "(and its best/ pipeline) first.")
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard dir, relative to --output_dir.")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='Trackers for accelerate ("tensorboard", "wandb", "all" or "none").')
@@ -371,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--final_weights", type=str, default=None, choices=["last", "best"],
                    help="Which weights the pipeline in --output_dir gets at the end.")
     g.add_argument("--fresh_fd_warning_ratio", type=float, default=3.0,
-                   help="Warn when fresh-sample FD / population FD exceeds this.")
+                   help="Warn when fresh-sample FD / population FD exceeds this (only with --num_validation_samples "
+                        "of at least twice the encoder's feature dimension: fewer samples bias the fresh FD).")
 
     g = p.add_argument_group("outputs of the embedded default")
     g.add_argument("--compare_with_teacher", action=argparse.BooleanOptionalAction, default=None,
@@ -600,6 +619,12 @@ def finalize_args(args) -> argparse.Namespace:
             f"--output_dir {args.output_dir!r} is a file, not a folder; pass a new or existing folder for the "
             "pipeline, checkpoints and samples."
         )
+    from fd_onestep.cli import check_output_path
+
+    check_output_path(args.output_dir, "--output_dir", folder=True)
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError("--overwrite_output_dir starts the run over and --resume_from_checkpoint continues it; "
+                         "pass one of the two.")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         raise FileNotFoundError(
             f"--inception_weights {args.inception_weights!r} does not exist; pass the path of "
@@ -649,10 +674,7 @@ def load_prompts(args) -> list[str] | None:
             raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
         return prompts[: args.max_prompts] if args.max_prompts else prompts
     if args.dataset_name is not None:
-        import datasets
-
-        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
-                                        cache_dir=args.cache_dir)
+        dataset = load_caption_dataset(args)
         if args.caption_column not in dataset.column_names:
             raise ValueError(
                 f"--caption_column {args.caption_column!r} is not a column of {args.dataset_name} "
@@ -670,6 +692,14 @@ def load_prompts(args) -> list[str] | None:
             raise ValueError(f"no captions in column {args.caption_column!r} of {args.dataset_name}.")
         return prompts
     return None
+
+
+def load_caption_dataset(args):
+    """``--dataset_name``'s split (``datasets.load_dataset``; cached after the first call)."""
+    import datasets
+
+    return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
+                                 cache_dir=args.cache_dir)
 
 
 def load_class_histogram(args, references) -> list[float] | None:
@@ -741,6 +771,122 @@ def cpu_threads(args, num_local_processes: int) -> int:
     return max(1, cores // max(1, num_local_processes))
 
 
+def teacher_config_file(args, filename: str) -> dict | None:
+    """A JSON config file of the teacher (``model_index.json``, ``vae/config.json``...), read without any weights:
+    from its folder, or from the Hub or its cache; None where it cannot be read (the loading then says why)."""
+    root = Path(args.pretrained_model_name_or_path)
+    try:
+        if root.is_dir():
+            path = root / filename
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(args.pretrained_model_name_or_path, filename, revision=args.revision,
+                                        cache_dir=args.cache_dir, local_files_only=args.local_files_only))
+        return json.loads(path.read_text()) if path.is_file() else None
+    except Exception:  # offline, not on the Hub, not JSON: from_teacher gives the precise error later
+        return None
+
+
+def check_inputs(args) -> None:
+    """Everything about the inputs that needs no model, before any loads: encoder names, statistics files (finite,
+    made with the named encoder), prompts, the resolution against the VAE, LoRA targets and rank against the
+    denoiser's module names (the denoiser built from its config on the meta device: no weights, no memory).
+    Raises ValueError naming the argument and the fix; warns about a LoRA rank above the targeted layers' width."""
+    from fd_onestep.encoders import check_encoder_name, expected_encoder_id
+
+    for flag, names in (("--encoders", args.encoders), ("--eval_encoders", args.eval_encoders)):
+        for name in names:
+            try:
+                check_encoder_name(name)
+            except ValueError as err:
+                raise ValueError(f"{flag}: {err}") from None
+    for name, path in [*zip(args.encoders, args.reference_stats), *zip(args.eval_encoders, args.eval_reference_stats)]:
+        full_id, model = expected_encoder_id(name)
+        ref = load_reference(path, full_id)
+        if not (torch.isfinite(ref.mu).all() and torch.isfinite(ref.sigma).all()):
+            raise ValueError(f"reference statistics {path!r} hold NaN or infinite values; recompute them with "
+                             "`fd-onestep stats` (with --skip_unreadable_images if some images are damaged).")
+        made_with = ref.encoder_id
+        parts = (made_with or "").split(":")
+        if made_with and ((full_id and made_with != full_id) or (model and (len(parts) < 4 or parts[1] != model))):
+            raise ValueError(
+                f"--encoders {name!r} with reference stats {path!r}: the statistics were computed with encoder "
+                f"{made_with!r}, not {full_id or model!r}. Pass each encoder's own statistics, in the order of "
+                f"--encoders, or compute them: `fd-onestep stats --encoders {name} ...`."
+            )
+    if args.prompts_file is not None and not any(
+            line.strip() for line in Path(args.prompts_file).read_text().splitlines()):
+        raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
+    index = teacher_config_file(args, "model_index.json")
+    if index is None:
+        return
+    text_model = "text_encoder" in index or "text_encoder_2" in index
+    if text_model and not args.embedded_default and args.prompts_file is None and args.dataset_name is None:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is a text-to-image model ({index.get('_class_name')}): pass "
+            "training prompts with --prompts_file FILE or --dataset_name NAME --caption_column COLUMN."
+        )
+    if not text_model and (args.prompts_file or args.dataset_name):
+        raise ValueError(f"{args.pretrained_model_name_or_path} is not a text model: drop --prompts_file/--dataset_name.")
+    vae = teacher_config_file(args, "vae/config.json") if "vae" in index else None
+    # the downsampling factor as the family adapters compute it (AutoencoderKL; SANA's AutoencoderDC)
+    blocks = (vae or {}).get("block_out_channels") or (vae or {}).get("encoder_block_out_channels")
+    if args.resolution is not None and blocks:
+        factor = 2 ** (len(blocks) - 1)
+        if args.resolution % factor:
+            raise ValueError(
+                f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}; "
+                f"use a multiple of {factor}."
+            )
+    if args.use_lora:
+        check_lora_targets(args, index)
+
+
+def check_lora_targets(args, index: dict) -> None:
+    """``--lora_target_modules`` against the denoiser's module names, and ``--lora_rank`` against the targeted
+    layers' widths, on the denoiser built from its config on the meta device (PEFT's suffix matching)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from fd_onestep.pipelines.pipeline_fd_onestep import DEFAULT_LORA_TARGETS, family_of_denoiser
+
+    component = next((c for c in ("unet", "transformer") if c in index), None)
+    config = teacher_config_file(args, f"{component}/config.json") if component else None
+    model_class = getattr(diffusers, str((index.get(component) or [None, None])[1]), None) if component else None
+    if config is None or model_class is None:
+        return
+    try:
+        with init_empty_weights():
+            denoiser = model_class.from_config(config)
+        family = family_of_denoiser(denoiser)
+    except Exception:  # not a supported denoiser: from_teacher's own error is the clear one
+        return
+    targets = args.lora_target_modules or DEFAULT_LORA_TARGETS[family]
+    modules = dict(denoiser.named_modules())
+    matched = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in targets}
+    unmatched = [t for t, names in matched.items() if not names]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                           if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+        raise ValueError(
+            f"--lora_target_modules {unmatched} match no module of the teacher's {component} ({model_class.__name__}). "
+            f"Its linear and convolution layers end in: {', '.join(suffixes[:30])}; pass some of those "
+            f"(default for {family}: {' '.join(DEFAULT_LORA_TARGETS[family])})."
+        )
+    widths = {n: min(getattr(m, "in_features", 0) or m.in_channels, getattr(m, "out_features", 0) or m.out_channels)
+              for names in matched.values() for n in names
+              if isinstance(modules[n], (torch.nn.Linear, torch.nn.Conv2d)) for m in [modules[n]]}
+    narrow = {n: w for n, w in widths.items() if w < args.lora_rank}
+    if narrow:
+        name, width = min(narrow.items(), key=lambda item: item[1])
+        logger.warning(
+            f"--lora_rank {args.lora_rank} exceeds the width of {len(narrow)} of the {len(widths)} targeted layers "
+            f"(e.g. {name}: {width}): a LoRA of rank r on a layer of width w < r is still rank w, and only costs "
+            f"memory and time. Lower --lora_rank to at most {max(widths.values())} (the widest targeted layer)."
+        )
+
+
 def check_run_setup(args, accelerator):
     """Everything that can fail before a model is loaded: Hub credentials, resume target, output dir.
 
@@ -752,8 +898,21 @@ def check_run_setup(args, accelerator):
         hub_repo_id, hub_token = check_push_to_hub(args.hub_token, args.hub_model_id, output_dir)
     elif args.hub_token:
         logger.warning("--hub_token is ignored without --push_to_hub (and is never saved or logged).")
-    fingerprint = run_fingerprint(args, accelerator.num_processes)
+    # the caption dataset by its content: datasets' own fingerprint of the loaded split
+    dataset_fingerprint = load_caption_dataset(args)._fingerprint if args.dataset_name is not None else None
+    fingerprint = run_fingerprint(args, accelerator.num_processes, dataset_fingerprint)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    # The main process alone takes the folder (lock; overwrite refusal or clean-up); every process learns the outcome.
+    lock, refusal = OutputDirLock(output_dir), None
+    if accelerator.is_main_process:
+        try:
+            check_no_overwrite(output_dir, resuming=resume_path is not None, overwrite=args.overwrite_output_dir)
+            lock.acquire()
+            if args.overwrite_output_dir:
+                clear_previous_run(output_dir, [RUN_ARGS_FILE])
+        except RunError as err:
+            refusal = err
+    raise_if_main_refused(accelerator, refusal)
     check_output_dir_compatible(output_dir, fingerprint)
     if resume_path is not None:
         check_checkpoint_compatible(resume_path, fingerprint)
@@ -761,7 +920,21 @@ def check_run_setup(args, accelerator):
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_args(output_dir, args, fingerprint)
     accelerator.wait_for_everyone()
-    return fingerprint, resume_path, hub_repo_id, hub_token
+    return fingerprint, resume_path, hub_repo_id, hub_token, lock
+
+
+def raise_if_main_refused(accelerator, refusal: Exception | None) -> None:
+    """Raise ``refusal`` on the main process and a :class:`RunError` on the others (which print nothing: the
+    main process says why). One broadcast of a flag on the process's device."""
+    from accelerate.utils import broadcast
+
+    flag = torch.tensor([0 if refusal is None else 1], dtype=torch.int32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = broadcast(flag, from_process=0)
+    if refusal is not None:
+        raise refusal
+    if int(flag.item()):
+        raise RunError("the main process refused this run (its message says why).")
 
 
 def teacher_load_kwargs(args) -> dict:
@@ -938,7 +1111,11 @@ def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, c
                            weight_dtype=weight_dtype)
     denoiser = gen.denoiser
     if args.use_lora:
-        gen.add_lora(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
+        try:
+            gen.add_lora(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_target_modules)
+        except ValueError as err:  # PEFT's, for targets check_inputs could not check (a config it could not read)
+            raise ValueError(f"--lora_target_modules {args.lora_target_modules or '(the family default)'}: {err} "
+                             "Pass module-name suffixes of the denoiser's linear / convolution layers.") from None
     else:
         denoiser.requires_grad_(True)
     if args.gradient_checkpointing:
@@ -1087,10 +1264,67 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
+class StopRequest:
+    """SIGTERM / SIGINT (preemption, a scheduler's time limit, Ctrl-C): finish the current step, checkpoint, stop.
+
+    The handlers only note the signal; :meth:`agreed` is checked after every step and tells all processes
+    at once (a sum over processes of a flag on the process's device), so they stop after the same step. A
+    second Ctrl-C stops at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def _note(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning(f"{self.received} received: finishing this step, then writing a checkpoint and stopping "
+                       "(Ctrl-C again to stop at once).", main_process_only=False)
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process received a stop signal (a collective: every process calls it after each step)."""
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return int(flag.item()) > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def load_checkpoint(accelerator, path) -> None:
+    """``accelerator.load_state``; a file that cannot be read is a :class:`RunError` naming the checkpoint."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        accelerator.load_state(str(path))
+    except RunError:
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        raise RunError(
+            f"could not load checkpoint {str(path)!r} ({type(err).__name__}: {err}): a damaged checkpoint. Resume "
+            "from another one (--resume_from_checkpoint checkpoint-<step>, or 'latest' after deleting this one)."
+        ) from err
+
+
 def save_checkpoint(accelerator, args, step, fingerprint):
     path = save_checkpoint_atomically(accelerator, args.output_dir, step,
                                       {"fingerprint_digest": fingerprint_digest(fingerprint)})
     if accelerator.is_main_process:
+        honour_umask(path)
         prune_checkpoints(args.output_dir, args.checkpoints_total_limit, protect=[path])
     logger.info(f"Saved state to {path}")
 
@@ -1470,10 +1704,13 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
             if pop_fd is not None and pop_fd > 0:
                 ratio = fresh / pop_fd
                 logs[f"fresh_over_population/{name}"] = ratio
-                if ratio > args.fresh_fd_warning_ratio:
+                # below FRESH_FD_MIN_SAMPLES_PER_DIM samples per feature dimension the fresh FD's small-sample bias
+                # alone can make the ratio large: no warning there (the ratio is still logged)
+                enough = args.num_validation_samples >= FRESH_FD_MIN_SAMPLES_PER_DIM * reps.all_encoders[name].feature_dim
+                if ratio > args.fresh_fd_warning_ratio and enough:
                     logger.warning(
-                        f"step {step}: fresh-sample FD in {name} is {ratio:.1f}x the population FD "
-                        f"({fresh:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
+                        f"step {step}: fresh-sample FD in {name} ({args.num_validation_samples} samples) is "
+                        f"{ratio:.1f}x the population FD ({fresh:.4g} vs {pop_fd:.4g}): the generator is outrunning its "
                         "population statistics (which then lag behind it) or gaming the encoder. Lower "
                         "--learning_rate, shorten the population's memory (lower --fd_ema_beta or "
                         "--fd_queue_size), raise the batch, or use --fd_population exact; --keep_best_by "
@@ -1482,7 +1719,8 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
         accelerator.log(logs, step=step)
         result["fds"] = fds
         result["adherence"] = adherence
-        logger.info(f"step {step}: fresh-sample FD " + ", ".join(
+        result["num_samples"] = args.num_validation_samples
+        logger.info(f"step {step}: fresh-sample FD ({args.num_validation_samples} samples) " + ", ".join(
             f"{n}={r['fresh_fd']:.4g}" + (f" (FD_r {r['fd_r']:.3g})" if r["fd_r"] is not None else "")
             + (f" per-class {r['per_class_fd']:.4g}" if "per_class_fd" in r else "")
             for n, r in fds.items()) + ("" if adherence is None else f"; adherence {100 * adherence:.1f}%"))
@@ -1696,7 +1934,8 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         eval_encoders=describe(reps.eval_encoders, reps.eval_references, args.eval_reference_stats),
         training=training, final_fds=final_fds, sample_grid=grid, repo_id=repo_id or str(output_dir),
         lora=args.use_lora, conditioning=conditioning, one_step_settings=one_step_settings,
-        comparison_grid=comparison_grid, comparison_table=comparison_table, stock_recipe=stock_recipe, **license_info,
+        comparison_grid=comparison_grid, comparison_table=comparison_table, stock_recipe=stock_recipe,
+        fresh_samples=(last_validation or {}).get("num_samples"), **license_info,
     )
     card.save(str(output_dir / "README.md"))
     return card
@@ -1710,8 +1949,9 @@ def main(args) -> dict:
 
     accelerator = build_accelerator(args)
     device, world = accelerator.device, accelerator.num_processes
+    check_inputs(args)
     output_dir = Path(args.output_dir)
-    fingerprint, resume_path, hub_repo_id, hub_token = check_run_setup(args, accelerator)
+    fingerprint, resume_path, hub_repo_id, hub_token, lock = check_run_setup(args, accelerator)
     set_seed(args.seed)
 
     # The one-step generator from the teacher, the encoders with their reference statistics, the FD-loss.
@@ -1746,7 +1986,7 @@ def main(args) -> dict:
     # Resume, or warm-start the populations from generated samples.
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(accelerator, resume_path)
         logger.info(f"  resumed at step {progress.global_step}")
     elif args.fd_warmup_samples > 0 and not fd_loss.two_pass:
         warm_start_populations(args, accelerator, gen, unwrap(accelerator, denoiser), reps.encoders, fd_loss)
@@ -1759,6 +1999,8 @@ def main(args) -> dict:
     population_fds: dict[str, float] = {}
     last_validation = None
     first_step_of_run = True
+    stop_request = StopRequest().install()
+    interrupted = False
     while progress.global_step < stop_at:
         logs, raw_fds = train_step(
             args, accelerator, gen, denoiser, reps.encoders, fd_loss, optimizer, lr_scheduler, ema, trainable,
@@ -1777,16 +2019,30 @@ def main(args) -> dict:
                 last_validation = log_validation(args, accelerator, gen, unwrap(accelerator, denoiser), reps, step,
                                                  progress, population_fds)
         stopping_early = step == stop_at < args.max_train_steps  # --stop_after_steps: resume needs this state
-        if stopping_early or (args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == stop_at)):
+        interrupted = stop_request.agreed(accelerator)  # SIGTERM / SIGINT on any process: the same step on all
+        if stopping_early or interrupted or (args.checkpointing_steps and (step % args.checkpointing_steps == 0
+                                                                         or step == stop_at)):
             save_checkpoint(accelerator, args, step, fingerprint)
+        if interrupted:
+            break
+    stop_request.restore()
     progress_bar.close()
     accelerator.wait_for_everyone()
     summary = {"global_step": progress.global_step, "train_seconds": time.time() - train_start,
                "final_population_fds": dict(population_fds)}
+    if interrupted:
+        summary["interrupted_by"] = stop_request.received or "a signal to another process"
+        logger.warning(f"Stopped by {summary['interrupted_by']} at step {progress.global_step}, saved as "
+                       f"checkpoint-{progress.global_step}; continue with the same command and "
+                       "--resume_from_checkpoint latest.")
+        accelerator.end_training()
+        lock.release()
+        return summary
     if progress.global_step < args.max_train_steps:
         logger.info(f"Stopped at step {progress.global_step} (--stop_after_steps); resume with "
                     "--resume_from_checkpoint latest.")
         accelerator.end_training()
+        lock.release()
         return summary
 
     # The end: final validation, the output weights, samples, the comparison, the model card, the Hub.
@@ -1809,14 +2065,17 @@ def main(args) -> dict:
         card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id)
         summary["model_card"] = str(output_dir / "README.md")
         (output_dir / "fd_onestep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        honour_umask(output_dir)  # the weights (safetensors writes 0600) get the umask's mode like every other file
         if args.push_to_hub:
             card.validate()  # the Hub's own card validation (network)
             push_folder_to_hub(output_dir, hub_repo_id, hub_token, private=args.hub_private_repo or None)
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    lock.release()
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # expected errors (bad input, refused runs, damaged checkpoints): one `error:` line, exit status 2
+    sys.exit(run_reporting_errors("train_fd_onestep.py", lambda: main(parse_args()) and 0))

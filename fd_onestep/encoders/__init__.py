@@ -59,6 +59,44 @@ def _unknown_encoder_error(name: str) -> ValueError:
     )
 
 
+def check_encoder_name(name_or_id: str) -> None:
+    """Raise the unknown-encoder ``ValueError`` for a name :func:`load_encoder` would refuse, loading nothing."""
+    if not isinstance(name_or_id, str) or not name_or_id.strip():
+        raise _unknown_encoder_error(str(name_or_id))
+    name = name_or_id.strip()
+    if name.lower() in INCEPTION_NAMES or parse_pixel_spec(name) is not None:
+        return
+    model_ref = name.partition("@")[0]
+    head, sep, tail = model_ref.partition(":")
+    if head.lower() in DEFAULT_MODEL_IDS and (not sep or tail):
+        return
+    if not (Path(model_ref).expanduser().exists() or "/" in model_ref):
+        raise _unknown_encoder_error(name)
+
+
+def expected_encoder_id(name_or_id: str) -> tuple[Optional[str], Optional[str]]:
+    """What statistics made with the encoder ``name_or_id`` carry, known without loading it:
+    ``(full encoder id or None, model part of the id or None)``.
+
+    Inception and pixel encoders have fixed ids; a transformers encoder's id is
+    ``"{family}:{model}:{pooling}:{input size}"``, of which only the model part is known before loading.
+    """
+    from .transformers_encoders import _model_stable_name
+
+    check_encoder_name(name_or_id)
+    name = name_or_id.strip()
+    if name.lower() in INCEPTION_NAMES:
+        return INCEPTION_ENCODER_ID, None
+    pixel_spec = parse_pixel_spec(name)
+    if pixel_spec is not None:
+        return PixelEncoder(pixel_spec[1], grayscale=pixel_spec[0]).encoder_id, None
+    model_ref = name.partition("@")[0]
+    head, sep, tail = model_ref.partition(":")
+    if head.lower() in DEFAULT_MODEL_IDS and (not sep or tail):
+        model_ref = tail if sep else DEFAULT_MODEL_IDS[head.lower()]
+    return None, _model_stable_name(model_ref)
+
+
 def load_encoder(
     name_or_id: str,
     *,
@@ -88,8 +126,7 @@ def load_encoder(
         input_size: override the network input resolution (transformers models only; changes the id).
         encoder_id: override the stable id stored with reference statistics.
     """
-    if not isinstance(name_or_id, str) or not name_or_id.strip():
-        raise _unknown_encoder_error(str(name_or_id))
+    check_encoder_name(name_or_id)
     torch_dtype = parse_dtype(torch_dtype)
     autocast_dtype = parse_dtype(autocast_dtype)
     if autocast_dtype == torch.float32:
@@ -140,8 +177,6 @@ def load_encoder(
     if head.lower() in DEFAULT_MODEL_IDS and (not sep or tail):
         family = head.lower()
         model_id = tail if sep else DEFAULT_MODEL_IDS[family]
-    elif not (Path(model_ref).expanduser().exists() or "/" in model_ref):
-        raise _unknown_encoder_error(name)
 
     return TransformersEncoder(
         model_id,
@@ -189,8 +224,10 @@ __all__ = [
     "POOLINGS",
     "PixelEncoder",
     "TransformersEncoder",
+    "check_encoder_name",
     "check_image_range",
     "encoder_file_stem",
+    "expected_encoder_id",
     "fid_weights_cache_path",
     "load_encoder",
     "parse_dtype",

@@ -2,7 +2,9 @@
 
 A checkpoint is written under a temporary name and renamed into place (``os.replace``) once complete, with a
 completion marker; :func:`latest_checkpoint` only ever sees complete ones, so a save interrupted by a crash
-or preemption is never resumed from.
+or preemption is never resumed from. The marker lists every file of the checkpoint with its size:
+:func:`checkpoint_problem` finds a file deleted or truncated since, and ``latest`` falls back to the newest
+checkpoint without one (saying which it skipped and why).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "list_checkpoints",
     "list_partial_checkpoints",
     "latest_checkpoint",
+    "checkpoint_problem",
     "resolve_resume_checkpoint",
     "save_checkpoint_atomically",
     "prune_checkpoints",
@@ -70,6 +73,41 @@ def list_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(partial)
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKPOINT_MARKER}
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the complete checkpoint ``path`` cannot be loaded, naming the file (None when it looks loadable).
+
+    Checks the files its marker lists (present; the size written, for files other than safetensors) and that
+    every safetensors file's header reads and covers the file; no tensor is loaded.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    marker = path / CHECKPOINT_MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        return f"its completion marker {marker} cannot be read ({err})"
+    for name, size in (info.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        # a safetensors file says itself whether it is whole (below); others (optimizer.bin, ...) by their size
+        if file.suffix != ".safetensors" and file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes where {size} were written (truncated or overwritten)"
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors' own error type for a damaged header
+            return f"{file} cannot be read as safetensors ({err})"
+    return None
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step, or None. Partial saves are never returned."""
     checkpoints = list_checkpoints(output_dir)
@@ -79,15 +117,34 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
     """Checkpoint folder to resume from, resolved before anything is trained.
 
-    ``None`` -> no resume. ``"latest"`` -> the newest complete checkpoint in output_dir, or None when there is
-    none (so that ``--resume_from_checkpoint latest`` can always be passed to a preemptible job). Any other
-    value is a path (absolute, or a checkpoint name inside output_dir) that must be a complete checkpoint:
-    a missing or partial one raises ``FileNotFoundError`` naming what was found instead.
+    ``None`` -> no resume. ``"latest"`` -> the newest complete checkpoint in output_dir that has no
+    :func:`checkpoint_problem` (damaged newer ones are skipped with a warning naming them and why), or None when
+    there is none (so that ``--resume_from_checkpoint latest`` can always be passed to a preemptible job); only
+    damaged ones raise :class:`~fd_onestep.errors.RunError`. Any other value is a path (absolute, or a
+    checkpoint name inside output_dir) that must be a complete checkpoint: a missing or partial one raises
+    ``FileNotFoundError`` naming what was found instead, a damaged one ``RunError`` naming the file.
     """
+    from fd_onestep.errors import RunError
+
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        latest = latest_checkpoint(output_dir)
+        skipped = []
+        for candidate in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                if skipped:
+                    logger.warning("--resume_from_checkpoint latest: skipped damaged %s; resuming from %s.",
+                                   "; ".join(f"{p.name} ({why})" for p, why in skipped), candidate.name)
+                return candidate
+            skipped.append((candidate, problem))
+        if skipped:
+            raise RunError(
+                f"--resume_from_checkpoint latest: every checkpoint in {str(output_dir)!r} is damaged: "
+                + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                + ". Restore one, or start over with --overwrite_output_dir."
+            )
+        latest = None
         partial = list_partial_checkpoints(output_dir)
         if latest is None and partial:
             logger.warning(
@@ -113,6 +170,12 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
             f"--resume_from_checkpoint {str(candidate)!r} is not a complete fd-onestep checkpoint (no "
             f"{CHECKPOINT_MARKER}: an interrupted save, or a folder written by another tool). Resume from a "
             "complete checkpoint ('latest' picks the newest complete one)."
+        )
+    problem = checkpoint_problem(candidate)
+    if problem is not None:
+        raise RunError(
+            f"--resume_from_checkpoint {str(candidate)!r} is damaged: {problem}. Resume from another checkpoint "
+            "('latest' picks the newest loadable one), or restore this one."
         )
     return candidate
 
@@ -142,7 +205,7 @@ def save_checkpoint_atomically(
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": int(step), **dict(metadata or {})}
+        marker = {"step": int(step), **dict(metadata or {}), "files": _file_sizes(partial)}
         with open(partial / CHECKPOINT_MARKER, "w") as f:
             json.dump(marker, f, indent=2, sort_keys=True)
             f.flush()

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from fd_onestep.errors import RunError
 from fd_onestep.training.checkpoints import CHECKPOINT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -43,13 +44,13 @@ def resolve_hub_token(hub_token: str | None) -> str | None:
 def check_push_to_hub(hub_token: str | None, hub_model_id: str | None, output_dir: str | os.PathLike) -> tuple[str, str]:
     """Early checks for ``--push_to_hub`` (before any training). Returns ``(repo_id, token)``.
 
-    Raises ``RuntimeError`` when the Hub is switched off (``HF_HUB_OFFLINE``) and ``ValueError`` when no token
+    Raises ``RunError`` (a ``RuntimeError``) when the Hub is switched off (``HF_HUB_OFFLINE``) and ``ValueError`` when no token
     is available, each naming the fix. The repo id defaults to the output dir's name (under the token's user).
     """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise RuntimeError(
+        raise RunError(
             "--push_to_hub was given but the Hub is offline (HF_HUB_OFFLINE is set): the upload at the end "
             "would fail after training. Unset HF_HUB_OFFLINE on a machine with network access, or drop "
             "--push_to_hub and upload the output dir later with `hf upload`."

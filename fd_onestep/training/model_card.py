@@ -44,6 +44,7 @@ def render_model_card(
     comparison_grid: str | None = None,
     comparison_table: str | None = None,
     stock_recipe: Mapping[str, Any] | None = None,
+    fresh_samples: int | None = None,
 ):
     """Render ``model_card_template.md`` into a ``huggingface_hub.ModelCard``.
 
@@ -56,7 +57,8 @@ def render_model_card(
     with ``lora``, since a LoRA on a base with other settings is another generator.
     ``encoders`` / ``eval_encoders``: dicts with ``name``, ``encoder_id``, ``feature_dim``, ``stats`` (the
     reference-stats source) and optionally ``weight``, ``num_samples``, ``dataset``. ``final_fds``: dicts with
-    ``encoder``, ``population_fd`` (or None), ``fresh_fd``, ``fd_r`` (or None), ``in_loss`` (bool).
+    ``encoder``, ``population_fd`` (or None), ``fresh_fd``, ``fd_r`` (or None), ``in_loss`` (bool); ``fresh_samples``:
+    how many generated samples the fresh FDs were measured on.
     ``training``: steps, global batch, processes, learning rate, schedule, population mode, ... (rendered
     as a table). ``sample_grid`` / ``comparison_grid``: image paths relative to the card; ``comparison_table``:
     the markdown of the run's ``comparison.md``. ``stock_recipe``: a LoRA's stock-pipeline one step
@@ -106,6 +108,7 @@ def render_model_card(
         eval_encoders=eval_encoders or [],
         training=dict(training),
         final_fds=final_fds or [],
+        fresh_samples=fresh_samples,
         sample_grid=sample_grid,
         comparison_grid=comparison_grid,
         comparison_table=(comparison_table or "").strip() or None,

@@ -1,7 +1,9 @@
 """The run's arguments as saved and compared: secrets stripped, the run fingerprint, argparse list helpers.
 
 The *run fingerprint* is the subset of arguments that changes what a run computes; it is saved in the output
-dir and in every checkpoint, and an output dir holding another run's checkpoints is an early error.
+dir and in every checkpoint, and an output dir holding another run's checkpoints is an early error. Input files
+(prompts, statistics, a class histogram) enter it by content (sha256), a caption dataset by its ``datasets``
+fingerprint: the same file under another path resumes, a file changed in place does not.
 ``--hub_token`` is a secret: it is stripped from everything saved or logged (:data:`SECRET_ARGS`).
 """
 
@@ -21,6 +23,8 @@ __all__ = [
     "SECRET_ARGS",
     "NON_FINGERPRINT_ARGS",
     "public_args",
+    "CONTENT_ARGS",
+    "file_digest",
     "run_fingerprint",
     "fingerprint_digest",
     "write_run_args",
@@ -42,6 +46,7 @@ SECRET_ARGS = frozenset({"hub_token"})
 NON_FINGERPRINT_ARGS = frozenset(
     {
         "output_dir",
+        "overwrite_output_dir",
         "logging_dir",
         "report_to",
         "tracker_project_name",
@@ -84,6 +89,28 @@ NON_FINGERPRINT_ARGS = frozenset(
 # when resuming (a run is extended, not changed).
 _STEP_INDEPENDENT_SCHEDULERS = frozenset({"constant", "constant_with_warmup"})
 
+# File arguments compared by content, not by path spelling (see :func:`run_fingerprint`).
+CONTENT_ARGS = ("prompts_file", "reference_stats", "class_reference_stats", "class_histogram")
+_DIGEST_PREFIX = "sha256:"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return _DIGEST_PREFIX + digest.hexdigest()
+
+
+def _content(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_content(v) for v in value]
+    return file_digest(value) if Path(value).is_file() else value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -102,13 +129,20 @@ def public_args(args) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in sorted(values.items()) if k not in SECRET_ARGS and not k.startswith("_")}
 
 
-def run_fingerprint(args, num_processes: int = 1) -> dict[str, Any]:
+def run_fingerprint(args, num_processes: int = 1, dataset_fingerprint: str | None = None) -> dict[str, Any]:
     """Arguments that change what the run computes (see :data:`NON_FINGERPRINT_ARGS` for the others).
 
     The number of processes is included because the global batch is ``num_processes * train_batch_size``.
     ``max_train_steps`` is left out for lr schedules that do not depend on it, so such a run may be extended.
+    The files of :data:`CONTENT_ARGS` are replaced by their :func:`file_digest`; ``dataset_fingerprint`` (the
+    caption dataset's ``Dataset._fingerprint``) is added under ``dataset_fingerprint``.
     """
     fingerprint = {k: v for k, v in public_args(args).items() if k not in NON_FINGERPRINT_ARGS}
+    for key in CONTENT_ARGS:
+        if key in fingerprint:
+            fingerprint[key] = _content(fingerprint[key])
+    if dataset_fingerprint is not None:
+        fingerprint["dataset_fingerprint"] = str(dataset_fingerprint)
     if fingerprint.get("lr_scheduler") in _STEP_INDEPENDENT_SCHEDULERS:
         fingerprint.pop("max_train_steps", None)
     fingerprint["num_processes"] = int(num_processes)
@@ -134,10 +168,25 @@ def write_run_args(path: str | os.PathLike, args, fingerprint: Mapping[str, Any]
     return path
 
 
+def _is_digest(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return any(isinstance(v, str) and v.startswith(_DIGEST_PREFIX) for v in values)
+
+
+def _difference(key: str, saved: Any, now: Any) -> str:
+    if key == "dataset_fingerprint":
+        return (f"--dataset_name: the caption dataset's content changed (datasets fingerprint {saved} then, {now} "
+                "now)")
+    if _is_digest(saved) and _is_digest(now):
+        return (f"--{key}: the file's content changed since the checkpoint was written ({saved} then, {now} now; "
+                "paths are not compared, contents are)")
+    return f"--{key}: {saved!r} (saved) vs {now!r} (now)"
+
+
 def _fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [
-        f"--{k}: {saved.get(k, '<unset>')!r} (saved) vs {current.get(k, '<unset>')!r} (now)"
+        _difference(k, saved.get(k, "<unset>"), current.get(k, "<unset>"))
         for k in keys
         if saved.get(k, "<unset>") != current.get(k, "<unset>")
     ]
