@@ -29,7 +29,8 @@ DDPM schedule): construction raises or warns there (see :func:`check_one_step_co
 
 Pipeline config (``pipe.config``; saved in ``model_index.json``)
 -----------------------------------------------------------------
-- ``family``: "unet2d" | "dit" | "sd" | "sd3" | "flux" (detected from the components).
+- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" (detected from the components; one
+  adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
 - ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
   last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
   num_train_timesteps, i.e. sigma = 1); the scheduler's ``shift`` (or its resolution-dependent dynamic
@@ -45,19 +46,22 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label; a
   class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
   the model's ``num_classes``).
-- ``max_sequence_length``: T5 tokens for "sd3" / "flux".
+- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana".
+- ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
+- ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
 
-Prompts ("sd", "sd3", "flux") are encoded by the stock ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` /
-``FluxPipeline`` ``encode_prompt`` over the same text encoders, so the denoiser gets the embeddings the stock
-pipeline would give it.
+Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``) ``encode_prompt`` over the same text encoders,
+so the denoiser gets the embeddings the stock pipeline would give it.
 
 LoRA file format
 ----------------
 One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of the denoiser prefixed with the
 component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.weight``) and the PEFT
-``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. "sd", "sd3" and "flux" are
-written and read by diffusers' own loaders (``StableDiffusionLoraLoaderMixin``, ``SD3LoraLoaderMixin``,
-``FluxLoraLoaderMixin``), so an "sd" one-step LoRA also loads into a stock ``StableDiffusionPipeline``;
+``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. Families with a diffusers LoRA
+loader (the adapter's ``lora_loader``: ``StableDiffusionLoraLoaderMixin``, ``StableDiffusionXLLoraLoaderMixin``,
+``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``) are written and read by it, so a one-step
+LoRA also loads into the stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...);
 "unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
 """
 
@@ -1667,7 +1671,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         r"""Generate images in one denoiser forward (two branches batched together with guidance).
 
         Args:
-            prompt: text families ("sd", "sd3", "flux").
+            prompt: text families ("sd", "sdxl", "sd3", "flux", "sana").
             class_labels: class-conditional families ("dit", class-conditional "unet2d").
             batch_size: number of images for unconditional models (default 1, or taken from ``latents``).
             num_images_per_prompt: images per prompt / label (or multiplier of ``batch_size``).
