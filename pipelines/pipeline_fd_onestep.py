@@ -831,6 +831,10 @@ class SDXLAdapter(SDAdapter):
                          "StableDiffusionXLInstructPix2PixPipeline")
 
     @classmethod
+    def describe(cls):
+        return f"{cls.name} ({cls.denoiser_class.__name__} with addition_embed_type='text_time')"
+
+    @classmethod
     def owns_denoiser(cls, denoiser):
         return isinstance(denoiser, cls.denoiser_class) and getattr(denoiser.config, "addition_embed_type",
                                                                      None) == "text_time"
@@ -928,10 +932,22 @@ class SDXLAdapter(SDAdapter):
 
     def decode(self, latents):
         vae = self.pipe.vae
-        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # as StableDiffusionXLPipeline: this VAE overflows in float16 (NaN images); it decodes in float32
-            logger.info("the VAE has force_upcast=True: it stays in float32 for decoding.")
+        device_type = latents.device.type
+        in_fp16 = vae.dtype == torch.float16 or (
+            torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+        )
+        if not (in_fp16 and vae.config.get("force_upcast", False)):
+            return self._decode(latents)
+        # as StableDiffusionXLPipeline: this VAE overflows in float16 (NaN images), so it decodes in float32, also
+        # under an fp16 mixed-precision autocast (the training script's generator runs under one)
+        if vae.dtype != torch.float32:
+            logger.info("the VAE has force_upcast=True: it is kept in float32 for decoding.")
             vae.to(dtype=torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            return self._decode(latents.float())
+
+    def _decode(self, latents):
+        vae = self.pipe.vae
         cfg = vae.config
         if cfg.get("latents_mean", None) is not None and cfg.get("latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
