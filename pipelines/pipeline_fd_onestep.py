@@ -1123,6 +1123,16 @@ class SanaAdapter(_TextFamilyAdapter):
         return inspect.signature(SanaPipeline.__call__).parameters[name].default
 
     @classmethod
+    def check_model_index(cls, config, source):
+        name = str(config.get("_class_name", ""))
+        if "Sprint" in name or "ControlNet" in name or "Video" in name:
+            raise ValueError(
+                f"{source} is a {name}; one-step FD distillation supports SANA text-to-image teachers "
+                "(SanaPipeline, e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers), which its stock "
+                "pipeline samples with flow matching."
+            )
+
+    @classmethod
     def resolve_settings(cls, denoiser, scheduler, settings):
         if settings["max_sequence_length"] is None:
             settings["max_sequence_length"] = int(cls.stock_call_default("max_sequence_length"))

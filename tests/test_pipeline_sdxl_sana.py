@@ -262,3 +262,14 @@ def test_sana_attention_masks_stay_with_their_prompts_for_several_images_per_pro
     separately = pipe(prompts[1], generator=torch.Generator().manual_seed(9), output_type="pt",
                       latents=torch.randn(1, *pipe.noise_shape(), generator=torch.Generator().manual_seed(9))).images
     assert images.shape == (6, 3, 32, 32) and separately.shape == (1, 3, 32, 32)
+
+
+def test_a_sana_sprint_pipeline_is_a_clear_error(folders, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(folders["sana"], tmp_path / "sprint")
+    index = json.loads((tmp_path / "sprint" / "model_index.json").read_text())
+    (tmp_path / "sprint" / "model_index.json").write_text(json.dumps({**index, "_class_name": "SanaSprintPipeline"}))
+    with pytest.raises(ValueError, match="SanaSprintPipeline; one-step FD distillation supports SANA text-to-image"):
+        FDOneStepPipeline.from_teacher(tmp_path / "sprint")
