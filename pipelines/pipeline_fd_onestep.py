@@ -78,7 +78,6 @@ from dataclasses import dataclass, fields, replace
 import diffusers
 import torch
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     DiTTransformer2DModel,
     FluxPipeline,
