@@ -7,10 +7,10 @@
 Run it from a checkout with the test extra installed (``pip install -e ".[test]"``): the tiny models are the
 test suite's own builders (``tests/test_pipeline_tiny_models.py``), built from configs, no downloads.
 
-1. Training steps. For every family (unet2d, class-conditional dit, sd, sd3, flux) and both trainings (full
+1. Training steps. For every family (unet2d, class-conditional dit, sd, sdxl, sd3, flux, sana) and both trainings (full
    fine-tuning and LoRA), one optimizer step of the tiny one-step generator in bf16, set up as the training
    script sets it up: ``OneStepGenerator(..., weight_dtype=torch.bfloat16)`` (frozen VAE / text encoders in
-   bf16), ``add_lora`` (LoRA base weights in bf16, LoRA parameters in float32) or the full float32 denoiser,
+   bf16; an SDXL VAE with ``force_upcast`` in float32), ``add_lora`` (LoRA base weights in bf16, LoRA parameters in float32) or the full float32 denoiser,
    the generator under ``torch.autocast(bf16)``, a tiny DINOv2 encoder and FD-loss with a warm-started EMA
    population on the device. Checks: dtypes as stated, float32 images, finite FD, finite float32 gradients
    on every trainable parameter (some non-zero), none on frozen ones, and the optimizer step moves them.
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("unet2d", "dit", "sd", "sd3", "flux")
+FAMILIES = ("unet2d", "dit", "sd", "sdxl", "sd3", "flux", "sana")
 TRAININGS = ("full", "lora")
 PROMPTS = ["a cab", "a dog", "two cats", "the sea"]
 # float64 on the device vs the CPU: eigh / matmul round-off only (both routes are float64)
@@ -152,9 +152,13 @@ def training_step(pipe, training: str, device: torch.device, dtype: torch.dtype,
         denoiser = gen.denoiser.requires_grad_(True)
     denoiser.train()
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    frozen_dtypes = {p.dtype for name in pipe.frozen_component_names for p in getattr(pipe, name).parameters()}
+    kept = set(pipe.float32_component_names)  # e.g. an SDXL VAE with force_upcast
+    frozen_dtypes = {p.dtype for name in pipe.frozen_component_names if name not in kept
+                     for p in getattr(pipe, name).parameters()}
+    kept_dtypes = {p.dtype for name in kept for p in getattr(pipe, name).parameters()}
     check(bool(trainable) and {p.dtype for p in trainable} == {torch.float32}, "trainable parameters not float32")
     check(not frozen_dtypes or frozen_dtypes == {dtype}, f"frozen modules in {frozen_dtypes}, not {dtype}")
+    check(not kept_dtypes or kept_dtypes == {torch.float32}, f"{sorted(kept)} in {kept_dtypes}, not float32")
     if training == "lora":
         base = {p.dtype for p in denoiser.parameters() if not p.requires_grad}
         check(base == {dtype}, f"LoRA base weights in {base}, not {dtype}")

@@ -29,7 +29,8 @@ DDPM schedule): construction raises or warns there (see :func:`check_one_step_co
 
 Pipeline config (``pipe.config``; saved in ``model_index.json``)
 -----------------------------------------------------------------
-- ``family``: "unet2d" | "dit" | "sd" | "sd3" | "flux" (detected from the components).
+- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" (detected from the components; one
+  adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
 - ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
   last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
   num_train_timesteps, i.e. sigma = 1); the scheduler's ``shift`` (or its resolution-dependent dynamic
@@ -45,19 +46,22 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label; a
   class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
   the model's ``num_classes``).
-- ``max_sequence_length``: T5 tokens for "sd3" / "flux".
+- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana".
+- ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
+- ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
 
-Prompts ("sd", "sd3", "flux") are encoded by the stock ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` /
-``FluxPipeline`` ``encode_prompt`` over the same text encoders, so the denoiser gets the embeddings the stock
-pipeline would give it.
+Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``) ``encode_prompt`` over the same text encoders,
+so the denoiser gets the embeddings the stock pipeline would give it.
 
 LoRA file format
 ----------------
 One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of the denoiser prefixed with the
 component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.weight``) and the PEFT
-``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. "sd", "sd3" and "flux" are
-written and read by diffusers' own loaders (``StableDiffusionLoraLoaderMixin``, ``SD3LoraLoaderMixin``,
-``FluxLoraLoaderMixin``), so an "sd" one-step LoRA also loads into a stock ``StableDiffusionPipeline``;
+``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. Families with a diffusers LoRA
+loader (the adapter's ``lora_loader``: ``StableDiffusionLoraLoaderMixin``, ``StableDiffusionXLLoraLoaderMixin``,
+``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``) are written and read by it, so a one-step
+LoRA also loads into the stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...);
 "unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
 """
 
@@ -74,7 +78,6 @@ from dataclasses import dataclass, fields, replace
 import diffusers
 import torch
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     DiTTransformer2DModel,
     FluxPipeline,
@@ -827,6 +830,10 @@ class SDXLAdapter(SDAdapter):
                          "StableDiffusionXLInstructPix2PixPipeline")
 
     @classmethod
+    def describe(cls):
+        return f"{cls.name} ({cls.denoiser_class.__name__} with addition_embed_type='text_time')"
+
+    @classmethod
     def owns_denoiser(cls, denoiser):
         return isinstance(denoiser, cls.denoiser_class) and getattr(denoiser.config, "addition_embed_type",
                                                                      None) == "text_time"
@@ -924,10 +931,22 @@ class SDXLAdapter(SDAdapter):
 
     def decode(self, latents):
         vae = self.pipe.vae
-        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # as StableDiffusionXLPipeline: this VAE overflows in float16 (NaN images); it decodes in float32
-            logger.info("the VAE has force_upcast=True: it stays in float32 for decoding.")
+        device_type = latents.device.type
+        in_fp16 = vae.dtype == torch.float16 or (
+            torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+        )
+        if not (in_fp16 and vae.config.get("force_upcast", False)):
+            return self._decode(latents)
+        # as StableDiffusionXLPipeline: this VAE overflows in float16 (NaN images), so it decodes in float32, also
+        # under an fp16 mixed-precision autocast (the training script's generator runs under one)
+        if vae.dtype != torch.float32:
+            logger.info("the VAE has force_upcast=True: it is kept in float32 for decoding.")
             vae.to(dtype=torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            return self._decode(latents.float())
+
+    def _decode(self, latents):
+        vae = self.pipe.vae
         cfg = vae.config
         if cfg.get("latents_mean", None) is not None and cfg.get("latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
@@ -1101,6 +1120,16 @@ class SanaAdapter(_TextFamilyAdapter):
     @staticmethod
     def stock_call_default(name):
         return inspect.signature(SanaPipeline.__call__).parameters[name].default
+
+    @classmethod
+    def check_model_index(cls, config, source):
+        name = str(config.get("_class_name", ""))
+        if "Sprint" in name or "ControlNet" in name or "Video" in name:
+            raise ValueError(
+                f"{source} is a {name}; one-step FD distillation supports SANA text-to-image teachers "
+                "(SanaPipeline, e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers), which its stock "
+                "pipeline samples with flow matching."
+            )
 
     @classmethod
     def resolve_settings(cls, denoiser, scheduler, settings):
@@ -1667,7 +1696,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         r"""Generate images in one denoiser forward (two branches batched together with guidance).
 
         Args:
-            prompt: text families ("sd", "sd3", "flux").
+            prompt: text families ("sd", "sdxl", "sd3", "flux", "sana").
             class_labels: class-conditional families ("dit", class-conditional "unet2d").
             batch_size: number of images for unconditional models (default 1, or taken from ``latents``).
             num_images_per_prompt: images per prompt / label (or multiplier of ``batch_size``).

@@ -16,7 +16,6 @@ from fd_onestep.pipelines.pipeline_fd_onestep import (
     FAMILY_ADAPTERS,
     SUPPORTED_FAMILIES,
     FamilyAdapter,
-    FDOneStepPipeline,
     family_of_denoiser,
 )
 

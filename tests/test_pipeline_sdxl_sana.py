@@ -17,7 +17,7 @@ from test_lora_fd_onestep import trained_lora
 from tiny_teachers import SANA_MAX_LENGTH, sana_teacher, sdxl_teacher
 
 from fd_onestep.onestep import OneStepGenerator
-from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+from fd_onestep.pipelines.pipeline_fd_onestep import FamilyAdapter, FDOneStepPipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:ill-conditioned one-step map")
 PROMPTS = ["a cab", "dog"]
@@ -193,6 +193,10 @@ def test_sdxl_fp16_vae_with_force_upcast_decodes_in_float32(folders):
     assert pipe.vae.dtype == torch.float32 and images.dtype == torch.float32 and torch.isfinite(images).all()
     expected = reference.decode(latents / reference.config.scaling_factor).sample
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    # under an fp16 autocast (the training script's mixed precision) it decodes in float32 all the same
+    with torch.autocast("cpu", dtype=torch.float16):
+        torch.testing.assert_close(pipe.decode_latents(latents), expected, rtol=0, atol=0)
+        assert not torch.equal(FamilyAdapter.decode(pipe.adapter, latents), expected)  # a plain decode runs in fp16
     # training under fp16 mixed precision keeps that VAE in float32, the text encoders in fp16
     pipe.vae.half()
     gen = OneStepGenerator(pipe, prompts=PROMPTS, weight_dtype=torch.float16)
@@ -258,3 +262,14 @@ def test_sana_attention_masks_stay_with_their_prompts_for_several_images_per_pro
     separately = pipe(prompts[1], generator=torch.Generator().manual_seed(9), output_type="pt",
                       latents=torch.randn(1, *pipe.noise_shape(), generator=torch.Generator().manual_seed(9))).images
     assert images.shape == (6, 3, 32, 32) and separately.shape == (1, 3, 32, 32)
+
+
+def test_a_sana_sprint_pipeline_is_a_clear_error(folders, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(folders["sana"], tmp_path / "sprint")
+    index = json.loads((tmp_path / "sprint" / "model_index.json").read_text())
+    (tmp_path / "sprint" / "model_index.json").write_text(json.dumps({**index, "_class_name": "SanaSprintPipeline"}))
+    with pytest.raises(ValueError, match="SanaSprintPipeline; one-step FD distillation supports SANA text-to-image"):
+        FDOneStepPipeline.from_teacher(tmp_path / "sprint")
