@@ -134,3 +134,18 @@ def test_the_study_sets_seed_and_output_dir_itself(tmp_path):
 def test_default_output_dir_is_the_results_folder():
     expected = "results" if (REPO_ROOT / "results").is_dir() else str(Path("benchmarks") / "results")
     assert qs.default_output_dir() == REPO_ROOT / expected / "quality_study"
+
+
+def test_a_class_conditional_study_adds_per_class_fd_in_every_representation(assets, tmp_path, monkeypatch):
+    for key, value in SUBPROCESS_ENV.items():
+        monkeypatch.setenv(key, value)
+    args = _train_args(assets)
+    args[args.index(assets["teachers"]["unet2d"])] = assets["teachers"]["unet2d_class"]
+    runs = qs.launch_runs(tmp_path / "runs", [0], [*args, "--max_train_steps", "1", "--num_validation_samples", "20"])
+    study = qs.measure_runs(runs, num_samples=20, teacher_steps=[2], batch_size=10)
+    assert study["conditioning"] == "class"
+    for measures in [*study["teacher"].values(), *study["runs"][0]["steps"].values()]:
+        assert set(measures["per_class_fd"]) == set(study["representations"])
+        assert measures["adherence"] is None  # no --classifier in this run
+    table = qs.format_table(study)
+    assert "per-class FD tiny-siglip-eval (held out)" in table and "| adherence |" in table
