@@ -149,3 +149,15 @@ def test_a_class_conditional_study_adds_per_class_fd_in_every_representation(ass
         assert measures["adherence"] is None  # no --classifier in this run
     table = qs.format_table(study)
     assert "per-class FD tiny-siglip-eval (held out)" in table and "| adherence |" in table
+
+
+def test_a_lora_checkpoint_is_judged_with_its_lora_and_generator_ema_on_the_runs_base(assets, tmp_path, monkeypatch):
+    for key, value in SUBPROCESS_ENV.items():
+        monkeypatch.setenv(key, value)
+    runs = qs.launch_runs(tmp_path / "runs", [0], [*_train_args(assets), "--use_lora", "--use_ema", "--ema_decay",
+                                                   "0.5", "--final_weights", "last"])
+    study = qs.measure_runs(runs, num_samples=16, teacher_steps=[2], batch_size=8)
+    steps = study["runs"][0]["steps"]
+    assert set(steps) == {"1", "2", "kept"}
+    assert steps["kept"]["fd"] == steps["2"]["fd"]  # the saved LoRA is the EMA of step 2: the same numbers
+    assert steps["1"]["fd"] != steps["2"]["fd"]  # and checkpoint-1 is its own LoRA, not the output's
