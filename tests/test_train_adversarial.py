@@ -153,3 +153,28 @@ def test_the_adversarial_encoder_defaults_to_the_first_training_encoder_and_is_o
               "--output_dir", str(tmp_path / "o")]
     assert script.parse_args(common).adv_weight == 0.0
     assert script.parse_args([*common, "--adv_weight", "0.1", "--adv_real_images", "."]).adv_encoder == "tiny-dinov2"
+
+
+def _first_step_grad(assets, real_images, out, processes, batch):
+    from train_fixtures import accelerate_launch
+
+    dump = out / "grad.safetensors"
+    run_script([*_args(assets, real_images), "--output_dir", str(out), "--max_train_steps", "2",
+                "--train_batch_size", str(batch), "--checkpointing_steps", "0", "--fd_warmup_samples", "24",
+                "--num_validation_samples", "0", "--num_validation_images", "0", "--report_to", "none",
+                "--debug_dump_first_step_grad", str(dump), "--debug_float64"], launcher=accelerate_launch(processes))
+    return load_file(str(dump))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_with_the_adversarial_term_give_the_single_process_gradient(assets, real_images, tmp_path):
+    """The head's generator term over the global batch (each process its rows, DDP averaging), and a second
+    step after the head's own step, whose gradients are averaged over the processes (on their device)."""
+    one = _first_step_grad(assets, real_images, tmp_path / "one", processes=1, batch=8)
+    two = _first_step_grad(assets, real_images, tmp_path / "two", processes=2, batch=4)
+    flat_one = torch.cat([one[k].double().flatten() for k in sorted(one)])
+    flat_two = torch.cat([two[k].double().flatten() for k in sorted(one)])
+    relative = float((flat_two - flat_one).norm() / flat_one.norm())
+    # float64 networks, the head in float32 (its round-off differs between batch shapes of 4 and 8)
+    assert relative <= 1e-5, f"2-process gradient differs from 1-process by {relative:.2e} (relative)"
