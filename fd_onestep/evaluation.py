@@ -456,12 +456,15 @@ def load_pipeline(
     *,
     cache_dir: Optional[str | os.PathLike] = None,
     local_files_only: Optional[bool] = None,
+    lora_weights: Optional[str | os.PathLike] = None,
 ):
     """The pipeline ``fd-onestep evaluate --pipeline`` samples from: a local folder or a Hub id.
 
     - A folder with ``fd_onestep_lora.json`` (a ``--use_lora`` run of the training script):
       ``FDOneStepPipeline.from_teacher(base_model, revision=..., variant=..., **one_step_settings)``, then
-      ``load_lora_weights(folder)`` -- the generator the LoRA was trained as.
+      ``load_lora_weights(folder)`` -- the generator the LoRA was trained as. ``lora_weights``: load the LoRA
+      from this folder instead (a checkpoint's ``<denoiser>_lora`` folder of the same run), the base and
+      settings still from ``folder``'s ``fd_onestep_lora.json``.
     - A ``model_index.json`` whose ``_class_name`` is ``FDOneStepPipeline`` (the training script's output, or
       ``save_pretrained``): ``FDOneStepPipeline.from_pretrained`` (the installed class; no remote code).
     - Any other diffusers pipeline: ``DiffusionPipeline.from_pretrained``.
@@ -488,7 +491,7 @@ def load_pipeline(
                 f"{_first_line(err)}). Make that model available (the same local path, or a Hub id in the HF "
                 f"cache), or point base_model in '{info_path}' at a copy of it."
             ) from None
-        pipe.load_lora_weights(str(folder))
+        pipe.load_lora_weights(str(folder if lora_weights is None else lora_weights))
         return pipe
     if (folder / LORA_WEIGHTS_FILE).is_file() and not (folder / "model_index.json").is_file():
         raise FileNotFoundError(

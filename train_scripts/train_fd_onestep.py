@@ -194,6 +194,25 @@ TEXT_LORA_RANK = 16
 TEXT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 EMBEDDED_DEFAULT_CHOICES = {"digits": EMBEDDED_DEFAULTS, "digits-class": CLASS_EMBEDDED_DEFAULTS,
                             "digits-text": TEXT_EMBEDDED_DEFAULTS}
+# Named recipes on top of a digits default (--preset): each fills only the arguments the command line leaves out.
+# "quality" is the recipe under study in benchmarks/quality_study.py (docs/quality.md): the main job's settings
+# with a 3x longer cosine schedule (warm-up over the first 100 steps) and an EMA of the generator's weights
+# (decay 0.998: an average over the last ~500 steps, where the cosine lr is already small), validated and
+# checkpointed every 250 steps (12 points of the study's curves), the kept weights still chosen by the training
+# encoders' FD_r. Not yet validated against the teacher: the study's table says what it gives.
+PRESETS = {
+    "quality": {
+        "max_train_steps": 3000,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "use_ema": True,
+        "ema_decay": 0.998,
+        "validation_steps": 250,
+        "checkpointing_steps": 250,
+        "keep_best_by": "fd_r_mean",
+        "final_weights": "best",
+    },
+}
 # a key only in EMBEDDED_DEFAULTS keeps the argument's own default (None) for general runs
 DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CLASS_EMBEDDED_DEFAULTS,
                                       *TEXT_EMBEDDED_DEFAULTS]))
@@ -252,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(unconditional, the default), digits-class (class-conditional teacher, adherence, "
                         "per-class FD and FJD, samples per class) or digits-text (a one-step LoRA on the Stable "
                         "Diffusion-family digits teacher, prompts that name the digit).")
+
+    g.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS),
+                   help="A named recipe on top of the digits default (with --embedded_default: of that one): quality "
+                        "= a longer cosine schedule with an EMA of the generator's weights (see PRESETS and "
+                        "docs/quality.md). It fills only the arguments not given on the command line.")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", type=str, default="fd-onestep-output",
@@ -346,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_reference_stats", type=str, nargs="+", default=None,
                    help="Per-class statistics (`fd-onestep stats --label_column`, *.classes.safetensors), one per "
                         "encoder. Default: <stats>.classes.safetensors next to each --reference_stats file, if there.")
+    g.add_argument("--adv_weight", type=float, default=0.0,
+                   help="Weight of an adversarial term beside FD-loss: a small discriminator head on the frozen "
+                        "features of one training encoder (--adv_encoder), real images' features against the "
+                        "generator's (fd_onestep.adversarial). 0: off.")
+    g.add_argument("--adv_loss", type=str, default="hinge", choices=["hinge", "nonsaturating"],
+                   help="The adversarial term's loss.")
+    g.add_argument("--adv_encoder", type=str, default=None,
+                   help="The training encoder whose features the discriminator head sees (default: the first).")
+    g.add_argument("--adv_real_images", type=str, default=None,
+                   help="Folder of real images for the discriminator (the data of the reference statistics). The "
+                        "offline digits defaults use the digits train split.")
+    g.add_argument("--adv_max_real_images", type=_positive_int, default=10000,
+                   help="Real images encoded once at the start (their features stay on the CPU).")
+    g.add_argument("--adv_learning_rate", type=float, default=1e-4, help="The discriminator head's AdamW learning rate.")
+    g.add_argument("--adv_hidden", type=_positive_int, default=256, help="The discriminator head's hidden width.")
     g.add_argument("--sample_batch_size", type=_positive_int, default=256,
                    help="Per-process batch for no-grad generation (warm start, validation, samples).")
 
@@ -462,12 +501,14 @@ def embedded_default_of(args) -> str | None:
     return (args.embedded_default or "digits") if plain else None
 
 
-def finalize_args(args) -> argparse.Namespace:
-    """Apply the defaults (embedded or general) and validate everything that needs no model.
+def finalize_args(args, given: set[str] = frozenset()) -> argparse.Namespace:
+    """Apply ``--preset`` (to the arguments not in ``given``), the defaults (embedded or general) and validate
+    everything that needs no model.
 
     Raises ValueError / FileNotFoundError naming the argument and the fix.
     """
     args.embedded_default = embedded_default_of(args)
+    apply_preset(args, given)
     defaults = EMBEDDED_DEFAULT_CHOICES[args.embedded_default] if args.embedded_default else GENERAL_DEFAULTS
     for key in DEFAULTED_ARGS:
         if getattr(args, key, None) is None:
@@ -584,6 +625,7 @@ def finalize_args(args) -> argparse.Namespace:
         raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
     aliases = label_aliases(args)
     train_labels = encoder_labels(args.encoders, "--encoders", aliases)
+    check_adversarial_args(args, train_labels, dict(zip(args.encoders, train_labels)))
     eval_labels = encoder_labels(args.eval_encoders, "--eval_encoders", aliases)
     if set(train_labels) & set(eval_labels):
         raise ValueError(f"--encoders {train_labels} and --eval_encoders {eval_labels} share short names; rename one.")
@@ -635,6 +677,27 @@ def finalize_args(args) -> argparse.Namespace:
     return args
 
 
+def check_adversarial_args(args, train_labels: list[str], labels_of: dict[str, str]) -> None:
+    """``--adv_*``: the weight, the encoder (a training one: the held-out ones only judge) and the real images."""
+    if not (math.isfinite(args.adv_weight) and args.adv_weight >= 0):
+        raise ValueError(f"--adv_weight must be a finite number >= 0 (0: off), got {args.adv_weight}.")
+    if args.adv_weight == 0:
+        return
+    if args.adv_encoder is None:
+        args.adv_encoder = train_labels[0]
+    args.adv_encoder = labels_of.get(args.adv_encoder, args.adv_encoder)
+    if args.adv_encoder not in train_labels:
+        raise ValueError(f"--adv_encoder {args.adv_encoder!r} is not a training encoder ({train_labels}): the "
+                         "discriminator sees a training representation (held-out ones only judge).")
+    if args.adv_real_images is None and not args.embedded_default:
+        raise ValueError("--adv_weight > 0 needs real images for the discriminator: pass --adv_real_images FOLDER "
+                         "(the images the reference statistics were computed from).")
+    if args.adv_real_images is not None and not Path(args.adv_real_images).is_dir():
+        raise FileNotFoundError(f"--adv_real_images {args.adv_real_images!r} is not a folder; pass a folder of images.")
+    if not args.adv_learning_rate > 0:
+        raise ValueError(f"--adv_learning_rate must be > 0, got {args.adv_learning_rate}.")
+
+
 def class_stats_paths(given, stats_paths, flag: str) -> list:
     """Per-class statistics file of each encoder: ``given`` (one per stats file), else the
     ``<stats>.classes.safetensors`` next to each stats file where there is one (None where not)."""
@@ -657,12 +720,34 @@ def class_stats_paths(given, stats_paths, flag: str) -> list:
     return found
 
 
+def explicit_args(input_args=None) -> set[str]:
+    """The arguments given on the command line (``input_args``, else ``sys.argv``): a preset never overrides them."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # an argument not given leaves no attribute
+    return set(vars(parser.parse_args(input_args)))
+
+
+def apply_preset(args, given: set[str]) -> None:
+    """``--preset``: its values for the arguments not in ``given``; only on top of a digits default (its values
+    are tuned on the bundled digits teachers)."""
+    if args.preset is None:
+        return
+    if not args.embedded_default:
+        raise ValueError(f"--preset {args.preset} is a recipe of the offline digits defaults (its values were chosen "
+                         "on them): drop it, or drop --pretrained_model_name_or_path / --encoders / "
+                         "--reference_stats to run it on the digits default.")
+    for key, value in PRESETS[args.preset].items():
+        if key not in given:
+            setattr(args, key, value)
+
+
 def parse_args(input_args=None) -> argparse.Namespace:
     args = build_parser().parse_args(input_args)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
-    return finalize_args(args)
+    return finalize_args(args, explicit_args(input_args))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1160,6 +1245,35 @@ def build_fd_loss(args, reps: Representations, device):
     return MultiEncoderFDLoss(fd_losses, weights=weights, **({} if args.fd_eps is None else {"eps": args.fd_eps}))
 
 
+def build_discriminator(args, gen, reps: Representations, device):
+    """``--adv_weight > 0``: the discriminator head (float32, on ``device``) on ``--adv_encoder``'s features, with
+    the real images' features computed once (the digits train split for the offline defaults); else None."""
+    if not args.adv_weight:
+        return None
+    from fd_onestep.adversarial import FeatureDiscriminator
+
+    encoder = reps.encoders[args.adv_encoder]
+    if args.adv_real_images is not None:
+        from fd_onestep.dataset_stats import iter_folder_batches
+
+        batches, _ = iter_folder_batches(args.adv_real_images, batch_size=args.sample_batch_size,
+                                         resolution=gen.image_shape[-1], max_samples=args.adv_max_real_images)
+    else:
+        from fd_onestep import digits
+
+        images = digits.load_digits_split("train")[0][: args.adv_max_real_images]
+        batches = images.split(args.sample_batch_size)
+    features = []
+    with torch.inference_mode():
+        for images in batches:
+            features.append(encoder(images.to(device).clamp(-1, 1)).float().cpu())
+    features = torch.cat(features)
+    logger.info(f"Adversarial term: {args.adv_loss} loss, weight {args.adv_weight}, head on {args.adv_encoder} "
+                f"features, {features.shape[0]} real images")
+    return FeatureDiscriminator(encoder.feature_dim, features, hidden=args.adv_hidden, kind=args.adv_loss,
+                                learning_rate=args.adv_learning_rate, device=device, seed=args.seed)
+
+
 def build_optimizer(args, trainable, accelerator):
     """AdamW, the lr schedule and (``--use_ema``) the generator-weights EMA."""
     from diffusers.optimization import get_scheduler
@@ -1195,7 +1309,8 @@ def unwrap(accelerator, model):
 
 # --------------------------------------------------------------------------------------------------------
 # Checkpoints: everything as safetensors (+ JSON), through accelerate's save/load state hooks
-def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint):
+def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint,
+                              discriminator=None):
     slot = gen.pipeline.denoiser_slot
 
     def save_model_hook(models, weights, ckpt_dir):
@@ -1211,6 +1326,8 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
                             ckpt_dir / "fd_populations.safetensors")
             if ema is not None:
                 save_state_file(ema.state_dict(), ckpt_dir / "generator_ema.safetensors")
+            if discriminator is not None:
+                save_state_file(discriminator.training_state(), ckpt_dir / "discriminator.safetensors")
             save_state_file({"sampling_rng": sampling_rng.state_dict(), "progress": progress.state_dict()},
                             ckpt_dir / "training_state.safetensors")
             write_run_args(ckpt_dir, args, fingerprint)
@@ -1256,6 +1373,8 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
         if ema is not None:
             ema.load_state_dict(load_state_file(ckpt_dir / "generator_ema.safetensors"))
             ema.to(accelerator.device)
+        if discriminator is not None:
+            discriminator.load_training_state(load_state_file(ckpt_dir / "discriminator.safetensors"))
         state = load_state_file(ckpt_dir / "training_state.safetensors")
         sampling_rng.load_state_dict(state["sampling_rng"])
         progress.load_state_dict(state["progress"])
@@ -1518,7 +1637,7 @@ def write_samples(args, accelerator, gen, model) -> None:
 # --------------------------------------------------------------------------------------------------------
 # One optimization step
 def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, lr_scheduler, ema, trainable, rng,
-               progress, dump_gradients_to=None):
+               progress, dump_gradients_to=None, discriminator=None):
     """One optimizer step over ``k`` micro-batches of ``--train_batch_size`` per process.
 
     ``k`` is ``--gradient_accumulation_steps`` (each micro-batch its own FD-loss against the population of the
@@ -1526,6 +1645,8 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
     population, whose loss needs a first no-grad pass over all micro-batches (the step's total moments) before
     each micro-batch's gradient pass (``end_step`` checks that the two passes saw the same features).
     ``dump_gradients_to``: a safetensors path for this step's gradients (``--debug_dump_first_step_grad``).
+    ``discriminator`` (``--adv_weight``): its generator term joins each micro-batch's loss, and the head takes one
+    step on the step's generated features after the generator's.
     Advances ``progress.global_step``; returns ``(logs, raw population FDs)``.
     """
     two_pass = fd_loss.two_pass
@@ -1541,15 +1662,20 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
                 fd_loss.accumulate(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders),
                                    labels_of(cond))
         fd_loss.end_accumulation()  # sum over processes (collective)
-    objective = 0.0
+    objective, adv_terms, fakes = 0.0, [], []
     for i, (noise, cond) in enumerate(micro):
         if not two_pass:
             sync = accelerator.accumulate(denoiser)
         else:  # one gradient all-reduce per step, after the last micro-batch
             sync = contextlib.nullcontext() if i == k - 1 else accelerator.no_sync(denoiser)
         with sync:
-            loss, raw_fds = fd_loss(encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders),
-                                    labels_of(cond))
+            features = encode(generate_images(accelerator, gen, denoiser, noise, cond), encoders)
+            loss, raw_fds = fd_loss(features, labels_of(cond))
+            if discriminator is not None:
+                adv = discriminator.generator_loss(features[args.adv_encoder])
+                loss = loss + args.adv_weight * adv
+                adv_terms.append(float(adv.detach()))
+                fakes.append(features[args.adv_encoder].detach())
             accelerator.backward(loss)
         objective += float(loss.detach()) / k
     # EMA / queue: advance once with the step's k micro-batches; exact: pass 2 == pass 1, else an error (collective)
@@ -1563,6 +1689,11 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.step(trainable)
+    adv_logs = {}
+    if discriminator is not None:
+        reduce = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
+        adv_logs = {"adv/generator": sum(adv_terms) / k,
+                    "adv/discriminator": discriminator.discriminator_step(torch.cat(fakes), rng, reduce)}
     progress.global_step += 1
     logs = {
         # sum_i w_i F_i of the population FDs: what the normalized objective below descends on
@@ -1572,6 +1703,7 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
         "lr": lr_scheduler.get_last_lr()[0],
         "grad_norm": float(grad_norm),
         **{f"fd/{name}": float(v) for name, v in raw_fds.items()},
+        **adv_logs,
     }
     return logs, raw_fds
 
@@ -1905,6 +2037,8 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         "output bound": pipe.config.output_bound or "none",
         "trained weights": f"LoRA rank {args.lora_rank}" if args.use_lora else "full denoiser",
         "generator EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+        **({"adversarial term": f"{args.adv_loss} loss, weight {args.adv_weight:g}, discriminator head on "
+                                f"{args.adv_encoder} features"} if args.adv_weight else {}),
         "mixed precision": args.mixed_precision or "no",
     }
     if progress.best_step is not None:
@@ -1961,10 +2095,11 @@ def main(args) -> dict:
     gen, trainable = build_generator(args, pipe, reps, prompts, prompt_labels, class_histogram, device,
                                      weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps, device)
+    discriminator = build_discriminator(args, gen, reps, device)
     optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
     sampling_rng = CheckpointableGenerator(args.seed)
     progress = TrainingProgress()
-    register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint)
+    register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint, discriminator)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(gen.denoiser, optimizer, lr_scheduler)
 
     if accelerator.is_main_process and args.report_to:
@@ -2006,6 +2141,7 @@ def main(args) -> dict:
             args, accelerator, gen, denoiser, reps.encoders, fd_loss, optimizer, lr_scheduler, ema, trainable,
             sampling_rng.generator, progress,
             dump_gradients_to=args.debug_dump_first_step_grad if first_step_of_run else None,
+            discriminator=discriminator,
         )
         first_step_of_run = False
         step = progress.global_step
