@@ -161,3 +161,16 @@ def test_a_lora_checkpoint_is_judged_with_its_lora_and_generator_ema_on_the_runs
     assert set(steps) == {"1", "2", "kept"}
     assert steps["kept"]["fd"] == steps["2"]["fd"]  # the saved LoRA is the EMA of step 2: the same numbers
     assert steps["1"]["fd"] != steps["2"]["fd"]  # and checkpoint-1 is its own LoRA, not the output's
+
+
+def test_the_text_demo_is_measured_against_its_stock_multi_step_pipeline_and_other_text_runs_are_refused():
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    teachers = qs.teacher_generators(Namespace(), "text", [2, 3], "dpmsolver++", "cpu")
+    assert list(teachers) == ["teacher, dpmsolver++ 2 steps", "teacher, dpmsolver++ 3 steps"]
+    assert teachers["teacher, dpmsolver++ 2 steps"].description == "dpmsolver++ 2 steps"
+    text_pipe = SimpleNamespace(is_text_conditional=True, is_class_conditional=False)
+    assert qs.conditioning_kind(Namespace(embedded_default="digits-text"), text_pipe) == "text"
+    with pytest.raises(ValueError, match="text-to-image runs of the digits-text demo only"):
+        qs.conditioning_kind(Namespace(embedded_default=None), text_pipe)

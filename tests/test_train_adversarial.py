@@ -178,3 +178,21 @@ def test_two_processes_with_the_adversarial_term_give_the_single_process_gradien
     relative = float((flat_two - flat_one).norm() / flat_one.norm())
     # float64 networks, the head in float32 (its round-off differs between batch shapes of 4 and 8)
     assert relative <= 1e-5, f"2-process gradient differs from 1-process by {relative:.2e} (relative)"
+
+
+def test_the_digits_defaults_give_the_discriminator_the_digits_train_split(script, tmp_path):
+    from accelerate import PartialState
+
+    from fd_onestep import digits
+
+    PartialState(cpu=True)  # the script's logger (accelerate's) needs the process state
+    args = script.parse_args(["--output_dir", str(tmp_path), "--adv_weight", "0.1", "--adv_encoder", "siglip-digits",
+                              "--adv_max_real_images", "48"])
+    reps = script.build_representations(args, "cpu")
+    head = script.build_discriminator(args, None, reps, "cpu")
+    encoder = reps.encoders["siglip-digits"]
+    with torch.no_grad():
+        expected = encoder(digits.load_digits_split("train")[0][:48]).float()
+    assert head.real_features.shape == (48, encoder.feature_dim)
+    torch.testing.assert_close(head.real_features, expected)
+    assert head.real_features.device.type == "cpu" and head.net[0].weight.dtype == torch.float32
