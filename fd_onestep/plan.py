@@ -339,6 +339,7 @@ class StepMeasure:
     transient_peak: int  # bytes: activations held for backward + transients (no weights, no gradients)
     saved: dict  # part -> bytes saved for backward
     flops: dict  # part -> FLOPs (forward + backward) of the whole batch
+    rss_delta: Optional[int] = None  # real runs (fake=False) on Linux: peak resident memory of the step - before
 
 
 @dataclass
@@ -489,6 +490,27 @@ def _fake_parameters(module: torch.nn.Module) -> torch.nn.Module:
             if b is not None:
                 sub._buffers[key] = fake(b)
     return module
+
+
+class _ResidentMemory:
+    """Peak resident memory since creation, less the resident memory at creation (Linux /proc; a real run)."""
+
+    def __init__(self):
+        import gc
+
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        self.before = self._read("VmRSS")
+
+    @staticmethod
+    def _read(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {key}")
+
+    def peak_delta(self) -> int:
+        return self._read("VmHWM") - self.before
 
 
 def _bytes_text(n: float) -> str:
@@ -642,6 +664,7 @@ def _measure_step(gen, denoiser, encoders, fd_math, cond, batch, settings, pipe)
     for name, enc in encoders.items():
         parts.watch(enc, f"encoder {name}")
     noise = gen.sample_noise(batch, device="cpu")
+    rss = _ResidentMemory() if not _ACTIVE_FAKE_MODE else None
     live = LiveBytes()
     dtype = _dtype(settings.mixed_precision)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -657,13 +680,14 @@ def _measure_step(gen, denoiser, encoders, fd_math, cond, batch, settings, pipe)
             parts.stack = ["FD math"]
             torch.autograd.backward(features, [torch.ones_like(f) for f in features])
             parts._charge(parts.stack[-1])
+        rss_delta = rss.peak_delta() if rss is not None else None
     finally:
         parts.remove()
     fd_peak, fd_flops = fd_math
     saved = {k: v for k, v in parts.saved.items() if v}
     flops = {k: v for k, v in parts.flops.items() if v and k != "FD math"}
     flops["FD math"] = fd_flops
-    return StepMeasure(batch, int(max(live.peak, held + fd_peak)), saved, flops)
+    return StepMeasure(batch, int(max(live.peak, held + fd_peak)), saved, flops, rss_delta)
 
 
 def plan_table_rows(plans: dict) -> list[str]:
