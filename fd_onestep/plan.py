@@ -340,6 +340,7 @@ class StepMeasure:
     saved: dict  # part -> bytes saved for backward
     flops: dict  # part -> FLOPs (forward + backward) of the whole batch
     rss_delta: Optional[int] = None  # real runs (fake=False) on Linux: peak resident memory of the step - before
+    seconds: Optional[float] = None  # real runs: wall time of the same step without the counters
 
 
 @dataclass
@@ -572,14 +573,19 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
     resolution = pipe.image_shape()[-1]
     surrogate = None
     if settings.surrogate_decoder:
+        from diffusers import AutoencoderTiny
+
         name = settings.surrogate_decoder
         path = REAL_CONFIGS_DIR / name if (REAL_CONFIGS_DIR / name / "config.json").is_file() else Path(name)
-        if (path / "diffusion_pytorch_model.safetensors").is_file() or not (path / "config.json").is_file():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--surrogate_decoder '{name}': the plan needs an AutoencoderTiny config: a bundled one "
+                             "(taesd, taesdxl, taesd3, taef1) or a folder with config.json.")
+        if not _ACTIVE_FAKE_MODE and (path / "diffusion_pytorch_model.safetensors").is_file():
             surrogate = load_surrogate_decoder(str(path))
-        else:
-            from diffusers import AutoencoderTiny
-
-            surrogate = AutoencoderTiny.from_config(AutoencoderTiny.load_config(path)).requires_grad_(False).eval()
+        else:  # the plan needs its shapes only
+            with _shapes_only():
+                surrogate = _fake_parameters(AutoencoderTiny.from_config(AutoencoderTiny.load_config(path)))
+            surrogate.requires_grad_(False).eval()
     gen = OneStepGenerator(pipe, device="cpu", weight_dtype=weight_dtype,
                            decode_savers=DecodeSavers(settings.decode_micro_batch_size, surrogate))
     denoiser = gen.denoiser
@@ -619,30 +625,30 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
         fd_state += sum(8 * (enc.feature_dim + 2 * enc.feature_dim**2) for enc in encoders.values())
         fd_math = {b: _measure_fd_math(fd_loss, {n: e.feature_dim for n, e in encoders.items()}, b) for b in batches}
 
-    cond_fn = getattr(pipe, "example_conditioning", None)
     plan = Plan(settings, pipe.family, int(resolution), weights, sum(p.numel() for p in trainable), int(fd_state))
     for p in trainable:  # gradients exist before the step: the step's transient memory excludes them
         p.grad = torch.zeros_like(p)
     for batch in batches:
-        if cond_fn is not None:
-            cond = cond_fn(batch, device="cpu", dtype=weight_dtype)
-        elif pipe.is_text_conditional:
-            with torch.no_grad():
-                # an empty prompt: its tokens are shorter than the padded length, so the stock encode_prompt never
-                # compares token values (which fake tensors do not have)
-                cond = pipe.encode_conditioning(prompt=[""] * batch, device="cpu")
-        elif pipe.is_class_conditional:
-            cond = pipe.encode_conditioning(class_labels=[0] * batch, device="cpu")
-        else:
-            cond = None
+        cond = pipe.example_conditioning(batch, device="cpu", dtype=weight_dtype)
         plan.steps[batch] = _measure_step(gen, denoiser, encoders, fd_math[batch], cond, batch, settings, pipe)
     for p in trainable:
         p.grad = None
     return plan
 
 
+_FD_MATH_CACHE: dict = {}
+
+
 def _measure_fd_math(fd_loss, dims: dict, batch: int) -> tuple[int, int]:
-    """(transient peak bytes, FLOPs) of the FD-loss forward and backward on (batch, d) features, run for real."""
+    """(transient peak bytes, FLOPs) of the FD-loss forward and backward on (batch, d) features, run for real
+    (once per feature dimensions and batch in a process: it depends on nothing else)."""
+    key = (tuple(sorted(dims.items())), batch)
+    if key not in _FD_MATH_CACHE:
+        _FD_MATH_CACHE[key] = _run_fd_math(fd_loss, dims, batch)
+    return _FD_MATH_CACHE[key]
+
+
+def _run_fd_math(fd_loss, dims: dict, batch: int) -> tuple[int, int]:
     gen = torch.Generator().manual_seed(batch)
     feats = {n: torch.randn(max(batch, 2), d, generator=gen, requires_grad=True) for n, d in dims.items()}
     counter, live = _flop_counter(), LiveBytes()
@@ -683,11 +689,21 @@ def _measure_step(gen, denoiser, encoders, fd_math, cond, batch, settings, pipe)
         rss_delta = rss.peak_delta() if rss is not None else None
     finally:
         parts.remove()
+    seconds = None
+    if rss is not None:  # a real run: the same step again, timed without the counters
+        import time
+
+        start = time.perf_counter()
+        with autocast:
+            images = gen(denoiser, noise, cond).float()
+        features = [enc(images.clamp(-1.0, 1.0)) for enc in encoders.values()]
+        torch.autograd.backward(features, [torch.ones_like(f) for f in features])
+        seconds = time.perf_counter() - start
     fd_peak, fd_flops = fd_math
     saved = {k: v for k, v in parts.saved.items() if v}
     flops = {k: v for k, v in parts.flops.items() if v and k != "FD math"}
     flops["FD math"] = fd_flops
-    return StepMeasure(batch, int(max(live.peak, held + fd_peak)), saved, flops, rss_delta)
+    return StepMeasure(batch, int(max(live.peak, held + fd_peak)), saved, flops, rss_delta, seconds)
 
 
 def plan_table_rows(plans: dict) -> list[str]:
