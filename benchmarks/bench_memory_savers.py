@@ -6,7 +6,7 @@
 
 Each configuration runs the training step's forward and backward (one-step generator, decode, the demo's
 training encoders; gradients pre-allocated) on real CPU tensors: memory is the step's peak resident memory less
-the memory before it (Linux), time a plain step without the counters. The plan runs the same step on fake tensors.
+the memory before it (Linux; a fresh process per configuration), time a plain step without the counters. The plan runs the same step on fake tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fd_onestep import digits
-from fd_onestep.plan import PlanSettings, make_plan
+from fd_onestep.plan import PlanSettings, make_plan, real_step_in_subprocess
 
 CONFIGS = {
     "none": {},
@@ -45,7 +45,7 @@ def main():
         settings = PlanSettings(teacher=str(digits.TEXT_TEACHER_PATH), encoders=encoders, mixed_precision="no",
                                 use_lora=True, lora_rank=16, batch_size=b, **saver)
         planned = make_plan(settings, batches=[b]).steps[b]
-        real = make_plan(settings, fake=False, batches=[b]).steps[b]
+        real = real_step_in_subprocess(settings, b)  # a fresh process per configuration
         rows[name] = {"planned_bytes": planned.transient_peak, "measured_bytes": real.rss_delta,
                       "seconds": real.seconds, "saved_bytes": planned.saved,
                       "planned_flops": sum(planned.flops.values()), "measured_flops": sum(real.flops.values())}

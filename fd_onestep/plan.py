@@ -639,6 +639,25 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
 _FD_MATH_CACHE: dict = {}
 
 
+def real_step_in_subprocess(settings: PlanSettings, batch: int) -> StepMeasure:
+    """The step of ``settings`` at ``batch`` on real CPU tensors, in a fresh Python process (Linux): its peak
+    resident memory is not hidden by memory an earlier run in this process freed but kept."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    code = ("import json, sys, dataclasses; from fd_onestep.plan import PlanSettings, make_plan; "
+            "s = PlanSettings(**json.loads(sys.argv[1])); b = int(sys.argv[2]); "
+            "m = make_plan(s, fake=False, batches=[b]).steps[b]; print('STEP' + json.dumps(dataclasses.asdict(m)))")
+    fields = dataclasses.asdict(settings)
+    fields["encoders"] = list(fields["encoders"])
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(fields), str(batch)], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("STEP")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"the real step failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return StepMeasure(**json.loads(lines[-1][4:]))
+
+
 def _measure_fd_math(fd_loss, dims: dict, batch: int) -> tuple[int, int]:
     """(transient peak bytes, FLOPs) of the FD-loss forward and backward on (batch, d) features, run for real
     (once per feature dimensions and batch in a process: it depends on nothing else)."""
