@@ -16,12 +16,17 @@ import json
 import time
 from pathlib import Path
 
-from fd_onestep.plan import PlanSettings, list_real_configs, make_plan, real_config_index
+from fd_onestep.plan import REAL_CONFIGS_DIR, PlanSettings, list_real_configs, make_plan, real_config_index
 
 
 def savers_for(name: str) -> dict:
+    import diffusers
+
     tiny = real_config_index()["tiny_decoder_of"].get(name)
-    savers = {"gradient_checkpointing": True, "vae_gradient_checkpointing": True, "decode_micro_batch_size": 1}
+    vae_class = json.loads((REAL_CONFIGS_DIR / name / "model_index.json").read_text())["vae"][1]
+    savers = {"gradient_checkpointing": True, "decode_micro_batch_size": 1}
+    if getattr(diffusers, vae_class)._supports_gradient_checkpointing:  # not AutoencoderDC (SANA)
+        savers["vae_gradient_checkpointing"] = True
     if tiny:
         savers["surrogate_decoder"] = tiny
     return savers

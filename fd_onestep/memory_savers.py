@@ -52,8 +52,9 @@ def decode_in_micro_batches(decode, latents: torch.Tensor, micro_batch_size: int
     The same values as one call (the decoders are per-sample maps); with gradient, only one chunk's
     activations are alive at a time (forward keeps the chunk inputs; backward recomputes chunk by chunk).
     """
-    if micro_batch_size is None or micro_batch_size >= latents.shape[0]:
+    if micro_batch_size is None:
         return decode(latents)
+    # chunked and checkpointed at any batch size (one chunk too): the memory per sample is the same at every batch
     chunks = latents.split(int(micro_batch_size))
     if torch.is_grad_enabled() and latents.requires_grad:
         return torch.cat([checkpoint(decode, chunk, use_reentrant=False) for chunk in chunks])

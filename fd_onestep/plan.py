@@ -596,6 +596,9 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
     if settings.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if settings.vae_gradient_checkpointing:
+        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--vae_gradient_checkpointing: {type(pipe.vae).__name__} has no gradient checkpointing in "
+                             "diffusers; use --decode_micro_batch_size instead.")
         pipe.vae.enable_gradient_checkpointing()
     denoiser.train()
     trainable = [p for p in denoiser.parameters() if p.requires_grad]

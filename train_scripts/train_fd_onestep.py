@@ -1221,6 +1221,9 @@ def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, c
     gen = OneStepGenerator(pipe, prompts=prompts, prompt_labels=prompt_labels, class_histogram=class_histogram, device=device,
                            weight_dtype=weight_dtype, decode_savers=build_decode_savers(args, pipe))
     if args.vae_gradient_checkpointing:
+        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--vae_gradient_checkpointing: {type(pipe.vae).__name__} has no gradient checkpointing in "
+                             "diffusers; use --decode_micro_batch_size instead.")
         pipe.vae.enable_gradient_checkpointing()
     denoiser = gen.denoiser
     if args.use_lora:
