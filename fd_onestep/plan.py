@@ -379,10 +379,11 @@ class Plan:
     def max_batch(self, memory_bytes: Optional[float] = None) -> int:
         cap = (memory_bytes if memory_bytes is not None else self.settings.gpu_memory_gb * 1e9)
         a, b = self.steps[1].transient_peak, self.steps[2].transient_peak
-        slope = max(b - a, 1)
         if self.static + a > cap:
             return 0
-        return int(1 + (cap - self.static - a) // slope)
+        if b <= a:  # not linear between batch 1 and 2 (a saver that behaves differently at batch 1): no answer
+            return None
+        return int(1 + (cap - self.static - a) // (b - a))
 
     def fsdp_per_gpu(self, num_gpus: int, batch: int) -> float:
         """Per-GPU bytes under fully sharded data parallel (docs/plan.md): the denoiser's weights, gradients and
@@ -435,7 +436,7 @@ class Plan:
         for part, v in saved.items():
             lines.append(f"| activations held for backward: {part} | {gb(v)} |")
         lines += [f"| **step peak (weights + gradients + optimizer + activations + transients)** | **{gb(self.peak(b))}** |",
-                  "", f"Largest batch per GPU that fits {s.gpu_memory_gb:g} GB: **{self.max_batch()}** "
+                  "", f"Largest batch per GPU that fits {s.gpu_memory_gb:g} GB: **{self.max_batch() if self.max_batch() is not None else 'undetermined (the step at batch 2 holds less than at batch 1; plan --batch_size B directly)'}** "
                   f"(memory per sample {gb(self.transient(2) - self.transient(1))}, fixed {gb(self.static + self.transient(1) - (self.transient(2) - self.transient(1)))}).", ""]
         if not s.use_lora and self.peak(1) > s.gpu_memory_gb * 1e9:
             lines.append(f"Full fine-tune under fully sharded data parallel on {s.num_gpus} GPUs: "
