@@ -6,6 +6,8 @@
     fd-onestep evaluate  --pipeline ... --num_classes C --class_stats ... --classifier digits   (adherence, per-class FD, FJD)
     fd-onestep import-npz ref.npz --output_dir stats/ --encoder_id inception   (or: --encoders inception dinov2)
     fd-onestep export-npz stats/inception.safetensors inception.npz
+    fd-onestep plan      --teacher sdxl --resolution 1024 --batch_size 8 --lora --vae_gradient_checkpointing ...
+    fd-onestep plan      --list      (the bundled real configs, one name a line)
 
 ``stats`` and ``evaluate`` run under ``accelerate launch`` with several processes (each process
 takes a shard; moments are summed at the end). Without a GPU, accelerate's CPU processes use gloo.
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `fd-onestep <command> --help` for the options of a command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{stats,evaluate,import-npz,export-npz}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{stats,evaluate,import-npz,export-npz,plan}")
 
     stats = sub.add_parser(
         "stats", help="Compute reference statistics of a real image dataset for one or several encoders.",
@@ -143,7 +145,50 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-npz", help="Export a ReferenceStats .safetensors as a pytorch-fid .npz (mu, sigma).")
     exp.add_argument("stats", help="Input .safetensors written by `fd-onestep stats`.")
     exp.add_argument("npz", help="Output .npz path.")
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub) -> None:
+    from .plan import DEFAULT_ENCODERS, DEFAULT_PEAK_TFLOPS, DEFAULT_UTILIZATION
+
+    plan = sub.add_parser(
+        "plan", help="Memory per GPU, compute and step time of a training run at real size, before renting a GPU.",
+        description="Build every part of a training step at real size from configs (fake tensors: nothing is "
+        "allocated, offline) and print memory per GPU by part, compute per sample by part, the largest batch that "
+        "fits and a predicted step time. Saver flags are named as the training script names them "
+        "(docs/memory_savers.md, docs/plan.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    plan.add_argument("--list", action="store_true", help="List the bundled real configs, one name a line, and exit.")
+    plan.add_argument("--teacher", default=None,
+                      help="A bundled real config (see --list), a diffusers pipeline folder, or a Hub id (only its "
+                      "*.json config files are fetched).")
+    plan.add_argument("--resolution", type=_positive_int, default=None, help="Generated image side (default: the "
+                      "teacher's native size).")
+    plan.add_argument("--batch_size", type=_positive_int, default=1, help="Samples per GPU per step.")
+    plan.add_argument("--lora", action="store_true", help="Train a LoRA (default: full fine-tune of the denoiser).")
+    plan.add_argument("--lora_rank", type=_positive_int, default=8)
+    plan.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
+    plan.add_argument("--gpu_memory_gb", type=float, default=80.0, help="Memory of one GPU (GB = 1e9 bytes).")
+    plan.add_argument("--encoders", nargs="+", default=list(DEFAULT_ENCODERS),
+                      help="FD encoders: inception, dinov2 (bundled configs) or local encoder folders.")
+    savers = plan.add_argument_group("memory savers (the training script's flags)")
+    savers.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the denoiser's activations.")
+    savers.add_argument("--vae_gradient_checkpointing", action="store_true", help="Recompute the VAE decoder's activations.")
+    savers.add_argument("--decode_micro_batch_size", type=_positive_int, default=None,
+                        help="Decode this many latents at a time, each chunk checkpointed.")
+    savers.add_argument("--surrogate_decoder", default=None,
+                        help="Tiny decoder for the gradient: a bundled config (taesd, taesdxl, taesd3, taef1) or an "
+                        "AutoencoderTiny folder.")
+    savers.add_argument("--encoder_gradient_checkpointing", action="store_true", help="Recompute the FD encoders' activations.")
+    speed = plan.add_argument_group("step time")
+    speed.add_argument("--peak_tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                       help="The GPU's dense bf16 throughput in TFLOP/s (default: H100 SXM).")
+    speed.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="Share of --peak_tflops reached.")
+    speed.add_argument("--num_gpus", type=_positive_int, default=8,
+                       help="GPUs of a fully sharded data-parallel run (shown for a full fine-tune that does not fit one).")
+    plan.add_argument("--output", default=None, help="Also write the plan as JSON to this path.")
 
 
 def _accelerator():
@@ -392,9 +437,39 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .plan import PlanSettings, list_real_configs, make_plan
+
+    if args.list:
+        print("\n".join(list_real_configs()))
+        return 0
+    if args.teacher is None:
+        raise ValueError("--teacher is required: a bundled real config (fd-onestep plan --list), a pipeline folder or a Hub id.")
+    if not 0 < args.utilization <= 1:
+        raise ValueError(f"--utilization is a share of the peak throughput in (0, 1], got {args.utilization}.")
+    if args.output:
+        _check_output_path(args.output, "--output", folder=False)
+    settings = PlanSettings(
+        teacher=args.teacher, resolution=args.resolution, batch_size=args.batch_size, use_lora=args.lora,
+        lora_rank=args.lora_rank, mixed_precision=args.mixed_precision, encoders=args.encoders,
+        encoder_gradient_checkpointing=args.encoder_gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, vae_gradient_checkpointing=args.vae_gradient_checkpointing,
+        decode_micro_batch_size=args.decode_micro_batch_size, surrogate_decoder=args.surrogate_decoder,
+        gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, utilization=args.utilization,
+        num_gpus=args.num_gpus,
+    )
+    plan = make_plan(settings)
+    print(plan.to_markdown())
+    if args.output:
+        Path(args.output).write_text(json.dumps(plan.to_dict(), indent=2, default=str) + "\n")
+        print(f"saved {args.output}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"stats": _cmd_stats, "evaluate": _cmd_evaluate, "import-npz": _cmd_import, "export-npz": _cmd_export}
+    handlers = {"stats": _cmd_stats, "evaluate": _cmd_evaluate, "import-npz": _cmd_import, "export-npz": _cmd_export,
+                "plan": _cmd_plan}
     # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path. (The
     # commands' library calls also raise TypeError / RuntimeError for bad input, e.g. undecodable images.)
     return run_reporting_errors(f"fd-onestep {args.command}", handlers[args.command], args,

@@ -35,6 +35,7 @@ __all__ = [
     "CLASS_TEACHER_PATH",
     "NULL_CLASS_LABEL",
     "TEXT_TEACHER_PATH",
+    "TEXT_TEACHER_TINY_DECODER_PATH",
     "DIGIT_WORDS",
     "TRAINING_PHRASINGS",
     "HELD_OUT_PHRASINGS",
@@ -71,6 +72,9 @@ CLASS_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-class"
 # The text-conditional teacher: a StableDiffusionPipeline (UNet2DConditionModel, a small AutoencoderKL, a small
 # CLIP text encoder and tokenizer) whose prompts name the digit.
 TEXT_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-text"
+# Its tiny decoder (AutoencoderTiny, distilled by train_scripts/train_tiny_decoder.py): the surrogate decoder of
+# `--surrogate_decoder` (docs/memory_savers.md).
+TEXT_TEACHER_TINY_DECODER_PATH = DIGITS_ASSETS_DIR / "teacher-text-tiny-decoder"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # How a prompt names digit c: {word} is DIGIT_WORDS[c], {numeral} is str(c). The held-out phrasings are never
 # trained on; they combine only words that the training phrasings use, in new ways.

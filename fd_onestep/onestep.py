@@ -53,10 +53,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from fd_onestep.memory_savers import DecodeSavers, decode_with_savers
 from fd_onestep.pipelines.pipeline_fd_onestep import (
     FDOneStepPipeline,
     OneStepConditioning,
     add_lora_to_denoiser,
+    apply_output_bound,
     denoiser_lora_state_dict,
 )
 
@@ -146,6 +148,8 @@ class OneStepGenerator:
             here, and ``add_lora`` casts the LoRA's base weights to it. ``None`` (default): dtypes are left as
             they are (a full fine-tune keeps its float32 denoiser in any case).
         prompt_chunk_size: prompts per text-encoder call when filling the cache (``PROMPT_CHUNK_SIZE``).
+        decode_savers: latent families: the decode's memory savers (:mod:`fd_onestep.memory_savers`: micro-batches,
+            surrogate decoder gradient); the images keep the full decode's values. None: the pipeline's own decode.
 
     Attributes:
         family (str): the pipeline's family, a key of ``FDOneStepPipeline.FAMILY_ADAPTERS``.
@@ -168,6 +172,7 @@ class OneStepGenerator:
         device: torch.device | str | None = None,
         weight_dtype: torch.dtype | None = None,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
+        decode_savers: DecodeSavers | None = None,
     ):
         if not isinstance(pipeline, FDOneStepPipeline):
             raise TypeError(
@@ -185,6 +190,12 @@ class OneStepGenerator:
         if prompt_chunk_size < 1:
             raise ValueError(f"prompt_chunk_size must be >= 1, got {prompt_chunk_size}.")
         self.prompt_chunk_size = int(prompt_chunk_size)
+        self.decode_savers = decode_savers if decode_savers is not None else DecodeSavers()
+        if self.decode_savers.active and not pipeline.is_latent:
+            raise ValueError("decode savers (micro-batches, surrogate decoder) apply to latent models; this one "
+                             "generates pixels: drop them.")
+        if self.decode_savers.surrogate is not None:
+            self.decode_savers.surrogate.to(self.device, dtype=weight_dtype)
         keep_float32 = set(pipeline.float32_component_names)  # e.g. an SDXL VAE with force_upcast
         for name in pipeline.frozen_component_names:
             module = getattr(pipeline, name)
@@ -405,7 +416,11 @@ class OneStepGenerator:
             images (B, C, H, W) float32 in [-1, 1] (VAE decode included for latent families), with
             gradient w.r.t. the denoiser's parameters. Exactly one denoiser forward (two with guidance).
         """
-        return self.pipeline.one_step(noise, conditioning, denoiser=denoiser, decode=True)
+        if not self.decode_savers.active:
+            return self.pipeline.one_step(noise, conditioning, denoiser=denoiser, decode=True)
+        latents = self.pipeline.one_step(noise, conditioning, denoiser=denoiser, decode=False)
+        images = decode_with_savers(self.pipeline.decode_latents, latents, self.decode_savers)
+        return apply_output_bound(images, self.pipeline.config.output_bound)
 
     __call__ = forward
 

@@ -297,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_steps", type=_positive_int, default=None, help="Optimizer steps.")
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute denoiser activations in backward.")
+    g.add_argument("--vae_gradient_checkpointing", action="store_true",
+                   help="Recompute the VAE decoder's activations in backward (diffusers' enable_gradient_checkpointing). "
+                        "Memory savers: docs/memory_savers.md; `fd-onestep plan` says what each one buys.")
+    g.add_argument("--decode_micro_batch_size", type=_positive_int, default=None,
+                   help="Decode this many latents at a time, each chunk checkpointed: the decoder's activations are "
+                        "held for this many samples only (one more decoder forward). Same images.")
+    g.add_argument("--surrogate_decoder", type=str, default=None,
+                   help="An AutoencoderTiny (folder or Hub id, e.g. madebyollin/taesdxl) for the surrogate decoder "
+                        "gradient x = tiny(z) + stop_grad(full(z) - tiny(z)): the loss sees the full decode, the "
+                        "gradient flows through the tiny decoder. train_scripts/train_tiny_decoder.py distills one.")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="Keep the denoiser's convolution weights (and so its activations) in channels_last memory "
                         "format: faster convolutions on CPU (oneDNN) and on tensor-core GPUs; no effect on "
@@ -1177,6 +1187,22 @@ def weight_dtype_of(accelerator) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
 
 
+def build_decode_savers(args, pipe):
+    """``--decode_micro_batch_size`` and ``--surrogate_decoder`` as a ``DecodeSavers`` (docs/memory_savers.md)."""
+    from fd_onestep.memory_savers import DecodeSavers, check_surrogate_fits, load_surrogate_decoder
+
+    wanted = [f for f in ("vae_gradient_checkpointing", "decode_micro_batch_size", "surrogate_decoder") if getattr(args, f)]
+    if wanted and not pipe.is_latent:
+        raise ValueError(f"--{', --'.join(wanted)} apply to the VAE decode of a latent model; this teacher generates "
+                         "pixels: drop them.")
+    surrogate = None
+    if args.surrogate_decoder:
+        surrogate = load_surrogate_decoder(args.surrogate_decoder, **{k: v for k, v in teacher_load_kwargs(args).items()
+                                                                     if k in ("cache_dir", "local_files_only")})
+        check_surrogate_fits(surrogate, pipe.vae)
+    return DecodeSavers(micro_batch_size=args.decode_micro_batch_size, surrogate=surrogate)
+
+
 def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, class_histogram, device,
                     weight_dtype=None):
     """The trainable one-step generator (full denoiser or a LoRA on it). Returns ``(gen, trainable params)``.
@@ -1193,7 +1219,12 @@ def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, c
                        *reps.all_encoders.values()]:
             module.to(torch.float64)
     gen = OneStepGenerator(pipe, prompts=prompts, prompt_labels=prompt_labels, class_histogram=class_histogram, device=device,
-                           weight_dtype=weight_dtype)
+                           weight_dtype=weight_dtype, decode_savers=build_decode_savers(args, pipe))
+    if args.vae_gradient_checkpointing:
+        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--vae_gradient_checkpointing: {type(pipe.vae).__name__} has no gradient checkpointing in "
+                             "diffusers; use --decode_micro_batch_size instead.")
+        pipe.vae.enable_gradient_checkpointing()
     denoiser = gen.denoiser
     if args.use_lora:
         try:

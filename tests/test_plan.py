@@ -1,0 +1,136 @@
+"""``fd-onestep plan``: the bundled real configs, the plan's arithmetic, its memory and FLOPs against a real CPU run
+of the same step, and what each memory saver buys."""
+
+import json
+
+import pytest
+import torch
+
+from fd_onestep import digits
+from fd_onestep.cli import main
+from fd_onestep.plan import (
+    Plan,
+    PlanSettings,
+    StepMeasure,
+    list_real_configs,
+    make_plan,
+    real_config_index,
+    real_step_in_subprocess,
+)
+
+REAL_TEACHERS = ["flux-dev", "sana-1600m-1024", "sd15", "sd35-medium", "sdxl"]
+
+
+def digits_settings(**kwargs):
+    # the digits-text teacher (a StableDiffusionPipeline) with one bundled encoder: small enough to run for real
+    return PlanSettings(teacher=str(digits.TEXT_TEACHER_PATH), encoders=[digits.encoder_spec("dinov2-digits")],
+                        mixed_precision="no", use_lora=True, **kwargs)
+
+
+def test_plan_list_prints_the_bundled_real_configs_one_a_line(capsys):
+    assert main(["plan", "--list"]) == 0
+    assert capsys.readouterr().out.split() == REAL_TEACHERS
+
+
+def test_every_bundled_config_names_its_source_and_is_a_pipeline_folder():
+    index = real_config_index()["configs"]
+    for name in list_real_configs():
+        assert index[name]["hub_repo"] and "read_from" in index[name] and "unverified" in index[name]
+        model_index = json.loads((digits.DIGITS_ASSETS_DIR.parents[1] / "real_configs" / name / "model_index.json").read_text())
+        for component, spec in model_index.items():
+            if isinstance(spec, list) and spec[0] and not component.startswith("tokenizer"):
+                folder = digits.DIGITS_ASSETS_DIR.parents[1] / "real_configs" / name / component
+                assert any(folder.glob("*config.json")), f"{name}/{component} has no config"
+
+
+def test_plan_without_a_teacher_fails_in_one_line(capsys):
+    assert main(["plan"]) == 2
+    assert "--teacher is required" in capsys.readouterr().err
+
+
+def synthetic_plan(static_weights=10e9, trainable=1e9, per_sample=5e9, fixed=2e9, use_lora=False):
+    settings = PlanSettings(teacher="x", use_lora=use_lora, gpu_memory_gb=80)
+    plan = Plan(settings, "sd", 512, {"denoiser": static_weights}, int(trainable), 0)
+    for b in (1, 2):
+        plan.steps[b] = StepMeasure(b, int(fixed + per_sample * b), {}, {"denoiser": 1e12 * b})
+    return plan
+
+
+def test_largest_batch_is_extrapolated_linearly_from_batches_1_and_2():
+    # weights 10 GB + float32 gradients 4 GB + AdamW 8 GB = 22 GB, activations 2 + 5 B GB
+    plan = synthetic_plan()
+    assert plan.peak(1) == pytest.approx(29e9) and plan.peak(8) == pytest.approx(64e9)
+    assert plan.max_batch() == 11  # 22 + 2 + 5 * 11 = 79 <= 80 < 84
+
+
+def test_fully_sharded_memory_divides_weights_gradients_and_optimizer_state():
+    plan = synthetic_plan()
+    # weights 10 GB + gradients 4 GB + AdamW 8 GB sharded over 8 GPUs, activations per GPU unchanged
+    assert plan.fsdp_per_gpu(8, 1) == pytest.approx((10e9 + 4e9 + 8e9) / 8 + 7e9)
+
+
+@pytest.mark.slow
+def test_plan_memory_and_flops_match_a_real_cpu_run_of_the_same_step():
+    batch = 64
+    settings = digits_settings(batch_size=batch)
+    planned = make_plan(settings, batches=[batch]).steps[batch]
+    real = real_step_in_subprocess(settings, batch)  # a fresh process: its peak resident memory is the step's
+    # FLOPs: the same operators counted on fake and on real tensors
+    assert sum(planned.flops.values()) == sum(real.flops.values())
+    # memory: the plan's step peak against the step's peak resident memory (Linux), within 15%
+    assert abs(planned.transient_peak - real.rss_delta) <= 0.15 * real.rss_delta, (planned.transient_peak, real.rss_delta)
+
+
+@pytest.mark.slow
+def test_each_saver_lowers_the_planned_decode_memory():
+    batch = 16
+    base = make_plan(digits_settings(batch_size=batch), batches=[batch]).steps[batch]
+    for saver in (dict(vae_gradient_checkpointing=True), dict(decode_micro_batch_size=4),
+                  dict(surrogate_decoder=str(digits.TEXT_TEACHER_TINY_DECODER_PATH))):
+        saved = make_plan(digits_settings(batch_size=batch, **saver), batches=[batch]).steps[batch]
+        assert saved.saved.get("decode (VAE)", 0) < base.saved["decode (VAE)"], saver
+        assert saved.transient_peak < base.transient_peak, saver
+    # the surrogate adds the tiny decoder's forward and backward, and the full decode runs forward only
+    assert "decode (tiny, gradient)" in saved.flops
+
+
+def test_training_script_builds_the_decode_savers_from_its_flags(tmp_path):
+    import importlib.util
+
+    from train_fixtures import SCRIPT
+
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--embedded_default", "digits-text", "--output_dir", str(tmp_path),
+                              "--decode_micro_batch_size", "8", "--vae_gradient_checkpointing",
+                              "--surrogate_decoder", str(digits.TEXT_TEACHER_TINY_DECODER_PATH)])
+    pipe = FDOneStepPipeline.from_teacher(str(digits.TEXT_TEACHER_PATH))
+    savers = script.build_decode_savers(args, pipe)
+    assert savers.micro_batch_size == 8 and type(savers.surrogate).__name__ == "AutoencoderTiny"
+    assert not any(p.requires_grad for p in savers.surrogate.parameters())
+    pixel = FDOneStepPipeline.from_teacher(str(digits.TEACHER_PATH))
+    with pytest.raises(ValueError, match="apply to the VAE decode of a latent model"):
+        script.build_decode_savers(args, pixel)
+    args.surrogate_decoder = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is not an AutoencoderTiny folder or Hub id"):
+        script.build_decode_savers(script.parse_args(["--embedded_default", "digits-text", "--output_dir",
+                                                      str(tmp_path), "--surrogate_decoder", str(tmp_path / "missing")]),
+                                   pipe)
+
+
+def test_surrogate_decode_of_the_bundled_tiny_decoder_is_close_to_the_teachers_decode():
+    from diffusers import AutoencoderKL
+
+    from fd_onestep.memory_savers import load_surrogate_decoder, vae_decode
+
+    vae = AutoencoderKL.from_pretrained(digits.TEXT_TEACHER_PATH, subfolder="vae")
+    tiny = load_surrogate_decoder(str(digits.TEXT_TEACHER_TINY_DECODER_PATH))
+    images, _ = digits.load_digits_split("validation")
+    with torch.no_grad():
+        z = vae.encode(images[:64]).latent_dist.mean * vae.config.scaling_factor
+        full, approx = vae_decode(vae, z), vae_decode(tiny, z)
+    # the gradient's decoder approximates the teacher's (pixels in [-1, 1]); its value never reaches the loss
+    assert torch.nn.functional.mse_loss(approx, full) < 0.01
