@@ -367,23 +367,31 @@ class Plan:
     def static(self) -> int:
         return sum(self.weights.values()) + self.gradients + self.optimizer_state + self.fd_state
 
+    def _line(self) -> tuple[int, float, int, float]:
+        """The two largest measured batches and their transient peaks: the peak can move from one part to another
+        as the batch grows (a fixed decode transient at batch 1, a per-sample recompute later), so the line
+        through the largest batches is the one that extrapolates."""
+        (b1, m1), (b2, m2) = sorted(self.steps.items())[-2:]
+        return b1, m1.transient_peak, b2, m2.transient_peak
+
     def transient(self, batch: int) -> float:
         if batch in self.steps:
             return self.steps[batch].transient_peak
-        a, b = self.steps[1].transient_peak, self.steps[2].transient_peak
-        return a + (b - a) * (batch - 1)
+        b1, a, b2, b = self._line()
+        return a + (b - a) * (batch - b1) / (b2 - b1)
 
     def peak(self, batch: int) -> float:
         return self.static + self.transient(batch)
 
     def max_batch(self, memory_bytes: Optional[float] = None) -> int:
         cap = (memory_bytes if memory_bytes is not None else self.settings.gpu_memory_gb * 1e9)
-        a, b = self.steps[1].transient_peak, self.steps[2].transient_peak
-        if self.static + a > cap:
+        if self.static + self.steps[min(self.steps)].transient_peak > cap:
             return 0
-        if b <= a:  # not linear between batch 1 and 2 (a saver that behaves differently at batch 1): no answer
+        b1, a, b2, b = self._line()
+        if b <= a:  # not increasing between the two largest measured batches: no answer
             return None
-        return int(1 + (cap - self.static - a) // (b - a))
+        per_sample = (b - a) / (b2 - b1)
+        return int(b1 + (cap - self.static - a) // per_sample)
 
     def fsdp_per_gpu(self, num_gpus: int, batch: int) -> float:
         """Per-GPU bytes under fully sharded data parallel (docs/plan.md): the denoiser's weights, gradients and
@@ -437,7 +445,8 @@ class Plan:
             lines.append(f"| activations held for backward: {part} | {gb(v)} |")
         lines += [f"| **step peak (weights + gradients + optimizer + activations + transients)** | **{gb(self.peak(b))}** |",
                   "", f"Largest batch per GPU that fits {s.gpu_memory_gb:g} GB: **{self.max_batch() if self.max_batch() is not None else 'undetermined (the step at batch 2 holds less than at batch 1; plan --batch_size B directly)'}** "
-                  f"(memory per sample {gb(self.transient(2) - self.transient(1))}, fixed {gb(self.static + self.transient(1) - (self.transient(2) - self.transient(1)))}).", ""]
+                  f"(memory per sample between batch {self._line()[0]} and {self._line()[2]}: "
+                  f"{gb((self._line()[3] - self._line()[1]) / (self._line()[2] - self._line()[0]))}).", ""]
         if not s.use_lora and self.peak(1) > s.gpu_memory_gb * 1e9:
             lines.append(f"Full fine-tune under fully sharded data parallel on {s.num_gpus} GPUs: "
                          f"{gb(self.fsdp_per_gpu(s.num_gpus, b))} per GPU at batch {b} (docs/plan.md).")
@@ -451,7 +460,7 @@ class Plan:
                   f"Predicted step time at batch {b}: **{self.step_time(b):.4g} s** at {s.peak_tflops:g} TFLOP/s bf16 x "
                   f"{s.utilization:g} utilization (--peak_tflops, --utilization).",
                   f"Assumptions: {ATTENTION_ASSUMPTION}; CPU autocast ({s.mixed_precision}) stands in for CUDA's; memory "
-                  "linear in the batch (measured at 1 and 2); the optimizer step's temporaries are not counted.",
+                  "linear in the batch beyond the two largest measured batches (1, 2 and --batch_size are measured); the optimizer step's temporaries are not counted.",
                   *self.notes]
         return "\n".join(lines)
 
