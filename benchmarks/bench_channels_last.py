@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 
 
 def step_seconds(unet, x, t, iters: int) -> float:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.conditioning_metrics import ClassConditionalStats, LabelEmbedding
 from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
 from fd_onestep.populations import build_population

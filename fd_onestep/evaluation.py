@@ -681,13 +681,13 @@ def load_class_references(paths: Sequence[str | os.PathLike], encoders: Mapping[
     return references
 
 
-def image_classifier(spec: str, device=None) -> Callable[[torch.Tensor], torch.Tensor]:
+def image_classifier(spec: str | os.PathLike, device=None, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)`` for adherence.
 
-    ``spec``: ``"digits"`` (the bundled digit classifier, :func:`fd_onestep.digits.load_digit_classifier`) or
-    a local ``transformers`` image-classification folder (``AutoModelForImageClassification`` with its image
-    processor), applied as :func:`fd_onestep.digits.classify_digits` applies the bundled one.
+    ``spec``: any ``transformers`` image classifier, a local folder or a Hub id (``AutoModelForImageClassification``
+    with its image processor; :func:`fd_onestep.classifiers.load_image_classifier`, ``kwargs`` go to it). The
+    digits demo's classifier is the folder ``fd_onestep.demos.digits.classifier_path()``.
     """
-    from .digits import digit_label_predictor, load_digit_classifier
+    from .classifiers import label_predictor, load_image_classifier
 
-    return digit_label_predictor(load_digit_classifier(None if spec == "digits" else spec, device=device))
+    return label_predictor(load_image_classifier(spec, device=device, **kwargs))

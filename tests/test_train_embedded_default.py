@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_fixtures import run_script
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
 pytestmark = pytest.mark.slow

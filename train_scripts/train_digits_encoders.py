@@ -25,8 +25,8 @@ Then (unless ``--skip_stats``) the reference statistics of every encoder are com
 **through** ``load_encoder(<folder>)`` (the path users take), with ``validation_fd`` = FD of the validation
 split's features against the train statistics, and written to ``<output_dir>/../stats/<name>.safetensors``.
 
-    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/assets/digits/encoders
-    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/assets/digits/encoders --stats_only
+    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/demos/digits/assets/encoders
+    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/demos/digits/assets/encoders --stats_only
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_onestep.digits import (
+from fd_onestep.demos.digits import (
     BUILTIN_ENCODERS,
     NUM_CLASSES,
     encoder_spec,
     load_digits_split,
-    processor_input_size,
     write_split_metadata,
 )
+from fd_onestep.classifiers import processor_input_size
 
 ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits")
 
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", type=str, required=True, help="folder that receives one subfolder per encoder.")
     p.add_argument("--stats_dir", type=str, default=None, help="default: <output_dir>/../stats")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record_dir", type=str, default="results/digits-assets",
+                   help="where the training record (and sample grid) goes: the run records folder, not the package.")
     p.add_argument("--train_steps", type=int, default=1500)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-3)
@@ -247,7 +249,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     x_val, _ = load_digits_split("validation")
     stats = compute_reference_stats(
         encoders, images=x_train, batch_size=256, show_progress=False,
-        source_name="sklearn load_digits via fd_onestep.digits (16x16, [-1,1]), train split",
+        source_name="sklearn load_digits via fd_onestep.demos.digits (16x16, [-1,1]), train split",
     )
     val_batches, _ = iter_array_batches(x_val, batch_size=256)
     val_moments = accumulate_moments(val_batches, encoders, show_progress=False)
@@ -256,7 +258,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
         moments = val_moments[name]
         ref.validation_fd = float(ref.frechet_distance(moments.mean, moments.covariance()))
         ref.metadata["split"] = "train"
-        ref.metadata["validation_split"] = "validation (fd_onestep.digits.split_indices)"
+        ref.metadata["validation_split"] = "validation (fd_onestep.demos.digits.split_indices)"
         ref.metadata["validation_num_images"] = str(moments.count)
         figures[name] = {
             "encoder_id": encoders[name].encoder_id,
@@ -272,7 +274,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     # plain single-pass statistics.
     _, class_stats = compute_class_conditional_stats(
         encoders, images=x_train, labels=y_train, num_classes=NUM_CLASSES, batch_size=256, show_progress=False,
-        source_name="sklearn load_digits via fd_onestep.digits (16x16, [-1,1]), train split",
+        source_name="sklearn load_digits via fd_onestep.demos.digits (16x16, [-1,1]), train split",
     )
     for name, ref in class_stats.items():
         ref.metadata["split"] = "train"
@@ -286,8 +288,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir)
+    record_dir = Path(args.record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
     stats_dir = Path(args.stats_dir) if args.stats_dir else output_dir.parent / "stats"
-    log_path = output_dir.parent / "encoders_training_log.json"
+    log_path = record_dir / "encoders_training_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     # Every invocation that wrote into these assets, in order (training, then --stats_only).
     log.setdefault("commands", []).append(" ".join(["python train_scripts/train_digits_encoders.py", *sys.argv[1:]]))

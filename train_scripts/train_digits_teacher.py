@@ -19,11 +19,11 @@ Deterministic given ``--seed`` (single CPU thread by default). Writes to ``--out
 weights), ``training_log.json`` (loss curve and settings) and ``samples_<sampler>.png`` (a grid sampled
 with a few-step solver to eyeball quality).
 
-    python train_scripts/train_digits_teacher.py --output_dir fd_onestep/assets/digits/teacher
+    python train_scripts/train_digits_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher
     python train_scripts/train_digits_teacher.py --class_conditional \
-        --output_dir fd_onestep/assets/digits/teacher-class
+        --output_dir fd_onestep/demos/digits/assets/teacher-class
 
-The log and the sample grid go next to the folder: ``<name>_training_log.json``, ``<name>_samples_*.png``.
+The training record and the sample grid go to ``--record_dir`` (``results/digits-assets``): ``<name>_training_log.json``, ``<name>_samples_*.png``.
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from fd_onestep.digits import DIGITS_RESOLUTION, NULL_CLASS_LABEL, NUM_CLASSES, load_digits_split
+from fd_onestep.demos.digits import DIGITS_RESOLUTION, NULL_CLASS_LABEL, NUM_CLASSES, load_digits_split
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", type=str, required=True, help="DDPMPipeline folder to write.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record_dir", type=str, default="results/digits-assets",
+                   help="where the training record (and sample grid) goes: the run records folder, not the package.")
     p.add_argument("--train_steps", type=int, default=1600)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-3)
@@ -104,6 +106,8 @@ def main(argv=None):
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
+    record_dir = Path(args.record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     images, labels = load_digits_split("train")  # (1437, 1, 16, 16) in [-1, 1], (1437,) int64
@@ -167,7 +171,7 @@ def main(argv=None):
                              null_class_label=NULL_CLASS_LABEL if args.class_conditional else None)
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(10) if args.class_conditional else None
     samples = sample(100, torch.Generator().manual_seed(args.seed), grid_labels)  # [-1, 1]
-    grid_path = output_dir.parent / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
+    grid_path = record_dir / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
     save_image(make_grid(samples * 0.5 + 0.5, nrow=10, padding=1, pad_value=0.5), grid_path)
 
     summary = {
@@ -178,7 +182,7 @@ def main(argv=None):
         "final_loss": log[-1]["loss"],
         "loss_curve": log,
     }
-    (output_dir.parent / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (record_dir / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"saved {output_dir} (train {train_time:.0f}s, final loss {log[-1]['loss']:.4f}); grid {grid_path}", flush=True)
 
 

@@ -11,17 +11,17 @@ Four components, each a stock diffusers / transformers class, trained here from 
 3. ``CLIPTextModel`` (2 layers, width 32) and 4. ``UNet2DConditionModel`` (cross-attention on the text), trained
    together with the denoising loss: v-prediction on zero-terminal-SNR betas (``DDPMScheduler(prediction_type=
    "v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")``, the pixel teachers' schedule).
-   Each image's prompt names its digit in one of ``fd_onestep.digits.TRAINING_PHRASINGS``; with probability
+   Each image's prompt names its digit in one of ``fd_onestep.demos.digits.TRAINING_PHRASINGS``; with probability
    ``--prompt_dropout_prob`` the prompt is "" (the stock pipelines' negative prompt), so classifier-free
    guidance works. ``HELD_OUT_PHRASINGS`` are never seen.
 
 The prompts are encoded exactly as ``StableDiffusionPipeline.encode_prompt`` encodes them (padding to the
 tokenizer's ``model_max_length``, the last hidden state). Writes ``--output_dir`` with
-``StableDiffusionPipeline.save_pretrained`` (safetensors; no safety checker), and next to it
+``StableDiffusionPipeline.save_pretrained`` (safetensors; no safety checker), and in ``--record_dir``
 ``<name>_training_log.json`` and ``<name>_samples_dpmsolver20.png`` (one row per digit, the stock pipeline with
 DPM-Solver++ 20 steps).
 
-    python train_scripts/train_digits_text_teacher.py --output_dir fd_onestep/assets/digits/teacher-text
+    python train_scripts/train_digits_text_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher-text
 """
 
 from __future__ import annotations
@@ -46,13 +46,15 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fd_onestep.digits import DIGITS_RESOLUTION, NUM_CLASSES, TRAINING_PHRASINGS, digit_prompt, digit_prompts, load_digits_split
+from fd_onestep.demos.digits import DIGITS_RESOLUTION, NUM_CLASSES, TRAINING_PHRASINGS, digit_prompt, digit_prompts, load_digits_split
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", type=str, required=True, help="StableDiffusionPipeline folder to write.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record_dir", type=str, default="results/digits-assets",
+                   help="where the training record (and sample grid) goes: the run records folder, not the package.")
     p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads.")
     p.add_argument("--vae_steps", type=int, default=2000)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
@@ -163,6 +165,8 @@ def main(argv=None):
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
+    record_dir = Path(args.record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = load_digits_split("train")  # (1437, 1, 16, 16) in [-1, 1], (1437,)
@@ -235,7 +239,7 @@ def main(argv=None):
     with torch.no_grad():
         samples = sampler(grid_prompts, num_inference_steps=args.sample_steps, guidance_scale=1.0,
                           generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
-    grid_path = output_dir.parent / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
+    grid_path = record_dir / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
     save_image(make_grid(samples, nrow=10, padding=1, pad_value=0.5), grid_path)
 
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
@@ -250,7 +254,7 @@ def main(argv=None):
         "final_loss": log[-1]["loss"],
         "loss_curve": log,
     }
-    (output_dir.parent / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (record_dir / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"saved {output_dir} ({train_seconds:.0f}s, final loss {log[-1]['loss']:.4f}); grid {grid_path}", flush=True)
 
 

@@ -9,7 +9,7 @@
 
 With no ``--pretrained_model_name_or_path`` / ``--encoders`` / ``--reference_stats`` the script runs the
 offline embedded default: the bundled digits teacher, the bundled digit encoders and their reference
-statistics (``fd_onestep/assets/digits``), on CPU in minutes, and writes a teacher-vs-student comparison.
+statistics (``fd_onestep/demos/digits/assets``), on CPU in minutes, and writes a teacher-vs-student comparison.
 ``--embedded_default digits-class`` runs the class-conditional one: the bundled class-conditional teacher,
 with adherence, per-class FD and FJD in the validation logs and the comparison, and samples per class.
 
@@ -179,7 +179,7 @@ CLASS_EMBEDDED_DEFAULTS = {
     # the same update with other round-off; another cadence can pick another checkpoint)
     "adam_fused": False,
     "validation_steps": 100,
-    "null_class_label": 10,  # fd_onestep.digits.NULL_CLASS_LABEL: the teacher's last class embedding
+    "null_class_label": 10,  # fd_onestep.demos.digits.NULL_CLASS_LABEL: the teacher's last class embedding
     "fd_condition": "joint",
     "classifier": "digits",  # adherence by the bundled digit classifier
     "write_comparison_samples": True,
@@ -476,7 +476,7 @@ def label_aliases(args) -> dict[str, str]:
     digits representations ("pixels-gray:16" -> "pixels-digits"); none for other runs."""
     if not args.embedded_default:
         return {}
-    from fd_onestep.digits import BUILTIN_ENCODERS
+    from fd_onestep.demos.digits import BUILTIN_ENCODERS
 
     return {spec: bundled_name for bundled_name, spec in BUILTIN_ENCODERS.items()}
 
@@ -527,7 +527,7 @@ def finalize_args(args, given: set[str] = frozenset()) -> argparse.Namespace:
         args.output_bound = None
 
     if args.embedded_default:
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         args.pretrained_model_name_or_path = str({"digits": digits.TEACHER_PATH, "digits-class": digits.CLASS_TEACHER_PATH,
                                                   "digits-text": digits.TEXT_TEACHER_PATH}[args.embedded_default])
@@ -1128,11 +1128,15 @@ def build_representations(args, device) -> Representations:
         args, args.eval_encoders, args.eval_reference_stats, device, args.eval_class_reference_stats)
     reps = Representations(encoders, references, eval_encoders, eval_references, {**class_refs, **eval_class_refs})
     if args.classifier:
-        from fd_onestep.digits import digit_label_predictor, load_digit_classifier
+        from fd_onestep.classifiers import label_predictor, load_image_classifier
 
-        reps.classifier_model = load_digit_classifier(None if args.classifier == "digits" else args.classifier,
-                                                      device=device)
-        reps.classifier = digit_label_predictor(reps.classifier_model)
+        source = args.classifier
+        if source == "digits":  # the digits demo's bundled classifier, by name
+            from fd_onestep.demos import digits
+
+            source = digits.classifier_path()
+        reps.classifier_model = load_image_classifier(source, device=device, local_files_only=True)
+        reps.classifier = label_predictor(reps.classifier_model)
     return reps
 
 
@@ -1141,7 +1145,7 @@ def load_conditioning(args, pipe, reps: Representations):
     class-label histogram (class-conditional models), checked. Returns ``(prompts, prompt_labels, histogram)``."""
     prompts = prompt_labels = None
     if args.embedded_default == "digits-text":
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         pairs = [(digits.digit_prompt(c, phrasing), c) for c in range(digits.NUM_CLASSES)
                  for phrasing in digits.TRAINING_PHRASINGS]
@@ -1934,7 +1938,7 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
     from diffusers.image_processor import VaeImageProcessor
 
     from fd_onestep import comparison, digits
-    from fd_onestep.comparison.digits_baselines import digits_text_generators, load_digits_text_teachers
+    from fd_onestep.demos.digits.baselines import digits_text_generators, load_digits_text_teachers
     from fd_onestep.comparison.generators import prompted_pipeline
 
     device = accelerator.device
@@ -2006,7 +2010,7 @@ def run_comparison(args, accelerator, gen, model, reps: Representations):
     folders = {naive: "teacher_naive", multistep: "teacher_multistep", "student, 1 step (FD-loss)": "student"}
     classifier = reps.classifier_model
     if classifier is None and args.embedded_default:  # the class histogram of the digits default
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         classifier = digits.load_digit_classifier(device=device)
     return comparison.compare_generators(
@@ -2080,7 +2084,7 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
                                    local_files_only=args.local_files_only)
     if args.embedded_default and not args.use_lora:
         base = (f"fd_onestep bundled {'class-conditional ' if pipe.is_class_conditional else ''}digits teacher "
-                f"(fd_onestep/assets/digits/{Path(args.pretrained_model_name_or_path).name})")
+                f"(fd_onestep/demos/digits/assets/{Path(args.pretrained_model_name_or_path).name})")
     one_step_settings = stock_recipe = None
     if args.use_lora:  # what the LoRA's snippet must rebuild: the base with the run's one-step settings
         info = lora_base_info(args, pipe)
