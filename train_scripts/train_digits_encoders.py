@@ -31,7 +31,6 @@ split's features against the train statistics, and written to ``<output_dir>/../
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -50,23 +49,15 @@ from fd_onestep.demos.digits import (
     write_split_metadata,
 )
 from fd_onestep.classifiers import processor_input_size
+from fd_onestep.demos.digits.asset_training import asset_script_parser, clipped_step
 
 ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", type=str, required=True, help="folder that receives one subfolder per encoder.")
+    p = asset_script_parser(__doc__, "folder that receives one subfolder per encoder.")
     p.add_argument("--stats_dir", type=str, default=None, help="default: <output_dir>/../stats")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--record_dir", type=str, default="results/digits-assets",
-                   help="where the training record (and sample grid) goes: the run records folder, not the package.")
-    p.add_argument("--train_steps", type=int, default=1500)
-    p.add_argument("--train_batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--encoders", nargs="+", default=list(ENCODER_NAMES), choices=ENCODER_NAMES)
     p.add_argument("--stats_only", action="store_true", help="only (re)compute the reference statistics.")
     p.add_argument("--skip_stats", action="store_true", help="train and save the encoders, no statistics.")
@@ -207,11 +198,7 @@ def train_classifier(name, model, processor, feature_fn, args, train, val):
     for step in range(1, args.train_steps + 1):
         idx = torch.randint(0, len(x_train), (args.train_batch_size,), generator=generator)
         loss = F.cross_entropy(logits_of(augment(x_train[idx], generator)), y_train[idx], label_smoothing=0.1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, params, optimizer, lr_scheduler, 1.0)
         losses.append(loss.item())
         if step % 250 == 0 or step == args.train_steps:
             print(f"[{name}] step {step} loss {sum(losses[-250:]) / len(losses[-250:]):.4f} {time.time() - start:.0f}s", flush=True)

@@ -1806,7 +1806,8 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
 
     from diffusers.image_processor import VaeImageProcessor
 
-    from fd_onestep import comparison, digits
+    from fd_onestep import comparison
+    from fd_onestep.demos import digits
     from fd_onestep.demos.digits.baselines import digits_text_generators, load_digits_text_teachers
     from fd_onestep.comparison.generators import prompted_pipeline
 
