@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="Keep the denoiser's convolution weights (and so its activations) in channels_last memory "
                         "format: faster convolutions on CPU (oneDNN) and on tensor-core GPUs; no effect on "
-                        "transformer denoisers. Default: off (offline default: on).")
+                        "transformer denoisers (the digits recipes: on).")
     g.add_argument("--learning_rate", type=float, default=3e-6, help="Peak learning rate (AdamW).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by gradient_accumulation_steps * train_batch_size * processes.")
@@ -210,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=False,
                    help="AdamW's fused kernel (torch.optim.AdamW(fused=True)) instead of its foreach default: the "
-                        "same update up to float round-off, fewer passes over the weights. Default: off (offline "
-                        "default: on).")
+                        "same update up to float round-off, fewer passes over the weights (the digits recipe: on).")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (<= 0: no clipping, norm still logged).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config (no on CPU).")
@@ -229,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("LoRA (PEFT; base weights frozen)")
     g.add_argument("--use_lora", action="store_true", help="Train a LoRA instead of the full denoiser.")
-    g.add_argument("--lora_rank", type=_positive_int, default=8, help="Default: 8 (digits-text: 16).")
+    g.add_argument("--lora_rank", type=_positive_int, default=8, help="LoRA rank (the digits-text recipe: 16).")
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
     g.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                    help="Module-name suffixes (comma or space separated). Default: per family.")
