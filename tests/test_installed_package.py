@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
-from train_fixtures import FAST_ARGS, REPO_ROOT, SCRIPT, SUBPROCESS_ENV, build_all, encoder_args
+from train_fixtures import FAST_ARGS, REPO_ROOT, SCRIPT, SUBPROCESS_ENV, encoder_args
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,11 +64,6 @@ def fresh_venv(path: Path) -> Path:
     purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=path).stdout.strip()
     Path(purelib, "_test_dependencies.pth").write_text("\n".join(_dependency_paths()) + "\n")
     return python
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
 
 
 @pytest.fixture(scope="module")

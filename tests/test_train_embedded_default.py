@@ -215,6 +215,15 @@ def test_class_conditional_default_points_at_the_class_teacher_and_its_per_class
                            "--output_dir", str(tmp_path)])
 
 
+def run_demo(demo: str, out, **settings) -> None:
+    """A CI-size run of ``--embedded_default demo`` into ``out``: 100-sample validations and batches, no
+    checkpoints, a 2-step teacher sampler, and the given ``settings`` (argument name -> value)."""
+    settings = {"sample_batch_size": 100, "num_validation_samples": 100, "num_validation_images": 10,
+                "checkpointing_steps": 0, "teacher_num_inference_steps": 2, **settings}
+    run_script(["--embedded_default", demo, "--output_dir", str(out),
+                *[word for name, value in settings.items() for word in (f"--{name}", str(value))]])
+
+
 def pngs_per_digit(root) -> list[int]:
     """How many PNGs each of ``root/0`` ... ``root/9`` holds (samples written per requested digit)."""
     return [len(list((root / str(c)).glob("*.png"))) for c in range(digits.NUM_CLASSES)]
@@ -224,14 +233,8 @@ def test_class_conditional_default_follows_its_labels_and_writes_samples_per_cla
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "digits-class-onestep"
-    run_script([
-        "--embedded_default", "digits-class", "--output_dir", str(out),
-        "--max_train_steps", "4", "--train_batch_size", "32", "--learning_rate", "1e-4", "--lr_warmup_steps", "1",
-        "--fd_ema_beta", "0.5", "--fd_warmup_samples", "64", "--sample_batch_size", "100",
-        "--validation_steps", "2", "--num_validation_samples", "100", "--num_validation_images", "10",
-        "--checkpointing_steps", "0", "--num_output_samples", "30", "--num_comparison_samples", "40",
-        "--teacher_num_inference_steps", "2",
-    ])
+    run_demo("digits-class", out, max_train_steps=4, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=1,
+             fd_ema_beta=0.5, fd_warmup_samples=64, validation_steps=2, num_output_samples=30, num_comparison_samples=40)
     pipe = FDOneStepPipeline.from_pretrained(out)
     assert pipe.num_classes == digits.NUM_CLASSES and pipe.config.null_class_label == digits.NULL_CLASS_LABEL
     # samples/<label>/: every requested digit equally often
@@ -277,13 +280,8 @@ def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_co
     import diffusers
 
     out = tmp_path / "digits-text-onestep"
-    run_script([
-        "--embedded_default", "digits-text", "--output_dir", str(out),
-        "--max_train_steps", "3", "--train_batch_size", "16", "--fd_warmup_samples", "32", "--sample_batch_size", "100",
-        "--validation_steps", "0", "--num_validation_samples", "100", "--num_validation_images", "10",
-        "--checkpointing_steps", "0", "--num_output_samples", "20", "--num_comparison_samples", "20",
-        "--teacher_num_inference_steps", "2",
-    ])
+    run_demo("digits-text", out, max_train_steps=3, train_batch_size=16, fd_warmup_samples=32, validation_steps=0,
+             num_output_samples=20, num_comparison_samples=20)
     info = json.loads((out / "fd_onestep_lora.json").read_text())
     assert info["base_model"] == str(digits.TEXT_TEACHER_PATH) and (out / "pytorch_lora_weights.safetensors").is_file()
     assert pngs_per_digit(out / "samples") == [2] * 10

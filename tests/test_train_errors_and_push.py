@@ -2,28 +2,14 @@
 population's step protocol as the script drives it, and the Hub push path up to the network call. These run
 the script's ``main`` in-process with tiny models."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from train_fixtures import FAST_ARGS, SCRIPT, build_all, encoder_args, run_script
+from train_fixtures import FAST_ARGS, encoder_args, run_script
 
 from fd_onestep.demos.digits.recipes import RECIPES
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _args(assets, out, *extra, teacher="unet2d", encoders=("dinov2", "siglip")):
