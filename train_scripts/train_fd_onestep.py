@@ -1162,7 +1162,7 @@ def build_discriminator(args, gen, reps: Representations, device):
         batches, _ = iter_folder_batches(args.adv_real_images, batch_size=args.sample_batch_size,
                                          resolution=gen.image_shape[-1], max_samples=args.adv_max_real_images)
     else:
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         images = digits.load_digits_split("train")[0][: args.adv_max_real_images]
         batches = images.split(args.sample_batch_size)
