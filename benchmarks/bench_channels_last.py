@@ -11,14 +11,17 @@ seconds per step and the ratio. The outputs of the two layouts agree to float32 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_utils import best_of, parse_timing_args, setup_line, timing_parser  # noqa: E402
 
 
 def step_seconds(unet, x, t, iters: int) -> float:
@@ -31,17 +34,9 @@ def step_seconds(unet, x, t, iters: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser = timing_parser(__doc__.splitlines()[0], iters=10)
     parser.add_argument("--timestep", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.iters, args.repeats = 2, 1
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(parser, argv)
 
     contiguous = digits.load_digits_teacher().unet
     channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
@@ -52,16 +47,12 @@ def main(argv=None):
     with torch.no_grad():
         diff = float((contiguous(x, t).sample - channels_last(x_cl, t).sample).abs().max())
 
-    best = {"contiguous": float("inf"), "channels_last": float("inf")}
-    for model, inp in ((contiguous, x), (channels_last, x_cl)):  # warm-up (oneDNN primitive creation)
-        step_seconds(model, inp, t, 2)
-    for _ in range(args.repeats):
-        best["contiguous"] = min(best["contiguous"], step_seconds(contiguous, x, t, args.iters))
-        best["channels_last"] = min(best["channels_last"], step_seconds(channels_last, x_cl, t, args.iters))
+    # the warm-up also creates oneDNN's primitives
+    best = best_of({"contiguous": lambda n: step_seconds(contiguous, x, t, n),
+                    "channels_last": lambda n: step_seconds(channels_last, x_cl, t, n)}, args.iters, args.repeats)
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"digits UNet ({sum(p.numel() for p in contiguous.parameters()):,} parameters), batch {args.batch_size}, "
-          f"best of {args.repeats} x {args.iters} steps; max |output difference| {diff:.1e}")
+    print(f"digits UNet ({sum(p.numel() for p in contiguous.parameters()):,} parameters), batch {args.batch_size}; "
+          f"{setup_line(args)}; max |output difference| {diff:.1e}")
     print()
     print("| layout | forward + backward (s) | vs contiguous |")
     print("|---|---:|---:|")

@@ -10,21 +10,24 @@ bundled digits encoders' sizes (64, 64, 256) at batch 64, 10 classes, EMA popula
 and joint interleaved (machine contention hits both), best of ``--repeats`` rounds of ``--iters`` steps. The
 denoiser and the encoders, the bulk of a step, are the same for both losses and are not timed here; the table
 also gives the share of one digits training step this part is (``--step_seconds``, default: the main job's
-measured 0.2558 s floor on the development machine).
+measured 0.2558 s floor on a 2-core CPU).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.conditioning_metrics import ClassConditionalStats, LabelEmbedding
 from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
 from fd_onestep.populations import build_population
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_utils import best_of, parse_timing_args, setup_line, timing_parser  # noqa: E402
 
 
 def build_losses(joint: bool, beta: float, warm: dict, labels: torch.Tensor) -> MultiEncoderFDLoss:
@@ -54,17 +57,9 @@ def step_seconds(loss_fn, features: dict, labels, iters: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--step_seconds", type=float, default=0.2558)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.iters, args.repeats = 2, 1
-    torch.set_num_threads(args.threads)
+    parser = timing_parser(__doc__.splitlines()[0], iters=20)
+    parser.add_argument("--step_seconds", type=float, default=0.2558, help="One training step's floor, for the share.")
+    args = parse_timing_args(parser, argv)
     g = torch.Generator().manual_seed(0)
     dims = {name: ClassConditionalStats.load(digits.class_stats_path(name)).feature_dim for name in digits.TRAINING_ENCODERS}
     warm_labels = torch.arange(2048) % digits.NUM_CLASSES
@@ -73,16 +68,11 @@ def main(argv=None):
     labels = torch.randint(0, digits.NUM_CLASSES, (args.batch_size,), generator=g)
     marginal = build_losses(False, 0.8, warm, warm_labels)
     joint = build_losses(True, 0.8, warm, warm_labels)
-    best = {"marginal": float("inf"), "joint": float("inf")}
-    step_seconds(marginal, features, None, 2)
-    step_seconds(joint, features, labels, 2)
-    for _ in range(args.repeats):
-        best["marginal"] = min(best["marginal"], step_seconds(marginal, features, None, args.iters))
-        best["joint"] = min(best["joint"], step_seconds(joint, features, labels, args.iters))
+    best = best_of({"marginal": lambda n: step_seconds(marginal, features, None, n),
+                    "joint": lambda n: step_seconds(joint, features, labels, n)}, args.iters, args.repeats)
 
     print(f"FD-loss step (3 encoders, d = {', '.join(map(str, dims.values()))}, + {digits.NUM_CLASSES} label dims "
-          f"when joint), batch {args.batch_size}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}; best of {args.repeats} x {args.iters}")
+          f"when joint), batch {args.batch_size}; {setup_line(args)}")
     print()
     print("| loss | ms per step | ratio to marginal | share of a 1-step floor of "
           f"{args.step_seconds:.4f} s |")

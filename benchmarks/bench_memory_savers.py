@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.plan import PlanSettings, make_plan, real_step_in_subprocess
 
 CONFIGS = {

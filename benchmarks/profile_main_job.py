@@ -14,11 +14,13 @@ the whole job's time as a ratio to the floor of 1,000 steps. The floor is measur
 (the smaller one is used: the conservative ratio) and, because the machine's speed drifts, also interleaved
 with the job: one block of 10 floor steps before each validation, on a copy of the UNet (the job's
 trajectory is untouched; the blocks' time is not charged to the job). Writes the same numbers to
-``OUTPUT_DIR/profile.json``. Nothing else may run on the machine while it measures.
+``OUTPUT_DIR/profile.json`` and, as a run record, to ``--record`` (default ``results/main_job_profile.json``; none
+with ``--quick``). Nothing else may run on the machine while it measures.
 
 ``--end_to_end`` times the README's command itself instead (``accelerate launch train_scripts/train_fd_onestep.py
 --output_dir OUTPUT_DIR`` in a child process: launcher, imports and all), between the same two floor
-measurements, and writes ``OUTPUT_DIR/end_to_end.json``: the acceptance measure of the main job's speed.
+measurements, and writes ``OUTPUT_DIR/end_to_end.json`` (and the record, default
+``results/main_job_end_to_end.json``): the README's measure of the main job's speed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_fd_onestep.py"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_utils import RESULTS_DIR, write_record  # noqa: E402
 ROOT = "other (startup, logging, the loop itself)"
 STEP = "training step: the rest (noise draws, syncs)"
 # floor blocks run between the job's parts (before each validation): not part of the job, subtracted from it
@@ -196,13 +201,16 @@ def end_to_end(script, args, opts, script_args: list, floor_meter: Floor, floor_
                       ("of which the training loop (steps, validations, checkpoints)", summary["train_seconds"])):
         print(f"| {what} | {sec:.1f} | {sec / floor_total:.2f}x | {sec / floor_1000:.2f}x |")
     print(f"\nfloor: {floor_before:.4f} s per step before the run, {floor_after:.4f} after (the smaller is used)")
-    Path(opts.output_dir, "end_to_end.json").write_text(json.dumps({
+    record = {
         "command": command, "wall_seconds": wall, "train_loop_seconds": summary["train_seconds"],
         "floor_step_seconds": floor, "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after,
         "floor_total_seconds": floor_total, "wall_over_floor": wall / floor_total,
         "wall_over_floor_of_reference_steps": wall / floor_1000, "reference_steps": REFERENCE_STEPS,
         "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
-    }, indent=2))
+    }
+    for path in (Path(opts.output_dir, "end_to_end.json"), opts.record):
+        if path:
+            write_record(record, path)
 
 
 def main(argv=None):
@@ -211,8 +219,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="20 steps and small sample counts: a smoke run.")
     parser.add_argument("--end_to_end", action="store_true",
                         help="Time the README command (accelerate launch, in a child process) instead of main().")
+    parser.add_argument("--record", default=None,
+                        help="Where the run record goes (default: results/main_job_profile.json, with --end_to_end "
+                             "results/main_job_end_to_end.json; none with --quick).")
     parser.add_argument("script_args", nargs="*", help="Further arguments for the training script (after --).")
     opts = parser.parse_args(argv)
+    if opts.record is None and not opts.quick:
+        opts.record = RESULTS_DIR / ("main_job_end_to_end.json" if opts.end_to_end else "main_job_profile.json")
     quick = ["--max_train_steps", "20", "--validation_steps", "10", "--num_validation_samples", "64",
              "--fd_warmup_samples", "128", "--num_output_samples", "16", "--num_comparison_samples", "64",
              "--checkpointing_steps", "10"] if opts.quick else []
@@ -260,7 +273,7 @@ def main(argv=None):
     for what, sec in floors.items():
         print(f"| {what} | {sec:.4f} | {steps / (sec * args.max_train_steps):.2f}x | "
               f"{job / (sec * REFERENCE_STEPS):.2f}x |")
-    Path(opts.output_dir, "profile.json").write_text(json.dumps({
+    record = {
         "parts_seconds": dict(rows), "calls": dict(profile.calls), "job_seconds": job,
         "training_steps_seconds": steps, "floor_step_seconds": best,
         "floor_step_seconds_before": floor_before, "floor_step_seconds_after": floor_after,
@@ -271,7 +284,10 @@ def main(argv=None):
         "job_over_interleaved_floor_of_reference_steps": job / (interleaved * REFERENCE_STEPS) if probes else None,
         "steps_over_interleaved_floor": steps / (interleaved * args.max_train_steps) if probes else None,
         "reference_steps": REFERENCE_STEPS, "max_train_steps": args.max_train_steps, "threads": torch.get_num_threads(),
-    }, indent=2))
+    }
+    for path in (Path(opts.output_dir, "profile.json"), opts.record):
+        if path:
+            write_record(record, path)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def student_generator(pipe, kind: str):
 
     if kind != "text":
         return one_step_pipeline(pipe)
-    from fd_onestep import digits
+    from fd_onestep.demos import digits
 
     return prompted_pipeline(pipe, lambda labels, g: digits.digit_prompts(labels, digits.TRAINING_PHRASINGS, g),
                              description="1 step")
@@ -167,8 +167,8 @@ def teacher_generators(args: Namespace, kind: str, steps: list[int], sampler: st
     from fd_onestep.comparison.generators import teacher_sampler
 
     if kind == "text":
-        from fd_onestep import digits
-        from fd_onestep.comparison.digits_baselines import digits_text_generators, load_digits_text_teachers
+        from fd_onestep.demos import digits
+        from fd_onestep.demos.digits.baselines import digits_text_generators, load_digits_text_teachers
 
         teachers = load_digits_text_teachers(sampler=sampler, device=device)
         out = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
 from fd_onestep.memory_savers import DecodeSavers, load_surrogate_decoder
 from fd_onestep.onestep import OneStepGenerator

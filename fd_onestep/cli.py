@@ -3,7 +3,7 @@
     fd-onestep stats     --encoders inception dinov2 --dataset <hub id or folder> --output_dir stats/
     fd-onestep stats     ... --label_column label     (also <encoder>.classes.safetensors: per-class FD, FJD)
     fd-onestep evaluate  --pipeline <dir or hub id> | --images <folder>  --encoders ... --reference_stats ...
-    fd-onestep evaluate  --pipeline ... --num_classes C --class_stats ... --classifier digits   (adherence, per-class FD, FJD)
+    fd-onestep evaluate  --pipeline ... --num_classes C --class_stats ... --classifier FOLDER   (adherence, per-class FD, FJD)
     fd-onestep import-npz ref.npz --output_dir stats/ --encoder_id inception   (or: --encoders inception dinov2)
     fd-onestep export-npz stats/inception.safetensors inception.npz
     fd-onestep plan      --teacher sdxl --resolution 1024 --batch_size 8 --lora --vae_gradient_checkpointing ...
@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Per-class statistics <encoder>.classes.safetensors (`stats --label_column`), matched by encoder "
                     "id: per-class FD and FJD of the requested labels (--num_classes or --class_labels).")
     ev.add_argument("--classifier", default=None,
-                    help="Adherence (share of samples classified as their requested label): 'digits' (the bundled digit "
-                    "classifier) or a local transformers image-classification folder.")
+                    help="Adherence (share of samples classified as their requested label): a transformers image "
+                    "classifier (AutoModelForImageClassification), a local folder or a Hub id.")
     ev.add_argument("--output", default=None, help="Write the results as JSON to this path.")
     ev.add_argument("--device", default=None, help="Device for the pipeline and encoders (default: accelerate's).")
 

@@ -517,25 +517,22 @@ def evaluate_pipeline(
     references: Mapping[str, "object"],
     num_samples: int,
     *,
-    batch_size: int = 64,
-    seed: int = 0,
-    class_labels: Optional[Sequence[int]] = None,
-    num_classes: Optional[int] = None,
-    prompts: Optional[Sequence[str]] = None,
-    pipeline_kwargs: Optional[dict] = None,
     show_progress: bool = True,
     class_references: Optional[Mapping[str, "object"]] = None,
     classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     classifier_name: Optional[str] = None,
     metadata: Optional[Mapping[str, str]] = None,
+    **sampling,
 ) -> EvaluationResult:
-    """Generate ``num_samples`` images and evaluate them (see :func:`generate_batches`).
+    """Generate ``num_samples`` images and evaluate them.
+
+    ``sampling``: how the images are drawn, the keywords of :func:`generate_batches` (``batch_size``, ``seed``,
+    ``class_labels``, ``num_classes``, ``prompts``, ``pipeline_kwargs``). Under ``torch.distributed`` every
+    process generates every ``world_size``-th batch and the moments are summed, so the result equals the
+    single-process one.
 
     ``metadata``: what was evaluated, recorded with the result (default ``source``: the pipeline's
     ``_name_or_path``); the seed is added.
-
-    Under ``torch.distributed`` every process generates every ``world_size``-th batch and the
-    moments are summed, so the result equals the single-process one.
 
     Class-conditional pipelines (``class_labels`` or ``num_classes``): with ``class_references``
     (``{name: ClassConditionalStats}``) and / or a ``classifier`` the result also carries per-class FD, FJD
@@ -545,16 +542,14 @@ def evaluate_pipeline(
 
     _check_references(encoders, references)
     rank, world_size = process_info()
-    batches = generate_batches(
-        generator, num_samples, batch_size=batch_size, seed=seed, class_labels=class_labels, num_classes=num_classes,
-        prompts=prompts, pipeline_kwargs=pipeline_kwargs, rank=rank, world_size=world_size,
-        return_labels=bool(class_references) or classifier is not None,
-    )
+    batches = generate_batches(generator, num_samples, **sampling, rank=rank, world_size=world_size,
+                               return_labels=bool(class_references) or classifier is not None)
     name = getattr(getattr(generator, "config", None), "_name_or_path", None) or type(generator).__name__
+    seed = sampling.get("seed", inspect.signature(generate_batches).parameters["seed"].default)
     return evaluate_images(
         batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=num_samples,
-        metadata={"source": str(name), **dict(metadata or {}), "seed": str(seed)}, class_references=class_references, classifier=classifier,
-        classifier_name=classifier_name,
+        metadata={"source": str(name), **dict(metadata or {}), "seed": str(seed)}, class_references=class_references,
+        classifier=classifier, classifier_name=classifier_name,
     )
 
 
@@ -681,13 +676,13 @@ def load_class_references(paths: Sequence[str | os.PathLike], encoders: Mapping[
     return references
 
 
-def image_classifier(spec: str, device=None) -> Callable[[torch.Tensor], torch.Tensor]:
+def image_classifier(spec: str | os.PathLike, device=None, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)`` for adherence.
 
-    ``spec``: ``"digits"`` (the bundled digit classifier, :func:`fd_onestep.digits.load_digit_classifier`) or
-    a local ``transformers`` image-classification folder (``AutoModelForImageClassification`` with its image
-    processor), applied as :func:`fd_onestep.digits.classify_digits` applies the bundled one.
+    ``spec``: any ``transformers`` image classifier, a local folder or a Hub id (``AutoModelForImageClassification``
+    with its image processor; :func:`fd_onestep.classifiers.load_image_classifier`, ``kwargs`` go to it). The
+    digits demo's classifier is the folder ``fd_onestep.demos.digits.classifier_path()``.
     """
-    from .digits import digit_label_predictor, load_digit_classifier
+    from .classifiers import label_predictor, load_image_classifier
 
-    return digit_label_predictor(load_digit_classifier(None if spec == "digits" else spec, device=device))
+    return label_predictor(load_image_classifier(spec, device=device, **kwargs))

@@ -88,11 +88,20 @@ def resolve_teacher(name_or_path: str, *, cache_dir=None, local_files_only: bool
 def _placeholder_tokenizer(max_length: int):
     """A tokenizer for the pipeline's tokenizer slots: the plan never tokenizes a real prompt, but the stock
     ``encode_prompt`` pads to ``max_length`` tokens, which fixes the prompt-embedding shapes."""
+    import string
+    import tempfile
+
     from transformers import CLIPTokenizer
 
-    from . import digits
-
-    tok = CLIPTokenizer.from_pretrained(digits.TEXT_TEACHER_PATH, subfolder="tokenizer")
+    # a minimal byte-pair vocabulary (the special tokens and single characters), no merges
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n")
+        tok = CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")))
     tok.model_max_length = int(max_length)
     return tok
 

@@ -3,7 +3,6 @@ folder, a pipeline folder missing a component, evaluate on unreadable images and
 prompts, what evaluate records, a LoRA that does not fit, the fresh-FD warning only where it means something,
 sample counts in the summary and the model card, and written files that honour the umask."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,22 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from test_evaluate_pipelines import ENCODER, folders  # noqa: F401 - the fixture
-from train_fixtures import FAST_ARGS, SCRIPT, build_all, encoder_args
+from train_fixtures import FAST_ARGS, encoder_args
 
 from fd_onestep.cli import main as cli
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _args(assets, out, *extra):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.comparison.generators import naive_one_step_teacher, teacher_sampler
 from fd_onestep.comparison.measure import compare_generators
 
@@ -232,7 +232,7 @@ def test_seed_spread_reuses_a_matching_known_report_instead_of_measuring_again(b
 
 
 def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys):
-    from fd_onestep.comparison.__main__ import main
+    from fd_onestep.demos.digits.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path), "--students", "no-equals-sign"])
@@ -246,7 +246,7 @@ def test_cli_rejects_malformed_student_and_a_single_spread_seed(tmp_path, capsys
 
 
 def test_cli_runs_as_a_module_with_its_arguments():
-    result = subprocess.run([sys.executable, "-m", "fd_onestep.comparison", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "fd_onestep.demos.digits", "--help"], capture_output=True, text=True,
                             check=True)
     for flag in ("--output_dir", "--num_samples", "--sampler", "--num_inference_steps", "--extra", "--students",
                  "--seed", "--spread_seeds"):
@@ -255,13 +255,12 @@ def test_cli_runs_as_a_module_with_its_arguments():
 
 def test_package_reexports_the_public_names_from_their_modules():
     from fd_onestep import comparison
-    from fd_onestep.comparison import digits_baselines, generators, measure, report
+    from fd_onestep.comparison import generators, measure, report
 
     homes = {
         generators: ["GeneratorFn", "teacher_sampler", "naive_one_step_teacher", "one_step_pipeline"],
         measure: ["compare_generators", "seed_spread"],
         report: ["format_markdown_table", "format_seed_spread_table", "save_comparison_grid"],
-        digits_baselines: ["digits_generators", "digits_teacher_baselines"],
     }
     assert sorted(comparison.__all__) == sorted(name for names in homes.values() for name in names)
     for module, names in homes.items():

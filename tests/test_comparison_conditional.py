@@ -354,7 +354,7 @@ def _run_report(seed, student_pcfd, teacher_pcfd, adherence):
 
 
 def test_training_runs_table_gives_mean_and_std_over_runs_and_per_run_ratios_to_the_baseline(tmp_path):
-    from fd_onestep.comparison.__main__ import main
+    from fd_onestep.demos.digits.__main__ import main
     from fd_onestep.comparison.report import format_training_runs_table
 
     joint = [_run_report(0, 1.0, 2.0, 0.99), _run_report(1, 3.0, 2.0, 0.97)]

@@ -181,7 +181,7 @@ ENCODER = "pixels-gray:4"
 @pytest.fixture(scope="module")
 def labeled_dataset(tmp_path_factory):
     """The digits validation split (360 images, ClassLabel 'label') saved as a local dataset folder."""
-    from fd_onestep.digits import digits_dataset
+    from fd_onestep.demos.digits import digits_dataset
 
     folder = tmp_path_factory.mktemp("labeled") / "digits"
     digits_dataset("validation").save_to_disk(str(folder))
@@ -245,7 +245,7 @@ def class_pipeline(tmp_path_factory):
 
 def test_evaluate_a_class_conditional_pipeline_reports_adherence_per_class_fd_and_fjd(labeled_dataset, class_pipeline):
     from fd_onestep.dataset_stats import compute_class_conditional_stats, resolve_encoders
-    from fd_onestep.digits import classify_digits, load_digit_classifier
+    from fd_onestep.demos.digits import classifier_path, classify_digits, load_digit_classifier
     from fd_onestep.evaluation import evaluate_pipeline, generate_batches, image_classifier
 
     pipe, _ = class_pipeline
@@ -254,7 +254,7 @@ def test_evaluate_a_class_conditional_pipeline_reports_adherence_per_class_fd_an
     stats, class_stats = compute_class_conditional_stats(encoders, str(labeled_dataset), show_progress=False)
     settings = dict(batch_size=15, seed=4, num_classes=10)
     result = evaluate_pipeline(pipe, encoders, stats, 30, show_progress=False, class_references=class_stats,
-                               classifier=image_classifier("digits"), classifier_name="digits", **settings)
+                               classifier=image_classifier(classifier_path()), classifier_name="digits", **settings)
 
     pairs = list(generate_batches(pipe, 30, return_labels=True, **settings))
     images, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
@@ -298,9 +298,12 @@ def test_cli_stats_with_label_column_then_evaluate_prints_and_saves_the_conditio
     common = ["evaluate", "--pipeline", str(pipeline_dir), "--encoders", ENCODER, "--reference_stats", str(marginal),
               "--num_samples", "20", "--batch_size", "10", "--num_classes", "10"]
     results = tmp_path / "results.json"
-    assert main([*common, "--class_stats", str(classes), "--classifier", "digits", "--output", str(results)]) == 0
+    from fd_onestep.demos.digits import classifier_path
+
+    classifier = str(classifier_path())  # the digits demo's classifier: a transformers image-classification folder
+    assert main([*common, "--class_stats", str(classes), "--classifier", classifier, "--output", str(results)]) == 0
     printed = capsys.readouterr().out
-    assert "| per-class FD | FJD |" in printed and "adherence (classifier `digits`)" in printed
+    assert "| per-class FD | FJD |" in printed and f"adherence (classifier `{classifier}`)" in printed
     data = json.loads(results.read_text())
     cond = data["conditioning"]
     assert 0.0 <= cond["adherence"] <= 1.0 and cond["num_classes"] == 10
@@ -358,3 +361,37 @@ def test_class_statistics_files_store_the_symmetric_second_moments_packed_and_lo
     back = ClassConditionalStats.load(tmp_path / "e.classes.safetensors")
     for key, value in stats.moments.state_dict().items():
         assert torch.equal(back.moments.state_dict()[key], value), key
+
+
+def test_cli_evaluate_measures_adherence_with_any_hugging_face_image_classifier(class_pipeline, tmp_path, capsys):
+    """--classifier takes any transformers image classifier folder, not only the digits demo's: a tiny random ViT
+    built from a config, RGB at its own resolution, classifies the 1-channel 16x16 samples through its processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from fd_onestep.classifiers import classify_images, load_image_classifier
+    from fd_onestep.cli import main
+    from fd_onestep.dataset_stats import compute_reference_stats, resolve_encoders, save_reference_stats
+    from fd_onestep.evaluation import generate_batches
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-vit-classifier"
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+
+    pipe, pipeline_dir = class_pipeline
+    encoders = resolve_encoders([ENCODER])
+    images = torch.rand(20, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    stats = save_reference_stats(compute_reference_stats(encoders, images=images, show_progress=False), tmp_path / "stats")
+    results = tmp_path / "results.json"
+    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--encoders", ENCODER, "--reference_stats",
+                 *map(str, stats.values()), "--num_samples", "20", "--batch_size", "10", "--num_classes", "10",
+                 "--classifier", str(folder), "--output", str(results)]) == 0
+    assert f"adherence (classifier `{folder}`)" in capsys.readouterr().out
+    cond = json.loads(results.read_text())["conditioning"]
+
+    pairs = list(generate_batches(pipe, 20, return_labels=True, batch_size=10, seed=0, num_classes=10))
+    generated, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    predicted, _ = classify_images(generated, load_image_classifier(folder))
+    assert cond["adherence"] == pytest.approx(float((predicted == labels).double().mean()))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fd_onestep import digits
-from fd_onestep.digits import (
+from fd_onestep.demos import digits
+from fd_onestep.demos.digits import (
     CLASSIFIER_NAME,
     HELD_OUT_ENCODERS,
     TRAINING_ENCODERS,
@@ -23,6 +23,7 @@ from fd_onestep.digits import (
 )
 
 ALL_ENCODERS = TRAINING_ENCODERS + HELD_OUT_ENCODERS
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 # ------------------------------------------------------------------------------------------ the split
@@ -138,7 +139,8 @@ def test_bundled_stats_match_their_encoder_loaded_through_load_encoder(name):
 
 
 def test_training_encoders_were_trained_and_the_random_cnn_was_not():
-    log = json.loads((digits.DIGITS_ASSETS_DIR / "encoders_training_log.json").read_text())
+    # the record train_scripts/train_digits_encoders.py wrote when it built the bundled encoders
+    log = json.loads((RESULTS_DIR / "digits-assets" / "encoders_training_log.json").read_text())
     networks = [n for n in TRAINING_ENCODERS if n not in digits.BUILTIN_ENCODERS]
     assert len(networks) >= 2  # the issue asks for at least two trained digits encoders in the loss
     for name in networks + [CLASSIFIER_NAME]:
@@ -173,7 +175,9 @@ def test_classifier_input_is_the_clamped_image_in_0_1_in_rgb_normalized_by_the_p
 
     processor = SimpleNamespace(size={"height": 16, "width": 16}, image_mean=[0.5, 0.25, 0.0], image_std=[0.5, 2.0, 1.0])
     images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
-    x = digits._processor_input(images, processor, num_channels=3)
+    from fd_onestep.classifiers import _processor_input
+
+    x = _processor_input(images, processor, num_channels=3)
     x01 = ((images.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1)
     mean, std = torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1), torch.tensor([0.5, 2.0, 1.0]).view(1, 3, 1, 1)
     assert torch.equal(x, (x01 - mean) / std)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:ill-conditioned one-step map")
@@ -71,7 +71,7 @@ def test_its_one_step_pipeline_and_the_stock_one_step_agree(teacher):
 
 
 def test_the_comparison_asks_the_text_teacher_for_each_requested_digit_in_a_phrasing(monkeypatch):
-    from fd_onestep.comparison.digits_baselines import digits_text_generators
+    from fd_onestep.demos.digits.baselines import digits_text_generators
     from fd_onestep.comparison.generators import prompted_pipeline
 
     generators = digits_text_generators(digits.HELD_OUT_PHRASINGS, num_inference_steps=2)
@@ -82,7 +82,7 @@ def test_the_comparison_asks_the_text_teacher_for_each_requested_digit_in_a_phra
 
     # several phrasing sets share one load of the teacher: the generators of the second call use the first's
     # pipelines and prompt them in its own phrasings
-    from fd_onestep.comparison.digits_baselines import load_digits_text_teachers
+    from fd_onestep.demos.digits.baselines import load_digits_text_teachers
 
     teachers = load_digits_text_teachers()
 

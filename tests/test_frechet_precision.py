@@ -26,7 +26,7 @@ import os
 import pytest
 import torch
 
-from fd_onestep.digits import load_digits_split, stats_path
+from fd_onestep.demos.digits import load_digits_split, stats_path
 from fd_onestep.encoders import load_encoder
 from fd_onestep.frechet import eigenvalue_floor, frechet_distance, reference_factor
 from fd_onestep.moments import FeatureMoments

@@ -185,3 +185,17 @@ def test_the_checker_finds_cycles_through_every_kind_of_import(tmp_path):
     assert with_type_checking["pkg.d"] == {"pkg.e"}
     assert sorted(map(tuple, find_cycles(with_type_checking))) == [
         ("pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"), ("pkg.d", "pkg.e", "pkg.d")]
+
+
+DEMOS = f"{PACKAGE}.demos"
+
+
+def test_the_library_never_imports_a_demo():
+    # the demos (fd_onestep.demos.*: bundled models, data, recipes) sit on the library, never under it
+    modules = module_files(package_roots(ROOT))
+    demo_modules = {name for name in modules if name == DEMOS or name.startswith(DEMOS + ".")}
+    assert f"{DEMOS}.digits" in demo_modules and f"{DEMOS}.digits.baselines" in demo_modules
+    graph = import_graph(modules, type_checking=True)
+    leaning = {name: sorted(graph[name] & demo_modules) for name in modules if name not in demo_modules}
+    leaning = {name: demos for name, demos in leaning.items() if demos}
+    assert not leaning, f"library modules import a demo: {leaning}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
-from train_fixtures import FAST_ARGS, REPO_ROOT, SCRIPT, SUBPROCESS_ENV, build_all, encoder_args
+from train_fixtures import FAST_ARGS, REPO_ROOT, SCRIPT, SUBPROCESS_ENV, encoder_args
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,21 +67,55 @@ def fresh_venv(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
-
-
-@pytest.fixture(scope="module")
-def wheel_python(tmp_path_factory):
-    """The python of a fresh venv with the wheel of this checkout installed (``pip install --no-deps``)."""
-    root = tmp_path_factory.mktemp("installed")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel of this checkout (``pip wheel --no-deps``)."""
+    root = tmp_path_factory.mktemp("wheel")
     source = _sdist_tree(root / "source")
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", source, "-w", root / "dist"],
          cwd=root, env=PIP_ENV)
-    (wheel,) = (root / "dist").glob("fd_onestep-*.whl")
+    (built,) = (root / "dist").glob("fd_onestep-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def wheel_python(wheel, tmp_path_factory):
+    """The python of a fresh venv with the wheel of this checkout installed (``pip install --no-deps``)."""
+    root = tmp_path_factory.mktemp("installed")
     python = fresh_venv(root / "venv")
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", wheel], cwd=root, env=PIP_ENV)
     return python, root / "venv"
+
+
+DEMO_ASSETS = "fd_onestep/demos/digits/assets/"
+ASSETS_CEILING_BYTES = 24 * 1024**2
+
+
+def test_the_wheel_ships_what_the_demos_run_on_and_no_logs_or_sample_images(wheel):
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        files = {info.filename: info.file_size for info in archive.infolist()}
+    for needed in ("teacher/model_index.json", "teacher-class/unet/diffusion_pytorch_model.safetensors",
+                   "teacher-text/tokenizer/vocab.json", "encoders/resnet-digits/model.safetensors",
+                   "stats/pixels-digits.classes.safetensors", "split.json"):
+        assert DEMO_ASSETS + needed in files, needed
+    assert "fd_onestep/demos/digits/recipes.py" in files
+    unwanted = [name for name in files if name.endswith((".png", ".jpg", ".jpeg", "_log.json", ".md"))
+                and not name.endswith("model_card_template.md")]
+    assert not unwanted, f"the wheel carries records or pictures: {unwanted}"
+    assert not [name for name in files if name.startswith(("results/", "docs/", "fd_onestep/assets/"))]
+    assets = sum(size for name, size in files.items() if name.startswith(DEMO_ASSETS))
+    assert assets <= ASSETS_CEILING_BYTES, f"demo assets {assets / 1024**2:.1f} MiB"
+
+
+def test_the_installed_demo_finds_its_assets(wheel_python, tmp_path):
+    python, venv = wheel_python
+    code = ("import json; from fd_onestep.demos import digits; from fd_onestep.demos.digits.recipes import RECIPES;"
+            "paths = [digits.TEACHER_PATH, digits.classifier_path(), *map(digits.stats_path, digits.TRAINING_ENCODERS)];"
+            "paths += [p for r in RECIPES.values() for p in r['reference_stats'] + r['eval_reference_stats']];"
+            "print(json.dumps([[str(p), __import__('pathlib').Path(p).exists()] for p in paths]))")
+    for path, exists in json.loads(_run([python, "-c", code], cwd=tmp_path).stdout):
+        assert exists and Path(path).resolve().is_relative_to(venv.resolve()), path
 
 
 def test_the_venv_imports_the_wheel_not_the_checkout(wheel_python, tmp_path):

@@ -105,7 +105,7 @@ def test_surrogate_of_the_wrong_latents_is_refused_in_one_line():
 
 
 def test_generator_with_savers_gives_the_pipeline_images():
-    from fd_onestep import digits
+    from fd_onestep.demos import digits
     from fd_onestep.onestep import OneStepGenerator
     from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 

@@ -2,12 +2,14 @@
 of the same step, and what each memory saver buys."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from fd_onestep import digits
+import fd_onestep
 from fd_onestep.cli import main
+from fd_onestep.demos import digits
 from fd_onestep.plan import (
     Plan,
     PlanSettings,
@@ -19,6 +21,8 @@ from fd_onestep.plan import (
 )
 
 REAL_TEACHERS = ["flux-dev", "sana-1600m-1024", "sd15", "sd35-medium", "sdxl"]
+
+REAL_CONFIGS = Path(fd_onestep.__file__).parent / "real_configs"
 
 
 def digits_settings(**kwargs):
@@ -36,10 +40,10 @@ def test_every_bundled_config_names_its_source_and_is_a_pipeline_folder():
     index = real_config_index()["configs"]
     for name in list_real_configs():
         assert index[name]["hub_repo"] and "read_from" in index[name] and "unverified" in index[name]
-        model_index = json.loads((digits.DIGITS_ASSETS_DIR.parents[1] / "real_configs" / name / "model_index.json").read_text())
+        model_index = json.loads((REAL_CONFIGS / name / "model_index.json").read_text())
         for component, spec in model_index.items():
             if isinstance(spec, list) and spec[0] and not component.startswith("tokenizer"):
-                folder = digits.DIGITS_ASSETS_DIR.parents[1] / "real_configs" / name / component
+                folder = REAL_CONFIGS / name / component
                 assert any(folder.glob("*config.json")), f"{name}/{component} has no config"
 
 

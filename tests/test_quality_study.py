@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import FAST_ARGS, REPO_ROOT, SUBPROCESS_ENV, build_all, encoder_args
+from train_fixtures import FAST_ARGS, REPO_ROOT, SUBPROCESS_ENV, encoder_args
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import quality_study as qs  # noqa: E402
@@ -14,11 +14,6 @@ import quality_study as qs  # noqa: E402
 pytestmark = pytest.mark.slow
 
 SEEDLESS_FAST_ARGS = [a for i, a in enumerate(FAST_ARGS) if a != "--seed" and FAST_ARGS[i - 1] != "--seed"]
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
 
 
 def _train_args(assets, *extra):

@@ -4,22 +4,16 @@ Its losses, its head (float32, on the process's device, its own AdamW), its stat
 resumed run continues bit for bit, and the early errors of its arguments. Off by default.
 """
 
-import importlib.util
 import json
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import FAST_ARGS, build_all, encoder_args, run_script
+from train_fixtures import FAST_ARGS, encoder_args, run_script
 
 from fd_onestep.adversarial import FeatureDiscriminator, discriminator_loss, generator_loss
 from fd_onestep.images import save_images
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
 
 
 # ------------------------------------------------------------------------------------------------ losses, head
@@ -122,16 +116,6 @@ def test_off_by_default_no_discriminator_in_the_checkpoint(assets, tmp_path):
     assert saved["adv_weight"] == 0.0
 
 
-@pytest.fixture(scope="module")
-def script():
-    from train_fixtures import SCRIPT
-
-    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("extra,error,message", [
     (["--adv_weight", "0.1"], ValueError,
      "--adv_weight > 0 needs real images for the discriminator: pass --adv_real_images"),
@@ -183,7 +167,7 @@ def test_two_processes_with_the_adversarial_term_give_the_single_process_gradien
 def test_the_digits_defaults_give_the_discriminator_the_digits_train_split(script, tmp_path):
     from accelerate import PartialState
 
-    from fd_onestep import digits
+    from fd_onestep.demos import digits
 
     PartialState(cpu=True)  # the script's logger (accelerate's) needs the process state
     args = script.parse_args(["--output_dir", str(tmp_path), "--adv_weight", "0.1", "--adv_encoder", "siglip-digits",

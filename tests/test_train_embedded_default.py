@@ -11,7 +11,8 @@ import pytest
 import torch
 from train_fixtures import run_script
 
-from fd_onestep import digits
+from fd_onestep.demos import digits
+from fd_onestep.demos.digits.recipes import RECIPES, TEXT_LORA_TARGETS
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
 pytestmark = pytest.mark.slow
@@ -36,11 +37,35 @@ def test_embedded_default_arguments_point_at_the_bundled_assets(tmp_path):
     assert args.encoders == [digits.encoder_spec(n) for n in digits.TRAINING_ENCODERS]
     assert args.eval_encoders == [digits.encoder_spec(n) for n in digits.HELD_OUT_ENCODERS]
     assert args.reference_stats == [str(digits.stats_path(n)) for n in digits.TRAINING_ENCODERS]
-    for key, value in script.EMBEDDED_DEFAULTS.items():
-        if value is not None:
-            assert getattr(args, key) == value, key
+    for key, value in RECIPES["digits"].items():
+        assert getattr(args, key) == value, key
     # held-out encoders never select checkpoints
     assert args.keep_best_by not in args.eval_encoders and args.compare_with_teacher is True
+
+
+def test_help_shows_the_real_value_of_every_default_a_recipe_can_override():
+    """The general defaults live in add_argument, so --help prints them; a demo recipe changes only the arguments
+    the command line leaves out (and the explicit ones win, see the cadence and LoRA tests)."""
+    import re
+    import subprocess
+    import sys
+
+    from train_fixtures import SCRIPT, SUBPROCESS_ENV
+
+    text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True,
+                          env=SUBPROCESS_ENV, cwd=SCRIPT.parents[1]).stdout
+    text = re.sub(r"\s+", " ", text.split("show this help message and exit", 1)[1])  # the options, not usage
+    parser = _load_script().build_parser()
+    # None is the real default of these: the teacher's top timestep, no bound, no selection, weight 1 each, ...
+    none_by_design = {"pretrained_model_name_or_path", "encoders", "reference_stats", "eval_reference_stats",
+                      "onestep_timestep", "output_bound", "keep_best_by", "encoder_loss_weights", "null_class_label",
+                      "classifier", "lora_target_modules"}
+    for recipe in RECIPES.values():
+        for key in recipe:
+            default = parser.get_default(key)
+            assert default is not None or key in none_by_design, f"--{key} defaults to None, filled in later"
+            option = re.search(rf"--{key}\b.*?\(default: ([^)]*)\)", text)
+            assert option and option.group(1) == str(default), f"--help does not show --{key}'s default {default!r}"
 
 
 def test_main_job_steps_with_fused_adamw_and_the_conditional_defaults_keep_foreach(tmp_path):
@@ -105,8 +130,9 @@ def _table_value(text: str):
 
 
 def test_docs_argument_table_shows_the_general_and_embedded_defaults():
-    """Every defaulted argument's row in docs/training.md ("All arguments", linked from the README) reads
-    `general` (embedded: `digits`) (digits-class: `class-conditional digits`) exactly as the three dicts say."""
+    """Every argument a digits recipe sets has a row in docs/training.md ("All arguments", linked from the README)
+    that reads `general` (embedded: `digits`) (digits-class: `class-conditional digits`) exactly as the parser's
+    default and the recipes say."""
     import re
     from pathlib import Path
 
@@ -120,12 +146,14 @@ def test_docs_argument_table_shows_the_general_and_embedded_defaults():
                          r"(?: \(digits-class: `([^`]*)`\))? \|", line)
         if match:
             rows[match.group(1)[2:]] = (match.group(2), match.group(3), match.group(4))
-    for key in script.DEFAULTED_ARGS:
+    parser = script.build_parser()
+    bundled = {"pretrained_model_name_or_path", "encoders", "reference_stats", "eval_encoders", "eval_reference_stats"}
+    for key in (set(RECIPES["digits"]) | set(RECIPES["digits-class"])) - bundled:
         assert key in rows, f"{table.name} argument table has no row for --{key}"
         general_text, embedded_text, class_text = rows[key]
-        general = script.GENERAL_DEFAULTS.get(key)
-        embedded = script.EMBEDDED_DEFAULTS.get(key, general)
-        class_embedded = script.CLASS_EMBEDDED_DEFAULTS.get(key, embedded)
+        general = parser.get_default(key)
+        embedded = RECIPES["digits"].get(key, general)
+        class_embedded = RECIPES["digits-class"].get(key, embedded)
         if class_embedded != embedded:
             assert class_text is not None, f"--{key}: {table.name} does not show the digits-class default {class_embedded!r}"
             assert _table_value(class_text) == class_embedded, f"--{key}: {table.name} digits-class default {class_text!r}"
@@ -177,14 +205,23 @@ def test_class_conditional_default_points_at_the_class_teacher_and_its_per_class
     assert args.pretrained_model_name_or_path == str(digits.CLASS_TEACHER_PATH)
     assert args.class_reference_stats == [str(digits.class_stats_path(n)) for n in digits.TRAINING_ENCODERS]
     assert args.eval_class_reference_stats == [str(digits.class_stats_path(n)) for n in digits.HELD_OUT_ENCODERS]
-    for key, value in script.CLASS_EMBEDDED_DEFAULTS.items():
-        if value is not None:
+    for key, value in RECIPES["digits-class"].items():
+        if key not in ("class_reference_stats", "eval_class_reference_stats"):
             assert getattr(args, key) == value, key
     assert args.null_class_label == digits.NULL_CLASS_LABEL
     # the choice of default is only for the bundled assets
     with pytest.raises(ValueError, match="--embedded_default digits-class runs the bundled digits assets"):
         script.parse_args(["--embedded_default", "digits-class", "--pretrained_model_name_or_path", "x",
                            "--output_dir", str(tmp_path)])
+
+
+def run_demo(demo: str, out, **settings) -> None:
+    """A CI-size run of ``--embedded_default demo`` into ``out``: 100-sample validations and batches, no
+    checkpoints, a 2-step teacher sampler, and the given ``settings`` (argument name -> value)."""
+    settings = {"sample_batch_size": 100, "num_validation_samples": 100, "num_validation_images": 10,
+                "checkpointing_steps": 0, "teacher_num_inference_steps": 2, **settings}
+    run_script(["--embedded_default", demo, "--output_dir", str(out),
+                *[word for name, value in settings.items() for word in (f"--{name}", str(value))]])
 
 
 def pngs_per_digit(root) -> list[int]:
@@ -196,14 +233,8 @@ def test_class_conditional_default_follows_its_labels_and_writes_samples_per_cla
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "digits-class-onestep"
-    run_script([
-        "--embedded_default", "digits-class", "--output_dir", str(out),
-        "--max_train_steps", "4", "--train_batch_size", "32", "--learning_rate", "1e-4", "--lr_warmup_steps", "1",
-        "--fd_ema_beta", "0.5", "--fd_warmup_samples", "64", "--sample_batch_size", "100",
-        "--validation_steps", "2", "--num_validation_samples", "100", "--num_validation_images", "10",
-        "--checkpointing_steps", "0", "--num_output_samples", "30", "--num_comparison_samples", "40",
-        "--teacher_num_inference_steps", "2",
-    ])
+    run_demo("digits-class", out, max_train_steps=4, train_batch_size=32, learning_rate=1e-4, lr_warmup_steps=1,
+             fd_ema_beta=0.5, fd_warmup_samples=64, validation_steps=2, num_output_samples=30, num_comparison_samples=40)
     pipe = FDOneStepPipeline.from_pretrained(out)
     assert pipe.num_classes == digits.NUM_CLASSES and pipe.config.null_class_label == digits.NULL_CLASS_LABEL
     # samples/<label>/: every requested digit equally often
@@ -249,13 +280,8 @@ def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_co
     import diffusers
 
     out = tmp_path / "digits-text-onestep"
-    run_script([
-        "--embedded_default", "digits-text", "--output_dir", str(out),
-        "--max_train_steps", "3", "--train_batch_size", "16", "--fd_warmup_samples", "32", "--sample_batch_size", "100",
-        "--validation_steps", "0", "--num_validation_samples", "100", "--num_validation_images", "10",
-        "--checkpointing_steps", "0", "--num_output_samples", "20", "--num_comparison_samples", "20",
-        "--teacher_num_inference_steps", "2",
-    ])
+    run_demo("digits-text", out, max_train_steps=3, train_batch_size=16, fd_warmup_samples=32, validation_steps=0,
+             num_output_samples=20, num_comparison_samples=20)
     info = json.loads((out / "fd_onestep_lora.json").read_text())
     assert info["base_model"] == str(digits.TEXT_TEACHER_PATH) and (out / "pytorch_lora_weights.safetensors").is_file()
     assert pngs_per_digit(out / "samples") == [2] * 10
@@ -285,7 +311,7 @@ def test_text_default_always_trains_its_lora_with_conv_targets_unless_told_other
     script = _load_script()
     args = script.parse_args(["--embedded_default", "digits-text", "--output_dir", str(tmp_path)])
     assert args.use_lora and args.pretrained_model_name_or_path == str(digits.TEXT_TEACHER_PATH)
-    assert args.lora_rank == 16 and args.lora_target_modules == script.TEXT_LORA_TARGETS
+    assert args.lora_rank == 16 and args.lora_target_modules == TEXT_LORA_TARGETS
     given = script.parse_args(["--embedded_default", "digits-text", "--lora_rank", "4", "--lora_target_modules",
                                "to_q", "--output_dir", str(tmp_path)])
     assert given.lora_rank == 4 and given.lora_target_modules == ["to_q"]

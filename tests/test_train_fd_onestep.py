@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import FAST_ARGS, build_all, encoder_args, run_script
+from train_fixtures import FAST_ARGS, encoder_args, run_script
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
 
 
 def _weights(folder: Path, slot: str) -> dict:

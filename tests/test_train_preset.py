@@ -1,18 +1,10 @@
 """``--preset quality``: a named recipe on top of a digits default that fills only the arguments the command line
 leaves out (the recipe under study in benchmarks/quality_study.py, docs/quality.md)."""
 
-import importlib.util
-
 import pytest
-from train_fixtures import SCRIPT, build_all, encoder_args
+from train_fixtures import build_all, encoder_args
 
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from fd_onestep.demos.digits.recipes import RECIPES
 
 
 def test_the_quality_preset_sets_its_recipe_on_the_digits_default(script, tmp_path):
@@ -21,10 +13,10 @@ def test_the_quality_preset_sets_its_recipe_on_the_digits_default(script, tmp_pa
     for key, value in script.PRESETS["quality"].items():
         assert getattr(args, key) == value, key
     # what the preset leaves alone is the digits default's
-    assert args.learning_rate == script.EMBEDDED_DEFAULTS["learning_rate"]
-    assert args.onestep_timestep == script.EMBEDDED_DEFAULTS["onestep_timestep"]
+    assert args.learning_rate == RECIPES["digits"]["learning_rate"]
+    assert args.onestep_timestep == RECIPES["digits"]["onestep_timestep"]
     plain = script.parse_args(["--output_dir", str(tmp_path)])
-    assert plain.max_train_steps == script.EMBEDDED_DEFAULTS["max_train_steps"] and not plain.use_ema
+    assert plain.max_train_steps == RECIPES["digits"]["max_train_steps"] and not plain.use_ema
 
 
 @pytest.mark.parametrize("default", ["digits-class", "digits-text"])

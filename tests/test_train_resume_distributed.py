@@ -14,14 +14,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import FAST_ARGS, accelerate_launch, build_all, encoder_args, run_script
+from train_fixtures import FAST_ARGS, accelerate_launch, encoder_args, run_script
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
 
 
 def _common(assets, population):

@@ -3,7 +3,6 @@ for bit, resume checks file contents (not path spellings), damaged checkpoints a
 fails before any model loads with one `error:` line."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -14,20 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import FAST_ARGS, REPO_ROOT, SCRIPT, SUBPROCESS_ENV, build_all, encoder_args, run_script
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from train_fixtures import FAST_ARGS, REPO_ROOT, SCRIPT, SUBPROCESS_ENV, encoder_args, run_script
 
 
 def _args(assets, out, *extra, teacher="unet2d", encoders=("dinov2", "siglip")):

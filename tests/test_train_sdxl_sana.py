@@ -2,7 +2,6 @@
 caption column), an interrupted run resumes exactly, and the model card's code runs as written. The script's
 ``main`` runs in-process (as in test_train_errors_and_push.py)."""
 
-import importlib.util
 import json
 import re
 
@@ -10,24 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import FAST_ARGS, SCRIPT, build_all, encoder_args
+from train_fixtures import FAST_ARGS, encoder_args
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:ill-conditioned one-step map")]
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build_all(tmp_path_factory.getbasetemp() / "train_assets")
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_fd_onestep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _train(script, assets, family, out, *extra):

@@ -25,13 +25,12 @@ Then (unless ``--skip_stats``) the reference statistics of every encoder are com
 **through** ``load_encoder(<folder>)`` (the path users take), with ``validation_fd`` = FD of the validation
 split's features against the train statistics, and written to ``<output_dir>/../stats/<name>.safetensors``.
 
-    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/assets/digits/encoders
-    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/assets/digits/encoders --stats_only
+    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/demos/digits/assets/encoders
+    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/demos/digits/assets/encoders --stats_only
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -42,29 +41,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fd_onestep.digits import (
+from fd_onestep.demos.digits import (
     BUILTIN_ENCODERS,
     NUM_CLASSES,
     encoder_spec,
     load_digits_split,
-    processor_input_size,
     write_split_metadata,
 )
+from fd_onestep.classifiers import processor_input_size
+from fd_onestep.demos.digits.asset_training import asset_script_parser, clipped_step
 
 ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", type=str, required=True, help="folder that receives one subfolder per encoder.")
+    p = asset_script_parser(__doc__, "folder that receives one subfolder per encoder.")
     p.add_argument("--stats_dir", type=str, default=None, help="default: <output_dir>/../stats")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train_steps", type=int, default=1500)
-    p.add_argument("--train_batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--encoders", nargs="+", default=list(ENCODER_NAMES), choices=ENCODER_NAMES)
     p.add_argument("--stats_only", action="store_true", help="only (re)compute the reference statistics.")
     p.add_argument("--skip_stats", action="store_true", help="train and save the encoders, no statistics.")
@@ -205,11 +198,7 @@ def train_classifier(name, model, processor, feature_fn, args, train, val):
     for step in range(1, args.train_steps + 1):
         idx = torch.randint(0, len(x_train), (args.train_batch_size,), generator=generator)
         loss = F.cross_entropy(logits_of(augment(x_train[idx], generator)), y_train[idx], label_smoothing=0.1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, params, optimizer, lr_scheduler, 1.0)
         losses.append(loss.item())
         if step % 250 == 0 or step == args.train_steps:
             print(f"[{name}] step {step} loss {sum(losses[-250:]) / len(losses[-250:]):.4f} {time.time() - start:.0f}s", flush=True)
@@ -247,7 +236,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     x_val, _ = load_digits_split("validation")
     stats = compute_reference_stats(
         encoders, images=x_train, batch_size=256, show_progress=False,
-        source_name="sklearn load_digits via fd_onestep.digits (16x16, [-1,1]), train split",
+        source_name="sklearn load_digits via fd_onestep.demos.digits (16x16, [-1,1]), train split",
     )
     val_batches, _ = iter_array_batches(x_val, batch_size=256)
     val_moments = accumulate_moments(val_batches, encoders, show_progress=False)
@@ -256,7 +245,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
         moments = val_moments[name]
         ref.validation_fd = float(ref.frechet_distance(moments.mean, moments.covariance()))
         ref.metadata["split"] = "train"
-        ref.metadata["validation_split"] = "validation (fd_onestep.digits.split_indices)"
+        ref.metadata["validation_split"] = "validation (fd_onestep.demos.digits.split_indices)"
         ref.metadata["validation_num_images"] = str(moments.count)
         figures[name] = {
             "encoder_id": encoders[name].encoder_id,
@@ -272,7 +261,7 @@ def compute_stats(names, encoders_dir: Path, stats_dir: Path) -> dict:
     # plain single-pass statistics.
     _, class_stats = compute_class_conditional_stats(
         encoders, images=x_train, labels=y_train, num_classes=NUM_CLASSES, batch_size=256, show_progress=False,
-        source_name="sklearn load_digits via fd_onestep.digits (16x16, [-1,1]), train split",
+        source_name="sklearn load_digits via fd_onestep.demos.digits (16x16, [-1,1]), train split",
     )
     for name, ref in class_stats.items():
         ref.metadata["split"] = "train"
@@ -286,8 +275,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir)
+    record_dir = Path(args.record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
     stats_dir = Path(args.stats_dir) if args.stats_dir else output_dir.parent / "stats"
-    log_path = output_dir.parent / "encoders_training_log.json"
+    log_path = record_dir / "encoders_training_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     # Every invocation that wrote into these assets, in order (training, then --stats_only).
     log.setdefault("commands", []).append(" ".join(["python train_scripts/train_digits_encoders.py", *sys.argv[1:]]))

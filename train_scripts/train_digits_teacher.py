@@ -19,17 +19,15 @@ Deterministic given ``--seed`` (single CPU thread by default). Writes to ``--out
 weights), ``training_log.json`` (loss curve and settings) and ``samples_<sampler>.png`` (a grid sampled
 with a few-step solver to eyeball quality).
 
-    python train_scripts/train_digits_teacher.py --output_dir fd_onestep/assets/digits/teacher
+    python train_scripts/train_digits_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher
     python train_scripts/train_digits_teacher.py --class_conditional \
-        --output_dir fd_onestep/assets/digits/teacher-class
+        --output_dir fd_onestep/demos/digits/assets/teacher-class
 
-The log and the sample grid go next to the folder: ``<name>_training_log.json``, ``<name>_samples_*.png``.
+The training record and the sample grid go to ``--record_dir`` (``results/digits-assets``): ``<name>_training_log.json``, ``<name>_samples_*.png``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -41,17 +39,13 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from fd_onestep.digits import DIGITS_RESOLUTION, NULL_CLASS_LABEL, NUM_CLASSES, load_digits_split
+from fd_onestep.demos.digits import DIGITS_RESOLUTION, NULL_CLASS_LABEL, NUM_CLASSES, load_digits_split
+from fd_onestep.demos.digits.asset_training import LossLog, asset_script_parser, clipped_step
+from fd_onestep.demos.digits.asset_training import start_asset_run, write_training_record
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", type=str, required=True, help="DDPMPipeline folder to write.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train_steps", type=int, default=1600)
-    p.add_argument("--train_batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p = asset_script_parser(__doc__, "DDPMPipeline folder to write.", train_steps=1600)
     p.add_argument("--adam_weight_decay", type=float, default=1e-4)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--ema_decay", type=float, default=0.995)
@@ -59,7 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--beta_schedule", type=str, default="squaredcos_cap_v2")
     p.add_argument("--num_train_timesteps", type=int, default=1000)
-    p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (1 keeps runs deterministic).")
     p.add_argument("--sample_steps", type=int, default=20, help="DPM-Solver++ steps for the sample grid.")
     p.add_argument("--logging_steps", type=int, default=50)
     p.add_argument("--class_conditional", action="store_true",
@@ -101,10 +94,7 @@ def build_scheduler(args) -> DDPMScheduler:
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir, record_dir = start_asset_run(args)
 
     images, labels = load_digits_split("train")  # (1437, 1, 16, 16) in [-1, 1], (1437,) int64
     if not 0.0 <= args.class_dropout_prob < 1.0:
@@ -122,7 +112,7 @@ def main(argv=None):
 
     num_params = sum(p.numel() for p in unet.parameters())
     print(f"UNet2DModel: {num_params / 1e6:.2f}M parameters; {len(images)} training images", flush=True)
-    log, running, start = [], [], time.time()
+    log = LossLog(args.logging_steps, args.train_steps)
     perm, cursor = torch.randperm(len(images), generator=generator), 0
     unet.train()
     for step in tqdm(range(1, args.train_steps + 1), desc="teacher", mininterval=10):
@@ -140,19 +130,12 @@ def main(argv=None):
             dropped = torch.rand(x0.shape[0], generator=generator) < args.class_dropout_prob
             class_labels = torch.where(dropped, NULL_CLASS_LABEL, labels[rows])
         loss = F.mse_loss(unet(x_t, t, class_labels=class_labels).sample, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, unet.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
         ema.step(unet.parameters())
-        running.append(loss.item())
-        if step % args.logging_steps == 0 or step == args.train_steps:
-            mean_loss = sum(running) / len(running)
-            running = []
-            log.append({"step": step, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "time_s": time.time() - start})
-            print(f"step {step} loss {mean_loss:.4f} lr {log[-1]['lr']:.2e} {log[-1]['time_s']:.0f}s", flush=True)
-    train_time = time.time() - start
+        entry = log.add(step, loss, lr=lr_scheduler.get_last_lr()[0])
+        if entry:
+            print(f"step {step} loss {entry['loss']:.4f} lr {entry['lr']:.2e} {entry['time_s']:.0f}s", flush=True)
+    train_time = time.time() - log.start
 
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -167,19 +150,12 @@ def main(argv=None):
                              null_class_label=NULL_CLASS_LABEL if args.class_conditional else None)
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(10) if args.class_conditional else None
     samples = sample(100, torch.Generator().manual_seed(args.seed), grid_labels)  # [-1, 1]
-    grid_path = output_dir.parent / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
+    grid_path = record_dir / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
     save_image(make_grid(samples * 0.5 + 0.5, nrow=10, padding=1, pad_value=0.5), grid_path)
 
-    summary = {
-        "command_args": vars(args),
-        "num_parameters": num_params,
-        "null_class_label": NULL_CLASS_LABEL if args.class_conditional else None,
-        "train_time_s": round(train_time, 1),
-        "final_loss": log[-1]["loss"],
-        "loss_curve": log,
-    }
-    (output_dir.parent / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"saved {output_dir} (train {train_time:.0f}s, final loss {log[-1]['loss']:.4f}); grid {grid_path}", flush=True)
+    write_training_record(record_dir, output_dir, log, train_time, grid_path, command_args=vars(args),
+                          num_parameters=num_params,
+                          null_class_label=NULL_CLASS_LABEL if args.class_conditional else None)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,21 @@ Four components, each a stock diffusers / transformers class, trained here from 
 3. ``CLIPTextModel`` (2 layers, width 32) and 4. ``UNet2DConditionModel`` (cross-attention on the text), trained
    together with the denoising loss: v-prediction on zero-terminal-SNR betas (``DDPMScheduler(prediction_type=
    "v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")``, the pixel teachers' schedule).
-   Each image's prompt names its digit in one of ``fd_onestep.digits.TRAINING_PHRASINGS``; with probability
+   Each image's prompt names its digit in one of ``fd_onestep.demos.digits.TRAINING_PHRASINGS``; with probability
    ``--prompt_dropout_prob`` the prompt is "" (the stock pipelines' negative prompt), so classifier-free
    guidance works. ``HELD_OUT_PHRASINGS`` are never seen.
 
 The prompts are encoded exactly as ``StableDiffusionPipeline.encode_prompt`` encodes them (padding to the
 tokenizer's ``model_max_length``, the last hidden state). Writes ``--output_dir`` with
-``StableDiffusionPipeline.save_pretrained`` (safetensors; no safety checker), and next to it
+``StableDiffusionPipeline.save_pretrained`` (safetensors; no safety checker), and in ``--record_dir``
 ``<name>_training_log.json`` and ``<name>_samples_dpmsolver20.png`` (one row per digit, the stock pipeline with
 DPM-Solver++ 20 steps).
 
-    python train_scripts/train_digits_text_teacher.py --output_dir fd_onestep/assets/digits/teacher-text
+    python train_scripts/train_digits_text_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher-text
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -46,21 +45,18 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fd_onestep.digits import DIGITS_RESOLUTION, NUM_CLASSES, TRAINING_PHRASINGS, digit_prompt, digit_prompts, load_digits_split
+from fd_onestep.demos.digits import DIGITS_RESOLUTION, NUM_CLASSES, TRAINING_PHRASINGS, digit_prompt, digit_prompts, load_digits_split
+from fd_onestep.demos.digits.asset_training import LossLog, asset_script_parser, clipped_step
+from fd_onestep.demos.digits.asset_training import start_asset_run, write_training_record
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", type=str, required=True, help="StableDiffusionPipeline folder to write.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads.")
+    # --train_steps: UNet + text encoder steps
+    p = asset_script_parser(__doc__, "StableDiffusionPipeline folder to write.", train_steps=3000, learning_rate=1e-3,
+                            num_threads=2)
     p.add_argument("--vae_steps", type=int, default=2000)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
     p.add_argument("--vae_kl_weight", type=float, default=1e-4)
-    p.add_argument("--train_steps", type=int, default=3000, help="UNet + text encoder steps.")
-    p.add_argument("--train_batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
     p.add_argument("--adam_weight_decay", type=float, default=1e-4)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--ema_decay", type=float, default=0.995)
@@ -137,7 +133,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 def train_vae(args, vae, images, generator) -> list:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup_steps, args.vae_steps)
-    log, running = [], []
+    log = LossLog(args.logging_steps, args.vae_steps)
     vae.train()
     for step in tqdm(range(1, args.vae_steps + 1), desc="vae", mininterval=10):
         x = images[torch.randint(len(images), (args.train_batch_size,), generator=generator)]
@@ -145,25 +141,15 @@ def train_vae(args, vae, images, generator) -> list:
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
         loss = F.mse_loss(recon, x) + args.vae_kl_weight * posterior.kl().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
-        if step % args.logging_steps == 0 or step == args.vae_steps:
-            log.append({"step": step, "loss": sum(running) / len(running)})
-            running = []
+        clipped_step(loss, vae.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
+        log.add(step, loss)
     vae.eval().requires_grad_(False)
-    return log
+    return log.entries
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir, record_dir = start_asset_run(args)
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = load_digits_split("train")  # (1437, 1, 16, 16) in [-1, 1], (1437,)
     start = time.time()
@@ -190,7 +176,7 @@ def main(argv=None):
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup_steps, args.train_steps)
     ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     ema_text = EMAModel(text_encoder.parameters(), decay=args.ema_decay)
-    log, running = [], []
+    log = LossLog(args.logging_steps, args.train_steps, start)
     unet.train()
     text_encoder.train()
     for step in tqdm(range(1, args.train_steps + 1), desc="unet + text encoder", mininterval=10):
@@ -204,18 +190,12 @@ def main(argv=None):
         target = scheduler.get_velocity(x0, noise, t)
         prediction = unet(scheduler.add_noise(x0, noise, t), t, encode_prompts(tokenizer, text_encoder, prompts)).sample
         loss = F.mse_loss(prediction, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(loss, params, optimizer, lr_scheduler, args.max_grad_norm)
         ema_unet.step(unet.parameters())
         ema_text.step(text_encoder.parameters())
-        running.append(loss.item())
-        if step % args.logging_steps == 0 or step == args.train_steps:
-            log.append({"step": step, "loss": sum(running) / len(running), "time_s": time.time() - start})
-            print(f"step {step} loss {log[-1]['loss']:.4f} {log[-1]['time_s']:.0f}s", flush=True)
-            running = []
+        entry = log.add(step, loss)
+        if entry:
+            print(f"step {step} loss {entry['loss']:.4f} {entry['time_s']:.0f}s", flush=True)
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
     unet.eval()
@@ -235,23 +215,17 @@ def main(argv=None):
     with torch.no_grad():
         samples = sampler(grid_prompts, num_inference_steps=args.sample_steps, guidance_scale=1.0,
                           generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
-    grid_path = output_dir.parent / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
+    grid_path = record_dir / f"{output_dir.name}_samples_dpmsolver{args.sample_steps}.png"
     save_image(make_grid(samples, nrow=10, padding=1, pad_value=0.5), grid_path)
 
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    summary = {
-        "command_args": vars(args),
-        "num_parameters": {"unet": count(unet), "text_encoder": count(text_encoder), "vae": count(vae)},
-        "vocab_size": len(tokenizer),
-        "vae": {"train_time_s": round(vae_seconds, 1), "final_loss": vae_log[-1]["loss"],
-                "reconstruction_mse_train": recon_mse, "scaling_factor": vae.config.scaling_factor,
-                "loss_curve": vae_log},
-        "train_time_s": round(train_seconds, 1),
-        "final_loss": log[-1]["loss"],
-        "loss_curve": log,
-    }
-    (output_dir.parent / f"{output_dir.name}_training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"saved {output_dir} ({train_seconds:.0f}s, final loss {log[-1]['loss']:.4f}); grid {grid_path}", flush=True)
+    write_training_record(
+        record_dir, output_dir, log, train_seconds, grid_path, command_args=vars(args),
+        num_parameters={"unet": count(unet), "text_encoder": count(text_encoder), "vae": count(vae)},
+        vocab_size=len(tokenizer),
+        vae={"train_time_s": round(vae_seconds, 1), "final_loss": vae_log[-1]["loss"],
+             "reconstruction_mse_train": recon_mse, "scaling_factor": vae.config.scaling_factor, "loss_curve": vae_log},
+    )
 
 
 if __name__ == "__main__":

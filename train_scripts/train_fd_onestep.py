@@ -9,7 +9,7 @@
 
 With no ``--pretrained_model_name_or_path`` / ``--encoders`` / ``--reference_stats`` the script runs the
 offline embedded default: the bundled digits teacher, the bundled digit encoders and their reference
-statistics (``fd_onestep/assets/digits``), on CPU in minutes, and writes a teacher-vs-student comparison.
+statistics (``fd_onestep/demos/digits/assets``), on CPU in minutes, and writes a teacher-vs-student comparison.
 ``--embedded_default digits-class`` runs the class-conditional one: the bundled class-conditional teacher,
 with adherence, per-class FD and FJD in the validation logs and the comparison, and samples per class.
 
@@ -79,121 +79,10 @@ from fd_onestep.training.state import (  # noqa: E402
 
 logger = get_logger("train_fd_onestep", log_level="INFO")
 
-# --------------------------------------------------------------------------------------------------------
-# Defaults. Arguments listed here default to None on the command line and are filled from one of these two
-# dicts: EMBEDDED_DEFAULTS when the offline embedded default runs (no model / encoders / stats given),
-# GENERAL_DEFAULTS otherwise. A value given on the command line always wins. Tune the digits run here.
-GENERAL_DEFAULTS = {
-    "train_batch_size": 32,
-    "max_train_steps": 2000,
-    "learning_rate": 3e-6,
-    "lr_scheduler": "cosine",
-    "lr_warmup_steps": 100,
-    "fd_population": "ema",
-    "fd_ema_beta": 0.999,
-    "fd_warmup_samples": 10000,
-    "fd_queue_size": 8192,
-    "fd_micro_batches": 4,
-    "checkpointing_steps": 500,
-    "validation_steps": 500,
-    "num_validation_samples": 1000,
-    "num_validation_images": 16,
-    "keep_best_by": None,
-    "final_weights": "last",
-    "onestep_timestep": None,  # the teacher's top training timestep
-    "output_bound": None,
-    "channels_last": False,
-    "adam_fused": False,
-    "compare_with_teacher": False,
-    "num_output_samples": 0,
-    "num_comparison_samples": 1000,
-    "eval_encoders": [],
-    "null_class_label": None,
-    "fd_condition": "marginal",
-    "classifier": None,
-    "write_comparison_samples": False,
-    "seed": 0,
-}
-EMBEDDED_DEFAULTS = {
-    # Measured on 2 CPU cores (see docs/digits.md): the teacher's one-step map at t = 999 is the mean digit (it
-    # ignores its input, since the SNR there is zero), at t = 600 it is already diverse; at step 100, lr 1e-4 with
-    # EMA beta 0.95 had the held-out resnet-digits FD at 5.6, against 9.0 with lr 1e-5 and beta 0.99 (whose
-    # population lagged the generator: population FD 0.4-0.75x the fresh-sample FD).
-    "train_batch_size": 64,
-    # 850 steps (cosine over 850) ran the main job in 4:21-4:27 but raised the held-out resnet FD by 12% over three
-    # training seeds (docs/main_job_speed.md): kept at 1,000
-    "max_train_steps": 1000,
-    "learning_rate": 1e-4,
-    "lr_scheduler": "cosine",
-    "lr_warmup_steps": 50,
-    "fd_population": "ema",
-    # A short memory: with beta 0.95 the fresh-sample FD sat 3-7x above the population FD through the
-    # high-lr phase (the population lagged, and the loss matched the mix of the last ~20 generators).
-    # Over full 1000-step runs, beta 0.95 / 0.9 / 0.8 / 0.6 gave a training-encoder FD_r mean (1000-sample
-    # comparison) of 2.83 / 2.31 / 2.29 / 1.99
-    # (effective population B (1 + beta) / (1 - beta) = 2496 / 1216 / 576 / 256 samples; the pixel features
-    # have d = 256). 0.8 was kept over 0.6 with the held-out numbers in view (docs/digits.md: 0.6 misses randcnn).
-    "fd_ema_beta": 0.8,
-    "fd_warmup_samples": 2048,
-    "fd_queue_size": 2048,
-    "fd_micro_batches": 4,
-    "checkpointing_steps": 250,
-    # Every 200 steps (and at the end) rather than every 100: each validation is 1,000 fresh samples, and five of
-    # them were ~2% of the job. Validations never touch the trajectory; under the cosine schedule the kept
-    # checkpoint was step 1,000 with either cadence (docs/main_job_speed.md), so the student is the same.
-    "validation_steps": 200,
-    "num_validation_samples": 1000,
-    "num_validation_images": 40,
-    # Selection uses the *training* encoders only: the held-out ones stay an honest measure.
-    "keep_best_by": "fd_r_mean",
-    "final_weights": "best",
-    "onestep_timestep": 600,
-    # The digits UNet's forward + backward at batch 64 on 2 CPU cores (benchmarks/bench_channels_last.py):
-    # 0.132 s in channels_last against 0.145 s contiguous (oneDNN convolutions); the main job 6:33 vs 7:01.
-    "channels_last": True,
-    # AdamW's fused kernel: the digits UNet's optimizer step (1.1M parameters in 182 tensors) in 2.7 ms against
-    # 11.5 ms for the foreach default, 2 cores. The same update up to float round-off (not bitwise).
-    "adam_fused": True,
-    # clamp, not tanh: a tanh output never reaches the exactly -1 background that 30% of the real digit
-    # pixels have (0% of a tanh student's pixels did, 23% were below -0.95 against 33% real); with clamp the
-    # held-out randcnn FD fell from 0.300 to 0.192 in the same 1000-step run.
-    "output_bound": "clamp",
-    "compare_with_teacher": True,
-    "num_output_samples": 1000,
-    "num_comparison_samples": 1000,
-    "eval_encoders": None,  # filled with the bundled held-out encoders
-    # dinov2-digits, siglip-digits, pixels-digits (digits.TRAINING_ENCODERS). The pixel term is doubled:
-    # with weight 1 it lagged most behind the teacher among the training FDs (4.7x the teacher's pixel FD
-    # against 1.05x and 1.16x for the two networks, measured over 1000 steps).
-    "encoder_loss_weights": [1.0, 1.0, 2.0],
-    "fd_condition": "marginal",
-    "write_comparison_samples": False,
-    "seed": 0,
-}
-# The class-conditional offline default (--embedded_default digits-class): the digits default's settings on the
-# bundled class-conditional teacher (digits 0-9 and its null class 10), uniform labels.
-CLASS_EMBEDDED_DEFAULTS = {
-    **EMBEDDED_DEFAULTS,
-    # the conditional defaults' figures (docs/digits_class.md, docs/digits_text.md) were measured with AdamW's
-    # foreach kernel and validation every 100 steps: kept, so that they reproduce bit for bit (the fused kernel is
-    # the same update with other round-off; another cadence can pick another checkpoint)
-    "adam_fused": False,
-    "validation_steps": 100,
-    "null_class_label": 10,  # fd_onestep.digits.NULL_CLASS_LABEL: the teacher's last class embedding
-    "fd_condition": "joint",
-    "classifier": "digits",  # adherence by the bundled digit classifier
-    "write_comparison_samples": True,
-}
-# The text-to-image offline default (--embedded_default digits-text): a one-step LoRA (always) on the bundled
-# Stable Diffusion-family digits teacher, prompts naming the digit in the training phrasings.
-TEXT_EMBEDDED_DEFAULTS = {**CLASS_EMBEDDED_DEFAULTS, "null_class_label": None}
-# Its LoRA: rank 16 on the attention projections and the resnet convolutions. Against rank 8 on the attention
-# projections only (the sd family's default), one 1,000-step run each (seed 0), the training-encoder FDs fell from
-# 0.211 / 0.450 / 3.553 to 0.074 / 0.134 / 0.572 (dinov2 / siglip / pixels, fresh samples at the last validations).
-TEXT_LORA_RANK = 16
-TEXT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-EMBEDDED_DEFAULT_CHOICES = {"digits": EMBEDDED_DEFAULTS, "digits-class": CLASS_EMBEDDED_DEFAULTS,
-                            "digits-text": TEXT_EMBEDDED_DEFAULTS}
+# The offline demos' recipes (--embedded_default): each sets the bundled teacher, encoders and statistics and the
+# settings that differ from the defaults below; it overrides only what the command line does not give.
+from fd_onestep.demos.digits.recipes import RECIPES  # noqa: E402
+
 # Named recipes on top of a digits default (--preset): each fills only the arguments the command line leaves out.
 # "quality" is the recipe under study in benchmarks/quality_study.py (docs/quality.md): the main job's settings
 # with a 3x longer cosine schedule (warm-up over the first 100 steps) and an EMA of the generator's weights
@@ -213,9 +102,6 @@ PRESETS = {
         "final_weights": "best",
     },
 }
-# a key only in EMBEDDED_DEFAULTS keeps the argument's own default (None) for general runs
-DEFAULTED_ARGS = tuple(dict.fromkeys([*GENERAL_DEFAULTS, *EMBEDDED_DEFAULTS, *CLASS_EMBEDDED_DEFAULTS,
-                                      *TEXT_EMBEDDED_DEFAULTS]))
 
 POPULATIONS = ("ema", "queue", "exact")
 # The fresh-vs-population FD warning needs this many validation samples per feature dimension: with fewer, the
@@ -251,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Never download: the teacher, encoders and datasets come from local folders and caches "
                         "(also implied by HF_HUB_OFFLINE=1).")
     g.add_argument("--onestep_timestep", type=int, default=None,
-                   help="Noise level the one step is taken from (DDPM index, or flow timestep). Default: the top "
-                        "of the schedule (embedded default: see EMBEDDED_DEFAULTS).")
+                   help="Noise level the one step is taken from (DDPM index, or flow timestep). None: the top "
+                        "of the schedule.")
     g.add_argument("--prediction_type", type=str, default=None,
                    help="Override the teacher's parameterization (epsilon, v_prediction, sample, flow).")
     g.add_argument("--output_bound", type=str, default=None, choices=OUTPUT_BOUND_CHOICES,
@@ -266,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, default=None,
                    help="Image resolution in pixels (default: the model's sample size).")
 
-    g.add_argument("--embedded_default", type=str, default=None, choices=sorted(EMBEDDED_DEFAULT_CHOICES),
+    g.add_argument("--embedded_default", type=str, default=None, choices=sorted(RECIPES),
                    help="Which offline embedded default runs when no model / encoders / stats are given: digits "
                         "(unconditional, the default), digits-class (class-conditional teacher, adherence, "
                         "per-class FD and FJD, samples per class) or digits-text (a one-step LoRA on the Stable "
@@ -288,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard dir, relative to --output_dir.")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='Trackers for accelerate ("tensorboard", "wandb", "all" or "none").')
-    g.add_argument("--tracker_project_name", type=str, default="fd-onestep")
-    g.add_argument("--seed", type=int, default=None, help="Seed for weights-independent randomness (noise, labels).")
+    g.add_argument("--tracker_project_name", type=str, default="fd-onestep", help="Project name for the trackers.")
+    g.add_argument("--seed", type=int, default=0, help="Seed for weights-independent randomness (noise, labels).")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--train_batch_size", type=_positive_int, default=None,
+    g.add_argument("--train_batch_size", type=_positive_int, default=32,
                    help="Samples per process per forward (exact population: per micro-batch).")
-    g.add_argument("--max_train_steps", type=_positive_int, default=None, help="Optimizer steps.")
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--max_train_steps", type=_positive_int, default=2000, help="Optimizer steps.")
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1, help="Micro-batches per optimizer step (ema / queue populations).")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute denoiser activations in backward.")
     g.add_argument("--vae_gradient_checkpointing", action="store_true",
                    help="Recompute the VAE decoder's activations in backward (diffusers' enable_gradient_checkpointing). "
@@ -307,25 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="An AutoencoderTiny (folder or Hub id, e.g. madebyollin/taesdxl) for the surrogate decoder "
                         "gradient x = tiny(z) + stop_grad(full(z) - tiny(z)): the loss sees the full decode, the "
                         "gradient flows through the tiny decoder. train_scripts/train_tiny_decoder.py distills one.")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="Keep the denoiser's convolution weights (and so its activations) in channels_last memory "
                         "format: faster convolutions on CPU (oneDNN) and on tensor-core GPUs; no effect on "
-                        "transformer denoisers. Default: off (offline default: on).")
-    g.add_argument("--learning_rate", type=float, default=None)
+                        "transformer denoisers (the digits recipes: on).")
+    g.add_argument("--learning_rate", type=float, default=3e-6, help="Peak learning rate (AdamW).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by gradient_accumulation_steps * train_batch_size * processes.")
-    g.add_argument("--lr_scheduler", type=str, default=None, choices=LR_SCHEDULERS)
-    g.add_argument("--lr_warmup_steps", type=int, default=None)
+    g.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS, help="diffusers' learning-rate schedule.")
+    g.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warm-up steps of the schedule.")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts only.")
     g.add_argument("--lr_power", type=float, default=1.0, help="polynomial only.")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=False,
                    help="AdamW's fused kernel (torch.optim.AdamW(fused=True)) instead of its foreach default: the "
-                        "same update up to float round-off, fewer passes over the weights. Default: off (offline "
-                        "default: on).")
+                        "same update up to float round-off, fewer passes over the weights (the digits recipe: on).")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (<= 0: no clipping, norm still logged).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config (no on CPU).")
@@ -336,14 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "which leaves all cores but one idle). Ignored on GPU.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator weights (used for validation and saving).")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="Generator-weights EMA maximum decay.")
-    g.add_argument("--ema_update_after_step", type=int, default=0)
+    g.add_argument("--ema_update_after_step", type=int, default=0, help="EMA weights (--use_ema): steps before the first update.")
     g.add_argument("--ema_use_warmup", action="store_true", help="EMA decay warm-up (inv_gamma, power).")
-    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    g.add_argument("--ema_power", type=float, default=2 / 3)
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma (diffusers EMAModel).")
+    g.add_argument("--ema_power", type=float, default=2 / 3, help="EMA warm-up power (diffusers EMAModel).")
 
     g = p.add_argument_group("LoRA (PEFT; base weights frozen)")
     g.add_argument("--use_lora", action="store_true", help="Train a LoRA instead of the full denoiser.")
-    g.add_argument("--lora_rank", type=_positive_int, default=None, help="Default: 8 (digits-text: 16).")
+    g.add_argument("--lora_rank", type=_positive_int, default=8, help="LoRA rank (the digits-text recipe: 16).")
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
     g.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                    help="Module-name suffixes (comma or space separated). Default: per family.")
@@ -354,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference_stats", type=str, nargs="+", default=None,
                    help="One ReferenceStats file per encoder (.safetensors, or pytorch-fid .npz), same order.")
     g.add_argument("--encoder_loss_weights", type=str, nargs="+", default=None, help="One weight per encoder (default 1 each; embedded: 1 1 2).")
-    g.add_argument("--fd_population", type=str, default=None, choices=POPULATIONS,
+    g.add_argument("--fd_population", type=str, default="ema", choices=POPULATIONS,
                    help="Generated statistics: ema (beta), queue (past batches) or exact (two-pass large batch).")
-    g.add_argument("--fd_ema_beta", type=float, default=None, help="EMA population decay.")
-    g.add_argument("--fd_warmup_samples", type=int, default=None,
+    g.add_argument("--fd_ema_beta", type=float, default=0.999, help="EMA population decay.")
+    g.add_argument("--fd_warmup_samples", type=int, default=10000,
                    help="Warm-start the population from the exact moments of this many generated samples (0: off).")
-    g.add_argument("--fd_queue_size", type=_positive_int, default=None,
+    g.add_argument("--fd_queue_size", type=_positive_int, default=8192,
                    help="Queue population: past generated samples kept (not batches).")
-    g.add_argument("--fd_micro_batches", type=_positive_int, default=None,
+    g.add_argument("--fd_micro_batches", type=_positive_int, default=4,
                    help="Exact population: micro-batches (of --train_batch_size) per step.")
     g.add_argument("--fd_eps", type=float, default=None,
                    help="Relative eps of the loss normalization, eps_i = fd_eps * tr(sigma_ref_i) (default: the library's).")
@@ -370,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder, instead of the torch.hub cache / download.")
     g.add_argument("--encoder_autocast", type=str, default="no", choices=["no", "fp16", "bf16"],
                    help="Autocast dtype for the encoders' forward.")
-    g.add_argument("--encoder_gradient_checkpointing", action="store_true")
-    g.add_argument("--fd_condition", type=str, default=None, choices=FD_CONDITIONS,
+    g.add_argument("--encoder_gradient_checkpointing", action="store_true", help="Recompute encoder activations in backward.")
+    g.add_argument("--fd_condition", type=str, default="marginal", choices=FD_CONDITIONS,
                    help="Class-conditional models: match the marginal feature distribution, or the joint one of "
                         "[features, alpha * one_hot(label)] (needs --class_reference_stats).")
     g.add_argument("--fd_label_scale", type=float, default=1.0,
@@ -405,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class_histogram", type=str, default=None, help="JSON file: list of per-class counts.")
     g.add_argument("--prompts_file", type=str, default=None, help="Text models: training prompts, one per line.")
     g.add_argument("--dataset_name", type=str, default=None, help="Text models: a datasets id/folder with captions.")
-    g.add_argument("--dataset_config_name", type=str, default=None)
-    g.add_argument("--dataset_split", type=str, default="train")
-    g.add_argument("--caption_column", type=str, default="text")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
+    g.add_argument("--dataset_split", type=str, default="train", help="Split of --dataset_name the prompts come from.")
+    g.add_argument("--caption_column", type=str, default="text", help="Column of --dataset_name holding the prompts.")
     g.add_argument("--max_prompts", type=int, default=None, help="Use at most this many captions.")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='A checkpoint folder, or "latest" (the newest complete one in --output_dir, if any).')
@@ -420,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "limit; resume later with --resume_from_checkpoint latest.")
 
     g = p.add_argument_group("validation")
-    g.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps (0: only at the end).")
-    g.add_argument("--num_validation_images", type=int, default=None, help="Images in the validation grid.")
-    g.add_argument("--num_validation_samples", type=int, default=None,
+    g.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (0: only at the end).")
+    g.add_argument("--num_validation_images", type=int, default=16, help="Images in the validation grid.")
+    g.add_argument("--num_validation_samples", type=int, default=1000,
                    help="Fresh samples for the validation FDs (0: no fresh-sample FD).")
-    g.add_argument("--eval_encoders", type=str, nargs="*", default=None,
+    g.add_argument("--eval_encoders", type=str, nargs="*", default=[],
                    help="Extra encoders for validation only (never in the loss).")
     g.add_argument("--eval_reference_stats", type=str, nargs="*", default=None, help="One stats file per --eval_encoders.")
     g.add_argument("--eval_class_reference_stats", type=str, nargs="*", default=None,
@@ -435,29 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_best_by", type=str, default=None,
                    help="Keep the pipeline with the lowest fresh-sample FD in DIR/best: a training encoder name, "
                         "'fd_mean' or 'fd_r_mean' (mean FD_r over the training encoders).")
-    g.add_argument("--final_weights", type=str, default=None, choices=["last", "best"],
+    g.add_argument("--final_weights", type=str, default="last", choices=["last", "best"],
                    help="Which weights the pipeline in --output_dir gets at the end.")
     g.add_argument("--fresh_fd_warning_ratio", type=float, default=3.0,
                    help="Warn when fresh-sample FD / population FD exceeds this (only with --num_validation_samples "
                         "of at least twice the encoder's feature dimension: fewer samples bias the fresh FD).")
 
     g = p.add_argument_group("outputs of the embedded default")
-    g.add_argument("--compare_with_teacher", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--compare_with_teacher", action=argparse.BooleanOptionalAction, default=False,
                    help="At the end, compare teacher (naive one step, multi-step) and student: grid + FD table.")
-    g.add_argument("--num_output_samples", type=int, default=None, help="Student samples written to DIR/samples/ as PNG.")
-    g.add_argument("--num_comparison_samples", type=int, default=None, help="Samples per generator for the comparison FDs.")
-    g.add_argument("--write_comparison_samples", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--num_output_samples", type=int, default=0, help="Student samples written to DIR/samples/ as PNG.")
+    g.add_argument("--num_comparison_samples", type=int, default=1000, help="Samples per generator for the comparison FDs.")
+    g.add_argument("--write_comparison_samples", action=argparse.BooleanOptionalAction, default=False,
                    help="Write every compared generator's samples to DIR/comparison_samples/<generator>/[<label>/].")
     g.add_argument("--teacher_sampler", type=str, default="dpmsolver++", choices=["dpmsolver++", "ddim", "ddpm"],
                    help="The teacher's multi-step sampler in the comparison.")
-    g.add_argument("--teacher_num_inference_steps", type=int, default=20)
+    g.add_argument("--teacher_num_inference_steps", type=int, default=20, help="Steps of the teacher's multi-step sampler in the comparison.")
 
     g = p.add_argument_group("Hub")
-    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the output dir (without checkpoints) to --hub_model_id.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: the output dir's name).")
     g.add_argument("--hub_token", type=str, default=None,
                    help="Prefer `hf auth login`: a token on the command line is visible in the shell history.")
-    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
 
     g = p.add_argument_group("debugging")
     g.add_argument("--debug_dump_first_step_grad", type=str, default=None,
@@ -476,7 +361,7 @@ def label_aliases(args) -> dict[str, str]:
     digits representations ("pixels-gray:16" -> "pixels-digits"); none for other runs."""
     if not args.embedded_default:
         return {}
-    from fd_onestep.digits import BUILTIN_ENCODERS
+    from fd_onestep.demos.digits import BUILTIN_ENCODERS
 
     return {spec: bundled_name for bundled_name, spec in BUILTIN_ENCODERS.items()}
 
@@ -511,38 +396,21 @@ def embedded_default_of(args) -> str | None:
     return (args.embedded_default or "digits") if plain else None
 
 
+# a recipe's held-out statistics belong to its held-out encoders: encoders given on the command line keep theirs
+TIED_ARGS = {"eval_reference_stats": "eval_encoders"}
+
+
 def finalize_args(args, given: set[str] = frozenset()) -> argparse.Namespace:
-    """Apply ``--preset`` (to the arguments not in ``given``), the defaults (embedded or general) and validate
+    """Apply the offline demo's recipe, then ``--preset`` (both to the arguments not in ``given``), and validate
     everything that needs no model.
 
     Raises ValueError / FileNotFoundError naming the argument and the fix.
     """
     args.embedded_default = embedded_default_of(args)
-    apply_preset(args, given)
-    defaults = EMBEDDED_DEFAULT_CHOICES[args.embedded_default] if args.embedded_default else GENERAL_DEFAULTS
-    for key in DEFAULTED_ARGS:
-        if getattr(args, key, None) is None:
-            setattr(args, key, defaults.get(key))
-    if args.output_bound == "none":
-        args.output_bound = None
-
     if args.embedded_default:
-        from fd_onestep import digits
-
-        args.pretrained_model_name_or_path = str({"digits": digits.TEACHER_PATH, "digits-class": digits.CLASS_TEACHER_PATH,
-                                                  "digits-text": digits.TEXT_TEACHER_PATH}[args.embedded_default])
-        if args.embedded_default == "digits-text":
-            args.use_lora = True  # the point of this default: a one-step LoRA for the stock text-to-image pipeline
-            if args.lora_target_modules is None:
-                args.lora_target_modules = list(TEXT_LORA_TARGETS)
-            if args.lora_rank is None:
-                args.lora_rank = TEXT_LORA_RANK
-        # the bundled folders load through load_encoder exactly like a user's local encoder folder
-        args.encoders = [digits.encoder_spec(name) for name in digits.TRAINING_ENCODERS]
-        args.reference_stats = [str(digits.stats_path(name)) for name in digits.TRAINING_ENCODERS]
-        if args.eval_encoders is None:
-            args.eval_encoders = [digits.encoder_spec(name) for name in digits.HELD_OUT_ENCODERS]
-            args.eval_reference_stats = [str(digits.stats_path(name)) for name in digits.HELD_OUT_ENCODERS]
+        for key, value in RECIPES[args.embedded_default].items():
+            if key not in given and TIED_ARGS.get(key) not in given:
+                setattr(args, key, list(value) if isinstance(value, list) else value)
     else:
         missing = [n for n in ("pretrained_model_name_or_path", "encoders", "reference_stats") if getattr(args, n) is None]
         if missing:
@@ -551,6 +419,9 @@ def finalize_args(args, given: set[str] = frozenset()) -> argparse.Namespace:
                 + ", ".join("--" + m for m in missing)
                 + "), or none of them for the offline embedded digits default."
             )
+    apply_preset(args, given)
+    if args.output_bound == "none":
+        args.output_bound = None
     args.encoders = parse_name_list(args.encoders)
     args.reference_stats = parse_name_list(args.reference_stats)
     args.eval_encoders = parse_name_list(args.eval_encoders)
@@ -559,9 +430,6 @@ def finalize_args(args, given: set[str] = frozenset()) -> argparse.Namespace:
     args.eval_class_reference_stats = class_stats_paths(args.eval_class_reference_stats, args.eval_reference_stats,
                                                         "--eval_class_reference_stats")
     args.lora_target_modules = parse_name_list(args.lora_target_modules) or None
-    if args.lora_rank is None:
-        args.lora_rank = 8
-
     if not args.encoders:
         raise ValueError("--encoders is empty: name at least one encoder for the FD-loss.")
     if len(set(args.encoders)) != len(args.encoders):
@@ -1128,11 +996,15 @@ def build_representations(args, device) -> Representations:
         args, args.eval_encoders, args.eval_reference_stats, device, args.eval_class_reference_stats)
     reps = Representations(encoders, references, eval_encoders, eval_references, {**class_refs, **eval_class_refs})
     if args.classifier:
-        from fd_onestep.digits import digit_label_predictor, load_digit_classifier
+        from fd_onestep.classifiers import label_predictor, load_image_classifier
 
-        reps.classifier_model = load_digit_classifier(None if args.classifier == "digits" else args.classifier,
-                                                      device=device)
-        reps.classifier = digit_label_predictor(reps.classifier_model)
+        source = args.classifier
+        if source == "digits":  # the digits demo's bundled classifier, by name
+            from fd_onestep.demos import digits
+
+            source = digits.classifier_path()
+        reps.classifier_model = load_image_classifier(source, device=device, local_files_only=True)
+        reps.classifier = label_predictor(reps.classifier_model)
     return reps
 
 
@@ -1141,7 +1013,7 @@ def load_conditioning(args, pipe, reps: Representations):
     class-label histogram (class-conditional models), checked. Returns ``(prompts, prompt_labels, histogram)``."""
     prompts = prompt_labels = None
     if args.embedded_default == "digits-text":
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         pairs = [(digits.digit_prompt(c, phrasing), c) for c in range(digits.NUM_CLASSES)
                  for phrasing in digits.TRAINING_PHRASINGS]
@@ -1290,7 +1162,7 @@ def build_discriminator(args, gen, reps: Representations, device):
         batches, _ = iter_folder_batches(args.adv_real_images, batch_size=args.sample_batch_size,
                                          resolution=gen.image_shape[-1], max_samples=args.adv_max_real_images)
     else:
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         images = digits.load_digits_split("train")[0][: args.adv_max_real_images]
         batches = images.split(args.sample_batch_size)
@@ -1933,8 +1805,9 @@ def run_text_comparison(args, accelerator, gen, model, reps: Representations):
 
     from diffusers.image_processor import VaeImageProcessor
 
-    from fd_onestep import comparison, digits
-    from fd_onestep.comparison.digits_baselines import digits_text_generators, load_digits_text_teachers
+    from fd_onestep import comparison
+    from fd_onestep.demos import digits
+    from fd_onestep.demos.digits.baselines import digits_text_generators, load_digits_text_teachers
     from fd_onestep.comparison.generators import prompted_pipeline
 
     device = accelerator.device
@@ -2006,7 +1879,7 @@ def run_comparison(args, accelerator, gen, model, reps: Representations):
     folders = {naive: "teacher_naive", multistep: "teacher_multistep", "student, 1 step (FD-loss)": "student"}
     classifier = reps.classifier_model
     if classifier is None and args.embedded_default:  # the class histogram of the digits default
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         classifier = digits.load_digit_classifier(device=device)
     return comparison.compare_generators(
@@ -2080,7 +1953,7 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
                                    local_files_only=args.local_files_only)
     if args.embedded_default and not args.use_lora:
         base = (f"fd_onestep bundled {'class-conditional ' if pipe.is_class_conditional else ''}digits teacher "
-                f"(fd_onestep/assets/digits/{Path(args.pretrained_model_name_or_path).name})")
+                f"(fd_onestep/demos/digits/assets/{Path(args.pretrained_model_name_or_path).name})")
     one_step_settings = stock_recipe = None
     if args.use_lora:  # what the LoRA's snippet must rebuild: the base with the run's one-step settings
         info = lora_base_info(args, pipe)

@@ -59,7 +59,7 @@ def load_vae_and_images(args):
     from diffusers import AutoencoderKL
 
     if args.embedded_default == "digits-text":
-        from fd_onestep import digits
+        from fd_onestep.demos import digits
 
         vae = AutoencoderKL.from_pretrained(digits.TEXT_TEACHER_PATH, subfolder="vae")
         images, _ = digits.load_digits_split("train")

@@ -34,11 +34,8 @@ Modules:
   ``naive_one_step_teacher``, ``one_step_pipeline``);
 - :mod:`.measure`: ``compare_generators`` and ``seed_spread``;
 - :mod:`.report`: the grid PNG, the markdown tables, the file names;
-- :mod:`.digits_baselines`: the bundled digits teacher's baselines;
-- ``__main__``: the command line, ``python -m fd_onestep.comparison --output_dir DIR ...``.
 """
 
-from .digits_baselines import digits_generators, digits_teacher_baselines
 from .generators import GeneratorFn, naive_one_step_teacher, one_step_pipeline, teacher_sampler
 from .measure import compare_generators, seed_spread
 from .report import format_markdown_table, format_seed_spread_table, save_comparison_grid
@@ -53,6 +50,4 @@ __all__ = [
     "format_markdown_table",
     "format_seed_spread_table",
     "save_comparison_grid",
-    "digits_generators",
-    "digits_teacher_baselines",
 ]

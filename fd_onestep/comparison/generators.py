@@ -287,7 +287,7 @@ def prompted_pipeline(
         pipeline: called as ``pipeline(prompts, generator=generator, output_type="pt", **call_kwargs)``,
             returning images in [0, 1] (diffusers' convention).
         prompts_for: ``(labels (B,) int64, generator) -> B prompts`` naming each label, e.g.
-            ``lambda labels, g: fd_onestep.digits.digit_prompts(labels, HELD_OUT_PHRASINGS, g)``; it draws from
+            ``lambda labels, g: fd_onestep.demos.digits.digit_prompts(labels, HELD_OUT_PHRASINGS, g)``; it draws from
             ``generator`` before the pipeline does (the same for every generator given the same seed).
         description: how it samples (e.g. "dpmsolver++ 20 steps").
         call_kwargs: e.g. ``num_inference_steps=20`` for a multi-step pipeline.

@@ -61,12 +61,13 @@ def _generate(fn: GeneratorFn, name: str, n: int, batch_size: int, generator: to
 
 def _label_predictor(classifier) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """``images (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)`` from a ``(model, image_processor)``
-    digit classifier (:func:`fd_onestep.digits.classify_digits`) or such a callable itself; None stays None."""
+    image classifier (:func:`fd_onestep.classifiers.load_image_classifier`) or such a callable itself; None stays
+    None."""
     if classifier is None or callable(classifier):
         return classifier
-    from ..digits import digit_label_predictor
+    from ..classifiers import label_predictor
 
-    return digit_label_predictor(classifier)
+    return label_predictor(classifier)
 
 
 class _SampleWriter:
@@ -119,9 +120,9 @@ def compare_generators(
         output_dir: where to write ``comparison_grid.png``, ``comparison.md``, ``comparison.json``; None
             writes nothing and only returns the report.
         held_out: representation names that were not used in training (marked in the table).
-        classifier: ``(model, image_processor)`` digit classifier (``fd_onestep.digits.load_digit_classifier``)
+        classifier: ``(model, image_processor)`` digit classifier (``fd_onestep.demos.digits.load_digit_classifier``)
             for the class histogram, or None to skip it. With ``num_classes`` it also gives adherence (through
-            ``fd_onestep.digits.classify_digits``); there it may also be a callable ``images -> predicted
+            ``fd_onestep.demos.digits.classify_digits``); there it may also be a callable ``images -> predicted
             classes int64 (B,)`` (adherence only, no histogram).
         grid_samples: images per generator in the grid (0: no grid).
         batch_size: images per generator call.
@@ -225,7 +226,7 @@ def compare_generators(
         fd_r = {name: evaluation.representations[name].fd_r for name in encoders}
         histogram = None
         if histogram_classifier is not None:
-            from ..digits import class_histogram
+            from ..classifiers import class_histogram
 
             histogram = class_histogram(torch.cat(kept), histogram_classifier)
         results[gname] = {

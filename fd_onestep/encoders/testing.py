@@ -16,51 +16,46 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+def _save_tiny(model_cls, config, processor, folder, seed: int) -> Path:
+    """``model_cls(config)`` with weights drawn from ``seed``, saved with its image processor into ``folder``."""
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    model_cls(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _tiny_vit_config(config_cls, *, image_size: int, hidden_size: int, patch_size: int):
+    """A 2-layer, 2-head ViT-style config of ``hidden_size`` width (MLP 2x)."""
+    return config_cls(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=2 * hidden_size, patch_size=patch_size, image_size=image_size)
+
+
 def save_tiny_dinov2(folder: str | os.PathLike, *, image_size: int = 224, hidden_size: int = 32, seed: int = 0) -> Path:
     """A 2-layer DINOv2 (patch 14) with a DINOv2-style ``BitImageProcessor`` at ``image_size``."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    torch.manual_seed(seed)
-    config = Dinov2Config(
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
-        patch_size=14,
-        image_size=image_size,
-    )
-    folder = Path(folder)
-    Dinov2Model(config).save_pretrained(folder)
-    BitImageProcessor(
+    processor = BitImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         resample=3,  # bicubic, as facebook/dinov2-*
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
-    ).save_pretrained(folder)
-    return folder
+    )
+    config = _tiny_vit_config(Dinov2Config, image_size=image_size, hidden_size=hidden_size, patch_size=14)
+    return _save_tiny(Dinov2Model, config, processor, folder, seed)
 
 
 def save_tiny_siglip(folder: str | os.PathLike, *, image_size: int = 32, hidden_size: int = 32, seed: int = 0) -> Path:
     """A 2-layer SigLIP vision tower (patch 8) with a ``SiglipImageProcessor`` at ``image_size``."""
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    torch.manual_seed(seed)
-    config = SiglipVisionConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
-        patch_size=8,
-        image_size=image_size,
-    )
-    folder = Path(folder)
-    SiglipVisionModel(config).save_pretrained(folder)
-    SiglipImageProcessor(
+    processor = SiglipImageProcessor(
         size={"height": image_size, "width": image_size}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(folder)
-    return folder
+    )
+    config = _tiny_vit_config(SiglipVisionConfig, image_size=image_size, hidden_size=hidden_size, patch_size=8)
+    return _save_tiny(SiglipVisionModel, config, processor, folder, seed)
 
 
 def random_fid_inception_state_dict(seed: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""The bundled digits teacher's baselines (what ``python -m fd_onestep.comparison`` measures).
+"""The bundled digits teacher's baselines (what ``python -m fd_onestep.demos.digits`` measures).
 
 The naive one-step teacher, its multi-step sampler(s) and any trained one-step students, in every bundled
 digits representation (training and held out), with the digit classifier's class histogram.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from .generators import naive_one_step_teacher, one_step_pipeline, prompted_pipeline, teacher_sampler
-from .measure import compare_generators, seed_spread
+from ...comparison.generators import naive_one_step_teacher, one_step_pipeline, prompted_pipeline, teacher_sampler
+from ...comparison.measure import compare_generators, seed_spread
 
 __all__ = ["digits_generators", "digits_teacher_baselines", "digits_text_generators", "load_digits_text_teachers"]
 
@@ -25,7 +25,7 @@ def digits_generators(
     """The bundled digits teacher used naively in one step and with its multi-step sampler(s), plus any trained
     one-step students (display name -> output folder of ``train_fd_onestep.py``, loaded with
     ``FDOneStepPipeline.from_pretrained``), as generator callables for :func:`compare_generators`."""
-    from ..digits import load_digits_teacher
+    from . import load_digits_teacher
 
     teacher = load_digits_teacher(device)
     generators = {
@@ -35,7 +35,7 @@ def digits_generators(
     for name, steps in extra_samplers:
         generators[f"teacher, {name} {steps} steps"] = teacher_sampler(teacher, steps, name)
     if students:
-        from ..pipelines.pipeline_fd_onestep import FDOneStepPipeline
+        from ...pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
         for name, folder in students.items():
             pipe = FDOneStepPipeline.from_pretrained(str(folder), local_files_only=True)
@@ -64,7 +64,7 @@ def digits_teacher_baselines(
     teacher's and >= 10x below the naive one-step teacher's. With ``spread_seeds`` (two or more), the FDs are
     also repeated over those seeds and ``seed_spread.md`` / ``.json`` written (:func:`seed_spread`).
     """
-    from ..digits import (
+    from . import (
         HELD_OUT_ENCODERS,
         TRAINING_ENCODERS,
         load_bundled_encoders,
@@ -100,8 +100,8 @@ def load_digits_text_teachers(*, sampler: str = "dpmsolver++", guidance_scale: f
     ``FDOneStepPipeline.from_teacher`` (x0 at the top timestep)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from ..digits import TEXT_TEACHER_PATH
-    from ..pipelines.pipeline_fd_onestep import FDOneStepPipeline
+    from . import TEXT_TEACHER_PATH
+    from ...pipelines.pipeline_fd_onestep import FDOneStepPipeline
 
     teacher = StableDiffusionPipeline.from_pretrained(TEXT_TEACHER_PATH, local_files_only=True)
     classes = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -120,7 +120,7 @@ def digits_text_generators(phrasings, *, sampler: str = "dpmsolver++", num_infer
     requested digit in one of ``phrasings`` (drawn per image): used naively in one step and with its multi-step
     sampler. ``teachers``: the pipelines of :func:`load_digits_text_teachers` (with this ``sampler`` and
     ``guidance_scale``), so that several phrasing sets share one load; loaded here if None."""
-    from ..digits import digit_prompts
+    from . import digit_prompts
 
     def prompts_for(labels, generator):
         return digit_prompts(labels, phrasings, generator)

@@ -2,7 +2,7 @@
 
 scikit-learn ships ``load_digits`` (1,797 grayscale 8x8 handwritten digits, pixel values 0..16) with the
 package, so it is available on a fresh offline machine. fd-onestep's offline default (the digits teacher,
-the digit encoders and their reference statistics under ``fd_onestep/assets/digits/``) is built on it.
+the digit encoders and their reference statistics under ``fd_onestep/demos/digits/assets/``) is built on it.
 
 Conventions used everywhere in this module:
 
@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ...classifiers import class_histogram as _class_histogram
+from ...classifiers import classify_images, load_image_classifier
 
 __all__ = [
     "DIGITS_ASSETS_DIR",
@@ -56,6 +59,7 @@ __all__ = [
     "load_digits_split",
     "digits_dataset",
     "split_metadata",
+    "classifier_path",
     "load_digit_classifier",
     "classify_digits",
     "class_histogram",
@@ -64,7 +68,7 @@ __all__ = [
     "load_digits_teacher",
 ]
 
-DIGITS_ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "digits"
+DIGITS_ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher"
 # The class-conditional teacher: UNet2DModel with num_class_embeds = NUM_CLASSES + 1, the last one the null
 # class (the label of dropped conditioning in training), used by classifier-free guidance.
@@ -139,7 +143,7 @@ def stats_path(name: str) -> Path:
 def class_stats_path(name: str) -> Path:
     """Per-class statistics (``ClassConditionalStats``, ``<name>.classes.safetensors``) of a bundled digits
     encoder on the digits train split: per-class FD, FJD and the joint FD-loss."""
-    from .dataset_stats import CLASS_STATS_SUFFIX
+    from ...dataset_stats import CLASS_STATS_SUFFIX
 
     path = STATS_DIR / f"{name}{CLASS_STATS_SUFFIX}"
     if not path.is_file():
@@ -239,7 +243,7 @@ def digits_dataset(split: Split = "train", resolution: int = DIGITS_RESOLUTION):
     """
     import datasets
 
-    from .images import tensor_to_pil
+    from ...images import tensor_to_pil
 
     images, labels = load_digits_split(split, resolution)
     features = datasets.Features(
@@ -253,7 +257,7 @@ def digits_dataset(split: Split = "train", resolution: int = DIGITS_RESOLUTION):
 
 
 def split_metadata() -> dict:
-    """JSON-serializable description of the fixed split (what ``assets/digits/split.json`` holds)."""
+    """JSON-serializable description of the fixed split (what ``assets/split.json`` holds)."""
     train_idx, val_idx = _split_indices()
     _, labels = _raw_digits()
     return {
@@ -282,7 +286,7 @@ def load_digits_teacher(device: str | torch.device | None = None):
     if not (TEACHER_PATH / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the bundled digits teacher is missing ({TEACHER_PATH}); reinstall fd-onestep or rebuild it with "
-            "train_scripts/train_digits_teacher.py --output_dir fd_onestep/assets/digits/teacher."
+            "train_scripts/train_digits_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher."
         )
     pipeline = DDPMPipeline.from_pretrained(TEACHER_PATH, local_files_only=True)
     return pipeline.to(device) if device is not None else pipeline
@@ -290,7 +294,7 @@ def load_digits_teacher(device: str | torch.device | None = None):
 
 def load_bundled_encoders(names=TRAINING_ENCODERS + HELD_OUT_ENCODERS, device=None, **kwargs) -> dict:
     """``{name: load_encoder(<bundled folder>)}``: the user's code path, on the bundled folders."""
-    from .encoders import load_encoder
+    from ...encoders import load_encoder
 
     kwargs.setdefault("local_files_only", True)
     return {name: load_encoder(encoder_spec(name), device=device, **kwargs) for name in names}
@@ -298,130 +302,37 @@ def load_bundled_encoders(names=TRAINING_ENCODERS + HELD_OUT_ENCODERS, device=No
 
 def load_bundled_references(names=TRAINING_ENCODERS + HELD_OUT_ENCODERS) -> dict:
     """``{name: ReferenceStats}`` of the bundled encoders on the digits train split (with validation_fd)."""
-    from .reference_stats import ReferenceStats
+    from ...reference_stats import ReferenceStats
 
     return {name: ReferenceStats.load(stats_path(name)) for name in names}
 
 
 # --------------------------------------------------------------------------------------------------------
-# The bundled digit classifier and class histograms.
+# The bundled digit classifier and class histograms (the library's image-classifier code on the bundled folder).
+
+
+def classifier_path() -> Path:
+    """Folder of the bundled ``ResNetForImageClassification`` digit classifier (what ``--classifier`` takes)."""
+    return encoder_path(CLASSIFIER_NAME)
 
 
 def load_digit_classifier(path: str | Path | None = None, device: str | torch.device | None = None):
-    """The bundled ``ResNetForImageClassification`` digit classifier (or one at ``path``), in eval mode.
-
-    Loaded with ``AutoModelForImageClassification`` / ``AutoImageProcessor``: the same folders a user
-    would point transformers at. Returns ``(model, image_processor)``.
-    """
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    folder = Path(path) if path is not None else encoder_path(CLASSIFIER_NAME)
-    model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
-    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
-    return model, processor
+    """The bundled digit classifier (or one at ``path``): ``(model, image_processor)`` in eval mode, loaded by
+    :func:`fd_onestep.classifiers.load_image_classifier` as any transformers image classifier."""
+    return load_image_classifier(Path(path) if path is not None else classifier_path(), device=device,
+                                 local_files_only=True)
 
 
-def processor_input_size(processor) -> tuple[int, int]:
-    """(height, width) an image processor feeds its model: the center crop if it crops, else the resize."""
-
-    def field(size, key):
-        if size is None:
-            return None
-        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-    sizes = [getattr(processor, "crop_size", None)] if getattr(processor, "do_center_crop", False) else []
-    for size in sizes + [getattr(processor, "size", None)]:
-        height, width = field(size, "height"), field(size, "width")
-        if height and width:
-            return int(height), int(width)
-        if field(size, "shortest_edge"):
-            return int(field(size, "shortest_edge")), int(field(size, "shortest_edge"))
-    raise ValueError(
-        f"cannot tell the input size of image processor {type(processor).__name__}: give it size "
-        "{'height', 'width'} or {'shortest_edge'} (and crop_size when do_center_crop)."
-    )
-
-
-def _processor_input(images: torch.Tensor, processor, num_channels: int) -> torch.Tensor:
-    """[-1, 1] (N, C, H, W) -> the classifier's input, done in torch exactly as its image processor would:
-    gray -> RGB, bilinear resize to the processor's crop/size, (x01 - mean) / std."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}.")
-    from diffusers.image_processor import VaeImageProcessor
-
-    x = VaeImageProcessor.denormalize(images.float())  # [-1, 1] -> [0, 1], clamped
-    if x.shape[1] == 1 and num_channels == 3:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] != num_channels:
-        raise ValueError(
-            f"the classifier takes {num_channels}-channel images, got {x.shape[1]} channels; "
-            "pass grayscale (1) or RGB (3) images in [-1, 1]."
-        )
-    height, width = processor_input_size(processor)
-    if x.shape[-2:] != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(processor.image_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(processor.image_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-@torch.no_grad()
 def classify_digits(images: torch.Tensor, classifier=None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classify digit images.
-
-    Args:
-        images: float (N, 1 or 3, H, W) in [-1, 1].
-        classifier: ``(model, image_processor)`` from ``load_digit_classifier``; the bundled one if None.
-    Returns:
-        ``(predictions int64 (N,), confidences float32 (N,))``: argmax class and its softmax probability.
-    """
-    model, processor = classifier if classifier is not None else load_digit_classifier()
-    device = next(model.parameters()).device
-    preds, confs = [], []
-    for start in range(0, images.shape[0], batch_size):
-        x = _processor_input(images[start : start + batch_size].to(device), processor, model.config.num_channels)
-        probs = model(pixel_values=x).logits.float().softmax(-1)
-        conf, pred = probs.max(-1)
-        preds.append(pred.cpu())
-        confs.append(conf.cpu())
-    return torch.cat(preds), torch.cat(confs)
-
-
-def digit_label_predictor(classifier) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``images float (B, C, H, W) in [-1, 1] -> predicted classes int64 (B,)`` from a ``(model,
-    image_processor)`` classifier of :func:`load_digit_classifier`, applied by :func:`classify_digits`."""
-    return lambda images: classify_digits(images, classifier)[0]
+    """:func:`fd_onestep.classifiers.classify_images` with the bundled digit classifier unless one is given."""
+    return classify_images(images, classifier if classifier is not None else load_digit_classifier(), batch_size)
 
 
 def class_histogram(images: torch.Tensor, classifier=None, batch_size: int = 256) -> dict:
-    """Class histogram of generated digits under the digit classifier.
-
-    Args:
-        images: float (N, C, H, W) in [-1, 1].
-    Returns:
-        dict with ``counts`` (list of 10 ints), ``frequencies`` (10 floats summing to 1),
-        ``max_abs_deviation`` (max over classes of |freq - 0.1|, absolute), ``max_relative_deviation``
-        (max over classes of |freq - 0.1| / 0.1, e.g. 0.15 = every class within 15% of uniform),
-        ``classes_present`` (how many classes got at least one sample), ``mean_confidence`` and
-        ``num_samples``.
-    """
-    preds, confs = classify_digits(images, classifier, batch_size)
-    counts = torch.bincount(preds, minlength=NUM_CLASSES)[:NUM_CLASSES]
-    freqs = counts.double() / max(int(counts.sum()), 1)
-    uniform = 1.0 / NUM_CLASSES
-    deviation = (freqs - uniform).abs()
-    return {
-        "num_samples": int(preds.numel()),
-        "counts": counts.tolist(),
-        "frequencies": [round(float(f), 6) for f in freqs],
-        "max_abs_deviation": float(deviation.max()),
-        "max_relative_deviation": float(deviation.max() / uniform),
-        "classes_present": int((counts > 0).sum()),
-        "mean_confidence": float(confs.mean()) if confs.numel() else float("nan"),
-    }
+    """:func:`fd_onestep.classifiers.class_histogram` of ten digit classes, with the bundled digit classifier
+    unless one is given."""
+    classifier = classifier if classifier is not None else load_digit_classifier()
+    return _class_histogram(images, classifier, NUM_CLASSES, batch_size)
 
 
 def write_split_metadata(path: str | Path = SPLIT_METADATA_PATH) -> Path:

@@ -1,12 +1,12 @@
-"""``python -m fd_onestep.comparison --output_dir DIR ...``: the bundled digits teacher's baselines and trained
-students (:func:`~fd_onestep.comparison.digits_baselines.digits_teacher_baselines`); prints the tables."""
+"""``python -m fd_onestep.demos.digits --output_dir DIR ...``: the bundled digits teacher's baselines and trained
+students (:func:`~fd_onestep.demos.digits.baselines.digits_teacher_baselines`); prints the tables."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .digits_baselines import digits_teacher_baselines
-from .report import JSON_FILENAME, RUNS_TABLE_FILENAME, SPREAD_TABLE_FILENAME, TABLE_FILENAME, format_training_runs_table
+from .baselines import digits_teacher_baselines
+from ...comparison.report import JSON_FILENAME, RUNS_TABLE_FILENAME, SPREAD_TABLE_FILENAME, TABLE_FILENAME, format_training_runs_table
 
 
 def _student_arg(item: str) -> tuple[str, str]:
@@ -20,7 +20,7 @@ def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m fd_onestep.comparison",
+        prog="python -m fd_onestep.demos.digits",
         description="FD of the bundled digits teacher (naive one step vs its sampler) and of trained students.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_samples", type=int, default=2000)
