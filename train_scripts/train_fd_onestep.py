@@ -869,14 +869,16 @@ def check_run_setup(args, accelerator):
     lock, refusal = OutputDirLock(output_dir), None
     if accelerator.is_main_process:
         try:
+            if not args.overwrite_output_dir:
+                # another run's checkpoints: say which arguments differ before refusing to write over them
+                check_output_dir_compatible(output_dir, fingerprint)
             check_no_overwrite(output_dir, resuming=resume_path is not None, overwrite=args.overwrite_output_dir)
             lock.acquire()
             if args.overwrite_output_dir:
                 clear_previous_run(output_dir, [RUN_ARGS_FILE])
-        except RunError as err:
+        except (RunError, ValueError) as err:
             refusal = err
     raise_if_main_refused(accelerator, refusal)
-    check_output_dir_compatible(output_dir, fingerprint)
     if resume_path is not None:
         check_checkpoint_compatible(resume_path, fingerprint)
     if accelerator.is_main_process:

@@ -228,8 +228,8 @@ def check_output_dir_compatible(output_dir: str | os.PathLike, fingerprint: Mapp
     if not run_file.is_file():
         raise ValueError(
             f"--output_dir {str(root)!r} holds checkpoints ({', '.join(p.name for p in checkpoints)}) but no "
-            f"{RUN_ARGS_FILE}, so they cannot be attributed to this run. Use a fresh --output_dir, or delete "
-            "those checkpoints."
+            f"{RUN_ARGS_FILE}, so they cannot be attributed to this run. Use a fresh --output_dir, or start over with "
+            "--overwrite_output_dir (deletes those checkpoints)."
         )
     differences = _saved_fingerprint_differences(run_file, fingerprint)
     if differences:
@@ -237,8 +237,8 @@ def check_output_dir_compatible(output_dir: str | os.PathLike, fingerprint: Mapp
             f"--output_dir {str(root)!r} holds checkpoints of another run ({', '.join(p.name for p in checkpoints)}) "
             "made with different arguments:\n  "
             + "\n  ".join(differences)
-            + "\nUse a fresh --output_dir for the new arguments, or rerun with that run's arguments to resume it "
-            "(--resume_from_checkpoint latest)."
+            + "\nUse a fresh --output_dir for the new arguments, rerun with that run's arguments to resume it "
+            "(--resume_from_checkpoint latest), or start over with --overwrite_output_dir (deletes its checkpoints)."
         )
 
 
