@@ -397,7 +397,7 @@ class FamilyAdapter:
     stock_pipeline: str | None = None  # the stock diffusers pipeline that takes the same one step
     flow_matching_only: bool = False
     default_max_sequence_length: int | None = None
-    # (components, message) the family cannot do without
+    # (components, what they are or None) the family cannot do without; the error names the family and them
     required_components: tuple = ()
 
     def __init__(self, pipe: "FDOneStepPipeline"):
@@ -427,9 +427,11 @@ class FamilyAdapter:
     def check_components(cls, denoiser, components: dict) -> None:
         if cls.is_latent and components.get("vae") is None:
             raise ValueError(f"the {cls.name!r} family is a latent model: pass its `vae`.")
-        for names, message in cls.required_components:
+        for names, what in cls.required_components:
             if any(components.get(n) is None for n in names):
-                raise ValueError(message)
+                passed = " and ".join(f"`{n}`" for n in names)
+                raise ValueError(f"the {cls.name!r} family needs {what}: pass {passed}." if what
+                                 else f"the {cls.name!r} family needs {passed}.")
 
     @classmethod
     def resolve_settings(cls, denoiser, scheduler, settings: dict) -> dict:
@@ -706,6 +708,11 @@ class _TextFamilyAdapter(FamilyAdapter):
     stock_pipeline_class: type = None
     text_components: tuple = ()  # what the stock pipeline's encode_prompt reads
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the stock pipeline that encodes the prompts is the one that takes the same one step
+        cls.stock_pipeline = cls.stock_pipeline_class.__name__
+
     def stock_text_pipeline(self) -> DiffusionPipeline:
         """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied).
 
@@ -759,10 +766,9 @@ class SDAdapter(_TextFamilyAdapter):
     denoiser_slot = "unet"
     denoiser_class = UNet2DConditionModel
     lora_loader = "StableDiffusionLoraLoaderMixin"
-    stock_pipeline = "StableDiffusionPipeline"
     stock_pipeline_class = StableDiffusionPipeline
     text_components = ("text_encoder", "tokenizer")
-    required_components = ((("text_encoder", "tokenizer"), "the 'sd' family needs `text_encoder` and `tokenizer`."),)
+    required_components = ((("text_encoder", "tokenizer"), None),)
 
     @classmethod
     def owns_denoiser(cls, denoiser):
@@ -815,16 +821,9 @@ class SDXLAdapter(SDAdapter):
 
     name = "sdxl"
     lora_loader = "StableDiffusionXLLoraLoaderMixin"
-    stock_pipeline = "StableDiffusionXLPipeline"
     stock_pipeline_class = StableDiffusionXLPipeline
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet")
-    required_components = (
-        (("text_encoder_2", "tokenizer_2"),
-         "the 'sdxl' family needs its second text encoder: pass `text_encoder_2` and `tokenizer_2`."),
-        (("text_encoder", "tokenizer"),
-         "an SDXL UNet without `text_encoder` / `tokenizer` is the SDXL refiner (an img2img model with aesthetic-score "
-         "conditioning), which one-step text-to-image does not support: use the SDXL base model."),
-    )
+    required_components = ((("text_encoder_2", "tokenizer_2"), "its second text encoder"),)
     # the only ones the stock text-to-image pipeline takes
     IMG2IMG_PIPELINES = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
                          "StableDiffusionXLInstructPix2PixPipeline")
@@ -860,6 +859,11 @@ class SDXLAdapter(SDAdapter):
     @classmethod
     def check_components(cls, denoiser, components):
         super().check_components(denoiser, components)
+        if components.get("text_encoder") is None or components.get("tokenizer") is None:
+            raise ValueError(
+                "an SDXL UNet without `text_encoder` / `tokenizer` is the SDXL refiner (an img2img model with "
+                "aesthetic-score conditioning), which one-step text-to-image does not support: use the SDXL base model."
+            )
         cfg = denoiser.config
         expected = int(cfg.addition_time_embed_dim) * 6 + int(components["text_encoder_2"].config.projection_dim)
         if cfg.projection_class_embeddings_input_dim != expected:
@@ -962,17 +966,13 @@ class SD3Adapter(_TextFamilyAdapter):
     name = "sd3"
     denoiser_class = SD3Transformer2DModel
     lora_loader = "SD3LoraLoaderMixin"
-    stock_pipeline = "StableDiffusion3Pipeline"
     stock_pipeline_class = StableDiffusion3Pipeline
     text_components = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
                        "tokenizer_3")
     flow_matching_only = True
     default_max_sequence_length = 256
-    required_components = (
-        (("text_encoder", "tokenizer"), "the 'sd3' family needs `text_encoder` and `tokenizer`."),
-        (("text_encoder_2", "tokenizer_2"),
-         "the 'sd3' family needs both CLIP encoders: pass `text_encoder_2` and `tokenizer_2`."),
-    )
+    required_components = ((("text_encoder", "tokenizer"), None),
+                           (("text_encoder_2", "tokenizer_2"), "both CLIP encoders"))
 
     def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
         embeds, negative, pooled, negative_pooled = self.stock_text_pipeline().encode_prompt(
@@ -1016,16 +1016,12 @@ class FluxAdapter(_TextFamilyAdapter):
     name = "flux"
     denoiser_class = FluxTransformer2DModel
     lora_loader = "FluxLoraLoaderMixin"
-    stock_pipeline = "FluxPipeline"
     stock_pipeline_class = FluxPipeline
     text_components = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     flow_matching_only = True
     default_max_sequence_length = 512
-    required_components = (
-        (("text_encoder", "tokenizer"), "the 'flux' family needs `text_encoder` and `tokenizer`."),
-        (("text_encoder_2", "tokenizer_2"),
-         "the 'flux' family needs the T5 encoder: pass `text_encoder_2` and `tokenizer_2`."),
-    )
+    required_components = ((("text_encoder", "tokenizer"), None),
+                           (("text_encoder_2", "tokenizer_2"), "the T5 encoder"))
 
     @classmethod
     def default_sample_size(cls, denoiser):
@@ -1111,11 +1107,10 @@ class SanaAdapter(_TextFamilyAdapter):
     name = "sana"
     denoiser_class = SanaTransformer2DModel
     lora_loader = "SanaLoraLoaderMixin"
-    stock_pipeline = "SanaPipeline"
     stock_pipeline_class = SanaPipeline
     text_components = ("text_encoder", "tokenizer")
     flow_matching_only = True
-    required_components = ((("text_encoder", "tokenizer"), "the 'sana' family needs `text_encoder` and `tokenizer`."),)
+    required_components = ((("text_encoder", "tokenizer"), None),)
 
     @staticmethod
     def stock_call_default(name):

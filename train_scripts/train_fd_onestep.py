@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Multi-step diffusers pipeline (Hub id or folder): DDPM/DDIM UNet2DModel, DiT, Stable "
-                        "Diffusion 1.x/2.x, SD3 or Flux. Omit (with --encoders and --reference_stats) for the "
+                        "Diffusion 1.x/2.x, SDXL, SD3, Flux or SANA. Omit (with --encoders and --reference_stats) for the "
                         "offline embedded digits default.")
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
