@@ -408,9 +408,7 @@ def finalize_args(args, given: set[str] = frozenset()) -> argparse.Namespace:
     """
     args.embedded_default = embedded_default_of(args)
     if args.embedded_default:
-        for key, value in RECIPES[args.embedded_default].items():
-            if key not in given and TIED_ARGS.get(key) not in given:
-                setattr(args, key, list(value) if isinstance(value, list) else value)
+        fill_not_given(args, RECIPES[args.embedded_default], given)
     else:
         missing = [n for n in ("pretrained_model_name_or_path", "encoders", "reference_stats") if getattr(args, n) is None]
         if missing:
@@ -606,18 +604,23 @@ def explicit_args(input_args=None) -> set[str]:
     return set(vars(parser.parse_args(input_args)))
 
 
+def fill_not_given(args, values: dict, given: set[str]) -> None:
+    """Set ``values`` (a recipe or a preset) on ``args`` except for arguments in ``given`` (and their tied ones)."""
+    for key, value in values.items():
+        if key not in given and TIED_ARGS.get(key) not in given:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+
+
 def apply_preset(args, given: set[str]) -> None:
     """``--preset``: its values for the arguments not in ``given``; only on top of a digits default (its values
-    are tuned on the bundled digits teachers)."""
+    are made for the bundled digits teachers and are still under study, docs/quality.md)."""
     if args.preset is None:
         return
     if not args.embedded_default:
-        raise ValueError(f"--preset {args.preset} is a recipe of the offline digits defaults (its values were chosen "
-                         "on them): drop it, or drop --pretrained_model_name_or_path / --encoders / "
+        raise ValueError(f"--preset {args.preset} is a recipe of the offline digits defaults (its values were made "
+                         "for them): drop it, or drop --pretrained_model_name_or_path / --encoders / "
                          "--reference_stats to run it on the digits default.")
-    for key, value in PRESETS[args.preset].items():
-        if key not in given:
-            setattr(args, key, value)
+    fill_not_given(args, PRESETS[args.preset], given)
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
