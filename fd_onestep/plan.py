@@ -349,6 +349,7 @@ class StepMeasure:
     saved: dict  # part -> bytes saved for backward
     flops: dict  # part -> FLOPs (forward + backward) of the whole batch
     rss_delta: Optional[int] = None  # real runs (fake=False) on Linux: peak resident memory of the step - before
+    allocated_peak: Optional[int] = None  # real runs: peak bytes the allocator handed out in the step (profiler)
     seconds: Optional[float] = None  # real runs: wall time of the same step without the counters
 
 
@@ -533,6 +534,25 @@ class _ResidentMemory:
         return self._read("VmHWM") - self.before
 
 
+class _AllocatedMemory:
+    """Peak bytes the CPU allocator handed out since creation, above what it held at creation (a real run; the
+    torch profiler's memory events, replayed in time order). What a GPU's allocator would be asked for: unlike
+    resident memory, it leaves out the process's own overheads (kernel code pages, scratch, Python objects)."""
+
+    def __init__(self):
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+
+    def peak_delta(self) -> int:
+        self._profiler.__exit__(None, None, None)
+        events = [e for e in self._profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+        current = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            current += event.nbytes()  # negative for a free
+            peak = max(peak, current)
+        return peak
+
+
 def _bytes_text(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -552,7 +572,13 @@ def _dtype(name: str):
 
 
 class _NoMemo(dict):
-    """A converter memo that forgets an entry once read (no weak references; conversions are not shared)."""
+    """A converter memo that holds one entry, the conversion under way, and forgets it once read: no weak
+    references (Module.to() swaps fake parameters), and no strong ones either, or every operator output the
+    fake mode memoizes (``from_meta_and_device``) would stay alive and count as live memory."""
+
+    def __setitem__(self, key, value):
+        self.clear()
+        super().__setitem__(key, value)
 
     def get(self, key, default=None):
         return self.pop(key, default)
@@ -712,6 +738,7 @@ def _measure_step(gen, denoiser, encoders, fd_math, cond, batch, settings, pipe)
         parts.watch(enc, f"encoder {name}")
     noise = gen.sample_noise(batch, device="cpu")
     rss = _ResidentMemory() if not _ACTIVE_FAKE_MODE else None
+    allocated = _AllocatedMemory() if rss is not None else None
     live = LiveBytes()
     dtype = _dtype(settings.mixed_precision)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -729,6 +756,7 @@ def _measure_step(gen, denoiser, encoders, fd_math, cond, batch, settings, pipe)
             parts._charge(parts.stack[-1])
         rss_delta = rss.peak_delta() if rss is not None else None
     finally:
+        allocated_peak = allocated.peak_delta() if allocated is not None else None
         parts.remove()
     seconds = None
     if rss is not None:  # a real run: the same step again, timed without the counters
@@ -744,7 +772,8 @@ def _measure_step(gen, denoiser, encoders, fd_math, cond, batch, settings, pipe)
     saved = {k: v for k, v in parts.saved.items() if v}
     flops = {k: v for k, v in parts.flops.items() if v and k != "FD math"}
     flops["FD math"] = fd_flops
-    return StepMeasure(batch, int(max(live.peak, held + fd_peak)), saved, flops, rss_delta, seconds)
+    return StepMeasure(batch, int(max(live.peak, held + fd_peak)), saved, flops, rss_delta=rss_delta,
+                       allocated_peak=allocated_peak, seconds=seconds)
 
 
 def plan_table_rows(plans: dict) -> list[str]:

@@ -78,11 +78,13 @@ def test_plan_memory_and_flops_match_a_real_cpu_run_of_the_same_step():
     batch = 64
     settings = digits_settings(batch_size=batch)
     planned = make_plan(settings, batches=[batch]).steps[batch]
-    real = real_step_in_subprocess(settings, batch)  # a fresh process: its peak resident memory is the step's
+    real = real_step_in_subprocess(settings, batch)
     # FLOPs: the same operators counted on fake and on real tensors
     assert sum(planned.flops.values()) == sum(real.flops.values())
-    # memory: the plan's step peak against the step's peak resident memory (Linux), within 15%
-    assert abs(planned.transient_peak - real.rss_delta) <= 0.15 * real.rss_delta, (planned.transient_peak, real.rss_delta)
+    # memory: the plan's step peak against the peak the CPU allocator handed out in the real step (the torch
+    # profiler's memory events), within 15%; resident memory adds the process's own overheads on top
+    assert abs(planned.transient_peak - real.allocated_peak) <= 0.15 * real.allocated_peak, (
+        planned.transient_peak, real.allocated_peak)
 
 
 @pytest.mark.slow
