@@ -219,10 +219,14 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or an in-place op returns an input's storage: not an allocation, even if the storage predates
+        # the mode (a weight's transpose must not count the weight)
+        inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                if storage not in self._seen:
+                if storage not in self._seen and id(storage) not in inputs:
                     nbytes = storage.nbytes()
                     self._seen[storage] = nbytes
                     self.current += nbytes
