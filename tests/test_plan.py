@@ -11,9 +11,11 @@ import fd_onestep
 from fd_onestep.cli import main
 from fd_onestep.demos import digits
 from fd_onestep.plan import (
+    LiveBytes,
     Plan,
     PlanSettings,
     StepMeasure,
+    _NoMemo,
     list_real_configs,
     make_plan,
     real_config_index,
@@ -50,6 +52,35 @@ def test_every_bundled_config_names_its_source_and_is_a_pipeline_folder():
 def test_plan_without_a_teacher_fails_in_one_line(capsys):
     assert main(["plan"]) == 2
     assert "--teacher is required" in capsys.readouterr().err
+
+
+def test_live_bytes_counts_allocations_not_views_of_existing_storage():
+    weight = torch.zeros(256, 256)  # exists before counting starts, like a model's weights
+    with LiveBytes() as live:
+        transposed = weight.t()  # a view: no allocation
+        assert live.current == 0
+        ones = torch.ones(256, 4)
+        out = transposed @ ones
+        out.add_(1.0)  # in place: no allocation
+        assert live.current == out.nbytes + ones.nbytes
+        del out
+        assert live.current == ones.nbytes
+    assert live.peak == 2 * 256 * 4 * 4
+
+
+def test_fake_outputs_are_freed_when_the_plan_drops_them():
+    # the fake mode memoizes every output it wraps; the plan's memo must not keep them alive
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode.fake_tensor_converter.meta_converter.tensor_memo = _NoMemo()
+    with mode:
+        x = torch.empty(1024, 1024)
+        with LiveBytes() as live:
+            for _ in range(10):
+                x = torch.cat([x, x[:1]])  # each output replaces the last (a new shape each time)
+    # the input, the output and at most the memo's one entry alive, not all ten outputs
+    assert live.peak <= 3 * 1034 * 1024 * 4, live.peak
 
 
 def synthetic_plan(static_weights=10e9, trainable=1e9, per_sample=5e9, fixed=2e9, use_lora=False):
