@@ -16,6 +16,10 @@ and ``fd_onestep.encoders.load_encoder(folder)`` load them exactly like hub chec
   batch-norm running statistics are set from one no-gradient pass over the train split, so that features
   have unit scale): a held-out evaluation representation (an untrained random CNN tracks sample quality
   well and cannot be gamed by training on it).
+- ``randconvnext-digits`` ``ConvNextModel`` with random weights from a fixed seed, never trained (no layer
+  scale, so that every random block contributes): an optional *training* representation, a random-feature
+  encoder of another architecture than the held-out ``randcnn-digits`` (depthwise 7x7 convolutions, layer
+  norm, GELU, against a ResNet's 3x3 convolutions, batch norm, ReLU), for the quality preset.
 
 All images are the gray digits replicated to RGB and normalized with mean = std = 0.5, so the networks
 see the [-1, 1] images as they are. Training uses light augmentation (random affine: +-10 degrees, scale
@@ -51,7 +55,8 @@ from fd_onestep.demos.digits import (
 from fd_onestep.classifiers import processor_input_size
 from fd_onestep.demos.digits.asset_training import asset_script_parser, clipped_step
 
-ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits")
+ENCODER_NAMES = ("dinov2-digits", "siglip-digits", "resnet-digits", "randcnn-digits", "pixels-digits",
+                 "randconvnext-digits")
 
 
 def parse_args(argv=None):
@@ -76,6 +81,8 @@ def build_model(name: str):
     """Return ``(backbone_or_classifier, image_processor, feature_fn)``; ``feature_fn(model, x)`` -> (N, d)."""
     from transformers import (
         BitImageProcessor,
+        ConvNextConfig,
+        ConvNextModel,
         Dinov2Config,
         Dinov2Model,
         ResNetConfig,
@@ -126,6 +133,12 @@ def build_model(name: str):
             num_channels=3, embedding_size=32, hidden_sizes=[64, 128], depths=[1, 1], layer_type="basic",
         )
         return ResNetModel(config), resnet_processor, None
+    if name == "randconvnext-digits":
+        config = ConvNextConfig(
+            num_channels=3, patch_size=2, num_stages=3, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
+            layer_scale_init_value=0.0,
+        )
+        return ConvNextModel(config), resnet_processor, None
     raise ValueError(f"unknown digits encoder {name!r}; choose from {ENCODER_NAMES}.")
 
 
@@ -294,6 +307,8 @@ def main(argv=None):
             if name == "randcnn-digits":
                 calibrate_batch_norm(model, processor, train[0])
                 figures = {"trained": False, "init_seed": args.seed + offset, "batch_norm": "calibrated on the train split"}
+            elif name == "randconvnext-digits":  # layer norm: nothing to calibrate
+                figures = {"trained": False, "init_seed": args.seed + offset}
             else:
                 figures = train_classifier(name, model, processor, feature_fn, args, train, val)
                 figures["trained"] = True
@@ -306,7 +321,7 @@ def main(argv=None):
         write_split_metadata(output_dir.parent / "split.json")
 
     if not args.skip_stats:
-        log["stats"] = compute_stats(args.encoders, output_dir, stats_dir)
+        log.setdefault("stats", {}).update(compute_stats(args.encoders, output_dir, stats_dir))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(json.dumps(log, indent=1) + "\n")
 
