@@ -23,6 +23,8 @@ from fd_onestep.demos.digits import (
 )
 
 ALL_ENCODERS = TRAINING_ENCODERS + HELD_OUT_ENCODERS
+# bundled, in no default recipe: a random-feature training encoder for quality studies (docs/quality.md)
+OPTIONAL_ENCODERS = ("randconvnext-digits",)
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -101,8 +103,8 @@ def test_unknown_asset_names_raise_with_the_known_names():
 def test_bundled_assets_are_small_and_safetensors_only():
     files = [p for p in digits.DIGITS_ASSETS_DIR.rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)
-    # three teachers (unconditional and class-conditional 4.3 MB each, text 4.6 MB), four encoders (3.6 MB),
-    # marginal and per-class statistics (5.3 MB): 21.8 MB
+    # three teachers (unconditional and class-conditional 4.3 MB each, text 4.6 MB), five encoders (4.5 MB),
+    # marginal and per-class statistics (5.7 MB), the text teacher's tiny decoder: 23.3 MiB
     assert total < 24 * 2**20, f"bundled digits assets are {total / 2**20:.1f} MB"
     weights = [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
@@ -121,7 +123,7 @@ def test_teacher_loads_offline_as_a_v_prediction_zero_terminal_snr_ddpm_pipeline
     assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
 
 
-@pytest.mark.parametrize("name", ALL_ENCODERS)
+@pytest.mark.parametrize("name", ALL_ENCODERS + OPTIONAL_ENCODERS)
 def test_bundled_stats_match_their_encoder_loaded_through_load_encoder(name):
     from fd_onestep.encoders import load_encoder
     from fd_onestep.reference_stats import ReferenceStats
@@ -146,6 +148,7 @@ def test_training_encoders_were_trained_and_the_random_cnn_was_not():
     for name in networks + [CLASSIFIER_NAME]:
         assert log["encoders"][name]["trained"] and log["encoders"][name]["validation_accuracy"] >= 0.9
     assert log["encoders"]["randcnn-digits"]["trained"] is False
+    assert log["encoders"]["randconvnext-digits"]["trained"] is False
 
 
 def test_builtin_pixel_representation_is_the_digit_itself_and_not_a_folder():
