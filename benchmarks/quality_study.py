@@ -21,6 +21,10 @@ Held-out representations only judge. Nothing here chooses a run, a checkpoint or
 kept were chosen by the run itself (``--keep_best_by``, on the fresh-sample FD of its *training* encoders), and
 the study records which. Every checkpoint is reported, so a curve shows what a longer or shorter schedule gives.
 
+    # one picture of several studies (their records), one row each
+    python benchmarks/quality_study.py --overview digits=results/quality_study/digits-quality.json \\
+        class=results/quality_study/digits-class-quality.json --name overview
+
 Writes ``<name>.md`` (the table), ``<name>.json`` (every number, per run) and ``<name>.png`` (one panel per
 held-out measure: the student's mean over training seeds with its min-max band, each seed thin, the teacher's
 samplers as horizontal lines) into ``--output_dir`` (default: ``results/quality_study/`` where the repository
@@ -47,7 +51,7 @@ TEACHER = "teacher, {sampler} {steps} steps"
 STUDENT = "student, 1 step (FD-loss)"
 KEPT = "kept"  # the step key of a run's own output (the weights it kept)
 
-__all__ = ["measure_runs", "format_table", "plot_study", "launch_runs", "main"]
+__all__ = ["measure_runs", "format_table", "plot_study", "plot_overview", "launch_runs", "main"]
 
 
 def default_output_dir() -> Path:
@@ -364,9 +368,7 @@ def format_table(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_study(study: dict, path: Path) -> Path:
-    """One panel per held-out measure: the student's mean over seeds (line), min-max band, each seed (thin), and
-    the teacher's samplers (horizontal lines). Needs matplotlib (``pip install matplotlib``)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -374,27 +376,78 @@ def plot_study(study: dict, path: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("the quality study's plot needs matplotlib: `pip install matplotlib` (or pass --no_plot).")
-    cols = [c for c in measure_columns(study) if c[2]]
+    return plt
+
+
+PANEL_TITLES = {"fd": "held-out FD", "per_class_fd": "held-out per-class FD", "adherence": "adherence"}
+
+
+def _draw_panel(ax, study: dict, measure: str, rep: str | None, title: str) -> None:
+    """One measure against the training step: each seed thin, the min-max band, the mean over seeds, and the
+    teacher's samplers as horizontal lines."""
     steps = [s for s in step_rows(study) if s != KEPT]
     x = [int(s) for s in steps]
+    for run in study["runs"]:
+        ax.plot(x, [_value(run["steps"][s], measure, rep) for s in steps], color="tab:blue", alpha=0.3, lw=0.8)
+    stats = [_stat([_value(r["steps"][s], measure, rep) for r in study["runs"]]) for s in steps]
+    ax.fill_between(x, [st["min"] for st in stats], [st["max"] for st in stats], color="tab:blue", alpha=0.15, lw=0)
+    ax.plot(x, [st["mean"] for st in stats], color="tab:blue", marker="o", ms=3,
+            label=f"student, mean of {len(study['runs'])} seeds")
+    for (name, measures), style in zip(study["teacher"].items(), ("--", ":", "-.")):
+        value = _value(measures, measure, rep)
+        if value is not None:
+            ax.axhline(value, color="tab:red", ls=style, lw=1.2, label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+
+
+def plot_study(study: dict, path: Path) -> Path:
+    """One panel per held-out measure: the student's mean over seeds (line), min-max band, each seed (thin), and
+    the teacher's samplers (horizontal lines). Needs matplotlib (``pip install matplotlib``)."""
+    plt = _pyplot()
+    cols = [c for c in measure_columns(study) if c[2]]
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
-    names = {"fd": "held-out FD", "per_class_fd": "held-out per-class FD", "adherence": "adherence"}
     for ax, (m, rep, _) in zip(axes[0], cols):
-        for run in study["runs"]:
-            ax.plot(x, [_value(run["steps"][s], m, rep) for s in steps], color="tab:blue", alpha=0.3, lw=0.8)
-        stats = [_stat([_value(r["steps"][s], m, rep) for r in study["runs"]]) for s in steps]
-        ax.fill_between(x, [st["min"] for st in stats], [st["max"] for st in stats], color="tab:blue", alpha=0.15,
-                        lw=0)
-        ax.plot(x, [st["mean"] for st in stats], color="tab:blue", marker="o", ms=3,
-                label=f"student, mean of {len(study['runs'])} seeds")
-        for (name, measures), style in zip(study["teacher"].items(), ("--", ":", "-.")):
-            value = _value(measures, m, rep)
-            if value is not None:
-                ax.axhline(value, color="tab:red", ls=style, lw=1.2, label=name)
-        ax.set_title(f"{names[m]}{' ' + rep if rep else ''}", fontsize=10)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
+        _draw_panel(ax, study, m, rep, f"{PANEL_TITLES[m]}{' ' + rep if rep else ''}")
     axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def headline_columns(study: dict) -> list[tuple[str, str | None]]:
+    """The measures the issue's claim is about: held-out FD for an unconditional study; held-out per-class FD and
+    adherence for a conditional one (marginal FD is blind to the condition); a measure no run has (adherence
+    without a classifier) is left out."""
+    cols = [(m, rep) for m, rep, held in measure_columns(study) if held]
+    if study["conditioning"] != "unconditional":
+        cols = [(m, rep) for m, rep in cols if m != "fd"]
+    return [(m, rep) for m, rep in cols
+            if any(_value(r["steps"][s], m, rep) is not None for r in study["runs"] for s in step_rows(study))]
+
+
+def plot_overview(studies: dict[str, dict], path: Path) -> Path:
+    """One row per study (``{label: study}``), its headline measures (:func:`headline_columns`) as panels: the
+    picture of several demos' studies side by side."""
+    plt = _pyplot()
+    rows = {label: headline_columns(study) for label, study in studies.items()}
+    width = max(len(cols) for cols in rows.values())
+    fig, axes = plt.subplots(len(rows), width, figsize=(3.6 * width, 2.9 * len(rows)), squeeze=False)
+    for r, (label, cols) in enumerate(rows.items()):
+        for c in range(width):
+            ax = axes[r][c]
+            if c >= len(cols):
+                ax.axis("off")
+                continue
+            m, rep = cols[c]
+            _draw_panel(ax, studies[label], m, rep, f"{label}: {PANEL_TITLES[m].replace('held-out ', '')}"
+                                                    f"{' ' + rep if rep else ''}")
+        axes[r][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -460,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Comparison seed (noise, labels, prompts of every measurement).")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--no_plot", action="store_true", help="Table and record only.")
+    p.add_argument("--overview", nargs="+", default=None, metavar="LABEL=RECORD",
+                   help="Measure nothing: draw <name>.png from studies already written (their <name>.json records), "
+                        "one row per study, its headline held-out measures as panels.")
     return p
 
 
@@ -470,6 +526,17 @@ def main(argv=None) -> dict:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir()
+    if args.overview:
+        studies = {}
+        for item in args.overview:
+            label, sep, record = item.partition("=")
+            if not sep or not Path(record).is_file():
+                raise SystemExit(f"error: --overview takes LABEL=RECORD with RECORD a study's .json record, got {item!r}.")
+            studies[label] = json.loads(Path(record).read_text())
+        path = plot_overview(studies, output_dir / f"{args.name}.png")
+        print(f"plot: {path}")
+        return {"files": {"plot": path}}
     if args.num_samples < 2 or any(n < 1 for n in args.teacher_steps):
         raise SystemExit("error: --num_samples must be >= 2 and --teacher_steps >= 1.")
     if args.launch:
@@ -488,8 +555,7 @@ def main(argv=None) -> dict:
             raise SystemExit("error: the plot needs matplotlib: `pip install matplotlib`, or pass --no_plot.")
     study = measure_runs(runs, num_samples=args.num_samples, teacher_steps=args.teacher_steps, sampler=args.sampler,
                          seed=args.seed, batch_size=args.batch_size)
-    files = write_study(study, Path(args.output_dir) if args.output_dir else default_output_dir(), args.name,
-                        plot=not args.no_plot)
+    files = write_study(study, output_dir, args.name, plot=not args.no_plot)
     print(files["table"].read_text())
     print("\n".join(f"{k}: {v}" for k, v in files.items()))
     return {"study": study, "files": files}

@@ -131,19 +131,31 @@ def test_default_output_dir_is_the_results_folder():
     assert qs.default_output_dir() == REPO_ROOT / expected / "quality_study"
 
 
-def test_a_class_conditional_study_adds_per_class_fd_in_every_representation(assets, tmp_path, monkeypatch):
+def test_a_class_conditional_study_adds_per_class_fd_and_the_overview_shows_it_beside_an_unconditional_one(study, assets, tmp_path, monkeypatch):
     for key, value in SUBPROCESS_ENV.items():
         monkeypatch.setenv(key, value)
     args = _train_args(assets)
     args[args.index(assets["teachers"]["unet2d"])] = assets["teachers"]["unet2d_class"]
     runs = qs.launch_runs(tmp_path / "runs", [0], [*args, "--max_train_steps", "1", "--num_validation_samples", "20"])
-    study = qs.measure_runs(runs, num_samples=20, teacher_steps=[2], batch_size=10)
-    assert study["conditioning"] == "class"
-    for measures in [*study["teacher"].values(), *study["runs"][0]["steps"].values()]:
-        assert set(measures["per_class_fd"]) == set(study["representations"])
+    class_study = qs.measure_runs(runs, num_samples=20, teacher_steps=[2], batch_size=10)
+    assert class_study["conditioning"] == "class"
+    for measures in [*class_study["teacher"].values(), *class_study["runs"][0]["steps"].values()]:
+        assert set(measures["per_class_fd"]) == set(class_study["representations"])
         assert measures["adherence"] is None  # no --classifier in this run
-    table = qs.format_table(study)
+    table = qs.format_table(class_study)
     assert "per-class FD tiny-siglip-eval (held out)" in table and "| adherence |" in table
+
+    # the overview puts it beside the unconditional study: per-class FD for the conditional row (marginal FD is
+    # blind to the label), adherence left out where no run measured it
+    assert qs.headline_columns(class_study) == [("per_class_fd", "tiny-siglip-eval")]
+    files = qs.write_study(class_study, tmp_path / "out", "class", plot=False)
+    root, _ = study
+    out = qs.main(["--overview", f"uncond={root / 'out' / 'tiny.json'}", f"class={files['record']}",
+                   "--output_dir", str(tmp_path / "out"), "--name", "overview"])
+    assert out["files"]["plot"] == tmp_path / "out" / "overview.png"
+    assert out["files"]["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="LABEL=RECORD"):
+        qs.main(["--overview", str(files["record"])])
 
 
 def test_a_lora_checkpoint_is_judged_with_its_lora_and_generator_ema_on_the_runs_base(assets, tmp_path, monkeypatch):
