@@ -51,7 +51,8 @@ TEACHER = "teacher, {sampler} {steps} steps"
 STUDENT = "student, 1 step (FD-loss)"
 KEPT = "kept"  # the step key of a run's own output (the weights it kept)
 
-__all__ = ["measure_runs", "format_table", "plot_study", "plot_overview", "launch_runs", "main"]
+__all__ = ["measure_runs", "format_table", "plot_study", "plot_overview", "lever_table", "format_lever_table",
+           "launch_runs", "main"]
 
 
 def default_output_dir() -> Path:
@@ -468,6 +469,75 @@ def write_study(study: dict, output_dir: Path, name: str, plot: bool = True) -> 
 
 
 # --------------------------------------------------------------------------------------------------------
+# Levers: one run per setting, each read from its own comparison
+def lever_table(levers: dict[str, Path]) -> dict:
+    """One row per run (``{label: output dir}``, the first the baseline), read from what each run wrote itself:
+    its comparison (``comparison.json``: the student's and the teacher's 20-step sampler's FD with the same noise,
+    in the held-out representations; per-class FD and adherence for a conditional run), the training
+    representations' measure that chose its kept weights (``fd_onestep_best.json``) and its training time
+    (``fd_onestep_summary.json``). Nothing here measures anew: the table is what the runs reported."""
+    rows = {}
+    for label, run in levers.items():
+        run = Path(run)
+        missing = [f for f in ("comparison.json", "fd_onestep_summary.json") if not (run / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{run} has no {' / '.join(missing)}: a lever run must finish with its "
+                                    "comparison (--compare_with_teacher, the digits recipes' default).")
+        comparison = json.loads((run / "comparison.json").read_text())
+        teacher = next((k for k in comparison["generators"] if k.startswith("teacher, ") and "naive" not in k), None)
+        if teacher is None or STUDENT not in comparison["generators"]:
+            raise ValueError(f"{run}/comparison.json has no multi-step teacher row beside the student.")
+        st, te = comparison["generators"][STUDENT], comparison["generators"][teacher]
+        held_out = [r for r, info in comparison["representations"].items() if info["held_out"]]
+        measures = {f"fd/{r}": (st["fd"][r], te["fd"][r]) for r in held_out}
+        if st.get("conditioning"):
+            measures.update({f"per_class_fd/{r}": (st["conditioning"][r]["per_class_fd"],
+                                                   te["conditioning"][r]["per_class_fd"]) for r in held_out})
+            measures["adherence"] = (st["adherence"], te["adherence"])
+        best = run / "fd_onestep_best.json"
+        best = json.loads(best.read_text()) if best.is_file() else {}
+        summary = json.loads((run / "fd_onestep_summary.json").read_text())
+        rows[label] = {"run": str(run), "teacher": teacher, "measures": measures,
+                       "kept_step": (summary.get("final_weights") or {}).get("step"),
+                       "chosen_by": best.get("keep_best_by"), "training_measure": best.get("metric"),
+                       "train_seconds": summary.get("train_seconds"), "steps": summary.get("global_step")}
+    baseline = next(iter(levers))
+    for label, row in rows.items():
+        if set(row["measures"]) != set(rows[baseline]["measures"]):
+            raise ValueError(f"{row['run']} measured {sorted(row['measures'])}, the baseline "
+                             f"{rows[baseline]['run']} {sorted(rows[baseline]['measures'])}: levers of one demo "
+                             "go in one table.")
+    return {"rows": rows, "baseline": baseline}
+
+
+def format_lever_table(table: dict) -> str:
+    """Markdown: per run its held-out measures as ratios to its own teacher row (and the values), the training
+    representations' measure of its kept weights, and its training time against the baseline's."""
+    rows = table["rows"]
+    base = rows[table["baseline"]]
+    keys = list(base["measures"])
+    names = {"fd": "FD", "per_class_fd": "per-class FD"}
+
+    def head(key):
+        m, _, rep = key.partition("/")
+        return f"{names[m]} {rep} / teacher" if rep else "adherence (teacher)"
+
+    lines = ["| lever | " + " | ".join(head(k) for k in keys) + " | training representations, kept weights | "
+             "training time |", "|---|" + "---:|" * len(keys) + "---|---:|"]
+    for label, row in rows.items():
+        cells = []
+        for key in keys:
+            student, teacher = row["measures"][key]
+            cells.append(f"{100 * student:.1f}% ({100 * teacher:.1f}%)" if key == "adherence" else
+                         f"{student / teacher:.2f} ({student:.4g})")
+        train = "-" if row["training_measure"] is None else \
+            f"{row['chosen_by']} {row['training_measure']:.3f} (step {row['kept_step']})"
+        time_cell = f"{row['train_seconds']:.0f} s ({row['train_seconds'] / base['train_seconds']:.2f}x)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {train} | {time_cell} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
 # Launching the runs
 def launch_runs(runs_root: Path, seeds: list[int], train_args: list[str], *, num_processes: int = 1,
                 log=print) -> list[Path]:
@@ -513,10 +583,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Comparison seed (noise, labels, prompts of every measurement).")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--no_plot", action="store_true", help="Table and record only.")
+    p.add_argument("--levers", nargs="+", default=None, metavar="LABEL=RUN",
+                   help="Measure nothing: tabulate runs of one setting each (the first the baseline) from their own "
+                        "comparisons into <name>.md / .json.")
     p.add_argument("--overview", nargs="+", default=None, metavar="LABEL=RECORD",
                    help="Measure nothing: draw <name>.png from studies already written (their <name>.json records), "
                         "one row per study, its headline held-out measures as panels.")
     return p
+
+
+def _label_and_path(item: str, flag: str, what: str) -> tuple[str, Path]:
+    label, sep, path = item.rpartition("=")
+    if not sep or not label or not Path(path).exists():
+        raise SystemExit(f"error: {flag} takes LABEL=PATH with {what}, got {item!r}.")
+    return label, Path(path)
 
 
 def main(argv=None) -> dict:
@@ -527,13 +607,20 @@ def main(argv=None) -> dict:
         argv, train_args = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir()
+    if args.levers:
+        levers = dict(_label_and_path(item, "--levers", "RUN a training run's output dir") for item in args.levers)
+        table = lever_table(levers)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        files = {"table": output_dir / f"{args.name}.md", "record": output_dir / f"{args.name}.json"}
+        files["table"].write_text(format_lever_table(table))
+        files["record"].write_text(json.dumps(table, indent=2))
+        print(files["table"].read_text())
+        return {"table": table, "files": files}
     if args.overview:
         studies = {}
         for item in args.overview:
-            label, sep, record = item.partition("=")
-            if not sep or not Path(record).is_file():
-                raise SystemExit(f"error: --overview takes LABEL=RECORD with RECORD a study's .json record, got {item!r}.")
-            studies[label] = json.loads(Path(record).read_text())
+            label, record = _label_and_path(item, "--overview", "RECORD a study's .json record")
+            studies[label] = json.loads(record.read_text())
         path = plot_overview(studies, output_dir / f"{args.name}.png")
         print(f"plot: {path}")
         return {"files": {"plot": path}}

@@ -154,7 +154,7 @@ def test_a_class_conditional_study_adds_per_class_fd_and_the_overview_shows_it_b
                    "--output_dir", str(tmp_path / "out"), "--name", "overview"])
     assert out["files"]["plot"] == tmp_path / "out" / "overview.png"
     assert out["files"]["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="LABEL=RECORD"):
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
         qs.main(["--overview", str(files["record"])])
 
 
@@ -181,3 +181,49 @@ def test_the_text_demo_is_measured_against_its_stock_multi_step_pipeline_and_oth
     assert qs.conditioning_kind(Namespace(embedded_default="digits-text"), text_pipe) == "text"
     with pytest.raises(ValueError, match="text-to-image runs of the digits-text demo only"):
         qs.conditioning_kind(Namespace(embedded_default=None), text_pipe)
+
+
+def _lever_run(root, name, student_fd, teacher_fd, train_seconds, conditional=False):
+    """A finished run's own records, as the training script writes them (comparison, summary, kept weights)."""
+    run = root / name
+    run.mkdir()
+    reps = {"train-enc": {"held_out": False}, "held-enc": {"held_out": True}}
+
+    def generator(fd):
+        out = {"fd": {"train-enc": 9.0, "held-enc": fd}}
+        if conditional:
+            out["conditioning"] = {r: {"per_class_fd": 2 * fd} for r in reps}
+            out["adherence"] = 0.5 + fd / 10
+        return out
+
+    (run / "comparison.json").write_text(json.dumps({"representations": reps, "generators": {
+        "teacher, 1 step (naive)": generator(50.0), "teacher, dpmsolver++ 20 steps": generator(teacher_fd),
+        qs.STUDENT: generator(student_fd)}}))
+    (run / "fd_onestep_summary.json").write_text(json.dumps(
+        {"global_step": 10, "train_seconds": train_seconds, "final_weights": {"which": "best", "step": 8}}))
+    (run / "fd_onestep_best.json").write_text(json.dumps({"step": 8, "keep_best_by": "fd_r_mean", "metric": 1.5}))
+    return run
+
+
+def test_the_lever_table_reads_each_runs_own_comparison_as_ratios_to_its_teacher_and_time_to_the_baseline(tmp_path):
+    base = _lever_run(tmp_path, "base", 2.0, 1.0, 100.0)
+    lever = _lever_run(tmp_path, "lever", 0.9, 1.2, 150.0)
+    out = qs.main(["--levers", f"none={base}", f"fd_ema_beta=0.99={lever}", "--output_dir", str(tmp_path / "out"),
+                   "--name", "levers"])
+    table = out["files"]["table"].read_text()
+    assert "| none | 2.00 (2) | fd_r_mean 1.500 (step 8) | 100 s (1.00x) |" in table
+    assert "| fd_ema_beta=0.99 | 0.75 (0.9) | fd_r_mean 1.500 (step 8) | 150 s (1.50x) |" in table
+    assert "train-enc" not in table  # held-out representations only: the training ones are the kept weights' column
+    assert json.loads(out["files"]["record"].read_text())["rows"]["none"]["measures"] == {"fd/held-enc": [2.0, 1.0]}
+
+
+def test_a_conditional_lever_table_adds_per_class_fd_and_adherence_and_demos_are_not_mixed(tmp_path):
+    cls = _lever_run(tmp_path, "class", 1.0, 2.0, 10.0, conditional=True)
+    row = qs.lever_table({"class": cls})["rows"]["class"]
+    assert row["measures"]["per_class_fd/held-enc"] == (2.0, 4.0)
+    assert row["measures"]["adherence"] == (0.6, 0.7)
+    assert "60.0% (70.0%)" in qs.format_lever_table(qs.lever_table({"class": cls}))
+    with pytest.raises(ValueError, match="levers of one demo go in one table"):
+        qs.lever_table({"class": cls, "uncond": _lever_run(tmp_path, "uncond", 1.0, 2.0, 10.0)})
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        qs.main(["--levers", f"x={tmp_path / 'nowhere'}"])
