@@ -487,12 +487,11 @@ def lever_table(levers: dict[str, Path]) -> dict:
         teacher = next((k for k in comparison["generators"] if k.startswith("teacher, ") and "naive" not in k), None)
         if teacher is None or STUDENT not in comparison["generators"]:
             raise ValueError(f"{run}/comparison.json has no multi-step teacher row beside the student.")
-        st, te = comparison["generators"][STUDENT], comparison["generators"][teacher]
+        conditional = bool(comparison["generators"][STUDENT].get("conditioning"))
+        st, te = (_measures(comparison, name, conditional) for name in (STUDENT, teacher))
         held_out = [r for r, info in comparison["representations"].items() if info["held_out"]]
-        measures = {f"fd/{r}": (st["fd"][r], te["fd"][r]) for r in held_out}
-        if st.get("conditioning"):
-            measures.update({f"per_class_fd/{r}": (st["conditioning"][r]["per_class_fd"],
-                                                   te["conditioning"][r]["per_class_fd"]) for r in held_out})
+        measures = {f"{m}/{r}": (st[m][r], te[m][r]) for m in ("fd", "per_class_fd") if m in st for r in held_out}
+        if conditional:
             measures["adherence"] = (st["adherence"], te["adherence"])
         best = run / "fd_onestep_best.json"
         best = json.loads(best.read_text()) if best.is_file() else {}
