@@ -88,9 +88,10 @@ from fd_onestep.demos.digits.recipes import RECIPES  # noqa: E402
 # with a 3x longer cosine schedule (warm-up over the first 100 steps) and an EMA of the generator's weights
 # (decay 0.998: an average over the last ~500 steps, where the cosine lr is already small), validated and
 # checkpointed every 250 steps (12 points of the study's curves), the kept weights still chosen by the training
-# encoders' FD_r. On the unconditional demo (3 seeds, results/quality_study/digits-quality.md) it puts the kept
-# student below its 20-step teacher in resnet-digits (0.95x) but not in randcnn-digits (1.39x); the class and text
-# demos are not yet measured with it.
+# encoders' FD_r. Over 3 seeds it puts the kept student below its 20-step teacher in resnet-digits on all three
+# demos (unconditional FD 0.95x, per-class FD 0.54x / 0.52x) but not in randcnn-digits (1.39x, 1.18x, 1.14x).
+# The levers measured on top of it (an adversarial pixel head, the exact population) did not improve the training
+# encoders' FD_r, the rule that chooses, and are not in it.
 PRESETS = {
     "quality": {
         "max_train_steps": 3000,
