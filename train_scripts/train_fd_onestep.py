@@ -90,8 +90,8 @@ from fd_onestep.demos.digits.recipes import RECIPES  # noqa: E402
 # checkpointed every 250 steps (12 points of the study's curves), the kept weights still chosen by the training
 # encoders' FD_r. Over 3 seeds it puts the kept student below its 20-step teacher in resnet-digits on all three
 # demos (unconditional FD 0.95x, per-class FD 0.54x / 0.52x) but not in randcnn-digits (1.39x, 1.18x, 1.14x).
-# The levers measured on top of it (an adversarial pixel head, the exact population) did not improve the training
-# encoders' FD_r, the rule that chooses, and are not in it.
+# The levers measured on top of it (an adversarial pixel head, the exact population, a higher learning rate) did
+# not improve the training encoders' FD_r, the rule that chooses, and are not in it.
 PRESETS = {
     "quality": {
         "max_train_steps": 3000,
