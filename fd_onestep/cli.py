@@ -6,7 +6,7 @@
     fd-onestep evaluate  --pipeline ... --num_classes C --class_stats ... --classifier FOLDER   (adherence, per-class FD, FJD)
     fd-onestep import-npz ref.npz --output_dir stats/ --encoder_id inception   (or: --encoders inception dinov2)
     fd-onestep export-npz stats/inception.safetensors inception.npz
-    fd-onestep plan      --teacher sdxl --resolution 1024 --batch_size 8 --lora --vae_gradient_checkpointing ...
+    fd-onestep plan      --pretrained_model_name_or_path sdxl --train_batch_size 8 --use_lora --encoders inception dinov2 ...
     fd-onestep plan      --list      (the bundled real configs, one name a line)
 
 ``stats`` and ``evaluate`` run under ``accelerate launch`` with several processes (each process
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_plan_parser(sub) -> None:
-    from .plan import DEFAULT_ENCODERS, DEFAULT_PEAK_TFLOPS, DEFAULT_UTILIZATION
+    from .plan import DEFAULT_PEAK_TFLOPS, DEFAULT_UTILIZATION
 
     plan = sub.add_parser(
         "plan", help="Memory per GPU, compute and step time of a training run at real size, before renting a GPU.",
@@ -161,18 +161,24 @@ def _add_plan_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     plan.add_argument("--list", action="store_true", help="List the bundled real configs, one name a line, and exit.")
-    plan.add_argument("--teacher", default=None,
+    # the training script's names and defaults (train_fd_onestep.py --plan parses its own flags into the same
+    # settings: fd_onestep.plan.settings_from_args); the plan's older names stay as aliases
+    plan.add_argument("--pretrained_model_name_or_path", "--teacher", dest="pretrained_model_name_or_path", default=None,
                       help="A bundled real config (see --list), a diffusers pipeline folder, or a Hub id (only its "
                       "*.json config files are fetched).")
     plan.add_argument("--resolution", type=_positive_int, default=None, help="Generated image side (default: the "
                       "teacher's native size).")
-    plan.add_argument("--batch_size", type=_positive_int, default=1, help="Samples per GPU per step.")
-    plan.add_argument("--lora", action="store_true", help="Train a LoRA (default: full fine-tune of the denoiser).")
-    plan.add_argument("--lora_rank", type=_positive_int, default=8)
-    plan.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
+    plan.add_argument("--train_batch_size", "--batch_size", dest="train_batch_size", type=_positive_int, default=32,
+                      help="Samples per GPU per step.")
+    plan.add_argument("--use_lora", "--lora", dest="use_lora", action="store_true",
+                      help="Train a LoRA (default: full fine-tune of the denoiser).")
+    plan.add_argument("--lora_rank", type=_positive_int, default=8, help="LoRA rank.")
+    plan.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                      help="Default: accelerate's config (ACCELERATE_MIXED_PRECISION or its config file; no without "
+                      "one), as the training script.")
     plan.add_argument("--gpu_memory_gb", type=float, default=80.0, help="Memory of one GPU (GB = 1e9 bytes).")
-    plan.add_argument("--encoders", nargs="+", default=list(DEFAULT_ENCODERS),
-                      help="FD encoders: inception, dinov2 (bundled configs) or local encoder folders.")
+    plan.add_argument("--encoders", nargs="+", default=None,
+                      help="FD encoders of the run: inception, dinov2 (bundled configs) or local encoder folders.")
     savers = plan.add_argument_group("memory savers (the training script's flags)")
     savers.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the denoiser's activations.")
     savers.add_argument("--vae_gradient_checkpointing", action="store_true", help="Recompute the VAE decoder's activations.")
@@ -438,26 +444,21 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .plan import PlanSettings, list_real_configs, make_plan
+    from .plan import list_real_configs, make_plan, settings_from_args
 
     if args.list:
         print("\n".join(list_real_configs()))
         return 0
-    if args.teacher is None:
-        raise ValueError("--teacher is required: a bundled real config (fd-onestep plan --list), a pipeline folder or a Hub id.")
+    if args.pretrained_model_name_or_path is None:
+        raise ValueError("--teacher is required (--pretrained_model_name_or_path, the training script's name): a "
+                         "bundled real config (fd-onestep plan --list), a pipeline folder or a Hub id.")
+    if not args.encoders:
+        raise ValueError("--encoders is required: the training run's FD encoders, e.g. --encoders inception dinov2.")
     if not 0 < args.utilization <= 1:
         raise ValueError(f"--utilization is a share of the peak throughput in (0, 1], got {args.utilization}.")
     if args.output:
-        _check_output_path(args.output, "--output", folder=False)
-    settings = PlanSettings(
-        teacher=args.teacher, resolution=args.resolution, batch_size=args.batch_size, use_lora=args.lora,
-        lora_rank=args.lora_rank, mixed_precision=args.mixed_precision, encoders=args.encoders,
-        encoder_gradient_checkpointing=args.encoder_gradient_checkpointing,
-        gradient_checkpointing=args.gradient_checkpointing, vae_gradient_checkpointing=args.vae_gradient_checkpointing,
-        decode_micro_batch_size=args.decode_micro_batch_size, surrogate_decoder=args.surrogate_decoder,
-        gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, utilization=args.utilization,
-        num_gpus=args.num_gpus,
-    )
+        check_output_path(args.output, "--output", folder=False)
+    settings = settings_from_args(args)
     plan = make_plan(settings)
     print(plan.to_markdown())
     if args.output:

@@ -471,3 +471,38 @@ class OneStepGenerator:
             weight_name=weight_name,
             lora_config=getattr(model, "peft_config", {}).get(adapter_name),
         )
+
+
+def prepare_training(gen: OneStepGenerator, *, use_lora: bool = False, lora_rank: int = 8, lora_alpha=None,
+                     lora_target_modules=None, gradient_checkpointing: bool = False,
+                     vae_gradient_checkpointing: bool = False, channels_last: bool = False) -> list:
+    """Make ``gen``'s denoiser trainable as a run with these flags does (the training script and ``fd-onestep
+    plan`` both call this): a LoRA (``use_lora``) or the full denoiser, the memory savers on the denoiser and the
+    VAE decoder, channels_last weights, train mode. Returns the trainable parameters.
+
+    Raises ValueError naming the flag: a VAE without gradient checkpointing, LoRA targets PEFT cannot match, no
+    trainable parameter.
+    """
+    pipe, denoiser = gen.pipeline, gen.denoiser
+    if vae_gradient_checkpointing:
+        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--vae_gradient_checkpointing: {type(pipe.vae).__name__} has no gradient checkpointing in "
+                             "diffusers; use --decode_micro_batch_size instead.")
+        pipe.vae.enable_gradient_checkpointing()
+    if use_lora:
+        try:
+            gen.add_lora(rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules)
+        except ValueError as err:  # PEFT's, for targets the early checks could not check (a config they could not read)
+            raise ValueError(f"--lora_target_modules {lora_target_modules or '(the family default)'}: {err} "
+                             "Pass module-name suffixes of the denoiser's linear / convolution layers.") from None
+    else:
+        denoiser.requires_grad_(True)
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if channels_last:
+        denoiser.to(memory_format=torch.channels_last)  # only 4-D (convolution) weights change layout
+    denoiser.train()
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters (check --lora_target_modules: it matched no module).")
+    return trainable

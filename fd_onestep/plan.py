@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import weakref
 from dataclasses import dataclass, field, replace
@@ -346,6 +347,40 @@ class PlanSettings:
         return names
 
 
+def resolve_mixed_precision(value: Optional[str]) -> str:
+    """``--mixed_precision`` as the training run gets it: the value given, else accelerate's (``accelerate launch``
+    sets ACCELERATE_MIXED_PRECISION; then its default config file), else "no"."""
+    if value is not None:
+        return value
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    try:
+        from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+        if os.path.isfile(default_config_file):
+            found = load_config_from_file(default_config_file).mixed_precision
+            return str(getattr(found, "value", found) or "no")
+    except Exception:  # an unreadable accelerate config: accelerate itself says why when the run starts
+        pass
+    return "no"
+
+
+def settings_from_args(args) -> "PlanSettings":
+    """The :class:`PlanSettings` of a training run from its arguments, by the training script's names (``fd-onestep
+    plan`` and ``train_fd_onestep.py --plan`` both parse them): the same flags plan the same run."""
+    encoders = [n for spec in args.encoders for n in str(spec).replace(",", " ").split()]
+    return PlanSettings(
+        teacher=args.pretrained_model_name_or_path, resolution=args.resolution, batch_size=args.train_batch_size,
+        use_lora=args.use_lora, lora_rank=args.lora_rank, mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        encoders=encoders, encoder_gradient_checkpointing=args.encoder_gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, vae_gradient_checkpointing=args.vae_gradient_checkpointing,
+        decode_micro_batch_size=args.decode_micro_batch_size, surrogate_decoder=args.surrogate_decoder,
+        fd_ema_beta=getattr(args, "fd_ema_beta", 0.999), gpu_memory_gb=getattr(args, "gpu_memory_gb", 80.0),
+        peak_tflops=getattr(args, "peak_tflops", DEFAULT_PEAK_TFLOPS),
+        utilization=getattr(args, "utilization", DEFAULT_UTILIZATION), num_gpus=getattr(args, "num_gpus", 8),
+    )
+
+
 @dataclass
 class StepMeasure:
     batch_size: int
@@ -612,7 +647,7 @@ def make_plan(settings: PlanSettings, *, fake: bool = True, batches: Sequence[in
 def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
     from .losses import FDLoss, MultiEncoderFDLoss
     from .memory_savers import DecodeSavers, load_surrogate_decoder
-    from .onestep import OneStepGenerator
+    from .onestep import OneStepGenerator, prepare_training
     from .populations import build_population
     from .reference_stats import ReferenceStats
 
@@ -638,19 +673,9 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
     gen = OneStepGenerator(pipe, device="cpu", weight_dtype=weight_dtype,
                            decode_savers=DecodeSavers(settings.decode_micro_batch_size, surrogate))
     denoiser = gen.denoiser
-    if settings.use_lora:
-        gen.add_lora(rank=settings.lora_rank)
-    else:
-        denoiser.requires_grad_(True)
-    if settings.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if settings.vae_gradient_checkpointing:
-        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
-            raise ValueError(f"--vae_gradient_checkpointing: {type(pipe.vae).__name__} has no gradient checkpointing in "
-                             "diffusers; use --decode_micro_batch_size instead.")
-        pipe.vae.enable_gradient_checkpointing()
-    denoiser.train()
-    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    trainable = prepare_training(gen, use_lora=settings.use_lora, lora_rank=settings.lora_rank,
+                                 gradient_checkpointing=settings.gradient_checkpointing,
+                                 vae_gradient_checkpointing=settings.vae_gradient_checkpointing)
 
     encoders = {name: build_encoder(name, gradient_checkpointing=settings.encoder_gradient_checkpointing)
                 for name in settings.encoders}

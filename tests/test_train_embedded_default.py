@@ -111,8 +111,8 @@ def test_builtin_digits_representation_is_named_pixels_digits_only_in_the_offlin
     from types import SimpleNamespace
 
     script = _load_script()
-    embedded = script.label_aliases(SimpleNamespace(embedded_default="digits"))
-    general = script.label_aliases(SimpleNamespace(embedded_default=None))
+    embedded = script.label_aliases(SimpleNamespace(demo="fd_onestep.demos.digits.hooks:DIGITS"))
+    general = script.label_aliases(SimpleNamespace(demo=None))
     assert script.encoder_label("pixels-gray:16", embedded) == "pixels-digits"
     # a user's own run with the same spec is not labelled after the bundled digits assets
     assert script.encoder_label("pixels-gray:16", general) == "pixels-gray_16"

@@ -4,13 +4,13 @@ leaves out (the recipe under study in benchmarks/quality_study.py, docs/quality.
 import pytest
 from train_fixtures import build_all, encoder_args
 
-from fd_onestep.demos.digits.recipes import RECIPES
+from fd_onestep.demos.digits.recipes import PRESETS, RECIPES
 
 
 def test_the_quality_preset_sets_its_recipe_on_the_digits_default(script, tmp_path):
     args = script.parse_args(["--output_dir", str(tmp_path), "--preset", "quality"])
     assert args.embedded_default == "digits"
-    for key, value in script.PRESETS["quality"].items():
+    for key, value in PRESETS["quality"].items():
         assert getattr(args, key) == value, key
     # what the preset leaves alone is the digits default's
     assert args.learning_rate == RECIPES["digits"]["learning_rate"]

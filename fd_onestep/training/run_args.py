@@ -82,6 +82,12 @@ NON_FINGERPRINT_ARGS = frozenset(
         "inception_weights",
         "num_cpu_threads",
         "adam_fused",  # like the thread count: the same update, another float round-off
+        # the config files and the values they set are in the fingerprint as the arguments they became
+        "config",
+        "config_values",
+        "show_config",
+        "plan",
+        "gpu_memory_gb",
     }
 )
 
