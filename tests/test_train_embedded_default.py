@@ -6,6 +6,7 @@ The full-size run (the defaults, minutes on CPU) is the README's; here a few ste
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -171,7 +172,7 @@ def test_embedded_default_trains_the_digits_teacher_and_compares_it(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "digits-onestep"
-    run_script([
+    proc = run_script([
         "--output_dir", str(out),
         "--max_train_steps", "6", "--train_batch_size", "32", "--learning_rate", "1e-4", "--lr_warmup_steps", "1",
         "--fd_ema_beta", "0.5", "--fd_warmup_samples", "64", "--sample_batch_size", "64",
@@ -179,6 +180,15 @@ def test_embedded_default_trains_the_digits_teacher_and_compares_it(tmp_path):
         "--checkpointing_steps", "3", "--num_output_samples", "20", "--num_comparison_samples", "64",
         "--teacher_num_inference_steps", "2",
     ])
+    # the README's main job names its config and prints every value the config set, one line each (nanoGPT's
+    # configurator); the values the command line gave are not the config's
+    logged = dict(re.findall(r"config digits\.json: --(\w+) = (.*)", proc.stdout + proc.stderr))
+    given = {"max_train_steps", "train_batch_size", "learning_rate", "lr_warmup_steps", "fd_ema_beta",
+             "fd_warmup_samples", "validation_steps", "num_validation_images", "checkpointing_steps",
+             "num_output_samples"}
+    assert {k: json.loads(v) for k, v in logged.items()} == {k: v for k, v in RECIPES["digits"].items() if k not in given}
+    saved = json.loads((out / "fd_onestep_run_args.json").read_text())["args"]
+    assert saved["config_values"] == {k: v for k, v in RECIPES["digits"].items() if k not in given}
     pipe = FDOneStepPipeline.from_pretrained(out)
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 16, 16)
