@@ -199,3 +199,13 @@ def test_the_library_never_imports_a_demo():
     leaning = {name: sorted(graph[name] & demo_modules) for name in modules if name not in demo_modules}
     leaning = {name: demos for name, demos in leaning.items() if demos}
     assert not leaning, f"library modules import a demo: {leaning}"
+
+
+def test_the_training_script_reaches_a_demo_only_through_its_config():
+    # the trainer imports no demo module: a demo's config names its hooks, imported by name at run time
+    script = ROOT / "train_scripts" / "train_fd_onestep.py"
+    imported = set()
+    for node in _imports(ast.parse(script.read_text()), True):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        imported.update(names)
+    assert imported and not [name for name in imported if name == DEMOS or name.startswith(DEMOS + ".")]

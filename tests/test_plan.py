@@ -2,6 +2,7 @@
 of the same step, and what each memory saver buys."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,44 @@ def test_surrogate_decode_of_the_bundled_tiny_decoder_is_close_to_the_teachers_d
         full, approx = vae_decode(vae, z), vae_decode(tiny, z)
     # the gradient's decoder approximates the teacher's (pixels in [-1, 1]); its value never reaches the loss
     assert torch.nn.functional.mse_loss(approx, full) < 0.01
+
+
+def _readme_plan_flags() -> list[str]:
+    """The flags of the README's `fd-onestep plan` example (the SDXL one), as one list."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"^fd-onestep plan (.*?)\n```", text, re.S | re.M).group(1)
+    return command.replace("\\\n", " ").split()
+
+
+def test_plan_and_the_training_script_take_the_same_flags_with_the_same_defaults(script):
+    """The README's plan command is a training command's flags: both parsers read them into the same plan
+    settings, and the plan's defaults are the trainer's (old plan names stay aliases)."""
+    from fd_onestep.cli import build_parser
+    from fd_onestep.plan import settings_from_args
+
+    flags = _readme_plan_flags()
+    assert "--pretrained_model_name_or_path" in flags and "--use_lora" in flags and "--train_batch_size" in flags
+    plan_args = build_parser().parse_args(["plan", *flags])
+    train_args = script.parse_args([*flags, "--plan"])
+    assert settings_from_args(plan_args) == settings_from_args(train_args)
+    old = build_parser().parse_args(["plan", "--teacher", "sdxl", "--batch_size", "8", "--lora", "--encoders", "inception"])
+    assert (old.pretrained_model_name_or_path, old.train_batch_size, old.use_lora) == ("sdxl", 8, True)
+    plan_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("plan"))
+    trainer = script.build_parser()
+    for name in ("train_batch_size", "use_lora", "lora_rank", "mixed_precision", "resolution", "encoders",
+                 "gradient_checkpointing", "vae_gradient_checkpointing", "decode_micro_batch_size", "surrogate_decoder",
+                 "encoder_gradient_checkpointing", "gpu_memory_gb"):
+        assert plan_parser.get_default(name) == trainer.get_default(name), name
+
+
+def test_the_training_scripts_plan_prints_the_plan_of_the_same_flags(script, capsys, tmp_path):
+    """`train_fd_onestep.py --plan` and `fd-onestep plan` with one run's flags print the same figures (the tiny
+    digits-text teacher: fake tensors either way, nothing allocated)."""
+    flags = ["--pretrained_model_name_or_path", str(digits.TEXT_TEACHER_PATH), "--encoders",
+             digits.encoder_spec("dinov2-digits"), "--use_lora", "--train_batch_size", "2", "--mixed_precision", "no"]
+    assert main(["plan", *flags]) == 0
+    from_cli = capsys.readouterr().out
+    script.main(script.parse_args([*flags, "--plan", "--output_dir", str(tmp_path / "never")]))
+    from_trainer = capsys.readouterr().out
+    assert "step peak" in from_cli and from_cli == from_trainer
+    assert not (tmp_path / "never").exists()

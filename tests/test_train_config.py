@@ -73,3 +73,7 @@ def test_the_trainer_names_no_demo():
     source = (ROOT / "train_scripts" / "train_fd_onestep.py").read_text()
     assert not re.search(r"demos.digits|embedded_default ==", source)
     assert len(source.splitlines()) <= 1200
+    import ast
+
+    main = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 150

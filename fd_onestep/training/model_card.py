@@ -1,4 +1,4 @@
-"""The model card of a trained one-step pipeline: ``model_card_template.md`` (package data next to this module)
+"""The model card of a trained one-step pipeline: ``model_card_template.md`` (the repository's top-level file; package data through the link next to this module)
 rendered through huggingface_hub, and what the card takes from the teacher (its Hub id, its license)."""
 
 from __future__ import annotations
