@@ -244,14 +244,13 @@ def test_help_shows_the_defaults_a_run_without_config_writes(unet_run, script):
     """`--help` is truthful: for every argument the command line left out, a run without a config writes into its
     arguments file exactly the default --help shows (three are derived from other arguments, as their help says)."""
     import json
-    import re
 
     out, proc = unet_run
     given = {str(a)[2:] for a in proc.args if str(a).startswith("--")}
     saved = json.loads((out / "fd_onestep_run_args.json").read_text())["args"]
     assert saved["config"] is None and saved["config_values"] == {} and saved["embedded_default"] is None
     parser = script.build_parser()
-    text = re.sub(r"\s+", " ", parser.format_help().split("show this help message and exit", 1)[1])
+    formatter = parser._get_formatter()  # --help's own: each argument's help as --help prints it
     derived = {"encoder_loss_weights": [1.0] * len(saved["encoders"])}  # "default 1 each"
     # "default: <stats>.classes.safetensors next to each stats file, if there": one entry per stats file
     assert len(saved.pop("class_reference_stats")) == len(saved["reference_stats"])
@@ -260,8 +259,8 @@ def test_help_shows_the_defaults_a_run_without_config_writes(unet_run, script):
     for action in parser._actions:
         if action.dest in given or action.dest == "help" or action.help == "==SUPPRESS==" or action.dest not in saved:
             continue
-        shown = re.search(rf"{re.escape(action.option_strings[0])}\b.*?\(default: ([^)]*)\)", text)
-        assert shown and shown.group(1) == str(action.default), f"--help does not show {action.dest}'s default"
+        shown = formatter._expand_help(action)
+        assert shown.endswith(f"(default: {action.default})"), f"--help does not show {action.dest}'s default"
         expected = derived.get(action.dest, action.default)
         assert saved[action.dest] == expected, f"--{action.dest}: help {action.default!r}, the run {saved[action.dest]!r}"
         checked += 1
