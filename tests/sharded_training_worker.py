@@ -1,13 +1,15 @@
 """Worker of tests/test_sharded_training.py: train tiny teachers with the library's training-step code, sharded.
 
-Run by ``accelerate launch`` (1 process: plain; 2 gloo processes: FSDP2 through ``enable_fsdp2``, the route a GPU
-run takes). For every requested run (family x full / LoRA) it trains STEPS steps straight, then again stopped at
-step STOP with an atomic sharded checkpoint, then resumes in fresh objects from that checkpoint to STEPS, and
-writes under ``out/<run>/<phase>/``: the gathered final weights (``weights.safetensors``; the LoRA file for LoRA),
-the gathered EMA of the weights (``ema.safetensors``) and, per process, the local shard sizes after the first
-backward (``shards-<rank>.json``). The same functions as the trainer: ``OneStepGenerator`` (noise,
-conditioning, one-step forward), an FD-loss over an EMA population (the multi-process FD gradient), diffusers'
-``EMAModel``, ``accelerator.prepare`` / ``save_checkpoint_atomically`` / ``load_state``.
+Run by ``accelerate launch`` (1 process: plain; 2 gloo processes with ``--use_fsdp --fsdp_version 2``: FSDP2
+through ``enable_fsdp2``, the route a GPU run takes). For every requested run (family x full / LoRA) it trains
+STEPS steps (2 processes: with an atomic sharded checkpoint at step STOP), then (2 processes) resumes in fresh
+objects from that checkpoint to STEPS, and writes under ``out/<run>/{straight,resumed}/``: the gathered final
+weights (``weights.safetensors``; the LoRA's for LoRA, and its diffusers LoRA file under ``lora/``), the gathered
+EMA of the weights (``ema.safetensors``), per process the local shard sizes after the first step
+(``shards-<rank>.json``), and with 1 process the weights before training (``initial.safetensors``). The same
+functions as the trainer: ``OneStepGenerator`` (noise, conditioning, one-step forward), an FD-loss over an EMA
+population (the multi-process FD gradient), diffusers' ``EMAModel``, ``accelerator.prepare`` /
+``save_checkpoint_atomically`` / ``load_state``.
 
 usage: sharded_training_worker.py OUT RUN [RUN ...]   (RUN: flux, flux-lora, digits, digits-lora)
 """
@@ -67,7 +69,7 @@ class Encoder(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1) @ self.proj
 
 
-def train(accelerator, family, lora, out: Path, stop_at=None, resume_from=None):
+def train(accelerator, family, lora, out: Path, checkpoint_at=None, resume_from=None):
     from diffusers.training_utils import EMAModel
 
     from fd_onestep.losses import FDLoss
@@ -83,7 +85,10 @@ def train(accelerator, family, lora, out: Path, stop_at=None, resume_from=None):
     denoiser = gen.denoiser
     sharded = enable_fsdp2(accelerator, denoiser)
     # the trainable parameters are read after prepare: fully_shard replaces them with sharded ones
-    optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=1e-3)
+    # SGD with momentum, not AdamW: Adam's first step is lr * sign(g), so the sign of a gradient element that is
+    # round-off sized flips between batch shapes (8 rows on one process, 4 on each of two) and moves that weight
+    # by 2 lr, a property of Adam, not of sharding; SGD carries float32 round-off through linearly
+    optimizer = torch.optim.SGD([p for p in denoiser.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     denoiser, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
     assert is_sharded(denoiser) == sharded
@@ -114,7 +119,7 @@ def train(accelerator, family, lora, out: Path, stop_at=None, resume_from=None):
     hooks = [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
     try:
         _loop(accelerator, gen, denoiser, optimizer, scheduler, ema, trainable, encoder, fd_loss, rng, progress, out,
-              lora, stop_at, resume_from)
+              lora, checkpoint_at, resume_from)
     finally:
         for hook in hooks:
             hook.remove()
@@ -122,10 +127,12 @@ def train(accelerator, family, lora, out: Path, stop_at=None, resume_from=None):
 
 
 def _loop(accelerator, gen, denoiser, optimizer, scheduler, ema, trainable, encoder, fd_loss, rng, progress, out, lora,
-          stop_at, resume_from):
+          checkpoint_at, resume_from):
     from fd_onestep.training.checkpoints import save_checkpoint_atomically
     from fd_onestep.training.sharding import full_state_dict, local_shard_numels, sharded_lora_state_dict
 
+    initial = sharded_lora_state_dict(denoiser) if lora else full_state_dict(denoiser)
+    initial = {k: v.detach().clone() for k, v in initial.items()}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
 
@@ -151,15 +158,17 @@ def _loop(accelerator, gen, denoiser, optimizer, scheduler, ema, trainable, enco
         optimizer.zero_grad(set_to_none=True)
         ema.step(trainable)
         progress["step"] += 1
-        if progress["step"] == stop_at:
+        if progress["step"] == checkpoint_at:
             save_checkpoint_atomically(accelerator, out, progress["step"])
-            return
 
     weights = sharded_lora_state_dict(denoiser) if lora else full_state_dict(denoiser)
     ema_full = {f"shadow.{i}": (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
                 for i, t in enumerate(ema.shadow_params)}
     if accelerator.is_main_process:
         from safetensors.torch import save_file
+
+        if accelerator.num_processes == 1 and resume_from is None:
+            save_file({k: v.contiguous() for k, v in initial.items()}, str(out / "initial.safetensors"))
 
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
         save_file(ema_full, str(out / "ema.safetensors"))
@@ -182,10 +191,11 @@ def main():
         straight, resumed = out_root / run / "straight", out_root / run / "resumed"
         for folder in (straight, resumed):
             folder.mkdir(parents=True, exist_ok=True)
-        train(accelerator, family, lora, straight)
-        if accelerator.num_processes > 1:
-            train(accelerator, family, lora, resumed, stop_at=STOP)
-            train(accelerator, family, lora, resumed, resume_from=resumed / f"checkpoint-{STOP}")
+        if accelerator.num_processes == 1:
+            train(accelerator, family, lora, straight)
+        else:  # the uninterrupted run checkpoints at STOP; a fresh run resumes from that checkpoint
+            train(accelerator, family, lora, straight, checkpoint_at=STOP)
+            train(accelerator, family, lora, resumed, resume_from=straight / f"checkpoint-{STOP}")
 
 
 if __name__ == "__main__":

@@ -132,10 +132,14 @@ def enable_fsdp2(accelerator, denoiser: torch.nn.Module, plugin=None) -> bool:
         )
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    if plugin.auto_wrap_policy is None:
+    # the block classes are this denoiser's unless the configuration names its own (fsdp_transformer_layer_cls_to_wrap);
+    # a plugin used before (one process preparing several models) gets the new denoiser's
+    if getattr(plugin, "_fd_onestep_blocks", False) or plugin.auto_wrap_policy is None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
+        plugin.transformer_cls_names_to_wrap = None
     if plugin.auto_wrap_policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap is None:
         plugin.transformer_cls_names_to_wrap = denoiser_block_classes(denoiser)
+        plugin._fd_onestep_blocks = True
     plugin.set_state_dict_type("SHARDED_STATE_DICT")
     logger.info("FSDP2: sharding the denoiser over %d processes by %s", accelerator.num_processes,
                 plugin.transformer_cls_names_to_wrap)
