@@ -188,6 +188,8 @@ def _add_plan_parser(sub) -> None:
     speed.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="Share of --peak_tflops reached.")
     speed.add_argument("--num_gpus", type=_positive_int, default=8,
                        help="GPUs of a fully sharded data-parallel run (shown for a full fine-tune that does not fit one).")
+    speed.add_argument("--fsdp", action="store_true", help="Plan a sharded run (FSDP2 over --num_gpus; text "
+                       "encoders off the GPU, prompts stored on disk; docs/several_gpus.md).")
     plan.add_argument("--output", default=None, help="Also write the plan as JSON to this path.")
 
 
@@ -456,7 +458,7 @@ def _cmd_plan(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, vae_gradient_checkpointing=args.vae_gradient_checkpointing,
         decode_micro_batch_size=args.decode_micro_batch_size, surrogate_decoder=args.surrogate_decoder,
         gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, utilization=args.utilization,
-        num_gpus=args.num_gpus,
+        num_gpus=args.num_gpus, fsdp=args.fsdp,
     )
     plan = make_plan(settings)
     print(plan.to_markdown())
