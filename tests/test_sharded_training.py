@@ -119,3 +119,25 @@ def test_the_gathered_lora_file_gives_the_one_process_images_and_loads_into_the_
         assert loaded.keys() == saved.keys() and saved
         for key, value in loaded.items():
             assert torch.equal(value, saved[key]), key
+
+
+def test_the_plans_sharded_figures_match_the_measured_shards_of_the_two_process_run(runs, tmp_path):
+    """``fd-onestep plan --fsdp --num_gpus 2`` of the tiny FLUX teacher (under fake tensors) against the local shards
+    the 2-process full fine-tune measured: weights and gradients (4 bytes per float32 element), AdamW's state (the
+    plan's 8 bytes per trainable element; the run's SGD keeps one momentum buffer per element, sharded the same)."""
+    from tiny_teachers import flux_teacher
+
+    from fd_onestep.demos.digits import encoder_path
+    from fd_onestep.plan import PlanSettings, make_plan
+
+    torch.manual_seed(0)
+    flux_teacher().save_pretrained(tmp_path / "flux")
+    plan = make_plan(PlanSettings(teacher=str(tmp_path / "flux"), use_lora=False, mixed_precision="no", num_gpus=2,
+                                  fsdp=True, encoders=(str(encoder_path("randcnn-digits")),)), batches=[1, 2])
+    planned = plan.sharded(2, 1)
+    for rank in (0, 1):
+        measured = json.loads((runs / "two" / "flux" / "straight" / f"shards-{rank}.json").read_text())
+        for part, value in (("denoiser weights (1/N)", 4 * measured["parameters"]),
+                            ("gradients (1/N)", 4 * measured["gradients"]),
+                            ("optimizer state (1/N)", 8 * measured["optimizer_state"])):
+            assert abs(planned[part] / value - 1) <= 0.15, (part, planned[part], value)
