@@ -203,7 +203,7 @@ def unsharded_denoiser(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
     :func:`full_state_dict`), for ``save_pretrained`` and ``FDOneStepGenerator.save_pipeline``. Main process only.
 
     Built from the model's config on the meta device and filled by assignment, so the tensors of ``state_dict``
-    are the copy's parameters (no second copy). A PEFT LoRA is not carried over: save it with
+    are the copy's parameters (no second copy). A state dict with a PEFT LoRA is refused: save the LoRA with
     :func:`sharded_lora_state_dict`.
     """
     from accelerate import init_empty_weights
@@ -213,8 +213,10 @@ def unsharded_denoiser(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
     cls = next(c for c in type(model).__mro__ if issubclass(c, torch.nn.Module) and not issubclass(c, FSDPModule))
     with init_empty_weights():
         copy = cls.from_config(model.config)
-    base = {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
-    copy.load_state_dict(base, strict=True, assign=True)
+    if any("lora_" in k for k in state_dict):
+        raise ValueError("the state dict carries a LoRA: save it with sharded_lora_state_dict (a merged full pipeline "
+                         "of a sharded LoRA run is not written by unsharded_denoiser).")
+    copy.load_state_dict(state_dict, strict=True, assign=True)
     return copy.eval()
 
 
