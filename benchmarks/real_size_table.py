@@ -6,7 +6,8 @@
 Per family: LoRA (rank 8) and full fine-tune, without and with the memory savers (denoiser and VAE gradient
 checkpointing, decoding one latent at a time, and the surrogate decoder gradient where a published tiny decoder
 exists), the default FD encoders (inception, dinov2), bf16 mixed precision: memory per GPU at batch 1 and 8, the
-largest batch on an 80 GB GPU. Then, for SDXL LoRA at 1024 px, what each saver buys alone.
+largest batch on an 80 GB GPU, and per GPU at batch 1 sharded over 8 GPUs (``fd-onestep plan --fsdp --num_gpus 8``:
+FSDP2, text encoders off the GPU; the same plan, docs/several_gpus.md). Then, for SDXL LoRA at 1024 px, what each saver buys alone.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def savers_for(name: str) -> dict:
 def run(name: str, lora: bool, savers: dict) -> dict:
     start = time.perf_counter()
     # batch 8 is planned directly: the peak can move between parts as the batch grows (docs/plan.md)
-    plan = make_plan(PlanSettings(teacher=name, use_lora=lora, batch_size=8, **savers), batches=[1, 2, 8])
+    plan = make_plan(PlanSettings(teacher=name, use_lora=lora, batch_size=8, fsdp=True, num_gpus=8, **savers),
+                     batches=[1, 2, 8])
     return {"teacher": name, "lora": lora, "savers": plan.settings.savers, "resolution": plan.resolution,
             "family": plan.family, "peak_b1": plan.peak(1), "peak_b8": plan.peak(8), "max_batch_80gb": plan.max_batch(),
+            "sharded_8gpu_b1": plan.sharded_per_gpu(8, 1),
             "weights": plan.weights, "trainable_params": plan.trainable_params,
             "saved_b1": plan.steps[1].saved, "flops_per_sample": plan.flops_per_sample(),
             "step_time_b8_s": plan.step_time(8), "plan_seconds": time.perf_counter() - start}
@@ -68,15 +71,17 @@ def main():
             per_saver.append(run("sdxl", True, saver))
             print(json.dumps({k: v for k, v in per_saver[-1].items() if k not in ("weights", "saved_b1", "flops_per_sample")}), flush=True)
     print()
-    print("| teacher | px | training | memory savers | GB per GPU, batch 1 | batch 8 | largest batch on 80 GB |")
-    print("|---|---:|---|---|---:|---:|---:|")
+    print("| teacher | px | training | memory savers | GB per GPU, batch 1 | batch 8 | largest batch on 80 GB | "
+          "GB per GPU, batch 1, sharded over 8 GPUs |")
+    print("|---|---:|---|---|---:|---:|---:|---:|")
     for r in rows:
         savers = "all" if r["savers"] else "none"
         if "error" in r:
-            print(f"| {r['teacher']} | | {'LoRA' if r['lora'] else 'full'} | {savers} | not planned: {r['error'][:80]} | | |")
+            print(f"| {r['teacher']} | | {'LoRA' if r['lora'] else 'full'} | {savers} | not planned: {r['error'][:80]} | | | |")
             continue
         print(f"| {r['teacher']} | {r['resolution']} | {'LoRA' if r['lora'] else 'full'} | {savers} | "
-              f"{r['peak_b1'] / 1e9:.1f} | {r['peak_b8'] / 1e9:.1f} | {r['max_batch_80gb']} |")
+              f"{r['peak_b1'] / 1e9:.1f} | {r['peak_b8'] / 1e9:.1f} | {r['max_batch_80gb']} | "
+              f"{r['sharded_8gpu_b1'] / 1e9:.1f} |")
     if per_saver:
         print()
         print("| SDXL 1024 px LoRA, one saver | GB per GPU, batch 8 | largest batch on 80 GB |")

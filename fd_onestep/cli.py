@@ -194,6 +194,8 @@ def _add_plan_parser(sub) -> None:
     speed.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="Share of --peak_tflops reached.")
     speed.add_argument("--num_gpus", type=_positive_int, default=8,
                        help="GPUs of a fully sharded data-parallel run (shown for a full fine-tune that does not fit one).")
+    speed.add_argument("--fsdp", action="store_true", help="Plan a sharded run (FSDP2 over --num_gpus; text "
+                       "encoders off the GPU, prompts stored on disk; docs/several_gpus.md).")
     plan.add_argument("--output", default=None, help="Also write the plan as JSON to this path.")
 
 

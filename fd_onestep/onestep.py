@@ -150,6 +150,9 @@ class OneStepGenerator:
         prompt_chunk_size: prompts per text-encoder call when filling the cache (``PROMPT_CHUNK_SIZE``).
         decode_savers: latent families: the decode's memory savers (:mod:`fd_onestep.memory_savers`: micro-batches,
             surrogate decoder gradient); the images keep the full decode's values. None: the pipeline's own decode.
+        prompt_store: a :class:`fd_onestep.prompt_store.PromptStore` holding the embeddings of every prompt this
+            generator will be asked for (training and validation prompts): its memory-mapped rows replace the
+            in-memory cache, and the text encoders are never called (they may be off the device).
 
     Attributes:
         family (str): the pipeline's family, a key of ``FDOneStepPipeline.FAMILY_ADAPTERS``.
@@ -173,6 +176,7 @@ class OneStepGenerator:
         weight_dtype: torch.dtype | None = None,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
         decode_savers: DecodeSavers | None = None,
+        prompt_store=None,
     ):
         if not isinstance(pipeline, FDOneStepPipeline):
             raise TypeError(
@@ -216,6 +220,9 @@ class OneStepGenerator:
         self._prompt_row: dict[str, int] = {}
         self._rows_of_prompts: torch.Tensor | None = None  # (len(self.prompts),) int64: row of each entry
         self.prompts: list[str] | None = None
+        self.prompt_store = prompt_store
+        if prompt_store is not None:
+            self.prompt_embeddings, self._prompt_row = prompt_store, prompt_store.row_of
         if prompts is not None:
             if not self.is_text_conditional:
                 raise ValueError(
@@ -228,8 +235,9 @@ class OneStepGenerator:
             self.prompts = prompts
             self._cache_prompts(prompts)  # fill the cache once, with the frozen encoders
             self._rows_of_prompts = torch.tensor([self._prompt_row[p] for p in prompts], dtype=torch.long)
-            logger.info(f"cached the embeddings of {len(self._prompt_row)} distinct prompts on the CPU "
-                        f"({_conditioning_bytes(self.prompt_embeddings) / 2**20:.1f} MiB)")
+            if prompt_store is None:
+                logger.info(f"cached the embeddings of {len(self._prompt_row)} distinct prompts on the CPU "
+                            f"({_conditioning_bytes(self.prompt_embeddings) / 2**20:.1f} MiB)")
 
         self.prompt_labels: torch.Tensor | None = None
         if prompt_labels is not None:
@@ -365,6 +373,9 @@ class OneStepGenerator:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_row]
         if not missing:
             return
+        if self.prompt_store is not None:
+            raise ValueError(f"{len(missing)} prompt(s) are not in the prompt store {self.prompt_store.folder} (e.g. "
+                             f"{missing[0]!r}): build the store with every training and validation prompt.")
         new = encode_in_chunks(lambda chunk: self.pipeline.encode_conditioning(prompt=chunk, device=self.device),
                                missing, self.prompt_chunk_size)
         start = len(self._prompt_row)

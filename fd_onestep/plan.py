@@ -333,6 +333,7 @@ class PlanSettings:
     peak_tflops: float = DEFAULT_PEAK_TFLOPS
     utilization: float = DEFAULT_UTILIZATION
     num_gpus: int = 8
+    fsdp: bool = False  # plan a sharded run (FSDP2 over num_gpus, text encoders off the GPU, prompt store)
 
     @property
     def savers(self) -> list[str]:
@@ -378,6 +379,7 @@ def settings_from_args(args) -> "PlanSettings":
         fd_ema_beta=getattr(args, "fd_ema_beta", 0.999), gpu_memory_gb=getattr(args, "gpu_memory_gb", 80.0),
         peak_tflops=getattr(args, "peak_tflops", DEFAULT_PEAK_TFLOPS),
         utilization=getattr(args, "utilization", DEFAULT_UTILIZATION), num_gpus=getattr(args, "num_gpus", 8),
+        fsdp=getattr(args, "fsdp", False),
     )
 
 
@@ -402,6 +404,8 @@ class Plan:
     fd_state: int  # bytes of populations and reference statistics
     steps: dict = field(default_factory=dict)  # batch -> StepMeasure
     notes: list = field(default_factory=list)
+    block_bytes: int = 0  # the denoiser's largest FSDP2 unit (one block of fd_onestep.training.sharding), bytes
+    prompt_bytes: int = 0  # one prompt's stored embeddings (weight dtype), bytes; 0 for models without prompts
 
     # -- memory
     @property
@@ -449,6 +453,33 @@ class Plan:
         sharded = (denoiser + self.gradients + self.optimizer_state) / num_gpus
         return self.static - denoiser - self.gradients - self.optimizer_state + sharded + self.transient(batch)
 
+    def sharded(self, num_gpus: int, batch: int) -> dict:
+        """Per-GPU bytes of a sharded run (FSDP2, docs/several_gpus.md), part by part: the denoiser's weights,
+        gradients and AdamW state divided over ``num_gpus``; two of its blocks gathered whole at a time (the one
+        running and the one prefetched) and one block's unsharded gradients before its reduce-scatter; the VAE, the
+        FD encoders and the FD state replicated; the text encoders off the GPU (the prompts are stored on disk);
+        the activations per GPU as without sharding."""
+        text = {k: v for k, v in self.weights.items() if k.startswith("text_encoder")}
+        replicated = sum(v for k, v in self.weights.items() if k != "denoiser" and k not in text)
+        return {
+            "denoiser weights (1/N)": self.weights["denoiser"] / num_gpus,
+            "gradients (1/N)": self.gradients / num_gpus,
+            "optimizer state (1/N)": self.optimizer_state / num_gpus,
+            "gathered blocks (2 blocks' weights, 1 block's gradients)": 2 * self.block_bytes + self.block_bytes,
+            "replicated: VAE, FD encoders": replicated,
+            "populations and reference statistics": self.fd_state,
+            "activations and transients": self.transient(batch),
+        }
+
+    def sharded_per_gpu(self, num_gpus: int, batch: int) -> float:
+        return sum(self.sharded(num_gpus, batch).values())
+
+    def prompt_store_host_bytes(self, shard_size: int = 1024) -> int:
+        """Host memory a process adds for the prompt store while encoding: one shard of ``shard_size`` prompts
+        (``fd_onestep.prompt_store``); in training its rows are read from the memory-mapped shards (file cache,
+        shared by the processes of a node)."""
+        return shard_size * self.prompt_bytes
+
     # -- compute
     def flops_per_sample(self, batch: Optional[int] = None) -> dict:
         step = self.steps[batch or 2]
@@ -471,6 +502,10 @@ class Plan:
             "peak_bytes": self.peak(s.batch_size), "max_batch": self.max_batch(),
             "flops_per_sample": self.flops_per_sample(), "step_time_s": self.step_time(s.batch_size),
             "gpu_memory_gb": s.gpu_memory_gb, "peak_tflops": s.peak_tflops, "utilization": s.utilization,
+            **({"num_gpus": s.num_gpus, "sharded_bytes": self.sharded(s.num_gpus, s.batch_size),
+                "sharded_per_gpu_bytes": self.sharded_per_gpu(s.num_gpus, s.batch_size),
+                "prompt_bytes": self.prompt_bytes, "prompt_store_host_bytes": self.prompt_store_host_bytes()}
+               if s.fsdp else {}),
         }
 
     def to_markdown(self) -> str:
@@ -496,7 +531,17 @@ class Plan:
                   "", f"Largest batch per GPU that fits {s.gpu_memory_gb:g} GB: **{self.max_batch() if self.max_batch() is not None else 'undetermined (the step at batch 2 holds less than at batch 1; plan --batch_size B directly)'}** "
                   f"(memory per sample between batch {self._line()[0]} and {self._line()[2]}: "
                   f"{gb((self._line()[3] - self._line()[1]) / (self._line()[2] - self._line()[0]))}).", ""]
-        if not s.use_lora and self.peak(1) > s.gpu_memory_gb * 1e9:
+        if s.fsdp:
+            lines += [f"| sharded over {s.num_gpus} GPUs (FSDP2), per GPU | bytes |", "|---|---:|"]
+            lines += [f"| {part} | {gb(v)} |" for part, v in self.sharded(s.num_gpus, b).items()]
+            total = self.sharded_per_gpu(s.num_gpus, b)
+            lines += [f"| **per GPU, batch {b}** | **{gb(total)}** ({'fits' if total <= s.gpu_memory_gb * 1e9 else 'does not fit'} "
+                      f"{s.gpu_memory_gb:g} GB) |", ""]
+            if self.prompt_bytes:
+                lines += [f"Prompt store: {gb(self.prompt_bytes)} per prompt on disk ({gb(self.prompt_bytes * 50_000)} for "
+                          f"50,000 prompts), memory-mapped; host memory a process adds: one shard of 1024 prompts "
+                          f"while encoding ({gb(self.prompt_store_host_bytes())}), whatever the number of prompts.", ""]
+        elif not s.use_lora and self.peak(1) > s.gpu_memory_gb * 1e9:
             lines.append(f"Full fine-tune under fully sharded data parallel on {s.num_gpus} GPUs: "
                          f"{gb(self.fsdp_per_gpu(s.num_gpus, b))} per GPU at batch {b} (docs/plan.md).")
             lines.append("")
@@ -703,6 +748,14 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
         fd_math = {b: _measure_fd_math(fd_loss, {n: e.feature_dim for n, e in encoders.items()}, b) for b in batches}
 
     plan = Plan(settings, pipe.family, int(resolution), weights, sum(p.numel() for p in trainable), int(fd_state))
+    from .training.sharding import denoiser_block_classes
+
+    blocks = set(denoiser_block_classes(denoiser))
+    plan.block_bytes = max(_module_bytes(m) for m in denoiser.modules() if type(m).__name__ in blocks)
+    if pipe.is_text_conditional:
+        example = pipe.example_conditioning(1, device="cpu", dtype=weight_dtype)
+        plan.prompt_bytes = sum(t.numel() * t.element_size() for t in vars(example).values()
+                                if isinstance(t, torch.Tensor))
     for p in trainable:  # gradients exist before the step: the step's transient memory excludes them
         p.grad = torch.zeros_like(p)
     for batch in batches:

@@ -399,6 +399,9 @@ class FamilyAdapter:
     default_max_sequence_length: int | None = None
     # (components, what they are or None) the family cannot do without; the error names the family and them
     required_components: tuple = ()
+    # the denoiser's repeated blocks, each its own FSDP2 unit under sharded training (fd_onestep.training.sharding);
+    # None: the model class's own ``_no_split_modules`` (diffusers names its blocks there)
+    block_classes: tuple | None = None
 
     def __init__(self, pipe: "FDOneStepPipeline"):
         self.pipe = pipe
@@ -646,6 +649,7 @@ class UNet2DAdapter(_ClassFamilyAdapter):
     conditioning = "class-or-none"
     default_lora_targets = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
     stock_pipeline = "DDPMPipeline"
+    block_classes = ("ResnetBlock2D", "Attention")  # UNet2DModel has no _no_split_modules
 
     @classmethod
     def resolve_settings(cls, denoiser, scheduler, settings):
@@ -685,6 +689,7 @@ class DiTAdapter(_ClassFamilyAdapter):
     denoiser_class = DiTTransformer2DModel
     conditioning = "class"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    block_classes = ("BasicTransformerBlock",)  # DiTTransformer2DModel has no _no_split_modules
 
     @classmethod
     def resolve_settings(cls, denoiser, scheduler, settings):

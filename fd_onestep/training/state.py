@@ -24,10 +24,11 @@ __all__ = [
 ]
 
 
-def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+def flatten_state(state: Any, prefix: str = "", to_cpu: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
     """Split a nested state (dicts, lists, tensors, JSON scalars) into tensors and a JSON skeleton.
 
-    Returns ``(tensors, skeleton)``: ``tensors`` maps dotted keys to contiguous CPU tensors; the skeleton is
+    Returns ``(tensors, skeleton)``: ``tensors`` maps dotted keys to contiguous CPU tensors (``to_cpu=False``:
+    the tensors themselves, sharded ones included, for ``torch.distributed.checkpoint``); the skeleton is
     the same structure with each tensor replaced by ``{"__tensor__": key}``. Raises ``TypeError`` for any
     other leaf type (no pickling).
     """
@@ -35,7 +36,7 @@ def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor]
 
     def walk(node, key):
         if isinstance(node, torch.Tensor):
-            tensors[key] = node.detach().to("cpu").contiguous().clone()
+            tensors[key] = node.detach().to("cpu").contiguous().clone() if to_cpu else node
             return {"__tensor__": key}
         if isinstance(node, Mapping):
             out = {}
