@@ -79,8 +79,9 @@ class DemoModel:
     """The one-step pipeline of a run, loaded once, and optionally its teacher's multi-step sampler.
 
     ``generate`` / ``generate_teacher`` take the page's inputs (a prompt or a class label, a seed, a guidance
-    scale) and return ``(PIL image, milliseconds of the call)``. Calls are serialized by a lock (the page's queue
-    already runs one at a time; the lock also covers direct API calls).
+    scale) and return ``(PIL image, milliseconds of the call)``. Calls of each model are serialized by its own lock
+    (the page's queue already runs one at a time per model; the locks also cover direct calls): the student and
+    the teacher, two separate pipelines, may run at the same time.
     """
 
     pipe: Any
@@ -92,6 +93,7 @@ class DemoModel:
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self._teacher_lock = threading.Lock()
 
     # what the page asks for
     @property
@@ -160,7 +162,7 @@ class DemoModel:
         if self.teacher is None:
             raise ValueError("this demo was started without the teacher: pass --with_teacher (or --teacher PATH).")
         g = self.default_guidance if guidance_scale is None or not self.has_guidance else float(guidance_scale)
-        with self._lock, torch.inference_mode():
+        with self._teacher_lock, torch.inference_mode():
             _synchronize(self.device)
             start = time.perf_counter()
             image = self.teacher(condition, self._generator(seed), g)
@@ -298,6 +300,8 @@ def load_demo_model(
     pipe.to(device=device, dtype=dtype) if dtype is not None else pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = DemoModel(pipe=pipe, source=run, teacher_steps=teacher_steps, teacher_sampler=teacher_sampler)
+    # one generation before the first user's: lazy initializations do not count in the page's milliseconds
+    model.generate(0 if model.conditioning == "class" else "", 0)
     if teacher_source is not None:
         try:
             stock = DiffusionPipeline.from_pretrained(str(teacher_source), **hub)
@@ -313,9 +317,9 @@ def load_demo_model(
 
 
 # ------------------------------------------------------------------------------------------------ the page
+# small images (a 16x16 digit) fill their frame, without blur
 _CSS = """
-.fd-onestep-image img { image-rendering: pixelated; }
-footer { display: none !important; }
+.fd-onestep-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 
 
@@ -387,31 +391,37 @@ def build_demo(model: DemoModel, *, title: Optional[str] = None, live: bool = Tr
             img, ms = model.generate_teacher(condition, s, g)
             return img, _ms(ms, f"{model.teacher_steps} steps, {model.device.type}")
 
-        def on_change(*values):  # live mode: the inputs changed
+        def on_change(*values):  # live mode: an input changed
             *values, is_live = values
             return generate(*values) if is_live else (gr.skip(), gr.skip())
 
-        def teacher_on(*values):
-            *values, wanted = values
-            return generate_teacher(*values) if wanted and model.teacher is not None else (gr.skip(), gr.skip())
+        def teacher_if(*values):  # the teacher follows when shown (and, for changes, in live mode)
+            *values, shown, is_live = values
+            if model.teacher is None or not shown or not is_live:
+                return gr.skip(), gr.skip()
+            return generate_teacher(*values)
 
-        # one queue for every event and user: the model runs one generation at a time
-        common = dict(concurrency_id="model", concurrency_limit=1)
-        button.click(generate, inputs, [image, timing], api_name="generate", **common)
-        button.click(teacher_on, [*inputs, show_teacher], [teacher_image, teacher_timing],
-                     api_visibility="private", **common)
+        # Every user's requests go through one queue per model, one generation at a time: the student and the
+        # teacher are separate pipelines, so the teacher's many steps never hold up the one-step image.
+        student = dict(concurrency_id="onestep", concurrency_limit=1)
+        teacher = dict(concurrency_id="teacher", concurrency_limit=1, api_visibility="private")
+        live_inputs, teacher_inputs = [*inputs, live_box], [*inputs, show_teacher, live_box]
+        always = gr.State(True)
+        button.click(generate, inputs, [image, timing], api_name="generate", **student)
+        demo.load(generate, inputs, [image, timing], api_visibility="private", **student)
         for component in inputs:
-            component.change(on_change, [*inputs, live_box], [image, timing], api_visibility="private",
-                             trigger_mode="always_last", show_progress="minimal", **common)
-        show_teacher.change(teacher_on, [*inputs, show_teacher], [teacher_image, teacher_timing],
-                            api_visibility="private", **common)
+            component.change(on_change, live_inputs, [image, timing], api_visibility="private",
+                             trigger_mode="always_last", show_progress="minimal", **student)
         if model.teacher is not None:
+            for component in inputs:
+                component.change(teacher_if, teacher_inputs, [teacher_image, teacher_timing],
+                                 trigger_mode="always_last", show_progress="minimal", **teacher)
+            for event in (button.click, demo.load, show_teacher.change):
+                event(teacher_if, [*inputs, show_teacher, always], [teacher_image, teacher_timing], **teacher)
+            # the API's endpoint for the teacher (a button that is never shown)
             gr.Button(visible=False).click(generate_teacher, inputs, [teacher_image, teacher_timing],
-                                           api_name="generate_teacher", **common)
-        demo.load(generate, inputs, [image, timing], api_visibility="private", **common)
-        if model.teacher is not None:
-            demo.load(teacher_on, [*inputs, show_teacher], [teacher_image, teacher_timing],
-                      api_visibility="private", **common)
+                                           api_name="generate_teacher", concurrency_id="teacher",
+                                           concurrency_limit=1)
     return demo
 
 
