@@ -343,7 +343,8 @@ def build_demo(model: DemoModel, *, title: Optional[str] = None, live: bool = Tr
     display = max(256, min(512, 16 * max(height, width)))
     title = title or "fd-onestep: one step"
     condition_input = guidance_input = None
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # every image shown is a file in Gradio's cache: those older than an hour are deleted every hour
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {title}\n{model.describe()}. One denoiser forward per image"
                     + (f"; beside it the teacher, {model.teacher_sampler} {model.teacher_steps} steps." if model.teacher
                        else "."))

@@ -38,6 +38,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_gradio_cache(tmp_path_factory):
+    """Gradio writes every served image to its cache folder, a file per content hash (default /tmp/gradio, shared
+    by every Gradio process of the machine): these apps get their own."""
+    folder = str(tmp_path_factory.mktemp("gradio_cache"))
+    previous, os.environ["GRADIO_TEMP_DIR"] = os.environ.get("GRADIO_TEMP_DIR"), folder
+    yield folder
+    if previous is None:
+        del os.environ["GRADIO_TEMP_DIR"]
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
     """The bundled digits-text and digits-class teachers as one-step pipeline folders (the class model with its
@@ -72,7 +85,11 @@ def _image(port: int, output: dict) -> Image.Image:
     url = output["url"]
     assert url.startswith(f"http://{HOST}:{port}/"), url  # served by the app itself
     with urllib.request.urlopen(url, timeout=30) as r:
-        return Image.open(io.BytesIO(r.read())).convert("RGB")
+        content, kind = r.read(), r.headers.get("Content-Type", "")
+    try:
+        return Image.open(io.BytesIO(content)).convert("RGB")
+    except Exception as err:
+        raise AssertionError(f"{url} ({kind}, {len(content)} bytes) is not an image") from err
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -144,7 +161,11 @@ def _wait_for_pixels(driver, element_id: str, previous: str, expected: np.ndarra
     while True:
         src, _, _ = _shown_image(driver, element_id, previous, timeout=max(0.05, deadline - time.monotonic()))
         with urllib.request.urlopen(src, timeout=10) as r:
-            shown = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+            content, kind = r.read(), r.headers.get("Content-Type", "")
+        try:
+            shown = np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
+        except Exception as err:
+            raise AssertionError(f"{element_id} shows {src} ({kind}, {len(content)} bytes): not an image") from err
         if shown.shape == expected.shape and np.array_equal(shown, expected):
             return src, shown
         previous = src
@@ -285,7 +306,8 @@ def test_a_run_with_hub_space_writes_and_pushes_a_space_that_runs_with_python_ap
 
     # `python app.py`, as a Space runs it; here it finds the run it was written into (an unconditional model)
     port = _free_port()
-    env = {**SUBPROCESS_ENV, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": HOST}
+    env = {**SUBPROCESS_ENV, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": HOST,
+           "GRADIO_TEMP_DIR": os.environ["GRADIO_TEMP_DIR"]}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -295,6 +317,32 @@ def test_a_run_with_hub_space_writes_and_pushes_a_space_that_runs_with_python_ap
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_hub_id_of_a_lora_run_is_fetched_as_its_lora_and_its_info_for_the_loader(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from fd_onestep.demo import _resolve_run
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(("file", repo_id, filename))
+        if repo_id != "someone/lora-run":
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / filename)
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append(("snapshot", repo_id, tuple(allow_patterns)))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert _resolve_run("someone/lora-run") == str(tmp_path)  # a local folder the loader reads the base from
+    assert calls == [("file", "someone/lora-run", "fd_onestep_lora.json"),
+                     ("snapshot", "someone/lora-run", ("fd_onestep_lora.json", "pytorch_lora_weights.safetensors"))]
+    assert _resolve_run("someone/full-run") == "someone/full-run"  # a pipeline repo: diffusers fetches what it needs
+    assert _resolve_run(str(tmp_path)) == str(tmp_path)  # a local folder as is
 
 
 def test_the_demo_command_names_bad_input_before_serving(digits_runs, tmp_path, capsys):
