@@ -507,7 +507,7 @@ if __name__ == "__main__":
 
 SPACE_README = """\
 ---
-title: {title}
+title: {title_yaml}
 emoji: ⚡
 colorFrom: indigo
 colorTo: gray
@@ -574,7 +574,8 @@ def write_space(
     version = _package_version("fd-onestep")
     gradio_version = _package_version("gradio") or "6.0.0"
     (folder / "requirements.txt").write_text(f"fd-onestep[demo]{'==' + version if version else ''}\n")
-    (folder / "README.md").write_text(SPACE_README.format(title=title, repo_id=repo_id, gradio_version=gradio_version))
+    (folder / "README.md").write_text(SPACE_README.format(title=title, title_yaml=json.dumps(title), repo_id=repo_id,
+                                                         gradio_version=gradio_version))
     return folder
 
 

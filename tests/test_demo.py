@@ -297,9 +297,9 @@ def test_a_run_with_hub_space_writes_and_pushes_a_space_that_runs_with_python_ap
     assert space_upload["repo_type"] == "space" and space_upload["files"] == ["README.md", "app.py", "requirements.txt"]
     space = run / "space"
     assert "hub_id='someone/my-onestep'" in (space / "app.py").read_text()
-    readme = (space / "README.md").read_text()
-    assert readme.startswith("---\n") and "\nsdk: gradio\n" in readme and "\napp_file: app.py\n" in readme
-    assert "\n- someone/my-onestep\n" in readme  # the model it shows
+    front = huggingface_hub.SpaceCard.load(space / "README.md").data  # the Hub's own parser of the front matter
+    assert (front.sdk, front.app_file, front.models) == ("gradio", "app.py", ["someone/my-onestep"])
+    assert front.title == "my-onestep: one step" and front.sdk_version == gr.__version__
     assert (space / "requirements.txt").read_text().startswith("fd-onestep[demo]")
     card = (run / "README.md").read_text()
     assert "https://huggingface.co/spaces/someone/my-onestep-demo" in card and "python space/app.py" in card
