@@ -8,6 +8,7 @@
     fd-onestep export-npz stats/inception.safetensors inception.npz
     fd-onestep plan      --pretrained_model_name_or_path sdxl --train_batch_size 8 --use_lora --encoders inception dinov2 ...
     fd-onestep plan      --list      (the bundled real configs, one name a line)
+    fd-onestep demo      <run dir, LoRA dir or hub id> [--with_teacher]   (a Gradio page; pip install 'fd-onestep[demo]')
 
 ``stats`` and ``evaluate`` run under ``accelerate launch`` with several processes (each process
 takes a shard; moments are summed at the end). Without a GPU, accelerate's CPU processes use gloo.
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `fd-onestep <command> --help` for the options of a command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{stats,evaluate,import-npz,export-npz,plan}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{stats,evaluate,import-npz,export-npz,plan,demo}")
 
     stats = sub.add_parser(
         "stats", help="Compute reference statistics of a real image dataset for one or several encoders.",
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("stats", help="Input .safetensors written by `fd-onestep stats`.")
     exp.add_argument("npz", help="Output .npz path.")
     _add_plan_parser(sub)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
@@ -469,10 +473,16 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo_command
+
+    return run_demo_command(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"stats": _cmd_stats, "evaluate": _cmd_evaluate, "import-npz": _cmd_import, "export-npz": _cmd_export,
-                "plan": _cmd_plan}
+                "plan": _cmd_plan, "demo": _cmd_demo}
     # A clear message, not a traceback: our errors name the problem and the fix, OSErrors their path. (The
     # commands' library calls also raise TypeError / RuntimeError for bad input, e.g. undecodable images.)
     return run_reporting_errors(f"fd-onestep {args.command}", handlers[args.command], args,

@@ -76,6 +76,7 @@ from fd_onestep.training.generation import (  # noqa: E402
     warm_start_populations,
     write_samples,
 )
+from fd_onestep.demo import prepare_space, publish_space  # noqa: E402
 from fd_onestep.training.hub import push_folder_to_hub  # noqa: E402
 from fd_onestep.training.inputs import load_caption_dataset, load_conditioning, teacher_load_kwargs  # noqa: E402,F401
 from fd_onestep.training.model_card import render_model_card, teacher_hub_id, teacher_license  # noqa: E402
@@ -353,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_token", type=str, default=None,
                    help="Prefer `hf auth login`: a token on the command line is visible in the shell history.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
+    g.add_argument("--hub_space", action="store_true",
+                   help="Also write the Gradio demo (fd-onestep demo) as a Space folder DIR/space, linked from the model "
+                        "card; with --push_to_hub it is uploaded as the Space <hub_model_id>-demo.")
+    g.add_argument("--hub_space", action="store_true",
+                   help="Also write the Gradio demo (fd-onestep demo) as a Space folder DIR/space, linked from the model "
+                        "card; with --push_to_hub it is uploaded as the Space <hub_model_id>-demo.")
 
     g = p.add_argument_group("debugging")
     g.add_argument("--debug_dump_first_step_grad", type=str, default=None,
@@ -762,7 +769,8 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
     return result
 
 
-def save_model_card(args, pipe, reps: Representations, last_validation, population_fds, progress, world, repo_id):
+def save_model_card(args, pipe, reps: Representations, last_validation, population_fds, progress, world, repo_id,
+                    demo_space=None):
     """``DIR/README.md``: the model card (base model, encoders and stats, training settings, final FDs)."""
     output_dir = Path(args.output_dir)
 
@@ -836,6 +844,7 @@ def save_model_card(args, pipe, reps: Representations, last_validation, populati
         lora=args.use_lora, conditioning=conditioning, one_step_settings=one_step_settings,
         comparison_grid=comparison_grid, comparison_table=comparison_table, stock_recipe=stock_recipe,
         fresh_samples=(last_validation or {}).get("num_samples"), **license_info,
+        demo_space=demo_space.card_entry() if demo_space is not None else None,
     )
     card.save(str(output_dir / "README.md"))
     return card
@@ -984,7 +993,8 @@ def main(args) -> dict:
             summary["comparison"] = compare(args, accelerator, gen, model, reps)
             summary["comparison_table"] = str(output_dir / "comparison.md")
     if accelerator.is_main_process:
-        card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id)
+        space = prepare_space(output_dir, hub_repo_id, hub_token, push=args.push_to_hub) if args.hub_space else None
+        card = save_model_card(args, pipe, reps, last_validation, population_fds, progress, world, hub_repo_id, space)
         summary["model_card"] = str(output_dir / "README.md")
         (output_dir / "fd_onestep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         honour_umask(output_dir)  # the weights (safetensors writes 0600) get the umask's mode like every other file
@@ -992,6 +1002,8 @@ def main(args) -> dict:
             card.validate()  # the Hub's own card validation (network)
             push_folder_to_hub(output_dir, hub_repo_id, hub_token, private=args.hub_private_repo or None)
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
+            if space is not None:
+                publish_space(space, hub_token, private=args.hub_private_repo or None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     lock.release()

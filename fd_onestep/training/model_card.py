@@ -45,6 +45,7 @@ def render_model_card(
     comparison_table: str | None = None,
     stock_recipe: Mapping[str, Any] | None = None,
     fresh_samples: int | None = None,
+    demo_space: Mapping[str, Any] | None = None,
 ):
     """Render ``model_card_template.md`` into a ``huggingface_hub.ModelCard``.
 
@@ -58,7 +59,9 @@ def render_model_card(
     ``encoders`` / ``eval_encoders``: dicts with ``name``, ``encoder_id``, ``feature_dim``, ``stats`` (the
     reference-stats source) and optionally ``weight``, ``num_samples``, ``dataset``. ``final_fds``: dicts with
     ``encoder``, ``population_fd`` (or None), ``fresh_fd``, ``fd_r`` (or None), ``in_loss`` (bool); ``fresh_samples``:
-    how many generated samples the fresh FDs were measured on.
+    how many generated samples the fresh FDs were measured on. ``demo_space``: the run's Gradio demo
+    (``fd_onestep.demo.DemoSpace.card_entry()``: its ``folder`` in the output dir, the Space ``url`` when pushed,
+    the ``model_id`` it shows).
     ``training``: steps, global batch, processes, learning rate, schedule, population mode, ... (rendered
     as a table). ``sample_grid`` / ``comparison_grid``: image paths relative to the card; ``comparison_table``:
     the markdown of the run's ``comparison.md``. ``stock_recipe``: a LoRA's stock-pipeline one step
@@ -109,6 +112,7 @@ def render_model_card(
         training=dict(training),
         final_fds=final_fds or [],
         fresh_samples=fresh_samples,
+        demo_space=dict(demo_space) if demo_space else None,
         sample_grid=sample_grid,
         comparison_grid=comparison_grid,
         comparison_table=(comparison_table or "").strip() or None,
