@@ -357,9 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_space", action="store_true",
                    help="Also write the Gradio demo (fd-onestep demo) as a Space folder DIR/space, linked from the model "
                         "card; with --push_to_hub it is uploaded as the Space <hub_model_id>-demo.")
-    g.add_argument("--hub_space", action="store_true",
-                   help="Also write the Gradio demo (fd-onestep demo) as a Space folder DIR/space, linked from the model "
-                        "card; with --push_to_hub it is uploaded as the Space <hub_model_id>-demo.")
 
     g = p.add_argument_group("debugging")
     g.add_argument("--debug_dump_first_step_grad", type=str, default=None,
