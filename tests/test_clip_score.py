@@ -116,7 +116,7 @@ def test_the_bundled_digits_clip_ranks_matching_prompts_above_mismatched_ones_on
     assert shuffled["pairwise"] < 0.5  # the same images with other digits' labels: the ranking is about the digit
 
 
-def test_the_text_to_image_protocol_reports_every_number_with_its_count_for_the_run_and_its_teacher(tmp_path):
+def test_the_text_to_image_protocol_reports_every_number_with_its_count_for_the_run_and_its_teacher(tmp_path, monkeypatch):
     """`fd-onestep evaluate --pipeline RUN --dataset D --caption_column C`: FD, FDr, FD_r^k, CLIP score and
     adherence for the one-step pipeline and the teacher at K steps; the reference statistics are cached."""
     from fd_onestep.cli import main
@@ -140,12 +140,20 @@ def test_the_text_to_image_protocol_reports_every_number_with_its_count_for_the_
         assert result["fd_r_k"] == pytest.approx(rep["fd_r"]) and result["k"] == 1
         assert result["clip_score"]["num_samples"] == 16 and 0 <= result["clip_score"]["score"] <= 100
         assert result["conditioning"]["adherence"] is not None
-    stats = next(cache.rglob("*.safetensors"))
-    written = stats.stat().st_mtime_ns
-    assert main(args[:-3] + ["--output", str(tmp_path / "again.json"), "--local_files_only"]) == 0  # same rows: the cached reference
-    assert stats.stat().st_mtime_ns == written
-    again = json.loads((tmp_path / "again.json").read_text())["generators"]["one step"]
-    assert again["representations"] == report["generators"]["one step"]["representations"]
+    # the same rows again: the reference statistics come from the cache, nothing is encoded
+    import fd_onestep.dataset_stats
+    from fd_onestep.encoders import load_encoder
+    from fd_onestep.evaluation import captioned_reference_stats, read_captioned_rows
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cached reference statistics were recomputed")
+
+    monkeypatch.setattr(fd_onestep.dataset_stats, "compute_reference_stats", must_not_run)
+    rows = read_captioned_rows(tmp_path / "data", caption_column="text", num_samples=16, validation_split="validation")
+    assert rows.captions[0] and rows.content_hash == report["protocol"]["content_hash"]
+    cached = captioned_reference_stats({"pixels-gray_16": load_encoder("pixels-gray:16")}, rows, cache=cache)
+    rep = report["generators"]["one step"]["representations"]["pixels-gray_16"]
+    assert cached["pixels-gray_16"].validation_fd == pytest.approx(rep["validation_fd"])
 
 
 def test_the_protocol_names_a_missing_caption_column_before_loading_models(tmp_path, capsys):
