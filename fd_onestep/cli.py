@@ -443,8 +443,9 @@ def _clip_scorer(args, device):
         return None
     from .clip_score import CLIPScore
 
-    return CLIPScore.from_pretrained(args.clip_model, device=device, batch_size=args.batch_size,
-                                     local_files_only=True if args.local_files_only else None, cache_dir=args.cache_dir)
+    hub = {k: v for k, v in (("local_files_only", args.local_files_only or None), ("cache_dir", args.cache_dir))
+           if v is not None}
+    return CLIPScore.from_pretrained(args.clip_model, device=device, batch_size=args.batch_size, **hub)
 
 
 def _cmd_protocol(args) -> int:
