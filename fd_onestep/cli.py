@@ -4,6 +4,7 @@
     fd-onestep stats     ... --label_column label     (also <encoder>.classes.safetensors: per-class FD, FJD)
     fd-onestep evaluate  --pipeline <dir or hub id> | --images <folder>  --encoders ... --reference_stats ...
     fd-onestep evaluate  --pipeline ... --num_classes C --class_stats ... --classifier FOLDER   (adherence, per-class FD, FJD)
+    fd-onestep evaluate  --pipeline RUN --dataset D --caption_column C --num_samples N --clip_model M --teacher_steps K
     fd-onestep import-npz ref.npz --output_dir stats/ --encoder_id inception   (or: --encoders inception dinov2)
     fd-onestep export-npz stats/inception.safetensors inception.npz
     fd-onestep plan      --pretrained_model_name_or_path sdxl --train_batch_size 8 --use_lora --encoders inception dinov2 ...
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pipeline", help="diffusers pipeline folder or hub id; a training run's output folder (full "
                      "pipeline or LoRA with fd_onestep_lora.json) loads as FDOneStepPipeline.")
     gen.add_argument("--images", help="Folder of generated images.")
-    ev.add_argument("--reference_stats", nargs="+", required=True, help="ReferenceStats .safetensors files, one per encoder (matched by encoder id).")
+    ev.add_argument("--reference_stats", nargs="+", default=None, help="ReferenceStats .safetensors files, one per "
+                    "encoder (matched by encoder id). Required unless --dataset (the protocol computes its own).")
     ev.add_argument("--num_samples", type=_positive_int, default=50000, help="Images to generate (with --pipeline) / max images read (with --images).")
     ev.add_argument("--batch_size", type=_positive_int, default=64, help="Images per generation / encoder call, per process.")
     ev.add_argument("--resolution", type=_positive_int, default=None,
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "classifier (AutoModelForImageClassification), a local folder or a Hub id.")
     ev.add_argument("--output", default=None, help="Write the results as JSON to this path.")
     ev.add_argument("--device", default=None, help="Device for the pipeline and encoders (default: accelerate's).")
+    ev.add_argument("--clip_model", default=None,
+                    help="CLIP score of prompted samples: a transformers CLIP / SigLIP with a text tower (AutoModel + "
+                    "AutoProcessor), a local folder or a Hub id, e.g. openai/clip-vit-large-patch14.")
+    _add_protocol_args(ev)
 
     imp = sub.add_parser(
         "import-npz", help="Import a pytorch-fid stats .npz or an ADM reference batch .npz.",
@@ -151,6 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(sub)
     return parser
+
+
+def _add_protocol_args(ev) -> None:
+    from .evaluation import TEACHER_SCHEDULERS
+
+    t2i = ev.add_argument_group(
+        "text-to-image protocol (--pipeline with --dataset)",
+        "Sample i from caption i of the first --num_samples rows; reference statistics of the same rows' images "
+        "(cached by content); FD, FDr, FD_r^k, CLIP score (--clip_model) and adherence (--label_column, --classifier), "
+        "every number with its sample count; with --teacher_steps K the teacher at K steps side by side.")
+    t2i.add_argument("--dataset", default=None, help="🤗 dataset (datasets.load_dataset: Hub id, local folder or data "
+                     "files, or a save_to_disk folder) with captions and images.")
+    t2i.add_argument("--caption_column", default=None, help="Caption column of --dataset (the prompts).")
+    t2i.add_argument("--image_column", default=None, help="Image column of --dataset (default: the first Image feature).")
+    t2i.add_argument("--split", default="train", help="Split of --dataset whose first --num_samples rows are used.")
+    t2i.add_argument("--validation_split", default=None, help="Held-out split of --dataset (its first --num_samples "
+                     "rows): the validation FD of each representation, for FDr and FD_r^k.")
+    t2i.add_argument("--label_column", default=None, help="Class each caption names: adherence with --classifier.")
+    t2i.add_argument("--reference_cache", default=None, help="Folder of cached reference statistics (default: "
+                     "$FD_ONESTEP_CACHE or ~/.cache/fd_onestep, then reference_stats/).")
+    t2i.add_argument("--teacher_steps", type=_positive_int, default=None,
+                     help="Also evaluate the run's teacher at this many steps, in the same table.")
+    t2i.add_argument("--teacher", default=None, help="With --teacher_steps: the teacher pipeline (default: the run's "
+                     "base model).")
+    t2i.add_argument("--teacher_scheduler", default=None, choices=TEACHER_SCHEDULERS,
+                     help="With --teacher_steps: the teacher's sampler (default: the run's --teacher_sampler, else "
+                     "the teacher's own scheduler).")
 
 
 def _add_plan_parser(sub) -> None:
@@ -345,10 +378,18 @@ def _cmd_evaluate(args) -> int:
         load_references,
     )
 
+    if args.dataset is not None:
+        return _cmd_protocol(args)
+    if args.reference_stats is None:
+        raise ValueError("--reference_stats is required (one file per encoder), unless --dataset computes them.")
+    protocol_only = [f"--{k}" for k in ("caption_column", "validation_split", "label_column", "reference_cache",
+                                        "teacher_steps", "teacher", "teacher_scheduler") if getattr(args, k) is not None]
+    if protocol_only:
+        raise ValueError(f"{', '.join(protocol_only)} go with --dataset (the text-to-image protocol).")
     # options of the other source would be ignored silently: reject them before loading anything
     if args.images is not None:
         given = [f"--{k}" for k in ("class_labels", "num_classes", "prompts_file", "pipeline_kwargs", "class_stats",
-                                    "classifier") if getattr(args, k) is not None]
+                                    "classifier", "clip_model") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --pipeline (generation); drop them with --images.")
     elif args.resolution is not None or args.skip_unreadable_images:
@@ -367,6 +408,7 @@ def _cmd_evaluate(args) -> int:
     references = load_references(args.reference_stats, encoders)
     class_references = load_class_references(args.class_stats, encoders) if args.class_stats else None
     classifier = image_classifier(args.classifier, device=device) if args.classifier else None
+    clip_scorer = _clip_scorer(args, device)
     if args.images is not None:
         result = evaluate_folder(
             args.images, encoders, references, batch_size=args.batch_size, max_samples=args.num_samples,
@@ -395,7 +437,7 @@ def _cmd_evaluate(args) -> int:
             class_labels=args.class_labels, num_classes=args.num_classes, prompts=prompts,
             pipeline_kwargs=pipeline_kwargs, show_progress=accelerator.is_main_process,
             class_references=class_references, classifier=classifier, classifier_name=args.classifier,
-            metadata=evaluated,
+            metadata=evaluated, clip_scorer=clip_scorer,
         )
     if accelerator.is_main_process:
         skipped = result.metadata.get("skipped_unreadable_images")
@@ -404,6 +446,75 @@ def _cmd_evaluate(args) -> int:
         print(result.to_markdown())
         if args.output:
             print(f"saved {result.save_json(args.output)}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def _clip_scorer(args, device):
+    if args.clip_model is None:
+        return None
+    from .clip_score import CLIPScore
+
+    hub = {k: v for k, v in (("local_files_only", args.local_files_only or None), ("cache_dir", args.cache_dir))
+           if v is not None}
+    return CLIPScore.from_pretrained(args.clip_model, device=device, batch_size=args.batch_size, **hub)
+
+
+def _cmd_protocol(args) -> int:
+    """``evaluate --pipeline RUN --dataset D --caption_column C``: the text-to-image protocol (evaluation.py)."""
+    from .evaluation import (
+        captioned_reference_stats,
+        evaluate_pipeline,
+        image_classifier,
+        load_pipeline,
+        load_teacher,
+        protocol_markdown,
+        protocol_to_dict,
+        read_captioned_rows,
+    )
+
+    wrong = [f"--{k}" for k in ("images", "reference_stats", "prompts_file", "class_stats", "class_labels",
+                                "num_classes") if getattr(args, k) is not None]
+    if wrong or args.pipeline is None or args.caption_column is None:
+        raise ValueError("the text-to-image protocol takes --pipeline RUN --dataset D --caption_column C"
+                         + (f"; drop {', '.join(wrong)} (the dataset's captions are the prompts and its images the "
+                            "reference)" if wrong else "") + ".")
+    if args.classifier is not None and args.label_column is None:
+        raise ValueError("adherence needs the class each caption names: pass --label_column with --classifier.")
+    if args.output:
+        check_output_path(args.output, "--output", folder=False)
+    rows = read_captioned_rows(args.dataset, caption_column=args.caption_column, num_samples=args.num_samples,
+                               image_column=args.image_column, split=args.split, label_column=args.label_column,
+                               validation_split=args.validation_split, cache_dir=args.cache_dir)
+    accelerator = _accelerator()
+    device = args.device or accelerator.device
+    hub = dict(cache_dir=args.cache_dir, local_files_only=True if args.local_files_only else None)
+    generators = {"one step": (load_pipeline(args.pipeline, **hub), _pipeline_kwargs(args.pipeline_kwargs) or {})}
+    if args.teacher_steps is not None:
+        teacher, kwargs = load_teacher(args.pipeline, teacher=args.teacher, scheduler=args.teacher_scheduler, **hub)
+        generators[f"teacher, {args.teacher_steps} steps"] = (teacher, {**kwargs, "num_inference_steps": args.teacher_steps})
+    encoders = _resolve(args, device)
+    references = captioned_reference_stats(encoders, rows, cache=args.reference_cache, resolution=args.resolution,
+                                           batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                           show_progress=accelerator.is_main_process)
+    classifier = image_classifier(args.classifier, device=device) if args.classifier else None
+    clip_scorer = _clip_scorer(args, device)
+    results = {}
+    for name, (pipe, kwargs) in generators.items():
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        results[name] = evaluate_pipeline(
+            pipe, encoders, references, args.num_samples, batch_size=args.batch_size, seed=args.seed,
+            prompts=rows.captions, prompt_labels=rows.labels, pipeline_kwargs=kwargs, classifier=classifier,
+            classifier_name=args.classifier, clip_scorer=clip_scorer, show_progress=accelerator.is_main_process,
+            metadata={"source": args.pipeline if name == "one step" else "teacher", "generator": name,
+                      **{k: str(v) for k, v in kwargs.items()}})
+    if accelerator.is_main_process:
+        print(protocol_markdown(results))
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(protocol_to_dict(results, rows), indent=2) + "\n")
+            print(f"saved {args.output}")
     accelerator.wait_for_everyone()
     return 0
 

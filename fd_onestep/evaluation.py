@@ -96,6 +96,22 @@ class ConditioningResult:
 
 
 @dataclass
+class CLIPScoreResult:
+    """CLIP score of the generated images with their prompts (:mod:`fd_onestep.clip_score`).
+
+    Attributes:
+        model: the CLIP / SigLIP model (local folder or Hub id) that scored them.
+        score: mean over pairs of max(100 * cos(image, prompt embeddings), 0), in [0, 100].
+        num_samples: the (image, prompt) pairs scored.
+    """
+
+    model: str
+    score: float
+    num_samples: int
+    definition: str = ""
+
+
+@dataclass
 class EvaluationResult:
     """All representations of one evaluation.
 
@@ -107,6 +123,7 @@ class EvaluationResult:
         metadata: free-form strings (source, seed, ...).
         conditioning: adherence, per-class FD and FJD of a class-conditional evaluation (None otherwise;
             then the JSON and the table are those of an unconditional evaluation).
+        clip_score: CLIP score of a prompted evaluation with a CLIP model (None otherwise).
     """
 
     representations: Dict[str, RepresentationResult]
@@ -115,6 +132,7 @@ class EvaluationResult:
     k: int
     metadata: Dict[str, str] = field(default_factory=dict)
     conditioning: Optional[ConditioningResult] = None
+    clip_score: Optional[CLIPScoreResult] = None
 
     def fd(self) -> Dict[str, float]:
         return {name: r.fd for name, r in self.representations.items()}
@@ -130,6 +148,8 @@ class EvaluationResult:
         }
         if self.conditioning is not None:
             data["conditioning"] = asdict(self.conditioning)
+        if self.clip_score is not None:
+            data["clip_score"] = asdict(self.clip_score)
         return data
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -142,8 +162,9 @@ class EvaluationResult:
     def from_dict(cls, data: dict) -> "EvaluationResult":
         reps = {name: RepresentationResult(**r) for name, r in data["representations"].items()}
         conditioning = ConditioningResult.from_dict(data["conditioning"]) if data.get("conditioning") else None
+        clip = CLIPScoreResult(**data["clip_score"]) if data.get("clip_score") else None
         return cls(reps, int(data["num_samples"]), data.get("fd_r_k"), int(data.get("k", 0)), dict(data.get("metadata", {})),
-                   conditioning)
+                   conditioning, clip)
 
     def to_markdown(self) -> str:
         """A markdown table: one row per representation, then the FD_r^k summary.
@@ -179,6 +200,10 @@ class EvaluationResult:
             lines.append("")
             lines.append(f"adherence (classifier `{cond.classifier}`): {fmt(cond.adherence)} of {self.num_samples} samples "
                          "assigned to their requested class")
+        if self.clip_score is not None:
+            lines.append("")
+            lines.append(f"CLIP score (`{self.clip_score.model}`): {fmt(self.clip_score.score)} over "
+                         f"{self.clip_score.num_samples} (image, prompt) pairs")
         return "\n".join(lines)
 
 
@@ -368,6 +393,7 @@ def generate_batches(
     class_labels: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
     prompts: Optional[Sequence[str]] = None,
+    prompt_labels: Optional[Sequence[int]] = None,
     pipeline_kwargs: Optional[dict] = None,
     rank: int = 0,
     world_size: int = 1,
@@ -376,7 +402,8 @@ def generate_batches(
     """Generate this process's share of ``num_samples`` images as (B, C, H, W) batches in [-1, 1].
 
     ``return_labels``: yield pairs ``(images, requested class labels int64 (B,))`` instead (needs
-    ``class_labels`` or ``num_classes`` and a pipeline that takes ``class_labels``).
+    ``class_labels`` or ``num_classes`` and a pipeline that takes ``class_labels``, or ``prompts`` with
+    ``prompt_labels``, the class each prompt names).
 
     ``generator`` is a diffusers pipeline (called as ``pipe(batch_size=b, generator=g,
     output_type="pt", [class_labels=...], [prompt=...])``; outputs in [0, 1] (pt), numpy or PIL are
@@ -396,19 +423,16 @@ def generate_batches(
     params = inspect.signature(generator.__call__).parameters if is_pipeline else {}
     if class_labels is None and num_classes is not None:
         class_labels = list(range(num_classes))
-    if return_labels and (class_labels is None or not is_pipeline):
+    if prompt_labels is not None and (prompts is None or len(prompt_labels) != len(prompts)):
+        raise ValueError("prompt_labels names the class of each prompt: pass one label per prompt, with prompts.")
+    if return_labels and ((class_labels is None and prompt_labels is None) or not is_pipeline):
         raise ValueError(
             "class-conditional evaluation needs a diffusers pipeline that takes class_labels and the labels to "
             "request: class_labels= or num_classes= (CLI: --class_labels or --num_classes)."
         )
     device = getattr(generator, "device", torch.device("cpu")) if is_pipeline else torch.device("cpu")
 
-    num_batches = math.ceil(num_samples / batch_size)
-    for b in range(num_batches):
-        if b % world_size != rank:
-            continue
-        start = b * batch_size
-        n = min(batch_size, num_samples - start)
+    for b, start, n in _process_batches(num_samples, batch_size, rank, world_size):
         if not is_pipeline:
             out = generator(n)
             images = out if isinstance(out, torch.Tensor) else _pipeline_output_images(out)
@@ -427,7 +451,7 @@ def generate_batches(
             prompt_key = "prompt" if "prompt" in params else None
             if prompt_key is None:
                 raise ValueError(f"{type(generator).__name__} takes no prompt; drop --prompts.")
-            kwargs[prompt_key] = [prompts[(start + i) % len(prompts)] for i in range(n)]
+            kwargs[prompt_key] = _cycled(prompts, start, n)
         else:
             if "batch_size" in params:
                 kwargs["batch_size"] = n
@@ -437,7 +461,31 @@ def generate_batches(
             images = _pipeline_output_images(generator(**kwargs))
         if images.shape[0] != n:
             raise RuntimeError(f"The pipeline returned {images.shape[0]} images for a batch of {n}.")
-        yield (images, torch.tensor(kwargs["class_labels"], dtype=torch.int64)) if return_labels else images
+        if return_labels:
+            labels = kwargs["class_labels"] if class_labels is not None else _cycled(prompt_labels, start, n)
+            yield images, torch.tensor(labels, dtype=torch.int64)
+        else:
+            yield images
+
+
+def _process_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> Iterator[tuple]:
+    """``(batch index b, first sample index, size)`` of this process's batches: every ``world_size``-th."""
+    for b in range(math.ceil(num_samples / batch_size)):
+        if b % world_size == rank:
+            yield b, b * batch_size, min(batch_size, num_samples - b * batch_size)
+
+
+def _cycled(values: Sequence, start: int, n: int) -> list:
+    """Samples ``start .. start + n - 1`` take ``values[i % len(values)]`` (prompts, their labels)."""
+    return [values[(start + i) % len(values)] for i in range(n)]
+
+
+def _clip_scored(batches, scorer, prompts: Sequence[str], num_samples: int, batch_size: int, rank: int,
+                 world_size: int) -> Iterator:
+    """Pass ``generate_batches``' batches through, scoring each image with its prompt (``scorer.update``)."""
+    for (_, start, n), batch in zip(_process_batches(num_samples, batch_size, rank, world_size), batches):
+        scorer.update(batch[0] if isinstance(batch, tuple) else batch, _cycled(prompts, start, n))
+        yield batch
 
 
 # What ``train_fd_onestep.py --use_lora`` writes: the LoRA (diffusers format) and, next to it, the base model
@@ -522,6 +570,7 @@ def evaluate_pipeline(
     classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     classifier_name: Optional[str] = None,
     metadata: Optional[Mapping[str, str]] = None,
+    clip_scorer=None,
     **sampling,
 ) -> EvaluationResult:
     """Generate ``num_samples`` images and evaluate them.
@@ -536,21 +585,39 @@ def evaluate_pipeline(
 
     Class-conditional pipelines (``class_labels`` or ``num_classes``): with ``class_references``
     (``{name: ClassConditionalStats}``) and / or a ``classifier`` the result also carries per-class FD, FJD
-    and adherence of the requested labels (:func:`evaluate_images`).
+    and adherence of the requested labels (:func:`evaluate_images`). Text-to-image pipelines with ``prompts`` and
+    ``prompt_labels`` (the class each prompt names) and a ``classifier``: adherence of the named classes.
+
+    ``clip_scorer``: a :class:`fd_onestep.clip_score.CLIPScore` (reset here) that scores every image with its prompt
+    (needs ``prompts``): ``EvaluationResult.clip_score``.
     """
+    from .clip_score import CLIP_SCORE_DEFINITION
     from .dataset_stats import process_info
 
     _check_references(encoders, references)
+    if clip_scorer is not None and not sampling.get("prompts"):
+        raise ValueError("CLIP score compares images with their prompts: pass prompts (CLI: --prompts_file or --dataset "
+                         "with --caption_column), or drop the CLIP model.")
     rank, world_size = process_info()
     batches = generate_batches(generator, num_samples, **sampling, rank=rank, world_size=world_size,
                                return_labels=bool(class_references) or classifier is not None)
+    defaults = inspect.signature(generate_batches).parameters
+    if clip_scorer is not None:
+        batch_size = sampling.get("batch_size", defaults["batch_size"].default)
+        batches = _clip_scored(batches, clip_scorer.reset(), sampling["prompts"], num_samples, batch_size, rank, world_size)
     name = getattr(getattr(generator, "config", None), "_name_or_path", None) or type(generator).__name__
-    seed = sampling.get("seed", inspect.signature(generate_batches).parameters["seed"].default)
-    return evaluate_images(
+    seed = sampling.get("seed", defaults["seed"].default)
+    result = evaluate_images(
         batches, encoders, references, all_reduce=world_size > 1, show_progress=show_progress, total=num_samples,
         metadata={"source": str(name), **dict(metadata or {}), "seed": str(seed)}, class_references=class_references,
         classifier=classifier, classifier_name=classifier_name,
     )
+    if clip_scorer is not None:
+        if world_size > 1:
+            clip_scorer.all_reduce(next(iter(encoders.values())).device)
+        result.clip_score = CLIPScoreResult(clip_scorer.name, clip_scorer.compute(), clip_scorer.count,
+                                            CLIP_SCORE_DEFINITION)
+    return result
 
 
 def _header_readable(path) -> bool:
@@ -686,3 +753,213 @@ def image_classifier(spec: str | os.PathLike, device=None, **kwargs) -> Callable
     from .classifiers import label_predictor, load_image_classifier
 
     return label_predictor(load_image_classifier(spec, device=device, **kwargs))
+
+
+# --- the text-to-image protocol ------------------------------------------------------------------------
+# Prompts and reference images from one captioned dataset: row i's caption prompts generated sample i, and the
+# reference statistics are those of the same rows' images (cached on disk by the images' content).
+
+
+@dataclass
+class CaptionedRows:
+    """The first ``num_samples`` rows of a captioned dataset split: the protocol's prompts and reference images.
+
+    Attributes:
+        captions: one prompt per row; labels: the class each caption names (``label_column``), or None.
+        content_hash: sha256 of the rows' decoded images (mode, size, pixels), and of the validation rows' when a
+            validation split is used: the key of the cached reference statistics.
+    """
+
+    dataset: str
+    split: str
+    caption_column: str
+    image_column: str
+    captions: List[str]
+    labels: Optional[List[int]]
+    content_hash: str
+    validation_split: Optional[str] = None
+
+
+def _hash_images(images, digest) -> None:
+    for image in images:
+        digest.update(f"{image.mode}:{image.size}:".encode())
+        digest.update(image.tobytes())
+
+
+def read_captioned_rows(
+    dataset: str | os.PathLike,
+    *,
+    caption_column: str,
+    num_samples: int,
+    image_column: Optional[str] = None,
+    split: str = "train",
+    label_column: Optional[str] = None,
+    validation_split: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+) -> CaptionedRows:
+    """Open ``dataset`` (``datasets.load_dataset``: a Hub id, a local folder or data files; or a ``save_to_disk``
+    folder) and read the first ``num_samples`` rows' captions, and labels with ``label_column``.
+
+    Raises ``ValueError`` naming the columns when ``caption_column`` / ``label_column`` is not one, and when the
+    split (or ``validation_split``) has fewer than ``num_samples`` rows.
+    """
+    import hashlib
+
+    from .dataset_stats import open_dataset
+
+    ds, image_col = open_dataset(dataset, split=split, cache_dir=cache_dir, image_column=image_column)
+    for option, column in (("--caption_column", caption_column), ("--label_column", label_column)):
+        if column is not None and column not in ds.column_names:
+            raise ValueError(f"{option} {column!r} is not a column of {dataset} ({split}); its columns are "
+                             f"{ds.column_names}.")
+    if len(ds) < num_samples:
+        raise ValueError(f"{dataset} ({split}) has {len(ds)} rows, fewer than --num_samples {num_samples}: lower "
+                         "--num_samples or pick a larger split.")
+    rows = ds.select(range(num_samples))
+    captions = [str(c) for c in rows[caption_column]]
+    labels = [int(c) for c in rows[label_column]] if label_column is not None else None
+    digest = hashlib.sha256(f"{image_col}:{num_samples}:".encode())
+    _hash_images(rows[image_col], digest)
+    if validation_split is not None:
+        val, val_col = open_dataset(dataset, split=validation_split, cache_dir=cache_dir, image_column=image_column)
+        if len(val) < 2:
+            raise ValueError(f"{dataset} ({validation_split}) has {len(val)} rows; FD_r needs at least 2 held-out images.")
+        digest.update(f"validation:{validation_split}:".encode())
+        _hash_images(val.select(range(min(num_samples, len(val))))[val_col], digest)
+    return CaptionedRows(str(dataset), split, caption_column, image_col, captions, labels, digest.hexdigest(),
+                         validation_split)
+
+
+def default_reference_cache() -> Path:
+    """Where the protocol caches reference statistics: ``$FD_ONESTEP_CACHE`` or ``~/.cache/fd_onestep``, then
+    ``reference_stats/``."""
+    root = os.environ.get("FD_ONESTEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fd_onestep")
+    return Path(root) / "reference_stats"
+
+
+def captioned_reference_stats(
+    encoders: Mapping[str, FeatureEncoder],
+    rows: CaptionedRows,
+    *,
+    cache: Optional[str | os.PathLike] = None,
+    resolution: Optional[int] = None,
+    batch_size: int = 64,
+    cache_dir: Optional[str | os.PathLike] = None,
+    show_progress: bool = True,
+) -> Dict[str, "object"]:
+    """``{name: ReferenceStats}`` of ``rows``' images (with ``validation_fd`` of the first ``len(rows.captions)``
+    rows of ``rows.validation_split``, the FD_r denominator), read from ``cache`` (default
+    :func:`default_reference_cache`) when the same images were measured with the same encoder, else computed by
+    :func:`fd_onestep.dataset_stats.compute_reference_stats` and written there."""
+    import hashlib
+
+    from .dataset_stats import compute_reference_stats, save_reference_stats
+    from .reference_stats import ReferenceStats
+
+    key = hashlib.sha256(f"{rows.content_hash}:{resolution}".encode()).hexdigest()[:24]
+    folder = Path(cache or default_reference_cache()) / key
+    references, missing = {}, {}
+    for name, encoder in encoders.items():
+        path = folder / f"{name}.safetensors"
+        cached = ReferenceStats.load(path) if path.is_file() else None
+        if cached is not None and cached.encoder_id == encoder.encoder_id:
+            references[name] = cached
+        else:
+            missing[name] = encoder
+    if missing:
+        computed = compute_reference_stats(
+            missing, rows.dataset, split=rows.split, image_column=rows.image_column, max_samples=len(rows.captions),
+            validation_split=rows.validation_split, resolution=resolution, batch_size=batch_size, cache_dir=cache_dir,
+            show_progress=show_progress)
+        save_reference_stats(computed, folder)
+        references.update(computed)
+    return {name: references[name] for name in encoders}
+
+
+def protocol_to_dict(results: Mapping[str, EvaluationResult], rows: CaptionedRows) -> dict:
+    """The protocol's JSON: the dataset rows it used and every generator's :meth:`EvaluationResult.to_dict`."""
+    return {
+        "protocol": {"dataset": rows.dataset, "split": rows.split, "caption_column": rows.caption_column,
+                     "image_column": rows.image_column, "num_rows": len(rows.captions),
+                     "validation_split": rows.validation_split, "content_hash": rows.content_hash,
+                     "definition": "sample i is generated from caption i; the reference statistics are those of the "
+                     "same rows' images; FDr = FD / FD of the validation split's first num_rows images"},
+        "generators": {name: result.to_dict() for name, result in results.items()},
+    }
+
+
+def protocol_markdown(results: Mapping[str, EvaluationResult]) -> str:
+    """One table, one column per generator: FD and FDr per representation, FD_r^k, CLIP score and adherence, every
+    number with its sample count (``value (N)``)."""
+
+    def cell(value, n):
+        return "-" if value is None else f"{value:.4f} ({n})"
+
+    first = next(iter(results.values()))
+    names = list(results)
+    lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for rep in first.representations:
+        for label, key in (("FD", "fd"), ("FDr", "fd_r")):
+            cells = [cell(getattr(r.representations[rep], key), r.representations[rep].num_samples) for r in results.values()]
+            lines.append(f"| {label} {rep} | " + " | ".join(cells) + " |")
+    if any(r.fd_r_k is not None for r in results.values()):
+        lines.append(f"| **FD_r^{first.k}** | " + " | ".join(f"**{cell(r.fd_r_k, r.num_samples)}**" for r in results.values()) + " |")
+    if any(r.clip_score is not None for r in results.values()):
+        model = next(r.clip_score.model for r in results.values() if r.clip_score is not None)
+        lines.append(f"| CLIP score (`{Path(model).name}`) | " + " | ".join(
+            cell(r.clip_score.score, r.clip_score.num_samples) if r.clip_score else "-" for r in results.values()) + " |")
+    if any(r.conditioning is not None and r.conditioning.adherence is not None for r in results.values()):
+        classifier = next(r.conditioning.classifier for r in results.values() if r.conditioning is not None)
+        lines.append(f"| adherence (`{Path(str(classifier)).name}`) | " + " | ".join(
+            cell(r.conditioning.adherence, r.num_samples) if r.conditioning else "-" for r in results.values()) + " |")
+    return "\n".join(lines)
+
+
+RUN_ARGS_FILE = "fd_onestep_run_args.json"
+TEACHER_SCHEDULERS = ("dpmsolver++", "ddim", "ddpm", "euler")
+
+
+def load_teacher(
+    run: str | os.PathLike,
+    *,
+    teacher: Optional[str | os.PathLike] = None,
+    scheduler: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+    local_files_only: Optional[bool] = None,
+) -> tuple:
+    """The multi-step teacher of a training run, for the side-by-side: ``(pipeline, call kwargs)``.
+
+    The teacher is ``teacher`` if given, else the run's base model (``fd_onestep_lora.json``'s ``base_model``, or
+    ``pretrained_model_name_or_path`` in ``fd_onestep_run_args.json``), loaded by :func:`load_pipeline`. ``scheduler``
+    (``dpmsolver++``, ``ddim``, ``ddpm``, ``euler``; default: the run's ``--teacher_sampler``, else the teacher's own
+    scheduler) is built ``from_config`` of the teacher's scheduler. The call kwargs carry the run's guidance scale,
+    so both columns sample at one guidance. Raises ``ValueError`` naming ``--teacher`` when the run does not say.
+    """
+    folder = Path(run).expanduser()
+    settings = {}
+    if (folder / LORA_INFO_FILE).is_file():
+        info = json.loads((folder / LORA_INFO_FILE).read_text())
+        settings["teacher"] = info.get("base_model")
+        settings["guidance_scale"] = (info.get("one_step_settings") or {}).get("guidance_scale")
+    if (folder / RUN_ARGS_FILE).is_file():
+        run_args = json.loads((folder / RUN_ARGS_FILE).read_text()).get("args", {})
+        settings.setdefault("teacher", run_args.get("pretrained_model_name_or_path"))
+        if settings.get("guidance_scale") is None:
+            settings["guidance_scale"] = run_args.get("guidance_scale")
+        settings["scheduler"] = run_args.get("teacher_sampler")
+    source = teacher or settings.get("teacher")
+    if not source:
+        raise ValueError(f"'{run}' does not name its teacher (no {LORA_INFO_FILE} or {RUN_ARGS_FILE}): pass it with "
+                         "--teacher <pipeline folder or Hub id>.")
+    pipe = load_pipeline(source, cache_dir=cache_dir, local_files_only=local_files_only)
+    scheduler = scheduler or settings.get("scheduler")
+    if scheduler is not None:
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        classes = dict(zip(TEACHER_SCHEDULERS, (DPMSolverMultistepScheduler, DDIMScheduler, DDPMScheduler,
+                                                EulerDiscreteScheduler)))
+        if scheduler not in classes:
+            raise ValueError(f"unknown teacher scheduler {scheduler!r}; use one of {list(classes)}.")
+        pipe.scheduler = classes[scheduler].from_config(pipe.scheduler.config)
+    kwargs = {} if settings.get("guidance_scale") is None else {"guidance_scale": float(settings["guidance_scale"])}
+    return pipe, kwargs

@@ -292,7 +292,7 @@ def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_co
 
     out = tmp_path / "digits-text-onestep"
     run_demo("digits-text", out, max_train_steps=3, train_batch_size=16, fd_warmup_samples=32, validation_steps=0,
-             num_output_samples=20, num_comparison_samples=20)
+             num_output_samples=20, num_comparison_samples=20, eval_clip_model=digits.CLIP_PATH)
     info = json.loads((out / "fd_onestep_lora.json").read_text())
     assert info["base_model"] == str(digits.TEXT_TEACHER_PATH) and (out / "pytorch_lora_weights.safetensors").is_file()
     assert pngs_per_digit(out / "samples") == [2] * 10
@@ -303,6 +303,8 @@ def test_text_default_trains_a_one_step_lora_that_the_stock_pipeline_runs_and_co
         assert pngs_per_digit(folder / "comparison_samples" / "student") == [2] * 10
     summary = json.loads((out / "fd_onestep_summary.json").read_text())
     assert 0 <= summary["final_validation"]["adherence"] <= 1  # the label of each drawn prompt is known
+    clip = summary["final_validation"]["clip_score"]  # --eval_clip_model: the bundled digits CLIP on fresh samples
+    assert clip["model"] == str(digits.CLIP_PATH) and clip["num_samples"] == 100 and 0 <= clip["score"] <= 100
     # the stock StableDiffusionPipeline with the LoRA and the recipe takes the student's one step
     recipe = info["stock_pipeline"]
     stock = diffusers.StableDiffusionPipeline.from_pretrained(info["base_model"], local_files_only=True)

@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classifier", type=str, default=None,
                    help="Class-conditional models: classifier for adherence in validation and the comparison: "
                         "'digits' (the bundled digit classifier) or a local transformers image-classification folder.")
+    g.add_argument("--eval_clip_model", type=str, default=None,
+                   help="Text-to-image: CLIP score of --num_validation_samples fresh samples (prompts drawn from the "
+                        "training prompts) in validation: a transformers CLIP / SigLIP with a text tower, local folder "
+                        "or Hub id (docs/evaluation.md).")
     g.add_argument("--keep_best_by", type=str, default=None,
                    help="Keep the pipeline with the lowest fresh-sample FD in DIR/best: a training encoder name, "
                         "'fd_mean' or 'fd_r_mean' (mean FD_r over the training encoders).")
@@ -711,6 +715,15 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
 
                 np_images = VaeImageProcessor.denormalize(images).cpu().numpy()  # [-1, 1] -> [0, 1]
                 tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
+    if args.eval_clip_model and accelerator.is_main_process:
+        from fd_onestep.clip_score import generator_clip_score
+
+        clip = generator_clip_score(args.eval_clip_model, gen, lambda n, c: generate_images(accelerator, gen, model, n, c),
+                                    args.num_validation_samples or args.num_validation_images, seed=args.seed + 4,
+                                    batch_size=args.sample_batch_size, device=accelerator.device)
+        result["clip_score"] = {"model": clip.name, "score": clip.compute(), "num_samples": clip.count}
+        accelerator.log({"clip_score": clip.compute()}, step=step)
+        logger.info(f"step {step}: CLIP score {clip.compute():.2f} ({clip.count} samples, {clip.name})")
     if args.num_validation_samples:
         fds, adherence = fresh_sample_fds(args, accelerator, gen, model, reps, args.num_validation_samples,
                                           args.seed + 3, args.sample_batch_size)

@@ -51,6 +51,9 @@ __all__ = [
     "TRAINING_ENCODERS",
     "HELD_OUT_ENCODERS",
     "CLASSIFIER_NAME",
+    "CLIP_PATH",
+    "clip_ranking_accuracy",
+    "write_digits_text_dataset",
     "encoder_path",
     "encoder_spec",
     "stats_path",
@@ -84,6 +87,9 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # trained on; they combine only words that the training phrasings use, in new ways.
 TRAINING_PHRASINGS = ("{word}", "the digit {word}", "a handwritten {word}", "the number {numeral}", "a {numeral}")
 HELD_OUT_PHRASINGS = ("a handwritten digit {word}", "the handwritten number {numeral}")
+# A tiny CLIPModel trained on the digits and the text teacher's phrasings (train_scripts/train_digits_clip.py): the
+# CLIP score model of the text-conditional demo (`fd-onestep evaluate --clip_model`).
+CLIP_PATH = DIGITS_ASSETS_DIR / "clip-digits"
 ENCODERS_DIR = DIGITS_ASSETS_DIR / "encoders"
 STATS_DIR = DIGITS_ASSETS_DIR / "stats"
 SPLIT_METADATA_PATH = DIGITS_ASSETS_DIR / "split.json"
@@ -341,3 +347,56 @@ def write_split_metadata(path: str | Path = SPLIT_METADATA_PATH) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(split_metadata(), indent=1) + "\n")
     return path
+
+
+def clip_ranking_accuracy(images: torch.Tensor, labels, model, processor, phrasings=HELD_OUT_PHRASINGS) -> dict:
+    """Does a CLIP model rank the prompt of an image's own digit above the other digits' prompts?
+
+    Args:
+        images: float (N, 1, H, W) in [-1, 1]; labels: their (N,) digits 0-9.
+        model, processor: from :func:`fd_onestep.clip_score.load_clip_model` (e.g. of ``CLIP_PATH``).
+        phrasings: the prompt phrasings; in each, the 10 digits' prompts are compared (cosines of the embeddings).
+    Returns:
+        ``{"pairwise": share of (image, phrasing, other digit) whose own prompt scores higher, "top1": share of
+        (image, phrasing) whose own prompt scores highest of the 10, "num_images": N, "phrasings": [...]}``.
+    """
+    from ...clip_score import image_embeddings, text_embeddings
+
+    labels = torch.as_tensor(labels).reshape(-1)
+    image_embeds = F.normalize(image_embeddings(images, model, processor), dim=-1).cpu()
+    beaten, top1 = 0, 0
+    for phrasing in phrasings:
+        prompts = [digit_prompt(c, phrasing) for c in range(NUM_CLASSES)]
+        cosines = image_embeds @ F.normalize(text_embeddings(prompts, model, processor), dim=-1).cpu().T  # (N, 10)
+        own = cosines.gather(1, labels[:, None])
+        beaten += int((own > cosines).sum())  # the own digit never beats itself
+        top1 += int((cosines.argmax(1) == labels).sum())
+    n = labels.numel() * len(phrasings)
+    return {"pairwise": beaten / (n * (NUM_CLASSES - 1)), "top1": top1 / n, "num_images": int(labels.numel()),
+            "phrasings": list(phrasings)}
+
+
+def write_digits_text_dataset(folder: str | Path, phrasings=TRAINING_PHRASINGS, seed: int = 0,
+                              max_rows: int | None = None) -> Path:
+    """The digits as a captioned ``imagefolder`` (what ``datasets.load_dataset(folder)`` reads): ``train/`` and
+    ``validation/`` (the fixed split), each with its PNGs (mode "L") and a ``metadata.jsonl`` of ``file_name``,
+    ``text`` (a prompt naming the digit in a phrasing drawn per row from ``phrasings`` with ``seed``) and ``label``.
+    The input of ``fd-onestep evaluate --dataset FOLDER --caption_column text --label_column label``. Rows are in a
+    seeded random order (the protocol takes the first N); ``max_rows`` keeps the first rows of each split."""
+    from ...images import tensor_to_pil
+
+    folder = Path(folder)
+    generator = torch.Generator().manual_seed(seed)
+    for split in ("train", "validation"):
+        images, labels = load_digits_split(split)
+        order = torch.randperm(len(labels), generator=generator)[:max_rows]
+        images, labels = images[order], labels[order]
+        prompts = digit_prompts(labels, phrasings, generator)
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, (image, label, prompt) in enumerate(zip(tensor_to_pil(images, keep_grayscale=True), labels.tolist(), prompts)):
+            name = f"{i:05d}.png"
+            image.save(folder / split / name)
+            rows.append(json.dumps({"file_name": name, "text": prompt, "label": int(label)}))
+        (folder / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder

@@ -72,13 +72,14 @@ class LossLog:
 
 
 def write_training_record(record_dir: str | Path, output_dir: Path, log: LossLog, train_seconds: float,
-                          grid_path: Path, **summary) -> Path:
+                          grid_path: Path | None, **summary) -> Path:
     """``summary`` with the training time and the loss curve as ``<record_dir>/<asset name>_training_log.json``;
     says what was saved."""
     summary.update(train_time_s=round(train_seconds, 1), final_loss=log.entries[-1]["loss"], loss_curve=log.entries)
     path = Path(record_dir) / f"{output_dir.name}_training_log.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"saved {output_dir} ({train_seconds:.0f}s, final loss {summary['final_loss']:.4f}); grid {grid_path}; "
-          f"record {path}", flush=True)
+    grid = f"; grid {grid_path}" if grid_path is not None else ""
+    print(f"saved {output_dir} ({train_seconds:.0f}s, final loss {summary['final_loss']:.4f}){grid}; record {path}",
+          flush=True)
     return path
