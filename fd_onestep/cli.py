@@ -397,7 +397,9 @@ def _cmd_evaluate(args) -> int:
 
 
 def _import_encoder_id(args) -> Optional[str]:
-    """``--encoder_id`` of precomputed mu/sigma: required (an .npz does not say which encoder made it)."""
+    """``--encoder_id`` of precomputed mu/sigma: required (an .npz does not say which encoder made it, except one
+    written by export-npz)."""
+    from .dataset_stats import exported_encoder_id
     from .encoders import INCEPTION_ENCODER_ID, INCEPTION_NAMES
 
     if args.encoders:
@@ -405,6 +407,8 @@ def _import_encoder_id(args) -> Optional[str]:
             raise ValueError("--encoder_id is for precomputed mu/sigma; with --encoders the images are encoded and "
                              "each encoder stores its own id. Drop one of the two.")
         return None
+    if args.encoder_id is None and exported_encoder_id(args.npz):
+        return None  # written by export-npz: the file names its encoder
     if args.encoder_id is None:
         raise ValueError(
             "--encoder_id is required: an .npz does not say which encoder computed its mu/sigma, and FD compares "
