@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -216,6 +217,12 @@ def results_from_moments(
             raise ValueError(f"{m.count} generated image(s) evaluated; FD needs at least 2 (10k-50k is standard).")
         ref = references[name]
         fd = float(ref.frechet_distance(m.mean, m.covariance()))
+        if m.count <= ref.feature_dim:
+            logging.getLogger(__name__).warning(
+                f"{name}: FD of {m.count} images in {ref.feature_dim} dimensions: with N <= d the generated "
+                f"covariance has rank at most {m.count - 1} < {ref.feature_dim}, so this FD is dominated by "
+                "small-sample bias (it falls as N grows); compare only FDs of the same N, and use N well above d "
+                "(10k-50k images is standard).")
         val = ref.validation_fd
         reps[name] = RepresentationResult(
             encoder=name,

@@ -46,9 +46,11 @@ if importlib.util.find_spec("fd_onestep") is None or importlib.util.find_spec("f
 from accelerate.logging import get_logger  # noqa: E402
 
 from fd_onestep.training.checkpoints import (  # noqa: E402
+    note_finished_run,
     prune_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint_atomically,
+    set_aside_newer_checkpoints,
 )
 from fd_onestep.errors import RunError, run_reporting_errors  # noqa: E402
 from fd_onestep.training.hub import check_push_to_hub, push_folder_to_hub  # noqa: E402
@@ -58,6 +60,13 @@ from fd_onestep.training.output_dir import (  # noqa: E402
     check_no_overwrite,
     clear_previous_run,
     honour_umask,
+)
+from fd_onestep.training.checks import (  # noqa: E402
+    check_conditioning_args,
+    join_negative_values,
+    prompt_token_limits,
+    read_prompts_file,
+    warn_long_prompts,
 )
 from fd_onestep.training.run_args import (  # noqa: E402
     RUN_ARGS_FILE,
@@ -627,6 +636,7 @@ def apply_preset(args, given: set[str]) -> None:
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
+    input_args = join_negative_values(build_parser(), sys.argv[1:] if input_args is None else list(input_args))
     args = build_parser().parse_args(input_args)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
@@ -638,7 +648,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
 # Inputs: prompts, class histogram, reference statistics
 def load_prompts(args) -> list[str] | None:
     if args.prompts_file is not None:
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts = read_prompts_file(args.prompts_file)
         if not prompts:
             raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
         return prompts[: args.max_prompts] if args.max_prompts else prompts
@@ -784,13 +794,13 @@ def check_inputs(args) -> None:
                 f"{made_with!r}, not {full_id or model!r}. Pass each encoder's own statistics, in the order of "
                 f"--encoders, or compute them: `fd-onestep stats --encoders {name} ...`."
             )
-    if args.prompts_file is not None and not any(
-            line.strip() for line in Path(args.prompts_file).read_text().splitlines()):
+    if args.prompts_file is not None and not read_prompts_file(args.prompts_file):
         raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
     index = teacher_config_file(args, "model_index.json")
     if index is None:
         return
     text_model = "text_encoder" in index or "text_encoder_2" in index
+    check_conditioning_args(args, index)
     if text_model and not args.embedded_default and args.prompts_file is None and args.dataset_name is None:
         raise ValueError(
             f"{args.pretrained_model_name_or_path} is a text-to-image model ({index.get('_class_name')}): pass "
@@ -890,6 +900,7 @@ def check_run_setup(args, accelerator):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_args(output_dir, args, fingerprint)
+        set_aside_newer_checkpoints(output_dir, resume_path)
     accelerator.wait_for_everyone()
     return fingerprint, resume_path, hub_repo_id, hub_token, lock
 
@@ -2004,6 +2015,7 @@ def main(args) -> dict:
     pipe = build_one_step_pipeline(args)
     reps = build_representations(args, device)
     prompts, prompt_labels, class_histogram = load_conditioning(args, pipe, reps)
+    warn_long_prompts(prompts, prompt_token_limits(pipe))
     gen, trainable = build_generator(args, pipe, reps, prompts, prompt_labels, class_histogram, device,
                                      weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps, device)
@@ -2035,6 +2047,7 @@ def main(args) -> dict:
         logger.info(f"Resuming from {resume_path}")
         load_checkpoint(accelerator, resume_path)
         logger.info(f"  resumed at step {progress.global_step}")
+        note_finished_run(progress.global_step, args.max_train_steps, resume_path)
     elif args.fd_warmup_samples > 0 and not fd_loss.two_pass:
         warm_start_populations(args, accelerator, gen, unwrap(accelerator, denoiser), reps.encoders, fd_loss)
 

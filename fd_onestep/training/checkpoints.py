@@ -31,12 +31,17 @@ __all__ = [
     "resolve_resume_checkpoint",
     "save_checkpoint_atomically",
     "prune_checkpoints",
+    "set_aside_newer_checkpoints",
+    "note_finished_run",
+    "SUPERSEDED_DIR",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written last into a checkpoint folder, before the atomic rename: its presence means "complete".
 CHECKPOINT_MARKER = "fd_onestep_checkpoint.json"
 _PARTIAL_SUFFIX = ".partial"
+# Checkpoints newer than the one a run resumes from are moved here, not rewritten: the resumed run writes its own.
+SUPERSEDED_DIR = "superseded"
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -246,3 +251,44 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, pr
     if removed:
         logger.info("checkpoints_total_limit=%d: removed %s", total_limit, ", ".join(p.name for p in removed))
     return removed
+
+
+def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume_path: str | os.PathLike | None) -> list[Path]:
+    """Resuming from an older checkpoint: move the complete checkpoints of later steps to
+    ``output_dir/superseded/<resumed name>/`` (call on the main process) and warn naming them, so that the
+    resumed run's own checkpoints of those steps replace nothing. Returns their new paths."""
+    if resume_path is None or checkpoint_step(resume_path) is None:
+        return []
+    step = checkpoint_step(resume_path)
+    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    if not newer:
+        return []
+    target = Path(output_dir) / SUPERSEDED_DIR / f"after-{Path(resume_path).name}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = Path(output_dir) / SUPERSEDED_DIR / f"after-{Path(resume_path).name}-{suffix}"
+    target.mkdir(parents=True)
+    moved = []
+    for path in newer:
+        os.replace(path, target / path.name)
+        moved.append(target / path.name)
+    logger.warning(
+        "resuming from %s, older than %s: those were moved to %s (kept, not rewritten; 'latest' no longer picks "
+        "them). Delete them if the resumed run replaces them, or move one back to resume from it.",
+        Path(resume_path).name, ", ".join(p.name for p in newer), target,
+    )
+    return moved
+
+
+def note_finished_run(resumed_step: int, max_train_steps: int, resume_path: str | os.PathLike) -> bool:
+    """Say in one line when a resumed checkpoint is already at the run's last step (nothing left to train: the
+    final outputs are written again from it). Returns whether it is."""
+    if resumed_step < max_train_steps:
+        return False
+    logger.warning(
+        "%s is at step %d, the run's last (--max_train_steps %d): nothing left to train; writing the final outputs "
+        "(weights, validation, samples, model card) again from it. Raise --max_train_steps to train on.",
+        Path(resume_path).name, resumed_step, max_train_steps,
+    )
+    return True
