@@ -453,6 +453,20 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LORA_INFO_FILE = "fd_onestep_lora.json"
 
 
+def lora_loading_code(folder: str | os.PathLike) -> str:
+    """Python that loads the LoRA output folder ``folder`` onto its base model (what ``fd_onestep_lora.json``'s
+    ``how_to_load`` holds): ``pipe`` is the one-step pipeline with the LoRA (``load_lora_weights`` returns None)."""
+    return (
+        "import json\n"
+        "from fd_onestep import FDOneStepPipeline\n"
+        f"folder = {str(folder)!r}\n"
+        f"info = json.load(open(f'{{folder}}/{LORA_INFO_FILE}'))\n"
+        "pipe = FDOneStepPipeline.from_teacher(info['base_model'], revision=info.get('revision'), "
+        "variant=info.get('variant'), **info['one_step_settings'])\n"
+        "pipe.load_lora_weights(folder)\n"
+    )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text}"

@@ -1872,7 +1872,17 @@ class FDOneStepPipeline(DiffusionPipeline):
         """``DiffusionPipeline.save_pretrained`` plus this pipeline file, so the folder (or a Hub repo made of it)
         loads with ``FDOneStepPipeline.from_pretrained(dir)`` and with stock
         ``DiffusionPipeline.from_pretrained(dir, custom_pipeline="pipeline_fd_onestep", trust_remote_code=True)``.
+
+        A denoiser carrying a LoRA (``add_lora_to_denoiser``, ``load_lora_weights``) is saved with the LoRA fused
+        into a copy of its weights (:meth:`save_one_step`; the live model keeps its adapters): the folder is a
+        plain full model that ``from_pretrained`` loads and that gives the same images. To keep the LoRA
+        separate (a few MB, loaded onto the base model), use :meth:`save_lora`.
         """
+        if _has_peft_adapters(self.denoiser):
+            logger.info("save_pretrained: the denoiser's LoRA is fused into the saved weights (save_lora keeps it "
+                        "separate).")
+            self.save_one_step(save_directory, **kwargs)
+            return
         super().save_pretrained(save_directory, **kwargs)
         source = inspect.getsourcefile(type(self)) or __file__
         target = os.path.join(save_directory, PIPELINE_FILE_NAME)
