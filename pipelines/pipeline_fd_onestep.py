@@ -192,7 +192,8 @@ def check_one_step_conditioning(prediction_type: str, level: dict, timestep: int
     if a <= 1e-12:
         raise ValueError(
             f"epsilon prediction is undefined at timestep {timestep}: alphas_cumprod = {a:.3g} (zero terminal SNR), "
-            "so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero. Use an earlier `timestep`, or a "
+            "so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero. Use an earlier timestep "
+            "(FDOneStepPipeline.from_teacher(..., timestep=600); train_fd_onestep.py --onestep_timestep 600), or a "
             "v-prediction teacher (where x0 = -v at the top)."
         )
     amp = epsilon_error_amplification(a)
@@ -201,7 +202,8 @@ def check_one_step_conditioning(prediction_type: str, level: dict, timestep: int
             f"ill-conditioned one-step map: epsilon prediction at timestep {timestep} has alphas_cumprod = {a:.3g}, "
             f"so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) amplifies the network's error {amp:.0f}x and one-step outputs "
             "can leave [-1, 1] by far. Fix: use a v-prediction teacher (zero-terminal-SNR betas give x0 = -v), "
-            "an earlier `timestep` (e.g. 600), or output_bound='tanh'.",
+            "an earlier timestep (e.g. 600: from_teacher(..., timestep=600); train_fd_onestep.py --onestep_timestep "
+            "600), or output_bound='tanh' (train_fd_onestep.py --output_bound tanh).",
             UserWarning,
             stacklevel=3,
         )
