@@ -136,7 +136,9 @@ def load_surrogate_decoder(name_or_path: str, *, device=None, dtype=None, **load
 def check_surrogate_fits(tiny: torch.nn.Module, vae: torch.nn.Module) -> None:
     """The tiny decoder must read the teacher's latents and write its images (channels), or fail with one line."""
     lat, out = int(tiny.config.latent_channels), int(tiny.config.out_channels)
-    want_lat, want_out = int(vae.config.latent_channels), int(vae.config.out_channels)
+    # AutoencoderDC (SANA) has no out_channels: it writes the images it reads (in_channels)
+    want_lat = int(vae.config.latent_channels)
+    want_out = int(vae.config.get("out_channels", None) or vae.config.get("in_channels"))
     if (lat, out) != (want_lat, want_out):
         raise ValueError(
             f"--surrogate_decoder has {lat} latent / {out} image channels but the teacher's VAE has {want_lat} / "

@@ -236,3 +236,85 @@ def test_resuming_a_finished_run_says_so_in_one_line(tmp_path, caplog):
         assert note_finished_run(2, 4, tmp_path / "checkpoint-2") is False
     assert caplog.text.count("\n") == 1
     assert "checkpoint-4 is at step 4, the run's last (--max_train_steps 4): nothing left to train" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ preemption
+def _sigterm_the_process_group(cmd, out, wait_for, delay):
+    """Start ``cmd`` in its own process group, wait for ``wait_for`` to exist, then SIGTERM the whole group (what
+    SLURM and Kubernetes do); the stop checkpoint is slowed by ``delay`` s. Returns (returncode, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from train_fixtures import REPO_ROOT, SUBPROCESS_ENV
+
+    from fd_onestep.training.preemption import SLOW_STOP_CHECKPOINT_ENV
+
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**SUBPROCESS_ENV, SLOW_STOP_CHECKPOINT_ENV: str(delay)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not wait_for.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stderr
+
+
+def _preemption_args(assets, out, steps):
+    return ["--pretrained_model_name_or_path", assets["teachers"]["unet2d"], *encoder_args(assets), *FAST_ARGS,
+            "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--num_cpu_threads", "1",
+            "--num_validation_images", "0", "--num_validation_samples", "0", "--output_dir", str(out)]
+
+
+def test_sigterm_to_the_group_of_a_one_process_launch_names_the_checkpoint_it_keeps_and_resumes_exactly(
+        script, assets, tmp_path, caplog):
+    """accelerate launch (one process) kills its child 5 s after SIGTERM: a stop checkpoint that takes longer is
+    cut off; the script says so at the signal, naming the newest complete checkpoint, and the resumed run ends
+    bit-identical to an uninterrupted one."""
+    from train_fixtures import SCRIPT, accelerate_launch
+
+    steps, out, reference = 8, tmp_path / "interrupted", tmp_path / "reference"
+    common = _preemption_args(assets, out, steps)
+    code, stderr = _sigterm_the_process_group([*accelerate_launch(1), str(SCRIPT), *common], out,
+                                              out / "checkpoint-2", delay=8)
+    assert code != 0  # the launcher killed the script
+    assert "accelerate launch (one process) kills this process 5 s after its SIGTERM" in stderr, stderr[-3000:]
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept and f"{kept[-1]} is the newest complete checkpoint" in stderr
+    with caplog.at_level(logging.WARNING):
+        script.main(script.parse_args([*common, "--resume_from_checkpoint", "latest"]))
+    cut = sorted(p.name for p in out.glob(".checkpoint-*.partial"))
+    assert cut and f"{', '.join(cut)} never completed" in caplog.text and f"resuming from {kept[-1]}" in caplog.text
+    script.main(script.parse_args([*_preemption_args(assets, reference, steps)]))
+    resumed = _safetensors(out / "unet" / "diffusion_pytorch_model.safetensors")
+    uninterrupted = _safetensors(reference / "unet" / "diffusion_pytorch_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def _safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_sigterm_to_the_group_of_a_two_process_launch_writes_the_checkpoint_of_the_step_reached(assets, tmp_path):
+    """accelerate launch --multi_gpu (torch elastic) gives its ranks 30 s after SIGTERM: a stop checkpoint slowed
+    beyond accelerate's one-process 5 s is written at the step reached, and the same command with
+    --resume_from_checkpoint latest finishes bit-identical to an uninterrupted two-process run."""
+    from train_fixtures import SCRIPT, accelerate_launch, run_script
+
+    steps, out, reference = 6, tmp_path / "interrupted", tmp_path / "reference"
+    launch = [*accelerate_launch(2), str(SCRIPT)]
+    code, stderr = _sigterm_the_process_group([*launch, *_preemption_args(assets, out, steps)], out,
+                                              out / "checkpoint-2", delay=6)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    reached = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert f"Stopped by SIGTERM at step {reached}" in stderr and 2 <= reached < steps, stderr[-3000:]
+    assert not list(out.glob(".checkpoint-*.partial"))
+    run_script([*_preemption_args(assets, out, steps), "--resume_from_checkpoint", "latest"], launcher=launch[:-1])
+    run_script(_preemption_args(assets, reference, steps), launcher=launch[:-1])
+    resumed = _safetensors(out / "unet" / "diffusion_pytorch_model.safetensors")
+    uninterrupted = _safetensors(reference / "unet" / "diffusion_pytorch_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)

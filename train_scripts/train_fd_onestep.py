@@ -68,6 +68,7 @@ from fd_onestep.training.checks import (  # noqa: E402
     read_prompts_file,
     warn_long_prompts,
 )
+from fd_onestep.training.preemption import before_stop_checkpoint  # noqa: E402
 from fd_onestep.training.run_args import (  # noqa: E402
     RUN_ARGS_FILE,
     check_checkpoint_compatible,
@@ -2083,6 +2084,8 @@ def main(args) -> dict:
                                                  progress, population_fds)
         stopping_early = step == stop_at < args.max_train_steps  # --stop_after_steps: resume needs this state
         interrupted = stop_request.agreed(accelerator)  # SIGTERM / SIGINT on any process: the same step on all
+        if interrupted:  # a launcher that kills the script before this checkpoint is written: say what is kept
+            before_stop_checkpoint(args.output_dir, step)
         if stopping_early or interrupted or (args.checkpointing_steps and (step % args.checkpointing_steps == 0
                                                                          or step == stop_at)):
             save_checkpoint(accelerator, args, step, fingerprint)

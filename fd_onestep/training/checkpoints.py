@@ -141,6 +141,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
                 if skipped:
                     logger.warning("--resume_from_checkpoint latest: skipped damaged %s; resuming from %s.",
                                    "; ".join(f"{p.name} ({why})" for p, why in skipped), candidate.name)
+                _note_interrupted_saves(output_dir, candidate)
                 return candidate
             skipped.append((candidate, problem))
         if skipped:
@@ -185,6 +186,29 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     return candidate
 
 
+_slow_write = {"seconds": 0.0}
+
+
+def slow_down_checkpoint_writes(seconds: float) -> None:
+    """Tests only: every following checkpoint write takes ``seconds`` longer (between the state and the completion
+    marker), as a real model's does (fd_onestep.training.preemption sets it for a stop checkpoint)."""
+    _slow_write["seconds"] = float(seconds)
+
+
+def _note_interrupted_saves(output_dir, resumed: Path) -> None:
+    """Name the saves newer than ``resumed`` that never completed (a process killed while writing: a launcher's
+    grace shorter than the checkpoint, docs/training.md)."""
+    newer = []
+    for path in list_partial_checkpoints(output_dir):
+        match = re.search(r"(\d+)", path.name)
+        if match and int(match.group(1)) > checkpoint_step(resumed):
+            newer.append(path.name)
+    if newer:
+        logger.warning("--resume_from_checkpoint latest: %s never completed (the process was stopped while writing "
+                       "it, e.g. killed by its launcher after SIGTERM); resuming from %s, the newest complete "
+                       "checkpoint.", ", ".join(newer), resumed.name)
+
+
 def save_checkpoint_atomically(
     accelerator,
     output_dir: str | os.PathLike,
@@ -199,6 +223,9 @@ def save_checkpoint_atomically(
     complete. A crash at any point leaves either the old state or the new complete one, never a folder that
     :func:`latest_checkpoint` would pick.
     """
+    import time
+
+    started = time.perf_counter()
     root = Path(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     partial = root / f".{CHECKPOINT_PREFIX}{step}{_PARTIAL_SUFFIX}"
@@ -208,9 +235,13 @@ def save_checkpoint_atomically(
             shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if _slow_write["seconds"]:  # tests only: a real model's checkpoint takes seconds to minutes
+        time.sleep(_slow_write["seconds"])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": int(step), **dict(metadata or {}), "files": _file_sizes(partial)}
+        # write_seconds: how long a stop checkpoint will take (fd_onestep.training.preemption)
+        marker = {"step": int(step), **dict(metadata or {}), "files": _file_sizes(partial),
+                  "write_seconds": round(time.perf_counter() - started, 3)}
         with open(partial / CHECKPOINT_MARKER, "w") as f:
             json.dump(marker, f, indent=2, sort_keys=True)
             f.flush()
