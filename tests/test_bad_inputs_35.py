@@ -318,3 +318,53 @@ def test_sigterm_to_the_group_of_a_two_process_launch_writes_the_checkpoint_of_t
     resumed = _safetensors(out / "unet" / "diffusion_pytorch_model.safetensors")
     uninterrupted = _safetensors(reference / "unet" / "diffusion_pytorch_model.safetensors")
     assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def test_plan_of_a_huge_batch_runs_the_fd_math_at_a_bounded_batch_and_extrapolates(monkeypatch):
+    from fd_onestep import plan
+
+    ran = []
+
+    def fake_run(fd_loss, dims, batch):  # linear in the batch, as the real FD math is above d rows
+        ran.append(batch)
+        return 1000 + 10 * batch, 7 * batch
+
+    monkeypatch.setattr(plan, "_run_fd_math", fake_run)
+    monkeypatch.setattr(plan, "_FD_MATH_CACHE", {})
+    peak, flops = plan._measure_fd_math(None, {"inception": 2048}, 1_000_000)
+    assert max(ran) <= plan.FD_MATH_MAX_BATCH  # 10^6 x 2048 features would be 16 GB
+    assert (peak, flops) == (1000 + 10 * 1_000_000, 7 * 1_000_000)
+
+
+def test_plan_measures_batches_1_2_8_and_the_requested_one(monkeypatch):
+    from fd_onestep import plan
+
+    seen = {}
+    monkeypatch.setattr(plan, "_plan_in_mode", lambda settings, folder, batches: seen.setdefault("batches", batches))
+    plan.make_plan(plan.PlanSettings(teacher="sd15", batch_size=2))
+    assert seen["batches"] == [1, 2, 8]  # the largest batch comes from 2 and 8, as the README says
+    seen.clear()
+    plan.make_plan(plan.PlanSettings(teacher="sd15", batch_size=32))
+    assert seen["batches"] == [1, 2, 8, 32]
+
+
+def test_plan_with_a_tiny_decoder_for_other_latents_is_one_line(capsys):
+    from fd_onestep.demos import digits
+
+    argv = ["plan", "--teacher", str(digits.TEXT_TEACHER_PATH), "--encoders", digits.encoder_spec("dinov2-digits"),
+            "--lora", "--surrogate_decoder", "taef1"]
+    assert cli(argv) == 2
+    assert "--surrogate_decoder has 16 latent / 3 image channels but the teacher's VAE has 4 / 1" in _error(capsys)
+
+
+def test_encoder_names_with_a_dot_key_the_fd_loss():
+    from fd_onestep.losses import FDLoss, MultiEncoderFDLoss
+    from fd_onestep.populations import build_population
+
+    name = "/home/a.b/encoders/dinov2-digits"
+    ref = ReferenceStats(mu=torch.zeros(3, dtype=torch.float64), sigma=torch.eye(3, dtype=torch.float64))
+    loss = MultiEncoderFDLoss({name: FDLoss(ref, build_population("ema", 3, beta=0.9))})
+    assert list(loss.losses) == [name] and name in loss.losses and loss.losses[name].scale > 0
+    value, raw = loss({name: torch.randn(4, 3, requires_grad=True)})
+    assert set(raw) == {name} and torch.isfinite(value)
