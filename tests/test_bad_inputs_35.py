@@ -368,3 +368,22 @@ def test_encoder_names_with_a_dot_key_the_fd_loss():
     assert list(loss.losses) == [name] and name in loss.losses and loss.losses[name].scale > 0
     value, raw = loss({name: torch.randn(4, 3, requires_grad=True)})
     assert set(raw) == {name} and torch.isfinite(value)
+
+
+def test_the_launchers_grace_is_read_from_the_parent_process(monkeypatch):
+    import subprocess
+    import sys
+
+    from fd_onestep.training import preemption
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    fake_launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m",
+                                      "accelerate.commands.launch"])
+    try:
+        assert preemption.launcher_grace(fake_launcher.pid) == ("accelerate launch (one process)", 5.0)
+    finally:
+        fake_launcher.kill()
+        fake_launcher.wait()
+    assert preemption.launcher_grace()[1] is None  # pytest is no launcher
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert preemption.launcher_grace()[1] == 30.0

@@ -42,10 +42,12 @@ def launcher_grace(parent_pid: int | None = None) -> tuple[str, float | None]:
     try:
         import psutil
 
-        cmdline = " ".join(psutil.Process(parent_pid or os.getppid()).cmdline())
+        args = psutil.Process(parent_pid or os.getppid()).cmdline()
     except Exception:  # no such process, no permission: no launcher known
         return "none", None
-    if "accelerate" in cmdline and "launch" in cmdline:
+    # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    cli = "launch" in args and any(os.path.basename(a) == "accelerate" for a in args[:2])
+    if cli or "accelerate.commands.launch" in args:
         return "accelerate launch (one process)", ACCELERATE_SIMPLE_LAUNCHER_GRACE_S
     return "none", None
 
