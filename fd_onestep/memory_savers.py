@@ -117,11 +117,12 @@ def load_surrogate_decoder(name_or_path: str, *, device=None, dtype=None, **load
         tiny = AutoencoderTiny.from_pretrained(name_or_path, **load_kwargs)
     except (OSError, ValueError) as err:
         if not _local_or_cached(name_or_path, load_kwargs.get("cache_dir")):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0")
             raise ValueError(
-                f"--surrogate_decoder '{name_or_path}' is a Hub id that is not in the local Hugging Face cache and could "
-                f"not be downloaded ({str(err).splitlines()[0]}; offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). "
-                f"Download it once with network (`hf download {name_or_path}`) and run with the same HF_HOME, or pass "
-                "the path of a local AutoencoderTiny folder."
+                f"--surrogate_decoder '{name_or_path}' is a Hub id that is not in the local Hugging Face cache and "
+                f"could not be downloaded ({str(err).splitlines()[0]}; offline: HF_HUB_OFFLINE={offline}). Download "
+                f"it once with network (`hf download {name_or_path}`) and run with the same HF_HOME, or pass the path "
+                "of a local AutoencoderTiny folder."
             ) from None
         raise ValueError(
             f"--surrogate_decoder '{name_or_path}' is not an AutoencoderTiny folder or Hub id ({str(err).splitlines()[0]}). "
