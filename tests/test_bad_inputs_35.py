@@ -278,7 +278,7 @@ def test_sigterm_to_the_group_of_a_one_process_launch_names_the_checkpoint_it_ke
     steps, out, reference = 4, tmp_path / "interrupted", tmp_path / "reference"
     common = _preemption_args(assets, out, steps)
     code, stderr = _sigterm_the_process_group([*accelerate_launch(1), str(SCRIPT), *common], out,
-                                              out / "checkpoint-2", delay=8)
+                                              out / "checkpoint-2", delay=6)
     assert code != 0  # the launcher killed the script
     assert "accelerate launch (one process) kills this process 5 s after its SIGTERM" in stderr, stderr[-3000:]
     kept = sorted(p.name for p in out.glob("checkpoint-*"))
