@@ -286,6 +286,14 @@ def check_output_path(path: str, option: str, *, folder: bool) -> None:
         raise ValueError(f"{option} '{path}' cannot be created: '{ancestor}' is a file, not a folder.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{option} '{path}' cannot be written: '{ancestor}' is not writable.")
+    if ancestor != target:  # access() says yes to root everywhere, and /proc or /sys refuse new entries anyway
+        import tempfile
+
+        try:
+            tempfile.TemporaryDirectory(dir=ancestor, prefix=".fd-onestep-probe-").cleanup()
+        except OSError as err:
+            raise ValueError(f"{option} '{path}' cannot be created: '{ancestor}' does not accept new folders "
+                             f"({err.strerror}); pass a folder on a writable disk.") from None
 
 
 def _cmd_stats(args) -> int:
@@ -377,6 +385,7 @@ def _cmd_evaluate(args) -> int:
         load_pipeline,
         load_references,
     )
+    from .training.inputs import read_prompts_file
 
     if args.dataset is not None:
         return _cmd_protocol(args)
@@ -399,6 +408,9 @@ def _cmd_evaluate(args) -> int:
     if conditional and args.num_classes is None and args.class_labels is None:
         raise ValueError("--class_stats and --classifier measure how generated images follow their requested labels: "
                          "request labels with --num_classes (balanced) or --class_labels.")
+    if args.num_samples < 2:  # before any model loads
+        raise ValueError(f"--num_samples {args.num_samples}: FD needs a covariance, so at least 2 images "
+                         "(10k-50k is standard); pass --num_samples 2 or more.")
     pipeline_kwargs = _pipeline_kwargs(args.pipeline_kwargs)
     if args.output:
         check_output_path(args.output, "--output", folder=False)
@@ -419,7 +431,7 @@ def _cmd_evaluate(args) -> int:
         prompts = None
         evaluated = {"source": args.pipeline}
         if args.prompts_file:
-            prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            prompts = read_prompts_file(args.prompts_file)
             if not prompts:
                 raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
             evaluated.update(prompts_file=args.prompts_file, num_prompts=str(len(prompts)))
@@ -520,7 +532,9 @@ def _cmd_protocol(args) -> int:
 
 
 def _import_encoder_id(args) -> Optional[str]:
-    """``--encoder_id`` of precomputed mu/sigma: required (an .npz does not say which encoder made it)."""
+    """``--encoder_id`` of precomputed mu/sigma: required (an .npz does not say which encoder made it, except one
+    written by export-npz)."""
+    from .dataset_stats import exported_encoder_id
     from .encoders import INCEPTION_ENCODER_ID, INCEPTION_NAMES
 
     if args.encoders:
@@ -528,6 +542,8 @@ def _import_encoder_id(args) -> Optional[str]:
             raise ValueError("--encoder_id is for precomputed mu/sigma; with --encoders the images are encoded and "
                              "each encoder stores its own id. Drop one of the two.")
         return None
+    if args.encoder_id is None and exported_encoder_id(args.npz):
+        return None  # written by export-npz: the file names its encoder
     if args.encoder_id is None:
         raise ValueError(
             "--encoder_id is required: an .npz does not say which encoder computed its mu/sigma, and FD compares "

@@ -28,6 +28,7 @@ encoders' device, the process's device under ``accelerate launch`` (NCCL reduces
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import warnings
@@ -870,12 +871,12 @@ def import_npz_stats(
     Returns ``{name: ReferenceStats}``.
     """
     from .encoders import INCEPTION_ENCODER_ID
-    from .reference_stats import ReferenceStats
+    from .reference_stats import ReferenceStats, open_npz
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; pass a pytorch-fid or ADM reference .npz file.")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         keys = set(data.files)
         if encoders is not None:
             if "arr_0" not in keys:
@@ -898,13 +899,30 @@ def import_npz_stats(
             f"'{path}' has neither 'mu'/'sigma' nor images: keys {sorted(keys)}. Pass a pytorch-fid stats .npz "
             "(mu, sigma) or an ADM reference batch (arr_0 [, mu, sigma])."
         )
-    ref = ReferenceStats.from_npz(path, encoder_id=encoder_id or INCEPTION_ENCODER_ID)
-    return {encoder_file_stem(ref.encoder_id.split(":")[0].split("/")[0]): ref}
+    with open_npz(path) as data:  # a file from export-npz keeps its encoder id and name
+        exported_name = str(data["name"][()]) if "name" in data.files else None
+        exported = "metadata" in data.files
+    ref = ReferenceStats.from_npz(path, encoder_id=encoder_id or (None if exported else INCEPTION_ENCODER_ID))
+    if ref.encoder_id is None:
+        ref.metadata["encoder_id"] = INCEPTION_ENCODER_ID
+    return {exported_name or encoder_file_stem(ref.encoder_id.split(":")[0].split("/")[0]): ref}
+
+
+def exported_encoder_id(path: str | os.PathLike) -> Optional[str]:
+    """The encoder id an ``export-npz`` file carries (None for pytorch-fid's and ADM's own files, or no file)."""
+    from .reference_stats import open_npz
+
+    if not Path(path).is_file():
+        return None
+    with open_npz(path) as data:
+        if "metadata" not in data.files:
+            return None
+        return json.loads(str(data["metadata"][()])).get("encoder_id")
 
 
 def export_npz_stats(stats_path: str | os.PathLike, npz_path: str | os.PathLike) -> Path:
     """Write a saved ReferenceStats as a pytorch-fid-compatible ``.npz`` (keys ``mu``, ``sigma``)."""
     from .reference_stats import ReferenceStats
 
-    ReferenceStats.load(stats_path).to_npz(npz_path)
+    ReferenceStats.load(stats_path).to_npz(npz_path, name=Path(stats_path).name.removesuffix(".safetensors"))
     return Path(npz_path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -241,6 +242,12 @@ def results_from_moments(
             raise ValueError(f"{m.count} generated image(s) evaluated; FD needs at least 2 (10k-50k is standard).")
         ref = references[name]
         fd = float(ref.frechet_distance(m.mean, m.covariance()))
+        if m.count <= ref.feature_dim:
+            logging.getLogger(__name__).warning(
+                f"{name}: FD of {m.count} images in {ref.feature_dim} dimensions: with N <= d the generated "
+                f"covariance has rank at most {m.count - 1} < {ref.feature_dim}, so this FD is dominated by "
+                "small-sample bias (it falls as N grows); compare only FDs of the same N, and use N well above d "
+                "(10k-50k images is standard).")
         val = ref.validation_fd
         reps[name] = RepresentationResult(
             encoder=name,
@@ -492,6 +499,20 @@ def _clip_scored(batches, scorer, prompts: Sequence[str], num_samples: int, batc
 # and the ``FDOneStepPipeline.from_teacher`` settings it was trained with.
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LORA_INFO_FILE = "fd_onestep_lora.json"
+
+
+def lora_loading_code(folder: str | os.PathLike) -> str:
+    """Python that loads the LoRA output folder ``folder`` onto its base model (what ``fd_onestep_lora.json``'s
+    ``how_to_load`` holds): ``pipe`` is the one-step pipeline with the LoRA (``load_lora_weights`` returns None)."""
+    return (
+        "import json\n"
+        "from fd_onestep import FDOneStepPipeline\n"
+        f"folder = {str(folder)!r}\n"
+        f"info = json.load(open(f'{{folder}}/{LORA_INFO_FILE}'))\n"
+        "pipe = FDOneStepPipeline.from_teacher(info['base_model'], revision=info.get('revision'), "
+        "variant=info.get('variant'), **info['one_step_settings'])\n"
+        "pipe.load_lora_weights(folder)\n"
+    )
 
 
 def _first_line(err: BaseException) -> str:

@@ -176,6 +176,46 @@ class FDLoss(torch.nn.Module):
         return loss
 
 
+class EncoderModuleDict(torch.nn.ModuleDict):
+    """A ``ModuleDict`` keyed by encoder names, which may hold a "." (a folder under ``/home/a.b``, a model
+    ``...-v1.5``), which ``torch.nn.Module`` refuses in a module name: stored under the name with "." written
+    "%2E" ("%" as "%25"); indexing, ``in``, iteration, ``keys`` and ``items`` use the names as given."""
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace("%", "%25").replace(".", "%2E")
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return key.replace("%2E", ".").replace("%25", "%")
+
+    def __getitem__(self, name: str) -> torch.nn.Module:
+        return super().__getitem__(self._key(name))
+
+    def __setitem__(self, name: str, module: torch.nn.Module) -> None:
+        super().__setitem__(self._key(name), module)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(self._key(name))
+
+    def __contains__(self, name: str) -> bool:
+        return super().__contains__(self._key(name))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def keys(self):
+        return [self._name(k) for k in super().keys()]
+
+    def items(self):
+        return [(self._name(k), v) for k, v in super().items()]
+
+    def pop(self, name: str) -> torch.nn.Module:
+        module = self[name]
+        del self[name]
+        return module
+
+
 class MultiEncoderFDLoss(torch.nn.Module):
     """Several encoders: ``L = sum_i w_i F_i / (sg(F_i) + eps_i)``, ``eps_i = eps * tr(sigma_ref_i)``.
 
@@ -210,7 +250,7 @@ class MultiEncoderFDLoss(torch.nn.Module):
                 raise ValueError(f"weight for {name!r} must be a finite number >= 0, got {w}.")
         if not (math.isfinite(float(eps)) and float(eps) > 0):
             raise ValueError(f"eps must be a small positive number (relative to tr(sigma_ref)), got {eps}.")
-        self.losses = torch.nn.ModuleDict(losses)
+        self.losses = EncoderModuleDict(losses)
         self.weights = {name: float(weights.get(name, 1.0)) for name in losses}
         self.eps = float(eps)
 

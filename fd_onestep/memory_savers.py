@@ -16,6 +16,7 @@ flag of the same name; all three give the loss exactly the full decode's value:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,18 @@ def decode_with_savers(full_decode, latents: torch.Tensor, savers: DecodeSavers)
     return surrogate_decode(full, tiny, latents)
 
 
+def _local_or_cached(name_or_path: str, cache_dir=None) -> bool:
+    """Whether ``name_or_path`` is a local path, or a Hub id whose ``config.json`` is in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.path.exists(os.path.expanduser(name_or_path)) or name_or_path.count("/") != 1:
+        return True
+    try:
+        return isinstance(try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir), str)
+    except ValueError:  # not a valid repo id: the message about AutoencoderTiny folders fits it
+        return True
+
+
 def load_surrogate_decoder(name_or_path: str, *, device=None, dtype=None, **load_kwargs) -> torch.nn.Module:
     """An ``AutoencoderTiny`` (folder or Hub id, e.g. ``madebyollin/taesdxl``), frozen, on ``device``."""
     from diffusers import AutoencoderTiny
@@ -103,6 +116,14 @@ def load_surrogate_decoder(name_or_path: str, *, device=None, dtype=None, **load
     try:
         tiny = AutoencoderTiny.from_pretrained(name_or_path, **load_kwargs)
     except (OSError, ValueError) as err:
+        if not _local_or_cached(name_or_path, load_kwargs.get("cache_dir")):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0")
+            raise ValueError(
+                f"--surrogate_decoder '{name_or_path}' is a Hub id that is not in the local Hugging Face cache and "
+                f"could not be downloaded ({str(err).splitlines()[0]}; offline: HF_HUB_OFFLINE={offline}). Download "
+                f"it once with network (`hf download {name_or_path}`) and run with the same HF_HOME, or pass the path "
+                "of a local AutoencoderTiny folder."
+            ) from None
         raise ValueError(
             f"--surrogate_decoder '{name_or_path}' is not an AutoencoderTiny folder or Hub id ({str(err).splitlines()[0]}). "
             "Pass a tiny decoder for the teacher's latents, e.g. madebyollin/taesd (SD 1.x), madebyollin/taesdxl (SDXL), "
@@ -116,7 +137,9 @@ def load_surrogate_decoder(name_or_path: str, *, device=None, dtype=None, **load
 def check_surrogate_fits(tiny: torch.nn.Module, vae: torch.nn.Module) -> None:
     """The tiny decoder must read the teacher's latents and write its images (channels), or fail with one line."""
     lat, out = int(tiny.config.latent_channels), int(tiny.config.out_channels)
-    want_lat, want_out = int(vae.config.latent_channels), int(vae.config.out_channels)
+    # AutoencoderDC (SANA) has no out_channels: it writes the images it reads (in_channels)
+    want_lat = int(vae.config.latent_channels)
+    want_out = int(vae.config.get("out_channels", None) or vae.config.get("in_channels"))
     if (lat, out) != (want_lat, want_out):
         raise ValueError(
             f"--surrogate_decoder has {lat} latent / {out} image channels but the teacher's VAE has {want_lat} / "

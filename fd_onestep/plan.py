@@ -20,8 +20,9 @@ What is counted, and how (docs/plan.md has the formulas):
 - attention: ``scaled_dot_product_attention`` resolves to the fused (flash) kernel, which keeps no N x N matrix,
   as the fused GPU kernels hold it.
 
-Memory grows linearly in the batch: the plan runs the step at batch 1 and 2 and extrapolates the largest batch
-that fits ``gpu_memory_gb`` (and checks the requested batch directly).
+Memory grows linearly in the batch: the plan runs the step at batch 1, 2, 8 and the requested batch (all on fake
+tensors; the FD math, which runs for real, at no more than 512 rows and extrapolated beyond) and extrapolates the
+largest batch that fits ``gpu_memory_gb`` along the line through the two largest.
 """
 
 from __future__ import annotations
@@ -528,7 +529,7 @@ class Plan:
         for part, v in saved.items():
             lines.append(f"| activations held for backward: {part} | {gb(v)} |")
         lines += [f"| **step peak (weights + gradients + optimizer + activations + transients)** | **{gb(self.peak(b))}** |",
-                  "", f"Largest batch per GPU that fits {s.gpu_memory_gb:g} GB: **{self.max_batch() if self.max_batch() is not None else 'undetermined (the step at batch 2 holds less than at batch 1; plan --batch_size B directly)'}** "
+                  "", f"Largest batch per GPU that fits {s.gpu_memory_gb:g} GB: **{self.max_batch() if self.max_batch() is not None else 'undetermined (the step at the largest measured batch holds less than at the one before; plan --batch_size B directly)'}** "
                   f"(memory per sample between batch {self._line()[0]} and {self._line()[2]}: "
                   f"{gb((self._line()[3] - self._line()[1]) / (self._line()[2] - self._line()[0]))}).", ""]
         if s.fsdp:
@@ -554,7 +555,7 @@ class Plan:
                   f"Predicted step time at batch {b}: **{self.step_time(b):.4g} s** at {s.peak_tflops:g} TFLOP/s bf16 x "
                   f"{s.utilization:g} utilization (--peak_tflops, --utilization).",
                   f"Assumptions: {ATTENTION_ASSUMPTION}; CPU autocast ({s.mixed_precision}) stands in for CUDA's; memory "
-                  "linear in the batch beyond the two largest measured batches (1, 2 and --batch_size are measured); the optimizer step's temporaries are not counted.",
+                  "linear in the batch beyond the two largest measured batches (1, 2, 8 and --batch_size are measured); the optimizer step's temporaries are not counted.",
                   *self.notes]
         return "\n".join(lines)
 
@@ -669,7 +670,7 @@ class _NoMemo(dict):
 
 
 def make_plan(settings: PlanSettings, *, fake: bool = True, batches: Sequence[int] | None = None) -> Plan:
-    """Build the parts, run one training step per batch size in ``batches`` (default 1, 2 and the requested
+    """Build the parts, run one training step per batch size in ``batches`` (default 1, 2, 8 and the requested
     batch) and return the :class:`Plan`. ``fake=False`` runs the same step with real CPU tensors (checks)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -683,7 +684,7 @@ def make_plan(settings: PlanSettings, *, fake: bool = True, batches: Sequence[in
         _ACTIVE_FAKE_MODE.append(mode)
     try:
         with mode:
-            return _plan_in_mode(settings, folder, batches or sorted({1, 2, settings.batch_size}))
+            return _plan_in_mode(settings, folder, batches or sorted({*PLANNED_BATCHES, settings.batch_size}))
     finally:
         if fake:
             _ACTIVE_FAKE_MODE.pop()
@@ -715,6 +716,12 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
             with _shapes_only():
                 surrogate = _fake_parameters(AutoencoderTiny.from_config(AutoencoderTiny.load_config(path)))
             surrogate.requires_grad_(False).eval()
+        if not pipe.is_latent:
+            raise ValueError(f"--surrogate_decoder: {settings.teacher} is a pixel-space teacher (no VAE decode to "
+                             "stand in for); drop it.")
+        from .memory_savers import check_surrogate_fits
+
+        check_surrogate_fits(surrogate, pipe.vae)
     gen = OneStepGenerator(pipe, device="cpu", weight_dtype=weight_dtype,
                            decode_savers=DecodeSavers(settings.decode_micro_batch_size, surrogate))
     denoiser = gen.denoiser
@@ -767,6 +774,10 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
 
 
 _FD_MATH_CACHE: dict = {}
+# The FD math runs on real tensors: above this many rows it is extrapolated (_measure_fd_math).
+FD_MATH_MAX_BATCH = 512
+# Batches every plan runs besides --batch_size: the largest batch is extrapolated through the two largest.
+PLANNED_BATCHES = (1, 2, 8)
 
 
 def real_step_in_subprocess(settings: PlanSettings, batch: int) -> StepMeasure:
@@ -790,7 +801,15 @@ def real_step_in_subprocess(settings: PlanSettings, batch: int) -> StepMeasure:
 
 def _measure_fd_math(fd_loss, dims: dict, batch: int) -> tuple[int, int]:
     """(transient peak bytes, FLOPs) of the FD-loss forward and backward on (batch, d) features, run for real
-    (once per feature dimensions and batch in a process: it depends on nothing else)."""
+    (once per feature dimensions and batch in a process: it depends on nothing else). Above
+    :data:`FD_MATH_MAX_BATCH` rows it is run at that batch and its half and extrapolated along their line (the
+    features and their gradient grow linearly in the batch; the d x d math does not), so that no batch makes the
+    plan allocate (batch 10^6 x d 2048 would be 16 GB of features)."""
+    if batch > FD_MATH_MAX_BATCH:
+        half, full = FD_MATH_MAX_BATCH // 2, FD_MATH_MAX_BATCH
+        (m1, f1), (m2, f2) = _measure_fd_math(fd_loss, dims, half), _measure_fd_math(fd_loss, dims, full)
+        scale = (batch - full) / (full - half)
+        return int(m2 + (m2 - m1) * scale), int(f2 + (f2 - f1) * scale)
     key = (tuple(sorted(dims.items())), batch)
     if key not in _FD_MATH_CACHE:
         _FD_MATH_CACHE[key] = _run_fd_math(fd_loss, dims, batch)

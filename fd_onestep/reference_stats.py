@@ -10,7 +10,10 @@ Files:
 from __future__ import annotations
 
 import functools
+import json
 import os
+import zipfile
+from contextlib import contextmanager
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,23 @@ __all__ = ["ReferenceStats"]
 
 _FORMAT = "fd_onestep.ReferenceStats"
 _RESERVED = {"format", "num_samples", "validation_fd", "feature_dim"}
+
+
+@contextmanager
+def open_npz(path: str | os.PathLike):
+    """``np.load(path, allow_pickle=False)`` as a context manager; a file that is not an ``.npz`` archive is a
+    ValueError naming it (numpy's own message advises ``allow_pickle=`` / ``pickle.load``, which we never use)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable .npz archive ({type(err).__name__}); pass a "
+                         "pytorch-fid / ADM statistics file written by numpy.savez (mu, sigma) or an ADM "
+                         "reference batch (arr_0).") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{str(path)!r} is a single .npy array, not an .npz archive; write the statistics "
+                         "with numpy.savez(path, mu=mu, sigma=sigma).")
+    with data:
+        yield data
 
 
 def write_file_atomically(path: Path, blob: bytes) -> None:
@@ -248,14 +268,28 @@ class ReferenceStats:
         vfd = meta.pop("validation_fd", "")
         meta.pop("format", None)
         meta.pop("feature_dim", None)
-        return cls(mu=mu, sigma=sigma, num_samples=num_samples, metadata=meta,
-                   validation_fd=float(vfd) if vfd else None)
+        try:
+            return cls(mu=mu, sigma=sigma, num_samples=num_samples, metadata=meta,
+                       validation_fd=float(vfd) if vfd else None)
+        except ValueError as err:  # NaN / Inf or inconsistent shapes: say which file
+            raise ValueError(f"reference statistics file {str(path)!r}: {err}") from err
 
-    def to_npz(self, path: str | os.PathLike) -> None:
-        """Write pytorch-fid compatible statistics (``np.savez`` with float64 ``mu`` and ``sigma``)."""
+    def to_npz(self, path: str | os.PathLike, name: str | None = None) -> None:
+        """Write pytorch-fid compatible statistics (``np.savez`` with float64 ``mu`` and ``sigma``).
+
+        Beside them (pytorch-fid reads only ``mu`` and ``sigma``) the file keeps what :meth:`from_npz` needs for
+        a lossless round trip: ``num_samples``, ``validation_fd`` (NaN when unknown), the metadata as a JSON
+        string and ``name`` (the statistics' file stem, e.g. ``pixels-gray_16``), all plain arrays
+        (``allow_pickle=False`` reads them)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mu=self.mu.numpy(), sigma=self.sigma.numpy())
+        extras = {"num_samples": np.asarray(self.num_samples, dtype=np.int64),
+                  "validation_fd": np.asarray(np.nan if self.validation_fd is None else self.validation_fd,
+                                              dtype=np.float64),
+                  "metadata": np.asarray(json.dumps(self.metadata))}
+        if name:
+            extras["name"] = np.asarray(name)
+        np.savez(path, mu=self.mu.numpy(), sigma=self.sigma.numpy(), **extras)
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike, encoder_id: str | None = None, *,
@@ -269,19 +303,29 @@ class ReferenceStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"statistics file {str(path)!r} does not exist; pass an existing .npz path.")
-        with np.load(path, allow_pickle=False) as f:
+        with open_npz(path) as f:
             if "mu" not in f or "sigma" not in f:
                 raise ValueError(
                     f"{str(path)!r} has arrays {sorted(f.files)}; pytorch-fid statistics need 'mu' and 'sigma' "
                     "(np.savez(path, mu=mu, sigma=sigma))."
                 )
             mu, sigma = f["mu"][:], f["sigma"][:]
+            # what to_npz keeps beside mu and sigma (absent from pytorch-fid's own files)
+            if "metadata" in f.files:
+                metadata = {**json.loads(str(f["metadata"][()])), **metadata}
+            if "num_samples" in f.files and not num_samples:
+                num_samples = int(f["num_samples"][()])
+            if "validation_fd" in f.files and validation_fd is None and np.isfinite(f["validation_fd"][()]):
+                validation_fd = float(f["validation_fd"][()])
         if encoder_id is not None:
             metadata["encoder_id"] = encoder_id
         metadata.setdefault("source", str(path.name))
-        return cls(mu=torch.from_numpy(np.asarray(mu, dtype=np.float64)),
-                   sigma=torch.from_numpy(np.asarray(sigma, dtype=np.float64)),
-                   num_samples=num_samples, metadata=metadata, validation_fd=validation_fd)
+        try:
+            return cls(mu=torch.from_numpy(np.asarray(mu, dtype=np.float64)),
+                       sigma=torch.from_numpy(np.asarray(sigma, dtype=np.float64)),
+                       num_samples=num_samples, metadata=metadata, validation_fd=validation_fd)
+        except ValueError as err:
+            raise ValueError(f"statistics file {str(path)!r}: {err}") from err
 
     def __repr__(self) -> str:
         return (f"ReferenceStats(feature_dim={self.feature_dim}, encoder_id={self.encoder_id!r}, "

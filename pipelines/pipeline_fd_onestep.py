@@ -192,7 +192,8 @@ def check_one_step_conditioning(prediction_type: str, level: dict, timestep: int
     if a <= 1e-12:
         raise ValueError(
             f"epsilon prediction is undefined at timestep {timestep}: alphas_cumprod = {a:.3g} (zero terminal SNR), "
-            "so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero. Use an earlier `timestep`, or a "
+            "so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero. Use an earlier timestep "
+            "(FDOneStepPipeline.from_teacher(..., timestep=600); train_fd_onestep.py --onestep_timestep 600), or a "
             "v-prediction teacher (where x0 = -v at the top)."
         )
     amp = epsilon_error_amplification(a)
@@ -201,7 +202,8 @@ def check_one_step_conditioning(prediction_type: str, level: dict, timestep: int
             f"ill-conditioned one-step map: epsilon prediction at timestep {timestep} has alphas_cumprod = {a:.3g}, "
             f"so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) amplifies the network's error {amp:.0f}x and one-step outputs "
             "can leave [-1, 1] by far. Fix: use a v-prediction teacher (zero-terminal-SNR betas give x0 = -v), "
-            "an earlier `timestep` (e.g. 600), or output_bound='tanh'.",
+            "an earlier timestep (e.g. 600: from_teacher(..., timestep=600); train_fd_onestep.py --onestep_timestep "
+            "600), or output_bound='tanh' (train_fd_onestep.py --output_bound tanh).",
             UserWarning,
             stacklevel=3,
         )
@@ -1877,7 +1879,17 @@ class FDOneStepPipeline(DiffusionPipeline):
         """``DiffusionPipeline.save_pretrained`` plus this pipeline file, so the folder (or a Hub repo made of it)
         loads with ``FDOneStepPipeline.from_pretrained(dir)`` and with stock
         ``DiffusionPipeline.from_pretrained(dir, custom_pipeline="pipeline_fd_onestep", trust_remote_code=True)``.
+
+        A denoiser carrying a LoRA (``add_lora_to_denoiser``, ``load_lora_weights``) is saved with the LoRA fused
+        into a copy of its weights (:meth:`save_one_step`; the live model keeps its adapters): the folder is a
+        plain full model that ``from_pretrained`` loads and that gives the same images. To keep the LoRA
+        separate (a few MB, loaded onto the base model), use :meth:`save_lora`.
         """
+        if _has_peft_adapters(self.denoiser):
+            logger.info("save_pretrained: the denoiser's LoRA is fused into the saved weights (save_lora keeps it "
+                        "separate).")
+            self.save_one_step(save_directory, **kwargs)
+            return
         super().save_pretrained(save_directory, **kwargs)
         source = inspect.getsourcefile(type(self)) or __file__
         target = os.path.join(save_directory, PIPELINE_FILE_NAME)

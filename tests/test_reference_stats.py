@@ -67,9 +67,13 @@ def test_npz_is_pytorch_fid_compatible_both_ways(tmp_path):
     ref = ReferenceStats.from_features(_features(), encoder_id="enc-a")
     path = tmp_path / "stats.npz"
     ref.to_npz(path)
-    with np.load(path, allow_pickle=False) as f:  # what pytorch-fid reads
-        assert sorted(f.files) == ["mu", "sigma"]
-        np.testing.assert_array_equal(f["sigma"], ref.sigma.numpy())
+    from pytorch_fid.fid_score import compute_statistics_of_path
+
+    mu, sigma = compute_statistics_of_path(str(path), None, 1, 1, "cpu")  # pytorch-fid's own reader of an .npz
+    np.testing.assert_array_equal(mu, ref.mu.numpy())
+    np.testing.assert_array_equal(sigma, ref.sigma.numpy())
+    with np.load(path, allow_pickle=False) as f:  # beside mu and sigma: what a round trip through .npz keeps
+        assert sorted(f.files) == ["metadata", "mu", "num_samples", "sigma", "validation_fd"]
     other = _features(seed=1, shift=0.2)
     np.savez(tmp_path / "other.npz", mu=other.numpy().mean(0), sigma=np.cov(other.numpy(), rowvar=False))
     loaded = ReferenceStats.from_npz(tmp_path / "other.npz", encoder_id="enc-a")

@@ -29,6 +29,7 @@ def test_checkpoint_is_complete_only_after_the_atomic_rename(tmp_path, accelerat
     assert path == tmp_path / "checkpoint-10" and path.is_dir()
     marker = json.loads((path / checkpoints.CHECKPOINT_MARKER).read_text())
     files = {p.name: p.stat().st_size for p in path.iterdir() if p.name != checkpoints.CHECKPOINT_MARKER}
+    assert marker.pop("write_seconds") >= 0  # how long a stop checkpoint will take (preemption)
     assert marker == {"step": 10, "note": "x", "files": files}  # every file with its size: damage is detectable
     assert checkpoints.latest_checkpoint(tmp_path) == path
     assert not list(tmp_path.glob(".checkpoint-*"))  # no temporary folder left behind

@@ -54,8 +54,13 @@ from fd_onestep.training.checks import (  # noqa: E402,F401  (the checks live th
     check_args,
     check_inputs,
     check_run_setup,
+    join_negative_values,
+    prompt_token_limits,
     raise_if_main_refused,
+    warn_long_prompts,
 )
+from fd_onestep.training.checkpoints import note_finished_run  # noqa: E402
+from fd_onestep.training.preemption import before_stop_checkpoint  # noqa: E402
 from fd_onestep.training.config import (  # noqa: E402
     Config,
     apply_config,
@@ -398,6 +403,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     """diffusers' way with nanoGPT's configs: the config's values become the parser's defaults, so a flag given on
     the command line wins; the first pass only learns which config (argparse's defaults: no config)."""
     parser = build_parser()
+    input_args = join_negative_values(parser, sys.argv[1:] if input_args is None else list(input_args))
     config = select_config(parser.parse_known_args(input_args)[0], DEFAULT_EMBEDDED)
     plain = apply_config(parser, config)
     args = parser.parse_args(input_args)
@@ -896,6 +902,7 @@ def main(args) -> dict:
     pipe = build_one_step_pipeline(args)
     reps = build_representations(args, device)
     prompts, prompt_labels, class_histogram = load_conditioning(args, pipe, reps)
+    warn_long_prompts(prompts, prompt_token_limits(pipe))
     gen, trainable = build_generator(args, pipe, reps, prompts, prompt_labels, class_histogram, device,
                                      weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps, device)
@@ -927,6 +934,7 @@ def main(args) -> dict:
         logger.info(f"Resuming from {resume_path}")
         load_checkpoint(accelerator, resume_path)
         logger.info(f"  resumed at step {progress.global_step}")
+        note_finished_run(progress.global_step, args.max_train_steps, resume_path)
     elif args.fd_warmup_samples > 0 and not fd_loss.two_pass:
         warm_start_populations(args, accelerator, gen, unwrap(accelerator, denoiser), reps.encoders, fd_loss)
 
@@ -960,6 +968,8 @@ def main(args) -> dict:
                                                  progress, population_fds)
         stopping_early = step == stop_at < args.max_train_steps  # --stop_after_steps: resume needs this state
         interrupted = stop_request.agreed(accelerator)  # SIGTERM / SIGINT on any process: the same step on all
+        if interrupted:  # a launcher that kills the script before this checkpoint is written: say what is kept
+            before_stop_checkpoint(args.output_dir, step)
         if stopping_early or interrupted or (args.checkpointing_steps and (step % args.checkpointing_steps == 0
                                                                          or step == stop_at)):
             save_checkpoint(accelerator, args, step, fingerprint)

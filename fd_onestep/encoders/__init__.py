@@ -50,12 +50,24 @@ def parse_dtype(value) -> Optional[torch.dtype]:
     return _DTYPES[key]
 
 
+# The digits demo's bundled encoders (fd_onestep.demos.digits, which imports this package): read from the folder.
+_DIGITS_ENCODERS_DIR = Path(__file__).resolve().parent.parent / "demos" / "digits" / "assets" / "encoders"
+
+
+def _bundled_digits_encoders() -> str:
+    names = sorted(p.name for p in _DIGITS_ENCODERS_DIR.iterdir() if p.is_dir()) if _DIGITS_ENCODERS_DIR.is_dir() else []
+    folders = ", ".join(names)
+    return (f"; the digits demo's bundled encoders are folders: {folders} under {_DIGITS_ENCODERS_DIR} (pass the "
+            "folder's path), and pixels-digits is 'pixels-gray:16'") if names else ""
+
+
 def _unknown_encoder_error(name: str) -> ValueError:
     return ValueError(
         f"Unknown encoder {name!r}. Known names: {', '.join(KNOWN_ENCODERS)} "
         f"(also 'dinov2:<model>', 'siglip:<model>', 'clip:<model>', 'pixels:<size>', 'pixels-gray:<size>'), "
         "or a transformers vision model "
-        "hub id ('owner/name') or a local model folder, optionally with '@cls', '@mean' or '@pooler'."
+        "hub id ('owner/name') or a local model folder, optionally with '@cls', '@mean' or '@pooler'"
+        f"{_bundled_digits_encoders()}."
     )
 
 

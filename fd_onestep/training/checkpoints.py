@@ -31,12 +31,17 @@ __all__ = [
     "resolve_resume_checkpoint",
     "save_checkpoint_atomically",
     "prune_checkpoints",
+    "set_aside_newer_checkpoints",
+    "note_finished_run",
+    "SUPERSEDED_DIR",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written last into a checkpoint folder, before the atomic rename: its presence means "complete".
 CHECKPOINT_MARKER = "fd_onestep_checkpoint.json"
 _PARTIAL_SUFFIX = ".partial"
+# Checkpoints newer than the one a run resumes from are moved here, not rewritten: the resumed run writes its own.
+SUPERSEDED_DIR = "superseded"
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -136,6 +141,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
                 if skipped:
                     logger.warning("--resume_from_checkpoint latest: skipped damaged %s; resuming from %s.",
                                    "; ".join(f"{p.name} ({why})" for p, why in skipped), candidate.name)
+                _note_interrupted_saves(output_dir, candidate)
                 return candidate
             skipped.append((candidate, problem))
         if skipped:
@@ -180,6 +186,29 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     return candidate
 
 
+_slow_write = {"seconds": 0.0}
+
+
+def slow_down_checkpoint_writes(seconds: float) -> None:
+    """Tests only: every following checkpoint write takes ``seconds`` longer (between the state and the completion
+    marker), as a real model's does (fd_onestep.training.preemption sets it for a stop checkpoint)."""
+    _slow_write["seconds"] = float(seconds)
+
+
+def _note_interrupted_saves(output_dir, resumed: Path) -> None:
+    """Name the saves newer than ``resumed`` that never completed (a process killed while writing: a launcher's
+    grace shorter than the checkpoint, docs/training.md)."""
+    newer = []
+    for path in list_partial_checkpoints(output_dir):
+        match = re.search(r"(\d+)", path.name)
+        if match and int(match.group(1)) > checkpoint_step(resumed):
+            newer.append(path.name)
+    if newer:
+        logger.warning("--resume_from_checkpoint latest: %s never completed (the process was stopped while writing "
+                       "it, e.g. killed by its launcher after SIGTERM); resuming from %s, the newest complete "
+                       "checkpoint.", ", ".join(newer), resumed.name)
+
+
 def save_checkpoint_atomically(
     accelerator,
     output_dir: str | os.PathLike,
@@ -194,6 +223,9 @@ def save_checkpoint_atomically(
     complete. A crash at any point leaves either the old state or the new complete one, never a folder that
     :func:`latest_checkpoint` would pick.
     """
+    import time
+
+    started = time.perf_counter()
     root = Path(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     partial = root / f".{CHECKPOINT_PREFIX}{step}{_PARTIAL_SUFFIX}"
@@ -203,9 +235,13 @@ def save_checkpoint_atomically(
             shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if _slow_write["seconds"]:  # tests only: a real model's checkpoint takes seconds to minutes
+        time.sleep(_slow_write["seconds"])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": int(step), **dict(metadata or {}), "files": _file_sizes(partial)}
+        # write_seconds: how long a stop checkpoint will take (fd_onestep.training.preemption)
+        marker = {"step": int(step), **dict(metadata or {}), "files": _file_sizes(partial),
+                  "write_seconds": round(time.perf_counter() - started, 3)}
         with open(partial / CHECKPOINT_MARKER, "w") as f:
             json.dump(marker, f, indent=2, sort_keys=True)
             f.flush()
@@ -246,3 +282,44 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, pr
     if removed:
         logger.info("checkpoints_total_limit=%d: removed %s", total_limit, ", ".join(p.name for p in removed))
     return removed
+
+
+def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume_path: str | os.PathLike | None) -> list[Path]:
+    """Resuming from an older checkpoint: move the complete checkpoints of later steps to
+    ``output_dir/superseded/<resumed name>/`` (call on the main process) and warn naming them, so that the
+    resumed run's own checkpoints of those steps replace nothing. Returns their new paths."""
+    if resume_path is None or checkpoint_step(resume_path) is None:
+        return []
+    step = checkpoint_step(resume_path)
+    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    if not newer:
+        return []
+    target = Path(output_dir) / SUPERSEDED_DIR / f"after-{Path(resume_path).name}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = Path(output_dir) / SUPERSEDED_DIR / f"after-{Path(resume_path).name}-{suffix}"
+    target.mkdir(parents=True)
+    moved = []
+    for path in newer:
+        os.replace(path, target / path.name)
+        moved.append(target / path.name)
+    logger.warning(
+        "resuming from %s, older than %s: those were moved to %s (kept, not rewritten; 'latest' no longer picks "
+        "them). Delete them if the resumed run replaces them, or move one back to resume from it.",
+        Path(resume_path).name, ", ".join(p.name for p in newer), target,
+    )
+    return moved
+
+
+def note_finished_run(resumed_step: int, max_train_steps: int, resume_path: str | os.PathLike) -> bool:
+    """Say in one line when a resumed checkpoint is already at the run's last step (nothing left to train: the
+    final outputs are written again from it). Returns whether it is."""
+    if resumed_step < max_train_steps:
+        return False
+    logger.warning(
+        "%s is at step %d, the run's last (--max_train_steps %d): nothing left to train; writing the final outputs "
+        "(weights, validation, samples, model card) again from it. Raise --max_train_steps to train on.",
+        Path(resume_path).name, resumed_step, max_train_steps,
+    )
+    return True

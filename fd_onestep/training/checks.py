@@ -4,7 +4,10 @@ files and the teacher's configs, ``check_run_setup`` on the output dir, the resu
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import re
 import math
 from pathlib import Path
 
@@ -13,9 +16,9 @@ from accelerate.logging import get_logger
 
 from fd_onestep.cli import check_output_path
 from fd_onestep.errors import RunError
-from fd_onestep.training.checkpoints import resolve_resume_checkpoint
+from fd_onestep.training.checkpoints import resolve_resume_checkpoint, set_aside_newer_checkpoints
 from fd_onestep.training.hub import check_push_to_hub
-from fd_onestep.training.inputs import load_caption_dataset
+from fd_onestep.training.inputs import load_caption_dataset, read_prompts_file
 from fd_onestep.training.output_dir import OutputDirLock, check_no_overwrite, clear_previous_run
 from fd_onestep.training.representations import demo_of, encoder_labels, label_aliases, load_reference
 from fd_onestep.training.run_args import (
@@ -29,6 +32,7 @@ from fd_onestep.training.run_args import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
+_log = logging.getLogger(__name__)  # the helpers below also run before accelerate's state exists (tests, --plan)
 
 
 def check_args(args):
@@ -255,13 +259,13 @@ def check_inputs(args) -> None:
                 f"{made_with!r}, not {full_id or model!r}. Pass each encoder's own statistics, in the order of "
                 f"--encoders, or compute them: `fd-onestep stats --encoders {name} ...`."
             )
-    if args.prompts_file is not None and not any(
-            line.strip() for line in Path(args.prompts_file).read_text().splitlines()):
+    if args.prompts_file is not None and not read_prompts_file(args.prompts_file):
         raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
     index = teacher_config_file(args, "model_index.json")
     if index is None:
         return
     text_model = "text_encoder" in index or "text_encoder_2" in index
+    check_conditioning_args(args, index)
     demo = demo_of(args)
     demo_prompts = demo is not None and demo.training_prompts() is not None
     if text_model and not demo_prompts and args.prompts_file is None and args.dataset_name is None:
@@ -363,6 +367,7 @@ def check_run_setup(args, accelerator):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_args(output_dir, args, fingerprint)
+        set_aside_newer_checkpoints(output_dir, resume_path)
     accelerator.wait_for_everyone()
     return fingerprint, resume_path, hub_repo_id, hub_token, lock
 
@@ -379,3 +384,78 @@ def raise_if_main_refused(accelerator, refusal: Exception | None) -> None:
         raise refusal
     if int(flag.item()):
         raise RunError("the main process refused this run (its message says why).")
+
+
+# A float with an exponent or a sign argparse does not take as a negative number ('-1e-4', '-.5e3', '-inf').
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``--flag -1e-4`` written ``--flag=-1e-4`` for every option of ``parser`` that takes one value.
+
+    argparse takes ``-1e-4`` for an option (its negative-number pattern has no exponent) and answers "expected one
+    argument"; joined, the value reaches the option's type and range checks, which name the fix."""
+    single = {opt for action in parser._actions if action.option_strings and action.nargs in (None, 1)
+              and not isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction))
+              for opt in action.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in single and i + 1 < len(argv) and _NEGATIVE_NUMBER.match(argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def check_conditioning_args(args, index: dict) -> None:
+    """Class-label options need a class-conditional teacher (its denoiser has ``num_class_embeds`` / a label
+    embedding); on a text or unconditional teacher they would be ignored, so they are refused. ``index`` is the
+    teacher's ``model_index.json``."""
+    text_model = "text_encoder" in index or "text_encoder_2" in index
+    given = [flag for flag, on in (("--class_label_distribution reference", args.class_label_distribution != "uniform"),
+                                   ("--class_histogram", args.class_histogram is not None)) if on]
+    if given and text_model:
+        raise ValueError(
+            f"{' and '.join(given)}: {args.pretrained_model_name_or_path or args.embedded_default} is a text-to-image "
+            "model, whose conditioning is its prompts (their mix is the prompts file's), not class labels; drop "
+            f"{' and '.join(f.split()[0] for f in given)}."
+        )
+
+
+def prompt_token_limits(pipe) -> list[tuple[object, int]]:
+    """``(tokenizer, tokens read)`` of each of a text pipeline's tokenizers: a CLIP tokenizer reads its
+    ``model_max_length`` (77); a T5 / Gemma one the pipeline's ``max_sequence_length`` (SD3, Flux, SANA)."""
+    max_sequence_length = getattr(getattr(pipe, "config", None), "max_sequence_length", None)
+    out = []
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is None:
+            continue
+        limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        if "CLIP" not in type(tokenizer).__name__ and max_sequence_length:
+            limit = int(max_sequence_length)
+        if 0 < limit < 100_000:  # a tokenizer without a limit truncates nothing
+            out.append((tokenizer, limit))
+    return out
+
+
+def warn_long_prompts(prompts: list[str] | None, limits: list[tuple[object, int]], flag: str = "--prompts_file") -> int:
+    """Warn once when prompts are longer than a text encoder reads: they are truncated to its
+    ``max_sequence_length``, as the stock pipelines do. ``limits``: :func:`prompt_token_limits`. Returns the
+    number of prompts that are cut."""
+    most = 0
+    for tokenizer, limit in limits if prompts else ():
+        lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
+        cut = [n for n in lengths if n > limit]
+        if cut:
+            _log.warning(
+                f"{len(cut)} of {len(prompts)} prompts ({flag}) are longer than the text encoder's "
+                f"max_sequence_length of {limit} tokens ({type(tokenizer).__name__}; the longest has {max(cut)}): "
+                f"they are truncated to their first {limit} tokens, as the stock pipeline does. Shorten them to keep "
+                "every word."
+            )
+            most = max(most, len(cut))
+    return most

@@ -6,9 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from fd_onestep.training.representations import Representations, demo_of
 
+
+def read_prompts_file(path: str | Path, flag: str = "--prompts_file") -> list[str]:
+    """The non-empty lines of a UTF-8 prompts file, stripped. A file in another encoding is a ValueError naming
+    the file, the line and the fix (numpy / Python's own message names neither)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{flag} {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as "
+            f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > prompts.utf8.txt`."
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def teacher_load_kwargs(args) -> dict:
@@ -22,7 +35,7 @@ def teacher_load_kwargs(args) -> dict:
 # Inputs: prompts, class histogram, reference statistics
 def load_prompts(args) -> list[str] | None:
     if args.prompts_file is not None:
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts = read_prompts_file(args.prompts_file)
         if not prompts:
             raise ValueError(f"--prompts_file {args.prompts_file!r} has no prompts; write one prompt per line.")
         return prompts[: args.max_prompts] if args.max_prompts else prompts

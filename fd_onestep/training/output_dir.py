@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fd_onestep.errors import RunError
-from fd_onestep.training.checkpoints import list_checkpoints, list_partial_checkpoints
+from fd_onestep.training.checkpoints import SUPERSEDED_DIR, list_checkpoints, list_partial_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ def check_no_overwrite(output_dir: str | os.PathLike, resuming: bool, overwrite:
 
 
 def clear_previous_run(output_dir: str | os.PathLike, run_files=()) -> list[Path]:
-    """``--overwrite_output_dir``: delete the earlier run's checkpoints (complete and partial), ``best/`` and
-    ``run_files`` (names in the folder); return what was deleted. The rest is overwritten as the run writes it."""
+    """``--overwrite_output_dir``: delete the earlier run's checkpoints (complete, partial and superseded), ``best/``
+    and ``run_files`` (names in the folder); return what was deleted. The rest is overwritten as the run writes it."""
     root = Path(output_dir)
     removed = []
-    for path in [*list_checkpoints(root), *list_partial_checkpoints(root), root / "best",
+    for path in [*list_checkpoints(root), *list_partial_checkpoints(root), root / "best", root / SUPERSEDED_DIR,
                  *(root / name for name in run_files)]:
         if path.is_dir():
             shutil.rmtree(path)

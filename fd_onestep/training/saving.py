@@ -25,13 +25,15 @@ def stock_recipe_of(pipe) -> dict | None:
 
 
 def lora_base_info(args, pipe) -> dict:
+    from fd_onestep.evaluation import lora_loading_code
+
     info = {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
         "variant": args.variant,
         "one_step_settings": {k: pipe.config[k] for k in ("timestep", "prediction_type", "guidance_scale",
                                                           "output_bound", "sample_size")},
-        "how_to_load": "FDOneStepPipeline.from_teacher(base_model, **one_step_settings).load_lora_weights(dir)",
+        "how_to_load": lora_loading_code(args.output_dir),
     }
     recipe = stock_recipe_of(pipe) if pipe.is_text_conditional else None
     if recipe is not None:  # the LCM-LoRA / TCD way: the stock pipeline with a one-step scheduler
