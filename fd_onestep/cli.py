@@ -187,7 +187,7 @@ def _add_protocol_args(ev) -> None:
 
 
 def _add_plan_parser(sub) -> None:
-    from .plan import DEFAULT_PEAK_TFLOPS, DEFAULT_UTILIZATION
+    from .plan import DEFAULT_ENCODERS, DEFAULT_PEAK_TFLOPS, DEFAULT_UTILIZATION
 
     plan = sub.add_parser(
         "plan", help="Memory per GPU, compute and step time of a training run at real size, before renting a GPU.",
@@ -214,8 +214,9 @@ def _add_plan_parser(sub) -> None:
                       help="Default: accelerate's config (ACCELERATE_MIXED_PRECISION or its config file; no without "
                       "one), as the training script.")
     plan.add_argument("--gpu_memory_gb", type=float, default=80.0, help="Memory of one GPU (GB = 1e9 bytes).")
-    plan.add_argument("--encoders", nargs="+", default=None,
-                      help="FD encoders of the run: inception, dinov2 (bundled configs) or local encoder folders.")
+    plan.add_argument("--encoders", nargs="+", default=list(DEFAULT_ENCODERS),
+                      help="FD encoders of the run: inception, dinov2 (bundled configs) or local encoder folders. The "
+                      "training script has no default (a run names its encoders); the plan assumes the two usual ones.")
     savers = plan.add_argument_group("memory savers (the training script's flags)")
     savers.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the denoiser's activations.")
     savers.add_argument("--vae_gradient_checkpointing", action="store_true", help="Recompute the VAE decoder's activations.")
@@ -585,8 +586,6 @@ def _cmd_plan(args) -> int:
     if args.pretrained_model_name_or_path is None:
         raise ValueError("--teacher is required (--pretrained_model_name_or_path, the training script's name): a "
                          "bundled real config (fd-onestep plan --list), a pipeline folder or a Hub id.")
-    if not args.encoders:
-        raise ValueError("--encoders is required: the training run's FD encoders, e.g. --encoders inception dinov2.")
     if not 0 < args.utilization <= 1:
         raise ValueError(f"--utilization is a share of the peak throughput in (0, 1], got {args.utilization}.")
     if args.output:
