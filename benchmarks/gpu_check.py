@@ -7,7 +7,7 @@
 Run it from a checkout with the test extra installed (``pip install -e ".[test]"``): the tiny models are the
 test suite's own builders (``tests/test_pipeline_tiny_models.py``), built from configs, no downloads.
 
-1. Training steps. For every family (unet2d, class-conditional dit, sd, sdxl, sd3, flux, sana) and both trainings (full
+1. Training steps. For every registered family (``FAMILY_ADAPTERS``: its tiny teacher) and both trainings (full
    fine-tuning and LoRA), one optimizer step of the tiny one-step generator in bf16, set up as the training
    script sets it up: ``OneStepGenerator(..., weight_dtype=torch.bfloat16)`` (frozen VAE / text encoders in
    bf16; an SDXL VAE with ``force_upcast`` in float32), ``add_lora`` (LoRA base weights in bf16, LoRA parameters in float32) or the full float32 denoiser,
@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
+from fd_onestep.pipelines.pipeline_fd_onestep import FAMILY_ADAPTERS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("unet2d", "dit", "sd", "sdxl", "sd3", "flux", "sana")
+FAMILIES = tuple(FAMILY_ADAPTERS)  # every registered family
 TRAININGS = ("full", "lora")
 PROMPTS = ["a cab", "a dog", "two cats", "the sea"]
 # float64 on the device vs the CPU: eigh / matmul round-off only (both routes are float64)

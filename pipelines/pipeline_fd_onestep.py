@@ -1456,8 +1456,12 @@ SUPPORTED_FAMILIES = {
 DEFAULT_LORA_TARGETS = {name: list(cls.default_lora_targets) for name, cls in FAMILY_ADAPTERS.items()}
 
 
-def _supported_text() -> str:
+def supported_families_text() -> str:
+    """The registered families with their denoiser classes, for help texts and errors."""
     return ", ".join(cls.describe() for cls in FAMILY_ADAPTERS.values())
+
+
+_supported_text = supported_families_text
 
 
 def adapter_of_denoiser(denoiser: torch.nn.Module) -> type[FamilyAdapter]:

@@ -494,5 +494,24 @@ def zimage_teacher(shift: float = 3.0, use_dynamic_shifting: bool = False):
 
 
 TEACHERS.update(qwenimage=qwenimage_teacher, zimage=zimage_teacher)
+
+
+# ---------------------------------------------------------------------------------------- read from the registry
+def call_kwargs(family: str, batch: int = 2) -> dict:
+    """What one call of ``family``'s tiny teacher takes, from its adapter's ``conditioning``: prompts (text),
+    class labels (class-conditional), a batch size (the tiny ``unet2d`` teacher is unconditional)."""
+    from fd_onestep.pipelines.pipeline_fd_onestep import FAMILY_ADAPTERS
+
+    conditioning = FAMILY_ADAPTERS[family].conditioning
+    if conditioning == "text":
+        return {"prompt": ["a cab", "dog"][:batch] if batch <= 2 else ["cab"] * batch}
+    if conditioning == "class":
+        return {"class_labels": list(range(batch))}
+    return {"batch_size": batch}
+
+
+def well_conditioned_settings(teacher) -> dict:
+    """``timestep=500`` for epsilon teachers (whose top level amplifies float32 rounding 157x), else nothing."""
+    return {"timestep": 500} if teacher.scheduler.config.get("prediction_type") == "epsilon" else {}
 FAMILY_KWARGS.update(qwenimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH},
                      zimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH})
