@@ -217,3 +217,83 @@ def test_a_qwen_image_edit_transformer_is_a_clear_error(folders):
     with pytest.raises(ValueError, match="edit / layered model.*QwenImagePipeline base model"):
         FDOneStepPipeline(transformer=edit, scheduler=stock.scheduler, vae=stock.vae, text_encoder=stock.text_encoder,
                           tokenizer=stock.tokenizer)
+
+
+# ------------------------------------------------------------------------------------ the training script
+def _train(script, assets, family, out, *extra):
+    from train_fixtures import FAST_ARGS, encoder_args
+
+    argv = ["--pretrained_model_name_or_path", assets["teachers"][family], *encoder_args(assets),
+            "--output_dir", str(out), *FAST_ARGS, "--train_batch_size", "2", "--fd_warmup_samples", "4",
+            "--sample_batch_size", "4", "--num_validation_images", "2", "--num_validation_samples", "4",
+            "--fd_population", "ema", "--fd_ema_beta", "0.5", "--checkpointing_steps", "1", "--resolution", "16",
+            "--prompts_file", assets["prompts_file"], *extra]
+    return script.main(script.parse_args(argv))
+
+
+def _run_card_code(out):
+    """Every snippet of the run's model card, exactly as rendered; returns their namespaces."""
+    import re
+
+    spaces = []
+    for block in re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S):
+        namespace = {}
+        exec(compile(block, "<model card snippet>", "exec"), namespace)
+        spaces.append(namespace)
+    return spaces
+
+
+def _same_tensors(a, b):
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys() and ta
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{a.name}:{key} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,lora", [("qwenimage", True), ("zimage", False)], ids=["qwenimage-lora", "zimage-full"])
+def test_an_interrupted_run_resumes_exactly_and_its_card_code_runs(script, assets, tmp_path, family, lora):
+    extra = ["--use_lora", "--lora_rank", "2"] if lora else []
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(script, assets, family, straight, *extra)
+    _train(script, assets, family, resumed, *extra, "--stop_after_steps", "1")
+    summary = _train(script, assets, family, resumed, *extra, "--resume_from_checkpoint", "latest")
+    assert summary["global_step"] == 2
+    weights = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
+    _same_tensors(straight / weights, resumed / weights)
+    for name in ("fd_populations.safetensors", "training_state.safetensors"):
+        _same_tensors(straight / "checkpoint-2" / name, resumed / "checkpoint-2" / name)
+
+    spaces = _run_card_code(straight)
+    if lora:  # ours (the teacher + the LoRA) and the stock pipeline's one step with the LoRA
+        assert len(spaces) == 2 and type(spaces[1]["pipe"]).__name__ == STOCK[family].__name__
+        info = json.loads((straight / "fd_onestep_lora.json").read_text())
+        pipe = FDOneStepPipeline.from_teacher(info["base_model"], **info["one_step_settings"])
+        pipe.load_lora_weights(straight)
+        noise = torch.randn(1, *pipe.noise_shape(), generator=torch.Generator().manual_seed(2))
+        ours = pipe("a red square", latents=noise, output_type="pt").images
+        latents = QwenImagePipeline._pack_latents(noise, *noise.shape) if family == "qwenimage" else noise
+        theirs = spaces[1]["pipe"]("a red square", latents=latents, output_type="pt",
+                                   **pipe.stock_one_step()["call_kwargs"]).images
+        assert (ours - theirs).abs().max() <= 1e-4
+    else:  # the pipeline folder with fd-onestep, and without it (the pipeline file travels with the folder)
+        assert len(spaces) == 2 and type(spaces[1]["pipe"]).__name__ == "FDOneStepPipeline"
+        assert FDOneStepPipeline.from_pretrained(straight).family == family
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,lora", [("qwenimage", False), ("zimage", True)], ids=["qwenimage-full", "zimage-lora"])
+def test_the_other_way_of_training_each_family(script, assets, tmp_path, family, lora):
+    out = tmp_path / "out"
+    _train(script, assets, family, out, *(["--use_lora", "--lora_rank", "2"] if lora else []))
+    spaces = _run_card_code(out)
+    if lora:
+        assert json.loads((out / "fd_onestep_lora.json").read_text())["stock_pipeline"]["pipeline"] == "ZImagePipeline"
+        assert type(spaces[1]["pipe"]).__name__ == "ZImagePipeline"
+    else:
+        pipe = FDOneStepPipeline.from_pretrained(out)
+        assert pipe.family == family and pipe.config.sample_size == 8
+        images = pipe(["two cats"], generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
