@@ -180,6 +180,12 @@ def training_step(pipe, training: str, device: torch.device, dtype: torch.dtype,
     fd_loss = FDLoss(reference, population)
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     before = [p.detach().clone() for p in trainable]
+    # parameters the one step cannot reach are the architecture's, not a broken graph (the last MMDiT block of
+    # Qwen-Image computes a text-stream output that nothing reads): the gradient check skips those alone
+    probe_rng = torch.Generator(device=rng.device).manual_seed(1)  # the checked step's draws stay as they were
+    with autocast:
+        probe = gen(denoiser, gen.sample_noise(2, generator=probe_rng), gen.sample_conditioning(2, generator=probe_rng))
+    reachable = [g is not None for g in torch.autograd.grad(probe.float().sum(), trainable, allow_unused=True)]
 
     start = time.perf_counter()
     noise, cond = gen.sample_noise(8, generator=rng), gen.sample_conditioning(8, generator=rng)
@@ -196,7 +202,7 @@ def training_step(pipe, training: str, device: torch.device, dtype: torch.dtype,
     seconds = time.perf_counter() - start
 
     check(bool(torch.isfinite(loss)), f"FD not finite ({float(loss)})")
-    check(all(g is not None for g in grads), "a trainable parameter got no gradient")
+    check(all(g is not None for g, r in zip(grads, reachable) if r), "a trainable parameter got no gradient")
     check(all(g is None or (g.dtype == torch.float32 and bool(torch.isfinite(g).all())) for g in grads),
           "gradient not finite float32")
     check(any(g is not None and bool(g.abs().sum() > 0) for g in grads), "all gradients zero")

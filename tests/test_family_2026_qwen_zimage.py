@@ -15,6 +15,7 @@ import torch
 from diffusers import QwenImagePipeline, ZImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from test_lora_fd_onestep import trained_lora
+from test_train_sdxl_sana import _run_card_code, _same_tensors
 from tiny_teachers import QWEN_MAX_LENGTH, qwenimage_teacher, zimage_teacher
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
@@ -33,6 +34,12 @@ def folders(tmp_path_factory):
         torch.manual_seed(0)
         BUILD[family]().save_pretrained(root / family)
     return {family: root / family for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def stocks(folders):
+    """The stock pipeline of each tiny teacher, loaded once (tests that load a LoRA into it unload it)."""
+    return {family: _stock(folders, family) for family in FAMILIES}
 
 
 def _stock(folders, family):
@@ -93,19 +100,19 @@ BY_HAND = {"qwenimage": qwenimage_by_hand, "zimage": zimage_by_hand}
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0], ids=["no-guidance", "guidance"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_call_is_one_transformer_call_on_the_stock_conditioning(folders, family, guidance_scale):
+def test_one_call_is_one_transformer_call_on_the_stock_conditioning(folders, stocks, family, guidance_scale):
     pipe = FDOneStepPipeline.from_teacher(folders[family], guidance_scale=guidance_scale, **SETTINGS)
     assert pipe.family == family and pipe.config.prediction_type == "flow"
     assert pipe.noise_level() == {"kind": "flow", "sigma": 1.0} and pipe.vae_scale_factor == 2
     noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(3))
     ours = pipe(PROMPTS, latents=noise, output_type="pt").images
-    expected = BY_HAND[family](_stock(folders, family), noise, 1.0, guidance_scale)
+    expected = BY_HAND[family](stocks[family], noise, 1.0, guidance_scale)
     assert ours.shape == expected.shape == (2, 3, 16, 16)
     assert (ours - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_timestep_below_the_top_takes_the_schedulers_shift(folders, family):
+def test_a_timestep_below_the_top_takes_the_schedulers_shift(folders, stocks, family):
     pipe = FDOneStepPipeline.from_teacher(folders[family], timestep=600, **SETTINGS)
     cfg = pipe.scheduler.config
     if family == "qwenimage":  # resolution-dependent exponential shift of 4 x 4 latent tokens
@@ -117,14 +124,14 @@ def test_a_timestep_below_the_top_takes_the_schedulers_shift(folders, family):
     assert pipe.noise_level()["sigma"] == pytest.approx(sigma, abs=1e-12)
     noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(3))
     ours = pipe(PROMPTS, latents=noise, output_type="pt").images
-    expected = BY_HAND[family](_stock(folders, family), noise, pipe.noise_level()["sigma"], 1.0)
+    expected = BY_HAND[family](stocks[family], noise, pipe.noise_level()["sigma"], 1.0)
     assert (ours - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompts_are_the_stock_encode_prompts_padded_with_a_mask(folders, family):
+def test_prompts_are_the_stock_encode_prompts_padded_with_a_mask(folders, stocks, family):
     pipe = FDOneStepPipeline.from_teacher(folders[family], guidance_scale=3.0, **SETTINGS)
-    stock = _stock(folders, family)
+    stock = stocks[family]
     prompts = list(PROMPTS)
     cond = pipe.encode_conditioning(prompts, negative_prompt=["zzz", ""], num_images_per_prompt=2, device="cpu")
     assert prompts == PROMPTS  # ZImagePipeline.encode_prompt rewrites its list: ours is not handed over
@@ -145,10 +152,10 @@ def test_prompts_are_the_stock_encode_prompts_padded_with_a_mask(folders, family
     assert cond.prompt_attention_mask[0].sum() != cond.prompt_attention_mask[2].sum()
 
 
-def test_qwen_image_drops_exactly_the_template_tokens(folders):
+def test_qwen_image_drops_exactly_the_template_tokens(stocks):
     # QwenImagePipeline drops the first 34 tokens of its template: the tiny tokenizer keeps the template that long,
     # so what stays is the prompt and the template's end, as with the real tokenizer
-    stock = _stock(folders, "qwenimage")
+    stock = stocks["qwenimage"]
     ids = stock.tokenizer(stock.prompt_template_encode.format("a red cat"))["input_ids"]
     kept = stock.tokenizer.convert_ids_to_tokens(ids[stock.prompt_template_encode_start_idx:])
     assert kept[:3] == ["a", "red", "cat"]
@@ -159,29 +166,31 @@ def test_qwen_image_drops_exactly_the_template_tokens(folders):
 # ------------------------------------------------------------------------------------ the LoRA in the stock pipeline
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["no-guidance", "guidance"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_projects_lora_loads_into_the_stock_pipeline_and_takes_the_same_one_step(folders, family, guidance_scale,
-                                                                                      tmp_path):
+def test_the_projects_lora_loads_into_the_stock_pipeline_and_takes_the_same_one_step(folders, stocks, family,
+                                                                                      guidance_scale, tmp_path):
     pipe = FDOneStepPipeline.from_teacher(folders[family], guidance_scale=guidance_scale, output_bound="clamp",
                                           **SETTINGS)
+    noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(5))
+    base = pipe(PROMPTS, latents=noise, output_type="pt").images
     trained_lora(pipe)  # add_lora_to_denoiser + non-zero weights, as a trained LoRA
     pipe.save_lora(tmp_path / "lora")
-    noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(5))
     ours = pipe(PROMPTS, latents=noise, output_type="pt").images
+    assert (base - ours).abs().max() > 1e-3  # the LoRA is what makes them equal below
 
-    stock = _stock(folders, family)
-    stock.load_lora_weights(tmp_path / "lora")
+    stock, scheduler = stocks[family], stocks[family].scheduler
     recipe = pipe.stock_one_step()
     assert recipe["pipeline"] == STOCK[family].__name__
+    stock.load_lora_weights(tmp_path / "lora")
     stock.scheduler = recipe["scheduler"]
-    # the stock pipelines take their noise packed (QwenImagePipeline) or as it is (ZImagePipeline)
-    latents = QwenImagePipeline._pack_latents(noise, *noise.shape) if family == "qwenimage" else noise
-    theirs = stock(PROMPTS, latents=latents, output_type="pt", **recipe["call_kwargs"]).images
+    try:
+        # the stock pipelines take their noise packed (QwenImagePipeline) or as it is (ZImagePipeline)
+        latents = QwenImagePipeline._pack_latents(noise, *noise.shape) if family == "qwenimage" else noise
+        theirs = stock(PROMPTS, latents=latents, output_type="pt", **recipe["call_kwargs"]).images
+    finally:
+        stock.unload_lora_weights()
+        stock.scheduler = scheduler
     assert theirs.shape == ours.shape
     assert (theirs - ours).abs().max() <= 1e-4
-    untrained = FDOneStepPipeline.from_teacher(folders[family], guidance_scale=guidance_scale, output_bound="clamp",
-                                               **SETTINGS)
-    base = untrained(PROMPTS, latents=noise, output_type="pt").images
-    assert (base - ours).abs().max() > 1e-3  # the LoRA is what makes them equal
 
 
 def test_the_qwen_image_recipe_drops_shift_terminal_and_uses_true_cfg(folders):
@@ -211,8 +220,8 @@ def test_edit_img2img_inpaint_and_controlnet_variants_are_clear_errors_naming_th
         FDOneStepPipeline.from_teacher(tmp_path / "variant")
 
 
-def test_a_qwen_image_edit_transformer_is_a_clear_error(folders):
-    stock = _stock(folders, "qwenimage")
+def test_a_qwen_image_edit_transformer_is_a_clear_error(stocks):
+    stock = stocks["qwenimage"]
     edit = type(stock.transformer).from_config({**stock.transformer.config, "zero_cond_t": True})
     with pytest.raises(ValueError, match="edit / layered model.*QwenImagePipeline base model"):
         FDOneStepPipeline(transformer=edit, scheduler=stock.scheduler, vae=stock.vae, text_encoder=stock.text_encoder,
@@ -229,27 +238,6 @@ def _train(script, assets, family, out, *extra):
             "--fd_population", "ema", "--fd_ema_beta", "0.5", "--checkpointing_steps", "1", "--resolution", "16",
             "--prompts_file", assets["prompts_file"], *extra]
     return script.main(script.parse_args(argv))
-
-
-def _run_card_code(out):
-    """Every snippet of the run's model card, exactly as rendered; returns their namespaces."""
-    import re
-
-    spaces = []
-    for block in re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S):
-        namespace = {}
-        exec(compile(block, "<model card snippet>", "exec"), namespace)
-        spaces.append(namespace)
-    return spaces
-
-
-def _same_tensors(a, b):
-    from safetensors.torch import load_file
-
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys() and ta
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), f"{a.name}:{key} differs"
 
 
 @pytest.mark.slow
@@ -287,7 +275,7 @@ def test_an_interrupted_run_resumes_exactly_and_its_card_code_runs(script, asset
 @pytest.mark.parametrize("family,lora", [("qwenimage", False), ("zimage", True)], ids=["qwenimage-full", "zimage-lora"])
 def test_the_other_way_of_training_each_family(script, assets, tmp_path, family, lora):
     out = tmp_path / "out"
-    _train(script, assets, family, out, *(["--use_lora", "--lora_rank", "2"] if lora else []))
+    _train(script, assets, family, out, "--max_train_steps", "1", *(["--use_lora", "--lora_rank", "2"] if lora else []))
     spaces = _run_card_code(out)
     if lora:
         assert json.loads((out / "fd_onestep_lora.json").read_text())["stock_pipeline"]["pipeline"] == "ZImagePipeline"
