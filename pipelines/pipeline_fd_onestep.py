@@ -29,8 +29,8 @@ DDPM schedule): construction raises or warns there (see :func:`check_one_step_co
 
 Pipeline config (``pipe.config``; saved in ``model_index.json``)
 -----------------------------------------------------------------
-- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" (detected from the components; one
-  adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
+- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" | "qwenimage" | "zimage" (detected from the
+  components; one adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
 - ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
   last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
   num_train_timesteps, i.e. sigma = 1); the scheduler's ``shift`` (or its resolution-dependent dynamic
@@ -38,7 +38,8 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``prediction_type``: "epsilon" | "v_prediction" | "sample" | "flow" (default: the scheduler's).
 - ``guidance_scale``: float, classifier-free guidance inside the one step (1.0 = off). Class-conditional
   models use the null class ``null_class_label``; text models a negative prompt ("" by default) batched
-  with the prompt; guidance-distilled Flux models receive it as their guidance embedding (one forward).
+  with the prompt; guidance-distilled Flux models receive it as their guidance embedding (one forward). Qwen-Image
+  rescales the combination to the conditional prediction's norm per latent token, as ``QwenImagePipeline`` does.
 - ``output_bound``: None | "tanh" | "clamp": bound applied to the image in [-1, 1] (pixel families: to
   ``x0``; latent families: to the decoded image). "tanh" keeps gradients everywhere (use it for training
   an ill-conditioned map); "clamp" is a hard clip.
@@ -46,12 +47,14 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label; a
   class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
   the model's ``num_classes``).
-- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana".
+- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana", Qwen2.5-VL / Qwen3 tokens for
+  "qwenimage" / "zimage" (default 512, the stock pipelines'; prompts are right-padded to it with an attention mask).
 - ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
 - ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
 
 Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``) ``encode_prompt`` over the same text encoders,
+``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``)
+``encode_prompt`` over the same text encoders,
 so the denoiser gets the embeddings the stock pipeline would give it.
 
 LoRA file format
@@ -60,7 +63,8 @@ One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of t
 component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.weight``) and the PEFT
 ``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. Families with a diffusers LoRA
 loader (the adapter's ``lora_loader``: ``StableDiffusionLoraLoaderMixin``, ``StableDiffusionXLLoraLoaderMixin``,
-``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``) are written and read by it, so a one-step
+``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``, ``QwenImageLoraLoaderMixin``,
+``ZImageLoraLoaderMixin``) are written and read by it, so a one-step
 LoRA also loads into the stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...);
 "unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
 """
@@ -267,7 +271,8 @@ class OneStepConditioning:
     - ``class_labels``: (B,) int64 class ids (class-conditional families).
     - ``prompt_embeds``: (B, L, D) text embeddings ("sd": CLIP hidden states; "sdxl": both CLIPs' joined;
       "sd3": CLIP+T5 joint; "flux": T5; "sana": Gemma-2); ``pooled_prompt_embeds``: (B, P) ("sdxl", "sd3", "flux").
-    - ``prompt_attention_mask``: (B, L) int64 token mask ("sana": Gemma-2 padding).
+    - ``prompt_attention_mask``: (B, L) int64 token mask ("sana": Gemma-2 padding; "qwenimage" / "zimage": the
+      prompt's tokens, right-padded to ``max_sequence_length``).
     - ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds`` / ``negative_prompt_attention_mask``: the
       unconditional branch of guidance.
     """
@@ -1612,11 +1617,12 @@ class FDOneStepPipeline(DiffusionPipeline):
             (``FlowMatchEulerDiscreteScheduler``, or ``DPMSolverMultistepScheduler`` with flow sigmas; only its noise
             schedule is used).
         unet (`UNet2DModel` | `UNet2DConditionModel`) or transformer (`DiTTransformer2DModel` |
-            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel`): the denoiser.
-        vae (`AutoencoderKL` | `AutoencoderDC`): latent families.
+            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel` |
+            `QwenImageTransformer2DModel` | `ZImageTransformer2DModel`): the denoiser.
+        vae (`AutoencoderKL` | `AutoencoderDC` | `AutoencoderKLQwenImage`): latent families.
         text_encoder / tokenizer, text_encoder_2 / tokenizer_2, text_encoder_3 / tokenizer_3: the text
         components of the family's stock pipeline, under the same names (SD: one CLIP; SDXL and SD3: two CLIPs,
-        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2).
+        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2; Qwen-Image: Qwen2.5-VL; Z-Image: Qwen3).
 
     Everything that differs between families lives in one adapter class per family (``pipe.adapter``, see
     ``FAMILY_ADAPTERS``). One-step settings (all in the pipeline config, see the module docstring): ``family``,
@@ -1945,7 +1951,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         r"""Generate images in one denoiser forward (two branches batched together with guidance).
 
         Args:
-            prompt: text families ("sd", "sdxl", "sd3", "flux", "sana").
+            prompt: text families ("sd", "sdxl", "sd3", "flux", "sana", "qwenimage", "zimage").
             class_labels: class-conditional families ("dit", class-conditional "unet2d").
             batch_size: number of images for unconditional models (default 1, or taken from ``latents``).
             num_images_per_prompt: images per prompt / label (or multiplier of ``batch_size``).
@@ -2008,20 +2014,23 @@ class FDOneStepPipeline(DiffusionPipeline):
         scheduler (after loading the LoRA, if any) and call ``stock_pipe(prompt, **call_kwargs)`` with the same
         noise as ``latents=`` to get this pipeline's images (to float32 round-off). The stock pipelines:
         ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
-        ``SanaPipeline``, ``DDPMPipeline`` (the family adapter's ``stock_pipeline``).
+        ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``, ``DDPMPipeline`` (the family adapter's
+        ``stock_pipeline``).
 
         - DDPM-style teachers: ``DDIMScheduler`` from the teacher's config with ``timestep_spacing="leading"``,
           ``steps_offset = timestep`` (its one timestep is then this pipeline's), ``set_alpha_to_one=True``,
           ``clip_sample=False`` and ``thresholding=False``, so that with ``eta = 0`` the step to "t = -1" returns
           the clean-sample estimate itself; ``num_inference_steps=1``.
         - Flow matching: the teacher's ``FlowMatchEulerDiscreteScheduler`` (SANA: one built from its DPM-Solver's
-          config with ``shift=flow_shift``): one Euler step from sigma to 0 is ``x - sigma * v``;
+          config with ``shift=flow_shift``; Qwen-Image: its own without ``shift_terminal``, which with one step would
+          move the only sigma to ``shift_terminal``, NaN at sigma 1): one Euler step from sigma to 0 is ``x - sigma * v``;
           ``sigmas=[timestep / N]`` (shifted by the scheduler, as here) when the timestep is not the top one.
         - Prompts: SD3, Flux and SANA with this pipeline's ``max_sequence_length``; SANA without resolution binning
           and with this pipeline's complex human instruction where it is not the stock default.
         - Guidance: ``guidance_scale`` (SD, SD3: the stock pipelines' classifier-free guidance against the empty
           negative prompt, as here; guidance-distilled Flux: its guidance embedding); Flux without a guidance
-          embedding: ``true_cfg_scale`` with ``negative_prompt=""``.
+          embedding and Qwen-Image: ``true_cfg_scale`` with ``negative_prompt=""`` (``true_cfg_scale=1`` without
+          guidance); Z-Image: ``guidance_scale=g - 1`` (ZImagePipeline's ``pos + s (pos - neg)``).
 
         Raises ValueError for what the stock pipelines cannot reproduce: ``output_bound="tanh"`` (they clamp,
         which is ``"clamp"`` or no bound), class-conditional models (no stock pipeline samples a class-conditional
