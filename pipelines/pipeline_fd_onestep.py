@@ -1238,7 +1238,7 @@ def _valid_lengths(mask: torch.Tensor) -> list[int]:
     count every position, the longest prompt."""
     try:
         return [int(n) for n in mask.sum(dim=1).tolist()]
-    except (RuntimeError, NotImplementedError, torch._subclasses.fake_tensor.DataDependentOutputException):
+    except RuntimeError:  # meta: NotImplementedError; fake: DataDependentOutputException (both RuntimeErrors)
         return [int(mask.shape[1])] * int(mask.shape[0])
 
 
