@@ -15,6 +15,7 @@ import torch
 from diffusers import QwenImagePipeline, ZImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from test_lora_fd_onestep import trained_lora
+from test_pipeline_sdxl_sana import _to_pt
 from test_train_sdxl_sana import _run_card_code, _same_tensors
 from tiny_teachers import QWEN_MAX_LENGTH, qwenimage_teacher, zimage_teacher
 
@@ -46,10 +47,6 @@ def _stock(folders, family):
     stock = STOCK[family].from_pretrained(folders[family])
     stock.set_progress_bar_config(disable=True)
     return stock
-
-
-def _to_pt(images):
-    return (images / 2 + 0.5).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------ one call, by hand
@@ -285,3 +282,15 @@ def test_the_other_way_of_training_each_family(script, assets, tmp_path, family,
         assert pipe.family == family and pipe.config.sample_size == 8
         images = pipe(["two cats"], generator=torch.Generator().manual_seed(0), output_type="pt").images
         assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_one_step_runs_on_shape_only_prompts_as_the_plan_runs_it(folders, family):
+    # fd-onestep plan runs the step under fake tensors: no token count can be read, every position counts
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pipe = FDOneStepPipeline.from_teacher(folders[family], guidance_scale=2.0, **SETTINGS)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cond = pipe.example_conditioning(2)
+        x0 = pipe.one_step(torch.randn(2, *pipe.noise_shape()), cond, decode=False)
+    assert tuple(x0.shape) == (2, *pipe.noise_shape())
