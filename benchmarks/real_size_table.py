@@ -53,11 +53,12 @@ def main():
     p.add_argument("--teachers", nargs="+", default=list_real_configs())
     p.add_argument("--output", default=None)
     p.add_argument("--skip_per_saver", action="store_true", help="Skip the SDXL per-saver rows.")
+    p.add_argument("--trainings", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     args = p.parse_args()
     load_before = os.getloadavg()
     rows = []
     for name in args.teachers:
-        for lora in (True, False):
+        for lora in [t == "lora" for t in args.trainings]:
             for savers in ({}, savers_for(name)):
                 try:
                     rows.append(run(name, lora, savers))

@@ -29,8 +29,8 @@ DDPM schedule): construction raises or warns there (see :func:`check_one_step_co
 
 Pipeline config (``pipe.config``; saved in ``model_index.json``)
 -----------------------------------------------------------------
-- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" (detected from the components; one
-  adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
+- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" | "qwenimage" | "zimage" (detected from the
+  components; one adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
 - ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
   last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
   num_train_timesteps, i.e. sigma = 1); the scheduler's ``shift`` (or its resolution-dependent dynamic
@@ -38,7 +38,8 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``prediction_type``: "epsilon" | "v_prediction" | "sample" | "flow" (default: the scheduler's).
 - ``guidance_scale``: float, classifier-free guidance inside the one step (1.0 = off). Class-conditional
   models use the null class ``null_class_label``; text models a negative prompt ("" by default) batched
-  with the prompt; guidance-distilled Flux models receive it as their guidance embedding (one forward).
+  with the prompt; guidance-distilled Flux models receive it as their guidance embedding (one forward). Qwen-Image
+  rescales the combination to the conditional prediction's norm per latent token, as ``QwenImagePipeline`` does.
 - ``output_bound``: None | "tanh" | "clamp": bound applied to the image in [-1, 1] (pixel families: to
   ``x0``; latent families: to the decoded image). "tanh" keeps gradients everywhere (use it for training
   an ill-conditioned map); "clamp" is a hard clip.
@@ -46,12 +47,14 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label; a
   class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
   the model's ``num_classes``).
-- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana".
+- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana", Qwen2.5-VL / Qwen3 tokens for
+  "qwenimage" / "zimage" (default 512, the stock pipelines'; prompts are right-padded to it with an attention mask).
 - ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
 - ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
 
 Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``) ``encode_prompt`` over the same text encoders,
+``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``)
+``encode_prompt`` over the same text encoders,
 so the denoiser gets the embeddings the stock pipeline would give it.
 
 LoRA file format
@@ -60,7 +63,8 @@ One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of t
 component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.weight``) and the PEFT
 ``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. Families with a diffusers LoRA
 loader (the adapter's ``lora_loader``: ``StableDiffusionLoraLoaderMixin``, ``StableDiffusionXLLoraLoaderMixin``,
-``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``) are written and read by it, so a one-step
+``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``, ``QwenImageLoraLoaderMixin``,
+``ZImageLoraLoaderMixin``) are written and read by it, so a one-step
 LoRA also loads into the stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...);
 "unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
 """
@@ -83,6 +87,8 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     ImagePipelineOutput,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
@@ -91,6 +97,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
@@ -265,7 +273,8 @@ class OneStepConditioning:
     - ``class_labels``: (B,) int64 class ids (class-conditional families).
     - ``prompt_embeds``: (B, L, D) text embeddings ("sd": CLIP hidden states; "sdxl": both CLIPs' joined;
       "sd3": CLIP+T5 joint; "flux": T5; "sana": Gemma-2); ``pooled_prompt_embeds``: (B, P) ("sdxl", "sd3", "flux").
-    - ``prompt_attention_mask``: (B, L) int64 token mask ("sana": Gemma-2 padding).
+    - ``prompt_attention_mask``: (B, L) int64 token mask ("sana": Gemma-2 padding; "qwenimage" / "zimage": the
+      prompt's tokens, right-padded to ``max_sequence_length``).
     - ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds`` / ``negative_prompt_attention_mask``: the
       unconditional branch of guidance.
     """
@@ -508,6 +517,11 @@ class FamilyAdapter:
         (its negative rows appended when ``use_negative``), in the unpacked latent / pixel layout."""
         raise NotImplementedError
 
+    def combine_guidance(self, cond_out: torch.Tensor, uncond_out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance of the two branches' outputs (unpacked layout): ``uncond + g (cond - uncond)``;
+        a family whose stock pipeline does more (a rescale) adds it here."""
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> images (B, C, H, W) float32, nominally in [-1, 1] (differentiable)."""
         vae = self.pipe.vae
@@ -718,7 +732,8 @@ class _TextFamilyAdapter(FamilyAdapter):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # the stock pipeline that encodes the prompts is the one that takes the same one step
-        cls.stock_pipeline = cls.stock_pipeline_class.__name__
+        if cls.stock_pipeline_class is not None:
+            cls.stock_pipeline = cls.stock_pipeline_class.__name__
 
     def stock_text_pipeline(self) -> DiffusionPipeline:
         """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied).
@@ -1202,8 +1217,248 @@ class SanaAdapter(_TextFamilyAdapter):
         return kwargs
 
 
+# ------------------------------------------------------------------ 2025-2026 families: Qwen-Image, Z-Image
+def _pad_prompts(embeds, mask, length: int):
+    """Prompt embeddings as (B, length, D) with their (B, length) int64 mask: right-padded with zeros.
+
+    ``embeds``: a (B, L, D) tensor with its (B, L) mask (None: every token valid), or a list of (L_i, D) tensors
+    (the valid tokens of each prompt; ``mask`` None). One width for every batch, so that conditionings of
+    different batches concatenate; padding is masked out of the denoiser's attention.
+    """
+    if isinstance(embeds, (list, tuple)):
+        rows = list(embeds)
+    else:
+        lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None else mask.sum(dim=1).tolist()
+        rows = [e[: int(n)] for e, n in zip(embeds, lengths)]
+    out = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
+    valid = torch.zeros((len(rows), length), dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        if row.shape[0] > length:
+            raise ValueError(f"a prompt encodes to {row.shape[0]} tokens, more than max_sequence_length={length}.")
+        out[i, : row.shape[0]] = row
+        valid[i, : row.shape[0]] = 1
+    return out, valid
+
+
+def _valid_lengths(mask: torch.Tensor) -> list[int]:
+    """Valid tokens per row of a right-padded mask; shape-only tensors (memory planning: meta or fake, no values)
+    count every position, the longest prompt."""
+    try:
+        return [int(n) for n in mask.sum(dim=1).tolist()]
+    except RuntimeError:  # meta: NotImplementedError; fake: DataDependentOutputException (both RuntimeErrors)
+        return [int(mask.shape[1])] * int(mask.shape[0])
+
+
+class _PaddedPromptAdapter(_TextFamilyAdapter):
+    """Text families whose stock ``encode_prompt`` gives prompts of their own lengths: the conditioning holds them
+    right-padded to ``max_sequence_length`` with an attention mask (``prompt_attention_mask``)."""
+
+    text_components = ("text_encoder", "tokenizer")
+    flow_matching_only = True
+    default_max_sequence_length = 512  # the stock pipelines' __call__ default
+    required_components = ((("text_encoder", "tokenizer"), None),)
+    # pipelines built on this family's denoiser that the one step does not take (edit, img2img, inpaint, ...)
+    refused_pipeline_words: tuple = ("Edit", "Img2Img", "Inpaint", "ControlNet", "Layered", "Omni")
+    packs_latents = True  # the denoiser takes 2x2 latent patches packed into tokens (in_channels = 4 x latent)
+
+    @classmethod
+    def check_model_index(cls, config, source):
+        name = str(config.get("_class_name", ""))
+        if name != cls.stock_pipeline_class.__name__ and any(w.lower() in name.lower()
+                                                             for w in cls.refused_pipeline_words):
+            raise ValueError(
+                f"{source} is a {name}; one-step FD distillation takes text-to-image teachers of this family: "
+                f"{cls.stock_pipeline_class.__name__}. Load the base text-to-image model."
+            )
+
+    @classmethod
+    def default_sample_size(cls, denoiser):
+        return 128  # 1024 px at the stock pipelines' VAE factor 8
+
+    def noise_channels(self):
+        channels = int(self.denoiser.config.in_channels)
+        return channels // 4 if self.packs_latents else channels
+
+    def image_seq_len(self):
+        return (int(self.pipe.config.sample_size) // 2) ** 2
+
+    def text_width(self) -> int:
+        cfg = self.pipe.text_encoder.config
+        return int(getattr(cfg, "text_config", cfg).hidden_size)
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        te = self.pipe.text_encoder
+        device = device if device is not None else _module_device(te)
+        length = int(self.pipe.config.max_sequence_length)
+        embeds = _example_tensor((batch_size, length, self.text_width()), _module_dtype(te), device, dtype)
+        mask = _example_tensor((batch_size, length), torch.long, device)
+        return OneStepConditioning(
+            prompt_embeds=embeds, prompt_attention_mask=mask,
+            negative_prompt_embeds=torch.randn_like(embeds) if guided else None,
+            negative_prompt_attention_mask=torch.ones_like(mask) if guided else None,
+        )
+
+    def build_stock_text_pipeline(self, parts):
+        return self.stock_pipeline_class(**parts, vae=None, transformer=None, scheduler=None)
+
+    def masked_text_inputs(self, cond, use_negative, device, dtype):
+        return self.text_inputs(cond, use_negative, device, dtype, names=("prompt_embeds", "prompt_attention_mask"))
+
+
+class QwenImageAdapter(_PaddedPromptAdapter):
+    """Qwen-Image: ``QwenImageTransformer2DModel`` (MMDiT) on packed 2x2 latent patches, a Qwen2.5-VL text encoder
+    (QwenImagePipeline's prompt template, its first 34 tokens dropped), ``AutoencoderKLQwenImage`` with per-channel
+    ``latents_mean`` / ``latents_std``, flow matching with a resolution-dependent shift, true classifier-free
+    guidance against a negative prompt with QwenImagePipeline's rescale to the conditional prediction's norm."""
+
+    name = "qwenimage"
+    denoiser_class = QwenImageTransformer2DModel
+    lora_loader = "QwenImageLoraLoaderMixin"
+    stock_pipeline_class = QwenImagePipeline
+
+    @classmethod
+    def check_components(cls, denoiser, components):
+        super().check_components(denoiser, components)
+        cfg = denoiser.config
+        if cfg.get("zero_cond_t", False) or cfg.get("use_layer3d_rope", False):
+            raise ValueError(
+                "this QwenImageTransformer2DModel is an edit / layered model (zero_cond_t or use_layer3d_rope), which "
+                "takes reference images; one-step text-to-image supports the QwenImagePipeline base model "
+                "(e.g. Qwen/Qwen-Image)."
+            )
+
+    def vae_scale_factor(self):
+        return 2 ** len(self.pipe.vae.config.temperal_downsample)
+
+    def image_channels(self):
+        return int(self.pipe.vae.config.input_channels)
+
+    def uses_negative_branch(self, guidance_scale):
+        return guidance_scale > 1.0 and not self.pipe.transformer.config.guidance_embeds
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        # one row per prompt, repeated here: QwenImagePipeline.encode_prompt repeats a 2-D mask into 3-D for n > 1
+        stock = self.stock_text_pipeline()
+        length = int(self.pipe.config.max_sequence_length)
+
+        def encode(texts):
+            embeds, mask = stock.encode_prompt(texts, device=device, num_images_per_prompt=1,
+                                               max_sequence_length=length)
+            return _pad_prompts(embeds, mask, length)
+
+        embeds, mask = encode(prompts)
+        cond = OneStepConditioning(prompt_embeds=embeds, prompt_attention_mask=mask)
+        if guided:
+            negative, negative_mask = encode(negative_prompts)
+            cond = replace(cond, negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)
+        return cond.repeat_interleave(num_images_per_prompt)
+
+    def flow_timestep_dtype(self, dtype):
+        return dtype  # QwenImagePipeline passes it in the latents' dtype
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        embeds, mask = self.masked_text_inputs(cond, use_negative, x.device, dtype)
+        n, c, h, w = x.shape
+        vsf = self.pipe.vae_scale_factor
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((n,), guidance_scale, device=x.device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=QwenImagePipeline._pack_latents(x, n, c, h, w),
+            timestep=t / self.pipe.scheduler.config.num_train_timesteps, guidance=guidance,
+            encoder_hidden_states=embeds, encoder_hidden_states_mask=mask, img_shapes=[[(1, h // 2, w // 2)]] * n,
+            return_dict=False,
+        )[0]
+        return QwenImagePipeline._unpack_latents(out, h * vsf, w * vsf, vsf)[:, :, 0]
+
+    def combine_guidance(self, cond_out, uncond_out, guidance_scale):
+        # QwenImagePipeline rescales each latent token (a 2x2 patch of every channel) to the conditional one's norm
+        combined = super().combine_guidance(cond_out, uncond_out, guidance_scale)
+        n, c, h, w = combined.shape
+
+        def tokens(v):
+            return v.reshape(n, c, h // 2, 2, w // 2, 2)
+
+        scale = torch.linalg.vector_norm(tokens(cond_out), dim=(1, 3, 5), keepdim=True) / torch.linalg.vector_norm(
+            tokens(combined), dim=(1, 3, 5), keepdim=True)
+        return (tokens(combined) * scale).reshape(n, c, h, w)
+
+    def decode(self, latents):
+        vae = self.pipe.vae
+        cfg = vae.config
+        shape = (1, int(cfg.z_dim), 1, 1, 1)
+        latents = latents.unsqueeze(2).to(vae.dtype)  # one frame
+        mean = torch.tensor(cfg.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(shape).to(latents.device, latents.dtype)
+        return vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0].float()
+
+    def stock_scheduler(self):
+        # a shift_terminal stretches a multi-step schedule to end there; with one step it would move the only sigma
+        # to shift_terminal (NaN at sigma 1). The one step here is the time-shifted sigma, as Lightning configs have
+        scheduler = self.pipe.scheduler
+        if not scheduler.config.get("shift_terminal", None):
+            return scheduler, {}
+        overrides = {"shift_terminal": None}
+        return type(scheduler).from_config(scheduler.config, **overrides), overrides
+
+    def stock_call_kwargs(self, kwargs, guidance_scale):
+        kwargs = super().stock_call_kwargs(kwargs, guidance_scale)
+        del kwargs["guidance_scale"]
+        if self.pipe.transformer.config.guidance_embeds:
+            kwargs["guidance_scale"] = guidance_scale
+        if self.uses_negative_branch(guidance_scale):
+            kwargs.update(true_cfg_scale=guidance_scale, negative_prompt="")
+        else:
+            kwargs["true_cfg_scale"] = 1.0  # the stock default (4.0) needs a negative prompt to take effect
+        return kwargs
+
+
+class ZImageAdapter(_PaddedPromptAdapter):
+    """Z-Image (and the distilled Z-Image-Turbo): ``ZImageTransformer2DModel``, a single-stream DiT taking each
+    prompt's valid Qwen3 tokens (``hidden_states[-2]`` of ZImagePipeline's chat template) and each latent as lists,
+    its time input ``1 - sigma`` and its output the negated velocity; ``AutoencoderKL`` with scaling and shift
+    factors, flow matching (static or resolution-dependent shift), classifier-free guidance ``pos + g (pos - neg)``
+    (ZImagePipeline's ``guidance_scale`` is this pipeline's minus one)."""
+
+    name = "zimage"
+    denoiser_class = ZImageTransformer2DModel
+    lora_loader = "ZImageLoraLoaderMixin"
+    stock_pipeline_class = ZImagePipeline
+    packs_latents = False  # the transformer patchifies each latent itself
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        # lists copied: ZImagePipeline's encode_prompt writes the chat-templated prompts into the list it is given
+        length = int(self.pipe.config.max_sequence_length)
+        embeds, negative = self.stock_text_pipeline().encode_prompt(
+            list(prompts), device=device, do_classifier_free_guidance=guided,
+            negative_prompt=list(negative_prompts) if negative_prompts is not None else None,
+            max_sequence_length=length,
+        )
+        embeds, mask = _pad_prompts(embeds, None, length)
+        cond = OneStepConditioning(prompt_embeds=embeds, prompt_attention_mask=mask)
+        if guided:
+            negative, negative_mask = _pad_prompts(negative, None, length)
+            cond = replace(cond, negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)
+        return cond.repeat_interleave(num_images_per_prompt)
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        embeds, mask = self.masked_text_inputs(cond, use_negative, x.device, dtype)
+        captions = [e[:n] for e, n in zip(embeds, _valid_lengths(mask))]
+        n_train = self.pipe.scheduler.config.num_train_timesteps
+        out = denoiser(list(x.unsqueeze(2).unbind(0)), (n_train - t) / n_train, captions, return_dict=False)[0]
+        # ZImagePipeline steps with the negated output: the velocity noise - x0
+        return -torch.stack(out, dim=0)[:, :, 0]
+
+    def stock_call_kwargs(self, kwargs, guidance_scale):
+        kwargs = super().stock_call_kwargs(kwargs, guidance_scale)
+        # ZImagePipeline: pos + g (pos - neg), on for g > 0; here uncond + g (cond - uncond), on for g > 1
+        kwargs["guidance_scale"] = guidance_scale - 1.0
+        return kwargs
+
+
 FAMILY_ADAPTERS = {cls.name: cls for cls in (UNet2DAdapter, DiTAdapter, SDAdapter, SDXLAdapter, SD3Adapter,
-                                             FluxAdapter, SanaAdapter)}
+                                             FluxAdapter, SanaAdapter,
+                                             QwenImageAdapter, ZImageAdapter)}
 # family -> (denoiser component, denoiser class, latent?, conditioning, LoRA route)
 SUPPORTED_FAMILIES = {
     name: (cls.denoiser_slot, cls.denoiser_class, cls.is_latent, cls.conditioning, cls.lora_loader or "peft")
@@ -1213,8 +1468,12 @@ SUPPORTED_FAMILIES = {
 DEFAULT_LORA_TARGETS = {name: list(cls.default_lora_targets) for name, cls in FAMILY_ADAPTERS.items()}
 
 
-def _supported_text() -> str:
+def supported_families_text() -> str:
+    """The registered families with their denoiser classes, for help texts and errors."""
     return ", ".join(cls.describe() for cls in FAMILY_ADAPTERS.values())
+
+
+_supported_text = supported_families_text
 
 
 def adapter_of_denoiser(denoiser: torch.nn.Module) -> type[FamilyAdapter]:
@@ -1365,11 +1624,12 @@ class FDOneStepPipeline(DiffusionPipeline):
             (``FlowMatchEulerDiscreteScheduler``, or ``DPMSolverMultistepScheduler`` with flow sigmas; only its noise
             schedule is used).
         unet (`UNet2DModel` | `UNet2DConditionModel`) or transformer (`DiTTransformer2DModel` |
-            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel`): the denoiser.
-        vae (`AutoencoderKL` | `AutoencoderDC`): latent families.
+            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel` |
+            `QwenImageTransformer2DModel` | `ZImageTransformer2DModel`): the denoiser.
+        vae (`AutoencoderKL` | `AutoencoderDC` | `AutoencoderKLQwenImage`): latent families.
         text_encoder / tokenizer, text_encoder_2 / tokenizer_2, text_encoder_3 / tokenizer_3: the text
         components of the family's stock pipeline, under the same names (SD: one CLIP; SDXL and SD3: two CLIPs,
-        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2).
+        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2; Qwen-Image: Qwen2.5-VL; Z-Image: Qwen3).
 
     Everything that differs between families lives in one adapter class per family (``pipe.adapter``, see
     ``FAMILY_ADAPTERS``). One-step settings (all in the pipeline config, see the module docstring): ``family``,
@@ -1639,7 +1899,7 @@ class FDOneStepPipeline(DiffusionPipeline):
             out = out[:, : x.shape[1]]
         if use_negative:
             cond_out, uncond_out = out.chunk(2)
-            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            out = self.adapter.combine_guidance(cond_out, uncond_out, guidance_scale)
         return out
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -1698,7 +1958,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         r"""Generate images in one denoiser forward (two branches batched together with guidance).
 
         Args:
-            prompt: text families ("sd", "sdxl", "sd3", "flux", "sana").
+            prompt: text families ("sd", "sdxl", "sd3", "flux", "sana", "qwenimage", "zimage").
             class_labels: class-conditional families ("dit", class-conditional "unet2d").
             batch_size: number of images for unconditional models (default 1, or taken from ``latents``).
             num_images_per_prompt: images per prompt / label (or multiplier of ``batch_size``).
@@ -1761,20 +2021,23 @@ class FDOneStepPipeline(DiffusionPipeline):
         scheduler (after loading the LoRA, if any) and call ``stock_pipe(prompt, **call_kwargs)`` with the same
         noise as ``latents=`` to get this pipeline's images (to float32 round-off). The stock pipelines:
         ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``,
-        ``SanaPipeline``, ``DDPMPipeline`` (the family adapter's ``stock_pipeline``).
+        ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``, ``DDPMPipeline`` (the family adapter's
+        ``stock_pipeline``).
 
         - DDPM-style teachers: ``DDIMScheduler`` from the teacher's config with ``timestep_spacing="leading"``,
           ``steps_offset = timestep`` (its one timestep is then this pipeline's), ``set_alpha_to_one=True``,
           ``clip_sample=False`` and ``thresholding=False``, so that with ``eta = 0`` the step to "t = -1" returns
           the clean-sample estimate itself; ``num_inference_steps=1``.
         - Flow matching: the teacher's ``FlowMatchEulerDiscreteScheduler`` (SANA: one built from its DPM-Solver's
-          config with ``shift=flow_shift``): one Euler step from sigma to 0 is ``x - sigma * v``;
+          config with ``shift=flow_shift``; Qwen-Image: its own without ``shift_terminal``, which with one step would
+          move the only sigma to ``shift_terminal``, NaN at sigma 1): one Euler step from sigma to 0 is ``x - sigma * v``;
           ``sigmas=[timestep / N]`` (shifted by the scheduler, as here) when the timestep is not the top one.
         - Prompts: SD3, Flux and SANA with this pipeline's ``max_sequence_length``; SANA without resolution binning
           and with this pipeline's complex human instruction where it is not the stock default.
         - Guidance: ``guidance_scale`` (SD, SD3: the stock pipelines' classifier-free guidance against the empty
           negative prompt, as here; guidance-distilled Flux: its guidance embedding); Flux without a guidance
-          embedding: ``true_cfg_scale`` with ``negative_prompt=""``.
+          embedding and Qwen-Image: ``true_cfg_scale`` with ``negative_prompt=""`` (``true_cfg_scale=1`` without
+          guidance); Z-Image: ``guidance_scale=g - 1`` (ZImagePipeline's ``pos + s (pos - neg)``).
 
         Raises ValueError for what the stock pipelines cannot reproduce: ``output_bound="tanh"`` (they clamp,
         which is ``"clamp"`` or no bound), class-conditional models (no stock pipeline samples a class-conditional

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_pipeline_tiny_models import FAMILY_KWARGS, TEACHERS
+from tiny_teachers import call_kwargs, well_conditioned_settings
 
 from fd_onestep.pipelines.pipeline_fd_onestep import (
+    FAMILY_ADAPTERS,
     FDOneStepPipeline,
     add_lora_to_denoiser,
     denoiser_lora_state_dict,
@@ -27,16 +29,8 @@ def fresh_pipeline(family) -> FDOneStepPipeline:
     components = {k: v for k, v in teacher.components.items() if k in _SIGNATURE}
     # epsilon teachers (DiT, SD) one step at t=500, where x0 does not amplify float32 rounding of the
     # denoiser 157x: these tests pin the LoRA plumbing, not the conditioning of the map
-    settings = {"timestep": 500} if family in ("dit", "sd", "sdxl") else {}
+    settings = well_conditioned_settings(teacher)
     return FDOneStepPipeline(**components, **FAMILY_KWARGS.get(family, {}), **settings)
-
-
-def call_kwargs(family):
-    if family == "dit":
-        return {"class_labels": [3, 4]}
-    if family in ("sd", "sdxl", "sd3", "flux", "sana"):
-        return {"prompt": ["a cab", "dog"]}
-    return {"batch_size": 2}
 
 
 def generate(pipe, family, noise):
@@ -75,7 +69,7 @@ def saved_loras(tmp_path_factory):
 def test_saved_lora_is_diffusers_format_with_peft_config_metadata(saved_loras, family):
     info = saved_loras[family]
     assert info["file"].endswith("pytorch_lora_weights.safetensors")
-    prefix = "unet" if family in ("unet2d", "sd", "sdxl") else "transformer"
+    prefix = FAMILY_ADAPTERS[family].denoiser_slot
     with safe_open(info["file"], framework="pt") as f:
         keys = list(f.keys())
         meta = f.metadata()

@@ -14,6 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline, ImagePipelineOutput
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from test_pipeline_tiny_models import FAMILY_KWARGS, TEACHERS
+from tiny_teachers import call_kwargs
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline, OneStepConditioning, family_of_denoiser
 
@@ -44,12 +45,7 @@ def teachers():
     return get
 
 
-def conditioning_kwargs(family, batch=2):
-    if family == "dit":
-        return {"class_labels": list(range(batch))}
-    if family in ("sd", "sdxl", "sd3", "flux", "sana"):
-        return {"prompt": ["a cab", "dog"][:batch] if batch <= 2 else ["cab"] * batch}
-    return {"batch_size": batch}
+conditioning_kwargs = call_kwargs  # prompts, class labels or a batch size, from the family's adapter
 
 
 # ------------------------------------------------------------------------------------ oracle

@@ -23,7 +23,8 @@ from fd_onestep.plan import (
     real_step_in_subprocess,
 )
 
-REAL_TEACHERS = ["flux-dev", "sana-1600m-1024", "sd15", "sd35-medium", "sdxl"]
+# the teachers the index names (the tiny decoders and encoders are not pipeline folders)
+REAL_TEACHERS = sorted(name for name, entry in real_config_index()["configs"].items() if entry["kind"] == "teacher")
 
 REAL_CONFIGS = Path(fd_onestep.__file__).parent / "real_configs"
 

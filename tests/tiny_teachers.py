@@ -387,4 +387,133 @@ def train_teacher(family: str):
         return sdxl_teacher()
     if family == "sana":
         return sana_teacher()
+    if family in TEACHERS:  # the families added since: their one tiny teacher
+        return TEACHERS[family]()
     raise ValueError(family)
+
+
+# ---------------------------------------------------------------------------------------- Qwen-Image, Z-Image
+QWEN_MAX_LENGTH = 16
+QWEN_WORDS = ("system user assistant describe the image by detailing color shape size texture quantity text spatial "
+              "relationships of objects and background a cab dog cat red blue green square circle photo two cats "
+              "small big house sea zzz b c digit seven three zero prompt").split()
+# Qwen2.5 / Qwen3 chat template reduced to one user turn (what ZImagePipeline renders, enable_thinking ignored)
+QWEN3_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                       "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen_tokenizer():
+    """A word-level fast tokenizer in Qwen's conventions, built with ``tokenizers``: ``<|im_start|>`` /
+    ``<|im_end|>`` special tokens, ``<|endoftext|>`` as padding (right), newlines and punctuation as tokens, so
+    that QwenImagePipeline's prompt template is 34 tokens before the prompt (the count the stock pipeline drops)
+    and a Qwen3 chat template for ZImagePipeline."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 3, "\n": 4, ",": 5, ":": 6}
+    for word in QWEN_WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="isolated"),
+    ])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = QWEN3_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_qwen25_vl(vocab_size: int, hidden: int = 16):
+    """Qwen2_5_VLForConditionalGeneration (QwenImagePipeline's text encoder) with a 2-layer text model and a
+    1-block vision tower (unused by text prompts, but part of the real class)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2),
+        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]),
+        vocab_size=vocab_size, hidden_size=hidden, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_vae():
+    """AutoencoderKLQwenImage with one spatial downsampling (vae_scale_factor 2), 4 latent channels and its
+    per-channel latents_mean / latents_std."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.2]).eval()
+
+
+def qwenimage_teacher(guidance_embeds: bool = False, shift_terminal: float | None = 0.02):
+    """QwenImagePipeline layout: Qwen2.5-VL text encoder (hidden 16 = joint attention), QwenImageTransformer2DModel
+    on 2x2 patches of 4 latent channels, AutoencoderKLQwenImage, and Qwen-Image's scheduler settings (exponential
+    resolution-dependent shift, shift_terminal)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tok = tiny_qwen_tokenizer()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5, max_shift=0.9, shift=1.0,
+        shift_terminal=shift_terminal, time_shift_type="exponential", use_dynamic_shifting=True,
+    )
+    return QwenImagePipeline(scheduler=scheduler, vae=tiny_qwen_vae(), text_encoder=tiny_qwen25_vl(len(tok)),
+                             tokenizer=tok, transformer=transformer)
+
+
+def tiny_qwen3(vocab_size: int, hidden: int = 16):
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, pad_token_id=0,
+    )).eval()
+
+
+def zimage_teacher(shift: float = 3.0, use_dynamic_shifting: bool = False):
+    """ZImagePipeline layout: Qwen3 text encoder (hidden 16 = caption features), ZImageTransformer2DModel (patch 2,
+    4 latent channels), an AutoencoderKL with scaling and shift factors, and Z-Image-Turbo's static shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tok = tiny_qwen_tokenizer()
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=1, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[2, 2, 4], axes_lens=[128, 16, 16],
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=shift, use_dynamic_shifting=use_dynamic_shifting, base_image_seq_len=4, max_image_seq_len=64,
+    )
+    return ZImagePipeline(scheduler=scheduler, vae=tiny_vae(scaling_factor=0.36, shift_factor=0.11),
+                          text_encoder=tiny_qwen3(len(tok)), tokenizer=tok, transformer=transformer)
+
+
+TEACHERS.update(qwenimage=qwenimage_teacher, zimage=zimage_teacher)
+
+
+# ---------------------------------------------------------------------------------------- read from the registry
+def call_kwargs(family: str, batch: int = 2) -> dict:
+    """What one call of ``family``'s tiny teacher takes, from its adapter's ``conditioning``: prompts (text),
+    class labels (class-conditional), a batch size (the tiny ``unet2d`` teacher is unconditional)."""
+    from fd_onestep.pipelines.pipeline_fd_onestep import FAMILY_ADAPTERS
+
+    conditioning = FAMILY_ADAPTERS[family].conditioning
+    if conditioning == "text":
+        return {"prompt": ["a cab", "dog"][:batch] if batch <= 2 else ["cab"] * batch}
+    if conditioning == "class":
+        return {"class_labels": list(range(batch))}
+    return {"batch_size": batch}
+
+
+def well_conditioned_settings(teacher) -> dict:
+    """``timestep=500`` for epsilon teachers (whose top level amplifies float32 rounding 157x), else nothing."""
+    return {"timestep": 500} if teacher.scheduler.config.get("prediction_type") == "epsilon" else {}
+FAMILY_KWARGS.update(qwenimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH},
+                     zimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH})

@@ -100,7 +100,7 @@ def build_all(root: Path) -> dict:
         return json.loads(manifest.read_text())
     root.mkdir(parents=True, exist_ok=True)
     teachers = {}
-    for family in ("unet2d", "unet2d_class", "dit", "sd", "sd3", "sdxl", "sana"):
+    for family in ("unet2d", "unet2d_class", "dit", "sd", "sd3", "sdxl", "sana", "qwenimage", "zimage"):
         path = root / "teachers" / family
         build_teacher(family).save_pretrained(path)
         teachers[family] = str(path)

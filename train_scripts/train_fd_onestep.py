@@ -123,14 +123,16 @@ def _positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fd_onestep.pipelines.pipeline_fd_onestep import supported_families_text  # the adapter registry
+
     p = argparse.ArgumentParser(
         description="FD-loss one-step training (see the module docstring and docs/training.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="Multi-step diffusers pipeline (Hub id or folder): DDPM/DDIM UNet2DModel, DiT, Stable "
-                        "Diffusion 1.x/2.x, SDXL, SD3, Flux or SANA. Omit (with --encoders and --reference_stats) for the "
+                   help="Multi-step diffusers pipeline (Hub id or folder) of a supported family: "
+                        f"{supported_families_text()}. Omit (with --encoders and --reference_stats) for the "
                         "offline embedded digits default.")
     g.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
