@@ -141,7 +141,7 @@ def test_bundled_stats_match_their_encoder_loaded_through_load_encoder(name):
 
 
 def test_training_encoders_were_trained_and_the_random_cnn_was_not():
-    # the record train_scripts/train_digits_encoders.py wrote when it built the bundled encoders
+    # the record fd_onestep/demos/digits/train_encoders.py wrote when it built the bundled encoders
     log = json.loads((RESULTS_DIR / "digits-assets" / "encoders_training_log.json").read_text())
     networks = [n for n in TRAINING_ENCODERS if n not in digits.BUILTIN_ENCODERS]
     assert len(networks) >= 2  # the issue asks for at least two trained digits encoders in the loss

@@ -201,6 +201,84 @@ def test_the_library_never_imports_a_demo():
     assert not leaning, f"library modules import a demo: {leaning}"
 
 
+# where a module may import a demo: the demos themselves, the tests and the benchmarks
+MAY_IMPORT_A_DEMO = (f"{PACKAGE}/demos", "tests", "benchmarks")
+NOT_SOURCE = ("build", "dist", "venv", "site-packages", "__pycache__")
+
+
+def imported_names(path: Path, module: str | None = None) -> set[str]:
+    """Every module name a file's imports reach (all levels, ``TYPE_CHECKING`` included): ``import a.b`` gives
+    ``a.b``; ``from a import b`` gives ``a`` and ``a.b``; relative imports are resolved when ``module`` (the file's
+    dotted name) is given."""
+    names: set[str] = set()
+    for node in _imports(ast.parse(path.read_text(), filename=str(path)), True):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+            continue
+        base = node.module or ""
+        if node.level:
+            if module is None:
+                continue  # a relative import in a script: not the package's
+            package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+            parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            base = ".".join(parts + ([node.module] if node.module else []))
+        names.add(base)
+        names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def demo_importers(repo: Path) -> dict[str, list[str]]:
+    """``{file: demo modules it imports}`` for every ``.py`` file of ``repo`` outside ``MAY_IMPORT_A_DEMO``
+    (the package, pipelines/, train_scripts/, the top level, any new folder) that imports a demo."""
+    dotted = {path.resolve(): name for name, path in module_files(package_roots(repo)).items()}
+    found = {}
+    for path in sorted(repo.rglob("*.py")):
+        rel = path.relative_to(repo)
+        if any(part.startswith(".") or part in NOT_SOURCE or part.endswith(".egg-info") for part in rel.parts):
+            continue
+        if any(rel.as_posix() == top or rel.as_posix().startswith(top + "/") for top in MAY_IMPORT_A_DEMO):
+            continue
+        demos = sorted(n for n in imported_names(path, dotted.get(path.resolve()))
+                       if n == DEMOS or n.startswith(DEMOS + "."))
+        if demos:
+            found[rel.as_posix()] = demos
+    return found
+
+
+def test_no_module_outside_the_demos_tests_and_benchmarks_imports_a_demo():
+    # train_scripts/ and pipelines/ included: the digits assets' builders live in the demo
+    # (python -m fd_onestep.demos.digits.train_*), the general tools take their data through arguments
+    assert (ROOT / "train_scripts" / "train_tiny_decoder.py").is_file()
+    leaning = demo_importers(ROOT)
+    assert not leaning, f"modules outside {MAY_IMPORT_A_DEMO} import a demo: {leaning}"
+
+
+def test_the_demo_import_check_sees_scripts_and_every_import_form(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.setuptools]\npackage-dir = { "fd_onestep" = "fd_onestep" }\n')
+    files = {
+        "fd_onestep/__init__.py": "",
+        "fd_onestep/lib.py": "def f():\n    from .demos import digits\n",  # relative, in a function
+        "fd_onestep/ok.py": "from . import frechet\n",
+        "fd_onestep/demos/__init__.py": "",
+        "fd_onestep/demos/digits/__init__.py": "from fd_onestep import lib\n",  # a demo may import the library
+        "train_scripts/a.py": "from fd_onestep.demos.digits import X\n",
+        "train_scripts/b.py": "from fd_onestep import demos\n",
+        "train_scripts/c.py": "import fd_onestep.demos.digits.hooks as h\n",
+        "train_scripts/ok.py": "import fd_onestep\nfrom fd_onestep.training import demos_hooks\n",
+        "pipelines/p.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fd_onestep.demos import digits\n",
+        "top.py": "import fd_onestep.demos\n",
+        "tests/t.py": "from fd_onestep.demos import digits\n",
+        "benchmarks/bm.py": "from fd_onestep.demos import digits\n",
+        ".venv/x.py": "from fd_onestep.demos import digits\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert set(demo_importers(tmp_path)) == {
+        "fd_onestep/lib.py", "train_scripts/a.py", "train_scripts/b.py", "train_scripts/c.py", "pipelines/p.py",
+        "top.py"}
+
+
 def test_the_training_script_reaches_a_demo_only_through_its_config():
     # the trainer imports no demo module: a demo's config names its hooks, imported by name at run time
     script = ROOT / "train_scripts" / "train_fd_onestep.py"

@@ -79,16 +79,17 @@ CLASS_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-class"
 # The text-conditional teacher: a StableDiffusionPipeline (UNet2DConditionModel, a small AutoencoderKL, a small
 # CLIP text encoder and tokenizer) whose prompts name the digit.
 TEXT_TEACHER_PATH = DIGITS_ASSETS_DIR / "teacher-text"
-# Its tiny decoder (AutoencoderTiny, distilled by train_scripts/train_tiny_decoder.py): the surrogate decoder of
-# `--surrogate_decoder` (docs/memory_savers.md).
+# Its tiny decoder (AutoencoderTiny, distilled by python -m fd_onestep.demos.digits.train_tiny_decoder): the
+# surrogate decoder of `--surrogate_decoder` (docs/memory_savers.md).
 TEXT_TEACHER_TINY_DECODER_PATH = DIGITS_ASSETS_DIR / "teacher-text-tiny-decoder"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # How a prompt names digit c: {word} is DIGIT_WORDS[c], {numeral} is str(c). The held-out phrasings are never
 # trained on; they combine only words that the training phrasings use, in new ways.
 TRAINING_PHRASINGS = ("{word}", "the digit {word}", "a handwritten {word}", "the number {numeral}", "a {numeral}")
 HELD_OUT_PHRASINGS = ("a handwritten digit {word}", "the handwritten number {numeral}")
-# A tiny CLIPModel trained on the digits and the text teacher's phrasings (train_scripts/train_digits_clip.py): the
-# CLIP score model of the text-conditional demo (`fd-onestep evaluate --clip_model`).
+# A tiny CLIPModel trained on the digits and the text teacher's phrasings (python -m
+# fd_onestep.demos.digits.train_clip): the CLIP score model of the text-conditional demo (`fd-onestep evaluate
+# --clip_model`).
 CLIP_PATH = DIGITS_ASSETS_DIR / "clip-digits"
 ENCODERS_DIR = DIGITS_ASSETS_DIR / "encoders"
 STATS_DIR = DIGITS_ASSETS_DIR / "stats"
@@ -129,7 +130,7 @@ def encoder_path(name: str) -> Path:
         known = sorted(p.name for p in ENCODERS_DIR.iterdir()) if ENCODERS_DIR.is_dir() else []
         raise FileNotFoundError(
             f"no bundled digits encoder named {name!r} under {ENCODERS_DIR}; known: {known}. "
-            "Use one of those names, or rebuild the assets with train_scripts/train_digits_encoders.py."
+            "Use one of those names, or rebuild the assets with python -m fd_onestep.demos.digits.train_encoders."
         )
     return path
 
@@ -141,7 +142,7 @@ def stats_path(name: str) -> Path:
         known = sorted(p.stem for p in STATS_DIR.glob("*.safetensors") if "." not in p.stem) if STATS_DIR.is_dir() else []
         raise FileNotFoundError(
             f"no bundled digits reference statistics for {name!r} ({path}); known: {known}. "
-            "Use one of those names, or recompute them with train_scripts/train_digits_encoders.py --stats_only."
+            "Use one of those names, or recompute them with python -m fd_onestep.demos.digits.train_encoders --stats_only."
         )
     return path
 
@@ -155,7 +156,7 @@ def class_stats_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"no bundled per-class digits statistics for {name!r} ({path}); recompute them with "
-            "train_scripts/train_digits_encoders.py --stats_only."
+            "python -m fd_onestep.demos.digits.train_encoders --stats_only."
         )
     return path
 
@@ -292,7 +293,7 @@ def load_digits_teacher(device: str | torch.device | None = None):
     if not (TEACHER_PATH / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the bundled digits teacher is missing ({TEACHER_PATH}); reinstall fd-onestep or rebuild it with "
-            "train_scripts/train_digits_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher."
+            "python -m fd_onestep.demos.digits.train_teacher --output_dir fd_onestep/demos/digits/assets/teacher."
         )
     pipeline = DDPMPipeline.from_pretrained(TEACHER_PATH, local_files_only=True)
     return pipeline.to(device) if device is not None else pipeline

@@ -1,5 +1,6 @@
-"""What the scripts that build the digits demo's assets share (``train_scripts/train_digits_*.py``): their
-common options, one clipped optimizer step, the loss log, and the training record they leave in ``results/``."""
+"""What the scripts that build the digits demo's assets share (``fd_onestep/demos/digits/train_*.py``, run as
+``python -m fd_onestep.demos.digits.train_*``): their common options, one clipped optimizer step, the loss log,
+and the training record they leave in ``results/``."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ tokenizer's ``model_max_length``, the last hidden state). Writes ``--output_dir`
 ``<name>_training_log.json`` and ``<name>_samples_dpmsolver20.png`` (one row per digit, the stock pipeline with
 DPM-Solver++ 20 steps).
 
-    python train_scripts/train_digits_text_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher-text
+    python -m fd_onestep.demos.digits.train_text_teacher --output_dir fd_onestep/demos/digits/assets/teacher-text
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ Deterministic given ``--seed`` (single CPU thread by default). Writes to ``--out
 weights), ``training_log.json`` (loss curve and settings) and ``samples_<sampler>.png`` (a grid sampled
 with a few-step solver to eyeball quality).
 
-    python train_scripts/train_digits_teacher.py --output_dir fd_onestep/demos/digits/assets/teacher
-    python train_scripts/train_digits_teacher.py --class_conditional \
+    python -m fd_onestep.demos.digits.train_teacher --output_dir fd_onestep/demos/digits/assets/teacher
+    python -m fd_onestep.demos.digits.train_teacher --class_conditional \
         --output_dir fd_onestep/demos/digits/assets/teacher-class
 
 The training record and the sample grid go to ``--record_dir`` (``results/digits-assets``): ``<name>_training_log.json``, ``<name>_samples_*.png``.

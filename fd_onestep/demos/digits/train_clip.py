@@ -15,7 +15,7 @@ a prompt, the CLIP score model of the text-conditional digits demo (``fd-onestep
 on them (``fd_onestep.demos.digits.clip_ranking_accuracy``). Writes ``--output_dir`` (``save_pretrained``:
 safetensors, config, processor) and ``<record_dir>/<name>_training_log.json``.
 
-    python train_scripts/train_digits_clip.py --output_dir fd_onestep/demos/digits/assets/clip-digits
+    python -m fd_onestep.demos.digits.train_clip --output_dir fd_onestep/demos/digits/assets/clip-digits
 """
 
 from __future__ import annotations

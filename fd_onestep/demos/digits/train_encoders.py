@@ -29,8 +29,8 @@ Then (unless ``--skip_stats``) the reference statistics of every encoder are com
 **through** ``load_encoder(<folder>)`` (the path users take), with ``validation_fd`` = FD of the validation
 split's features against the train statistics, and written to ``<output_dir>/../stats/<name>.safetensors``.
 
-    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/demos/digits/assets/encoders
-    python train_scripts/train_digits_encoders.py --output_dir fd_onestep/demos/digits/assets/encoders --stats_only
+    python -m fd_onestep.demos.digits.train_encoders --output_dir fd_onestep/demos/digits/assets/encoders
+    python -m fd_onestep.demos.digits.train_encoders --output_dir fd_onestep/demos/digits/assets/encoders --stats_only
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def main(argv=None):
     log_path = record_dir / "encoders_training_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     # Every invocation that wrote into these assets, in order (training, then --stats_only).
-    log.setdefault("commands", []).append(" ".join(["python train_scripts/train_digits_encoders.py", *sys.argv[1:]]))
+    log.setdefault("commands", []).append(" ".join(["python -m fd_onestep.demos.digits.train_encoders", *sys.argv[1:]]))
 
     if not args.stats_only:
         train = load_digits_split("train")
