@@ -137,8 +137,46 @@ def instrument(script, profile: Profile, probe=None) -> None:
     profile.wrap(script, "save_checkpoint", "checkpoints")
     profile.wrap(script, "save_final_weights", "final weights")
     profile.wrap(script, "write_samples", "sample PNGs")
-    profile.wrap(script, "run_comparison", "comparison (teacher naive + multi-step, student)")
+    time_comparison(script, profile)
     profile.wrap(script, "save_model_card", "model card")
+
+
+COMPARISON = "comparison (teacher naive + multi-step, student)"
+
+
+class TimedHooks:
+    """A demo's hooks (the object its config names) with the hooks in ``parts`` timed as ``parts[hook]``."""
+
+    def __init__(self, demo, profile: Profile, parts: dict[str, str]):
+        self._demo, self._profile, self._parts = demo, profile, parts
+
+    def __getattr__(self, attr):
+        value = getattr(self._demo, attr)
+        if attr not in self._parts or not callable(value):
+            return value
+        profile, name = self._profile, self._parts[attr]
+
+        @functools.wraps(value)
+        def timed(*args, **kwargs):
+            with profile.part(name):
+                return value(*args, **kwargs)
+
+        return timed
+
+
+def time_comparison(script, profile: Profile) -> None:
+    """Time the end-of-run comparison as :data:`COMPARISON`, whichever way the script reaches it: its own
+    ``run_comparison`` (a run without a demo) or the ``run_comparison`` hook of the demo its config names
+    (``script.demo_of(args)``: the digits demos)."""
+    profile.wrap(script, "run_comparison", COMPARISON)
+    original = script.demo_of
+
+    @functools.wraps(original)
+    def demo_of(args):
+        demo = original(args)
+        return None if demo is None else TimedHooks(demo, profile, {"run_comparison": COMPARISON})
+
+    script.demo_of = demo_of
 
 
 class Floor:

@@ -69,3 +69,41 @@ def test_parts_inside_a_step_are_timed_only_while_a_step_runs(bench):
     assert profile.seconds["denoiser forward"] == 3.0
     assert profile.total() == 7.0
     assert profile.seconds[bench.ROOT] == 3.0
+
+
+def test_the_comparison_is_timed_through_the_script_and_through_a_demo_hook(bench):
+    # the digits demos reach their comparison through their config's hooks (demo.run_comparison), not the script's
+    import types
+
+    clock = bench.clock
+
+    class Demo:
+        label = "digits"
+
+        def run_comparison(self, *args):
+            clock["now"] += 4.0
+            return {"from": "demo", "args": args}
+
+    demos = {"digits": Demo(), "none": None}
+
+    def run_comparison(*args):
+        clock["now"] += 2.0
+        return {"from": "script"}
+
+    script = types.SimpleNamespace(run_comparison=run_comparison, demo_of=lambda args: demos[args])
+
+    def trainer_end(args):  # what train_fd_onestep.main does at the end of a run
+        demo = script.demo_of(args)
+        compare = demo.run_comparison if demo is not None else script.run_comparison
+        return compare(1, 2)
+
+    profile = bench.Profile()
+    bench.time_comparison(script, profile)
+    assert trainer_end("digits") == {"from": "demo", "args": (1, 2)}
+    assert script.demo_of("digits").label == "digits"  # the other hooks pass through untimed
+    assert trainer_end("none") == {"from": "script"}
+    clock["now"] += 1.0
+
+    assert profile.seconds[bench.COMPARISON] == 6.0
+    assert profile.calls[bench.COMPARISON] == 2
+    assert profile.total() == 7.0
