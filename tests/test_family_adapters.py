@@ -39,7 +39,7 @@ def teachers():
 
 # ------------------------------------------------------------------------------------ one class per family
 def test_every_family_is_one_adapter_class_and_every_tiny_teacher_is_detected(teachers):
-    assert list(FAMILY_ADAPTERS) == ["unet2d", "dit", "sd", "sdxl", "sd3", "flux", "sana"]
+    assert list(FAMILY_ADAPTERS) == ["unet2d", "dit", "sd", "sdxl", "sd3", "flux", "sana", "flux2", "flux2_klein"]
     assert set(TEACHERS) == set(FAMILY_ADAPTERS)  # a tiny teacher for every family
     for name, cls in FAMILY_ADAPTERS.items():
         assert issubclass(cls, FamilyAdapter) and cls.name == name
@@ -53,7 +53,7 @@ def test_every_family_is_one_adapter_class_and_every_tiny_teacher_is_detected(te
         assert pipe.denoiser is getattr(pipe, pipe.denoiser_slot)
 
 
-_FAMILY_NAME = r"""["'](?:unet2d|dit|sd|sdxl|sd3|flux|sana)["']"""
+_FAMILY_NAME = r"""["'](?:unet2d|dit|sd|sdxl|sd3|flux|sana|flux2|flux2_klein)["']"""
 _COMPARISONS = [
     re.compile(r"(?:==|!=|\bin\b)\s*\(?\s*" + _FAMILY_NAME),  # family == "sd", family in ("sd3", "flux")
     re.compile(_FAMILY_NAME + r"\s*(?:==|!=)"),  # "sd" == family

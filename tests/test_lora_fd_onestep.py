@@ -34,7 +34,7 @@ def fresh_pipeline(family) -> FDOneStepPipeline:
 def call_kwargs(family):
     if family == "dit":
         return {"class_labels": [3, 4]}
-    if family in ("sd", "sdxl", "sd3", "flux", "sana"):
+    if FDOneStepPipeline.FAMILY_ADAPTERS[family].conditioning == "text":
         return {"prompt": ["a cab", "dog"]}
     return {"batch_size": 2}
 

@@ -47,7 +47,7 @@ def teachers():
 def conditioning_kwargs(family, batch=2):
     if family == "dit":
         return {"class_labels": list(range(batch))}
-    if family in ("sd", "sdxl", "sd3", "flux", "sana"):
+    if FDOneStepPipeline.FAMILY_ADAPTERS[family].conditioning == "text":
         return {"prompt": ["a cab", "dog"][:batch] if batch <= 2 else ["cab"] * batch}
     return {"batch_size": batch}
 
