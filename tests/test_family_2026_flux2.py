@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
@@ -162,3 +163,79 @@ def test_the_two_families_are_told_apart_by_the_transformers_guidance_embedding(
     # embedded guidance is one forward; klein's true CFG batches the empty prompt's branch
     assert not onestep(dev, **FAMILY_KWARGS["flux2"]).adapter.uses_negative_branch(4.0)
     assert onestep(klein, **FAMILY_KWARGS["flux2_klein"]).adapter.uses_negative_branch(4.0)
+
+
+# ------------------------------------------------------------------------------------------- the training script
+def _train(script, assets, teacher, out, *extra):
+    from train_fixtures import FAST_ARGS, encoder_args
+
+    argv = ["--pretrained_model_name_or_path", str(teacher), *encoder_args(assets), "--output_dir", str(out),
+            *FAST_ARGS, "--train_batch_size", "2", "--fd_warmup_samples", "4", "--sample_batch_size", "4",
+            "--num_validation_images", "2", "--num_validation_samples", "4", "--fd_population", "ema",
+            "--fd_ema_beta", "0.5", "--checkpointing_steps", "1", "--resolution", "16",
+            "--prompts_file", assets["prompts_file"], *extra]
+    return script.main(script.parse_args(argv))
+
+
+def _run_card_code(out):
+    import re
+
+    spaces = []
+    for block in re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S):
+        namespace = {}
+        exec(compile(block, "<model card snippet>", "exec"), namespace)
+        spaces.append(namespace)
+    return spaces
+
+
+def _same_tensors(a, b):
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys() and ta
+    assert all(torch.equal(ta[k], tb[k]) for k in ta), a.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,lora", [("flux2", True), ("flux2_klein", False)], ids=["flux2-lora", "klein-full"])
+def test_the_training_script_trains_resumes_exactly_and_writes_a_card_whose_code_runs(script, assets, folders,
+                                                                                     tmp_path, family, lora):
+    extra = ["--use_lora", "--lora_rank", "2"] if lora else []
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(script, assets, folders[family], straight, *extra)
+    _train(script, assets, folders[family], resumed, *extra, "--stop_after_steps", "1")
+    assert _train(script, assets, folders[family], resumed, *extra, "--resume_from_checkpoint", "latest")[
+        "global_step"] == 2
+    weights = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
+    _same_tensors(straight / weights, resumed / weights)
+    for name in ("fd_populations.safetensors", "training_state.safetensors"):
+        _same_tensors(straight / "checkpoint-2" / name, resumed / "checkpoint-2" / name)
+    spaces = _run_card_code(straight)
+    if lora:  # ours, and the stock pipeline with the LoRA and stock_one_step()'s settings
+        assert type(spaces[1]["pipe"]).__name__ == FAMILIES[family].__name__
+        info = json.loads((straight / "fd_onestep_lora.json").read_text())
+        pipe = FDOneStepPipeline.from_teacher(info["base_model"], **info["one_step_settings"])
+        pipe.load_lora_weights(straight)
+        recipe, stock = pipe.stock_one_step(), spaces[1]["pipe"]
+        ours = pipe(prompt="a red cat", generator=torch.Generator().manual_seed(2), output_type="pt").images
+        theirs = stock(prompt="a red cat", generator=torch.Generator().manual_seed(2), output_type="pt",
+                       **recipe["call_kwargs"]).images
+        assert (ours - theirs).abs().max() <= 1e-4
+    else:
+        assert FDOneStepPipeline.from_pretrained(straight).family == family
+        assert all(np.asarray(space["images"]).shape == (16, 16, 3) for space in spaces)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,lora", [("flux2", False), ("flux2_klein", True)], ids=["flux2-full", "klein-lora"])
+def test_the_other_way_of_training_each_family(script, assets, folders, tmp_path, family, lora):
+    out = tmp_path / "out"
+    _train(script, assets, folders[family], out, *(["--use_lora", "--lora_rank", "2"] if lora else []))
+    spaces = _run_card_code(out)
+    if lora:
+        assert type(spaces[1]["pipe"]).__name__ == FAMILIES[family].__name__
+    else:
+        pipe = FDOneStepPipeline.from_pretrained(out)
+        assert pipe.family == family and pipe.config.sample_size == 4
+        images = pipe(prompt=["two cats"], generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

@@ -22,7 +22,7 @@ from fd_onestep.plan import (
     real_step_in_subprocess,
 )
 
-REAL_TEACHERS = ["flux-dev", "sana-1600m-1024", "sd15", "sd35-medium", "sdxl"]
+REAL_TEACHERS = ["flux-dev", "flux2-dev", "flux2-klein-4b", "sana-1600m-1024", "sd15", "sd35-medium", "sdxl"]
 
 REAL_CONFIGS = Path(fd_onestep.__file__).parent / "real_configs"
 

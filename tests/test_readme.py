@@ -43,7 +43,7 @@ def test_the_first_screen_has_the_install_the_quickstart_on_a_real_model_and_the
     assert "--pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5" in first
     assert "load_lora_weights" in first and "stock_pipeline" in first
     assert "## Supported model families" in first
-    for family in ("`unet2d`", "`dit`", "`sd`", "`sdxl`", "`sd3`", "`flux`", "`sana`"):
+    for family in ("`unet2d`", "`dit`", "`sd`", "`sdxl`", "`sd3`", "`flux`", "`sana`", "`flux2`", "`flux2_klein`"):
         assert f"| {family} |" in first, family
 
 
