@@ -29,7 +29,8 @@ DDPM schedule): construction raises or warns there (see :func:`check_one_step_co
 
 Pipeline config (``pipe.config``; saved in ``model_index.json``)
 -----------------------------------------------------------------
-- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" (detected from the components; one
+- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" | "flux2" | "flux2_klein" (detected from
+  the components; one
   adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
 - ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
   last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
@@ -46,12 +47,14 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
 - ``null_class_label``: class id used as the unconditional label for guidance (DiT: its extra label; a
   class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
   the model's ``num_classes``).
-- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana".
+- ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana", Mistral3 / Qwen3 tokens (chat
+  template and prompt) for "flux2" / "flux2_klein".
 - ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
 - ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
 
 Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``) ``encode_prompt`` over the same text encoders,
+``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``, ``Flux2Pipeline``, ``Flux2KleinPipeline``)
+``encode_prompt`` over the same text encoders,
 so the denoiser gets the embeddings the stock pipeline would give it.
 
 LoRA file format
@@ -60,7 +63,8 @@ One ``pytorch_lora_weights.safetensors`` file, diffusers' format: PEFT keys of t
 component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.weight``) and the PEFT
 ``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. Families with a diffusers LoRA
 loader (the adapter's ``lora_loader``: ``StableDiffusionLoraLoaderMixin``, ``StableDiffusionXLLoraLoaderMixin``,
-``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``) are written and read by it, so a one-step
+``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``, ``Flux2LoraLoaderMixin``) are written and
+read by it, so a one-step
 LoRA also loads into the stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...);
 "unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
 """
@@ -1170,13 +1174,20 @@ class Flux2Adapter(_TextFamilyAdapter):
     def check_components(cls, denoiser, components):
         super().check_components(denoiser, components)
         te = components["text_encoder"]
-        layers = int(getattr(te.config, "text_config", te.config).num_hidden_layers)
-        stacked = cls.text_encoder_out_layers()
+        text_config = getattr(te.config, "text_config", te.config)
+        layers, stacked = int(text_config.num_hidden_layers), cls.text_encoder_out_layers()
         if layers < max(stacked):
             raise ValueError(
                 f"{cls.stock_pipeline_class.__name__} stacks the text encoder's hidden states {stacked}, but this "
                 f"{type(te).__name__} has {layers} layers: use a text encoder with at least {max(stacked)} layers "
                 "(the one the teacher was trained with)."
+            )
+        width = len(stacked) * int(text_config.hidden_size)
+        if width != int(denoiser.config.joint_attention_dim):
+            raise ValueError(
+                f"this {type(te).__name__} gives {len(stacked)} stacked hidden states x {text_config.hidden_size} = "
+                f"{width} values per token, but the transformer takes joint_attention_dim="
+                f"{denoiser.config.joint_attention_dim}: pass the text encoder the teacher was trained with."
             )
 
     @classmethod
@@ -1524,11 +1535,13 @@ class FDOneStepPipeline(DiffusionPipeline):
             (``FlowMatchEulerDiscreteScheduler``, or ``DPMSolverMultistepScheduler`` with flow sigmas; only its noise
             schedule is used).
         unet (`UNet2DModel` | `UNet2DConditionModel`) or transformer (`DiTTransformer2DModel` |
-            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel`): the denoiser.
-        vae (`AutoencoderKL` | `AutoencoderDC`): latent families.
+            `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel` | `Flux2Transformer2DModel`):
+            the denoiser.
+        vae (`AutoencoderKL` | `AutoencoderDC` | `AutoencoderKLFlux2`): latent families.
         text_encoder / tokenizer, text_encoder_2 / tokenizer_2, text_encoder_3 / tokenizer_3: the text
         components of the family's stock pipeline, under the same names (SD: one CLIP; SDXL and SD3: two CLIPs,
-        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2).
+        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2; FLUX.2: Mistral3 and its processor; FLUX.2 klein:
+        Qwen3).
 
     Everything that differs between families lives in one adapter class per family (``pipe.adapter``, see
     ``FAMILY_ADAPTERS``). One-step settings (all in the pipeline config, see the module docstring): ``family``,

@@ -152,6 +152,10 @@ def test_a_text_encoder_without_the_stacked_layers_is_refused_naming_them():
     teacher.text_encoder.config.num_hidden_layers = 12  # as a smaller Qwen3 would have
     with pytest.raises(ValueError, match=r"stacks the text encoder's hidden states \(9, 18, 27\).* 12 layers"):
         onestep(teacher)
+    teacher.text_encoder.config.num_hidden_layers = 28
+    teacher.text_encoder.config.hidden_size = 32  # another Qwen3 than the transformer was trained on
+    with pytest.raises(ValueError, match=r"3 stacked hidden states x 32 = 96 .* joint_attention_dim=48"):
+        onestep(teacher)
 
 
 def test_the_two_families_are_told_apart_by_the_transformers_guidance_embedding():
