@@ -177,7 +177,8 @@ def _train(script, assets, teacher, out, *extra):
             *FAST_ARGS, "--train_batch_size", "2", "--fd_warmup_samples", "4", "--sample_batch_size", "4",
             "--num_validation_images", "2", "--num_validation_samples", "4", "--fd_population", "ema",
             "--fd_ema_beta", "0.5", "--checkpointing_steps", "1", "--resolution", "16",
-            "--prompts_file", assets["prompts_file"], *extra]
+            "--prompts_file", assets["prompts_file"], "--max_sequence_length",
+            str(FAMILY_KWARGS[teacher.name]["max_sequence_length"]), *extra]
     return script.main(script.parse_args(argv))
 
 

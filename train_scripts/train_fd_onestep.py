@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "guidance): its label, which must be the last class embedding (DiT: its own, automatic).")
     g.add_argument("--resolution", type=int, default=None,
                    help="Image resolution in pixels (default: the model's sample size).")
+    g.add_argument("--max_sequence_length", type=_positive_int, default=None,
+                   help="Text tokens of each prompt for families whose stock pipeline takes max_sequence_length (SD3, "
+                        "Flux, SANA, FLUX.2; default: the stock pipeline's).")
 
     g.add_argument("--embedded_default", type=str, default=None, choices=sorted(RECIPES),
                    help="Which offline embedded default runs when no model / encoders / stats are given: digits "
@@ -927,6 +930,7 @@ def build_one_step_pipeline(args):
         guidance_scale=args.guidance_scale,
         output_bound=args.output_bound,
         **({"null_class_label": args.null_class_label} if args.null_class_label is not None else {}),
+        **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length is not None else {}),
         **teacher_load_kwargs(args),
     )
     if args.resolution is not None:
@@ -1665,7 +1669,7 @@ def lora_base_info(args, pipe) -> dict:
         "revision": args.revision,
         "variant": args.variant,
         "one_step_settings": {k: pipe.config[k] for k in ("timestep", "prediction_type", "guidance_scale",
-                                                          "output_bound", "sample_size")},
+                                                          "output_bound", "sample_size", "max_sequence_length")},
         "how_to_load": "FDOneStepPipeline.from_teacher(base_model, **one_step_settings).load_lora_weights(dir)",
     }
     recipe = stock_recipe_of(pipe) if pipe.is_text_conditional else None
