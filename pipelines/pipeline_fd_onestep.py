@@ -768,7 +768,9 @@ class _TextFamilyAdapter(FamilyAdapter):
         return out
 
     def stock_call_kwargs(self, kwargs, guidance_scale):
-        if self.pipe.config.max_sequence_length is not None:
+        # only where the stock pipeline takes it (a max_sequence_length given for an SD / SDXL teacher is unused)
+        takes_length = "max_sequence_length" in inspect.signature(self.stock_pipeline_class.__call__).parameters
+        if self.pipe.config.max_sequence_length is not None and takes_length:
             kwargs["max_sequence_length"] = int(self.pipe.config.max_sequence_length)
         kwargs["guidance_scale"] = guidance_scale
         return kwargs
