@@ -18,6 +18,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from test_lora_fd_onestep import trained_lora
+from test_train_sdxl_sana import _run_card_code, _same_tensors
 from tiny_teachers import FAMILY_KWARGS, TEACHERS, flux2_klein_teacher
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
@@ -180,25 +181,6 @@ def _train(script, assets, teacher, out, *extra):
             "--prompts_file", assets["prompts_file"], "--max_sequence_length",
             str(FAMILY_KWARGS[teacher.name]["max_sequence_length"]), *extra]
     return script.main(script.parse_args(argv))
-
-
-def _run_card_code(out):
-    import re
-
-    spaces = []
-    for block in re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S):
-        namespace = {}
-        exec(compile(block, "<model card snippet>", "exec"), namespace)
-        spaces.append(namespace)
-    return spaces
-
-
-def _same_tensors(a, b):
-    from safetensors.torch import load_file
-
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys() and ta
-    assert all(torch.equal(ta[k], tb[k]) for k in ta), a.name
 
 
 @pytest.mark.slow
