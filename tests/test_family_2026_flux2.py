@@ -170,6 +170,17 @@ def test_the_two_families_are_told_apart_by_the_transformers_guidance_embedding(
     assert onestep(klein, **FAMILY_KWARGS["flux2_klein"]).adapter.uses_negative_branch(4.0)
 
 
+def test_long_prompts_are_counted_with_the_processors_text_tokenizer():
+    """FLUX.2-dev's ``tokenizer`` is a PixtralProcessor (its first argument is images): the training script's
+    long-prompt warning counts the prompts with the processor's text tokenizer against ``max_sequence_length``."""
+    from fd_onestep.training.checks import prompt_token_limits, warn_long_prompts
+
+    torch.manual_seed(0)
+    limits = prompt_token_limits(onestep(TEACHERS["flux2"](), **FAMILY_KWARGS["flux2"]))
+    assert [limit for _, limit in limits] == [FAMILY_KWARGS["flux2"]["max_sequence_length"]]
+    assert warn_long_prompts(["a red cat", " ".join(["dog"] * 50)], limits) == 1
+
+
 # ------------------------------------------------------------------------------------------- the training script
 def _train(script, assets, teacher, out, *extra):
     from train_fixtures import FAST_ARGS, encoder_args
