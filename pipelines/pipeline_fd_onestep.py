@@ -29,8 +29,9 @@ DDPM schedule): construction raises or warns there (see :func:`check_one_step_co
 
 Pipeline config (``pipe.config``; saved in ``model_index.json``)
 -----------------------------------------------------------------
-- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" | "qwenimage" | "zimage" (detected from the
-  components; one adapter class each, ``FAMILY_ADAPTERS``, owns everything that differs between families).
+- ``family``: "unet2d" | "dit" | "sd" | "sdxl" | "sd3" | "flux" | "sana" | "qwenimage" | "zimage" | "flux2" |
+  "flux2_klein" (detected from the components; one adapter class each, ``FAMILY_ADAPTERS``, owns everything that
+  differs between families).
 - ``timestep``: int. DDPM-style: the training timestep index in [0, num_train_timesteps - 1] (default the
   last one). Flow matching: the unshifted training timestep in [1, num_train_timesteps] (default
   num_train_timesteps, i.e. sigma = 1); the scheduler's ``shift`` (or its resolution-dependent dynamic
@@ -48,12 +49,14 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
   class-conditional UNet2DModel: its last class embedding, ``num_class_embeds - 1``, which then is not one of
   the model's ``num_classes``).
 - ``max_sequence_length``: T5 tokens for "sd3" / "flux", Gemma-2 tokens for "sana", Qwen2.5-VL / Qwen3 tokens for
-  "qwenimage" / "zimage" (default 512, the stock pipelines'; prompts are right-padded to it with an attention mask).
+  "qwenimage" / "zimage" (default 512, the stock pipelines'; prompts are right-padded to it with an attention mask),
+  Mistral3 / Qwen3 tokens (chat template and prompt) for "flux2" / "flux2_klein".
 - ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
 - ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
 
 Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``)
+``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
+``Flux2Pipeline``, ``Flux2KleinPipeline``)
 ``encode_prompt`` over the same text encoders,
 so the denoiser gets the embeddings the stock pipeline would give it.
 
@@ -64,7 +67,7 @@ component name (``unet.<module>.lora_A.weight`` / ``transformer.<module>.lora_B.
 ``LoraConfig`` as JSON in the safetensors metadata key ``lora_adapter_metadata``. Families with a diffusers LoRA
 loader (the adapter's ``lora_loader``: ``StableDiffusionLoraLoaderMixin``, ``StableDiffusionXLLoraLoaderMixin``,
 ``SD3LoraLoaderMixin``, ``FluxLoraLoaderMixin``, ``SanaLoraLoaderMixin``, ``QwenImageLoraLoaderMixin``,
-``ZImageLoraLoaderMixin``) are written and read by it, so a one-step
+``ZImageLoraLoaderMixin``, ``Flux2LoraLoaderMixin``) are written and read by it, so a one-step
 LoRA also loads into the stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...);
 "unet2d" and "dit" (whose diffusers models have no LoRA loader) use the same layout through PEFT directly.
 """
@@ -84,6 +87,9 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     DiTTransformer2DModel,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     ImagePipelineOutput,
@@ -101,6 +107,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -139,19 +146,22 @@ def default_timestep(scheduler) -> int:
     return n if is_flow_matching_scheduler(scheduler) else n - 1
 
 
-def flow_sigma(scheduler, timestep: float, image_seq_len: int | None = None) -> float:
+def flow_sigma(scheduler, timestep: float, image_seq_len: int | None = None, mu: float | None = None) -> float:
     """Flow-matching sigma in [0, 1] at training timestep ``timestep`` (in (0, N]), shifted as the scheduler does.
 
     Static shift: s' = shift * s / (1 + (shift - 1) s) with s = timestep / N. Dynamic (resolution-dependent)
-    shift: the scheduler's ``time_shift(mu, 1, s)`` with mu interpolated from ``image_seq_len`` between
-    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as FluxPipeline computes it.
+    shift: the scheduler's ``time_shift(mu, 1, s)`` with ``mu`` as given (a pipeline's own rule, e.g. FLUX.2's
+    ``compute_empirical_mu``) or else interpolated from ``image_seq_len`` between (base_image_seq_len, base_shift)
+    and (max_image_seq_len, max_shift), as FluxPipeline computes it.
     """
     cfg = scheduler.config
     n = float(cfg.num_train_timesteps)
     if not 0 < timestep <= n:
         raise ValueError(f"flow-matching timestep must be in (0, {int(n)}], got {timestep}.")
     s = torch.tensor(float(timestep) / n, dtype=torch.float64)
-    if cfg.get("use_dynamic_shifting", False):
+    if cfg.get("use_dynamic_shifting", False) and mu is not None:
+        s = scheduler.time_shift(mu, 1.0, s)
+    elif cfg.get("use_dynamic_shifting", False):
         if image_seq_len is None:
             raise ValueError("this scheduler uses dynamic shifting: pass image_seq_len (number of latent tokens).")
         m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
@@ -164,13 +174,13 @@ def flow_sigma(scheduler, timestep: float, image_seq_len: int | None = None) -> 
     return float(s)
 
 
-def noise_level(scheduler, timestep: int, image_seq_len: int | None = None) -> dict:
+def noise_level(scheduler, timestep: int, image_seq_len: int | None = None, mu: float | None = None) -> dict:
     """The noise level of the one step: ``{"kind": "ddpm", "alpha_prod": a}`` or ``{"kind": "flow", "sigma": s}``.
 
     DDPM-style: ``a = scheduler.alphas_cumprod[timestep]`` (float, exact float64 of the stored value).
     """
     if is_flow_matching_scheduler(scheduler):
-        return {"kind": "flow", "sigma": flow_sigma(scheduler, timestep, image_seq_len)}
+        return {"kind": "flow", "sigma": flow_sigma(scheduler, timestep, image_seq_len, mu)}
     if not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(
             f"{type(scheduler).__name__} has neither alphas_cumprod (DDPM-style) nor flow-matching sigmas; use a "
@@ -482,6 +492,10 @@ class FamilyAdapter:
         """Latent tokens of one sample, for resolution-dependent flow shifts (None: not used)."""
         return None
 
+    def flow_shift_mu(self) -> float | None:
+        """mu of a dynamic flow shift where the stock pipeline computes it its own way (None: the scheduler's rule)."""
+        return None
+
     def num_classes(self) -> int | None:
         return None
 
@@ -775,7 +789,9 @@ class _TextFamilyAdapter(FamilyAdapter):
         return out
 
     def stock_call_kwargs(self, kwargs, guidance_scale):
-        if self.pipe.config.max_sequence_length is not None:
+        # only where the stock pipeline takes it (a max_sequence_length given for an SD / SDXL teacher is unused)
+        takes_length = "max_sequence_length" in inspect.signature(self.stock_pipeline_class.__call__).parameters
+        if self.pipe.config.max_sequence_length is not None and takes_length:
             kwargs["max_sequence_length"] = int(self.pipe.config.max_sequence_length)
         kwargs["guidance_scale"] = guidance_scale
         return kwargs
@@ -1456,9 +1472,171 @@ class ZImageAdapter(_PaddedPromptAdapter):
         return kwargs
 
 
+class Flux2Adapter(_TextFamilyAdapter):
+    """FLUX.2 [dev]: ``Flux2Transformer2DModel`` with a guidance embedding, a Mistral3 text encoder whose hidden states
+    are stacked (``Flux2Pipeline.encode_prompt``: its system-message chat template, ``max_sequence_length``, layers
+    10, 20, 30), ``AutoencoderKLFlux2`` whose batch-norm statistics normalize the 2x2-patchified latents, and flow
+    matching with the pipeline's own resolution-dependent shift (``compute_empirical_mu``).
+
+    The generator input is the stock pipeline's ``latents``: patchified, normalized latents (B, 4 x VAE latent
+    channels, H / 16, W / 16), packed to tokens with their (T, H, W, L) position ids for the transformer.
+    """
+
+    name = "flux2"
+    denoiser_class = Flux2Transformer2DModel
+    lora_loader = "Flux2LoraLoaderMixin"
+    stock_pipeline_class = Flux2Pipeline
+    text_components = ("text_encoder", "tokenizer")
+    flow_matching_only = True
+    required_components = ((("text_encoder", "tokenizer"), None),)
+    # the single-stream blocks (most of the model) attend through one fused projection
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
+    guidance_embedded = True  # guidance-distilled: the scale is an embedding, one forward; else true CFG against ""
+
+    @classmethod
+    def describe(cls):
+        return f"{cls.name} ({cls.denoiser_class.__name__} under {cls.stock_pipeline_class.__name__})"
+
+    @classmethod
+    def owns_denoiser(cls, denoiser):
+        return isinstance(denoiser, cls.denoiser_class) and bool(denoiser.config.guidance_embeds) == cls.guidance_embedded
+
+    @classmethod
+    def owns_model_index(cls, config):
+        # both FLUX.2 pipelines hold a Flux2Transformer2DModel; the klein ones are named so
+        klein = str(config.get("_class_name", "")).startswith("Flux2Klein")
+        return FamilyAdapter.owns_model_index.__func__(cls, config) and klein == (cls.guidance_embedded is False)
+
+    @classmethod
+    def check_model_index(cls, config, source):
+        name = str(config.get("_class_name", ""))
+        base = cls.stock_pipeline_class.__name__
+        if name != base:
+            raise ValueError(
+                f"{source} is a {name}; one-step FD distillation supports the FLUX.2 text-to-image pipeline {base} "
+                f"(its image-editing, inpainting and ControlNet variants condition on images the one step does not "
+                f"take): load the base model's {base} folder."
+            )
+
+    @classmethod
+    def stock_call_default(cls, name):
+        return inspect.signature(cls.stock_pipeline_class.__call__).parameters[name].default
+
+    @classmethod
+    def text_encoder_out_layers(cls) -> tuple:
+        """The text encoder hidden states the stock pipeline stacks (its ``text_encoder_out_layers`` default)."""
+        return tuple(cls.stock_call_default("text_encoder_out_layers"))
+
+    @classmethod
+    def check_components(cls, denoiser, components):
+        super().check_components(denoiser, components)
+        te = components["text_encoder"]
+        text_config = getattr(te.config, "text_config", te.config)
+        layers, stacked = int(text_config.num_hidden_layers), cls.text_encoder_out_layers()
+        if layers < max(stacked):
+            raise ValueError(
+                f"{cls.stock_pipeline_class.__name__} stacks the text encoder's hidden states {stacked}, but this "
+                f"{type(te).__name__} has {layers} layers: use a text encoder with at least {max(stacked)} layers "
+                "(the one the teacher was trained with)."
+            )
+        width = len(stacked) * int(text_config.hidden_size)
+        if width != int(denoiser.config.joint_attention_dim):
+            raise ValueError(
+                f"this {type(te).__name__} gives {len(stacked)} stacked hidden states x {text_config.hidden_size} = "
+                f"{width} values per token, but the transformer takes joint_attention_dim="
+                f"{denoiser.config.joint_attention_dim}: pass the text encoder the teacher was trained with."
+            )
+
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings):
+        if settings["max_sequence_length"] is None:
+            settings["max_sequence_length"] = int(cls.stock_call_default("max_sequence_length"))
+        return super().resolve_settings(denoiser, scheduler, settings)
+
+    @classmethod
+    def default_sample_size(cls, denoiser):
+        return 64  # the stock default image, 128 VAE latents (1024 px), in 2x2 patches
+
+    def vae_scale_factor(self):
+        return 2 * super().vae_scale_factor()  # image pixels per patchified latent, as the stock image processor's
+
+    def image_seq_len(self):
+        return int(self.pipe.config.sample_size) ** 2
+
+    def flow_shift_mu(self):
+        # Flux2Pipeline's mu of one step at this image size, not the scheduler's base/max shift interpolation
+        return compute_empirical_mu(image_seq_len=self.image_seq_len(), num_steps=1)
+
+    def uses_negative_branch(self, guidance_scale):
+        return guidance_scale > 1.0 and not self.guidance_embedded
+
+    def build_stock_text_pipeline(self, parts):
+        return self.stock_pipeline_class(**parts, vae=None, transformer=None, scheduler=None)
+
+    def encode_prompts(self, prompts, negative_prompts, guided, num_images_per_prompt, device):
+        # encode_prompt has no negative branch; Flux2KleinPipeline encodes its negative prompt with a second call
+        stock = self.stock_text_pipeline()
+        length = int(self.pipe.config.max_sequence_length)
+        embeds, _ = stock.encode_prompt(prompts, device=device, num_images_per_prompt=num_images_per_prompt,
+                                        max_sequence_length=length)
+        cond = OneStepConditioning(prompt_embeds=embeds)
+        if guided:
+            negative, _ = stock.encode_prompt(negative_prompts, device=device,
+                                              num_images_per_prompt=num_images_per_prompt, max_sequence_length=length)
+            cond = replace(cond, negative_prompt_embeds=negative)
+        return cond
+
+    def example_conditioning(self, batch_size, device, dtype, guided):
+        te = self.pipe.text_encoder
+        device = device if device is not None else _module_device(te)
+        width = len(self.text_encoder_out_layers()) * int(getattr(te.config, "text_config", te.config).hidden_size)
+        shape = (batch_size, int(self.pipe.config.max_sequence_length), width)
+        embeds = _example_tensor(shape, _module_dtype(te), device, dtype)
+        return OneStepConditioning(prompt_embeds=embeds,
+                                   negative_prompt_embeds=torch.randn_like(embeds) if guided else None)
+
+    def flow_timestep_dtype(self, dtype):
+        return dtype  # the stock pipeline passes it in the latents' dtype
+
+    def denoise(self, denoiser, x, t, cond, use_negative, guidance_scale, dtype):
+        (embeds,) = self.text_inputs(cond, use_negative, x.device, dtype, names=("prompt_embeds",))
+        n, c, h, w = x.shape
+        stock = self.stock_pipeline_class
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((n,), guidance_scale, device=x.device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=stock._pack_latents(x), timestep=t / 1000, guidance=guidance, encoder_hidden_states=embeds,
+            txt_ids=stock._prepare_text_ids(embeds).to(x.device), img_ids=stock._prepare_latent_ids(x).to(x.device),
+            return_dict=False,
+        )[0]
+        # the inverse of _pack_latents: the stock's _unpack_latents_with_ids scatters the tokens by the same row-major
+        # position ids (a reshape also runs on fake tensors)
+        return out.permute(0, 2, 1).reshape(n, c, h, w)
+
+    def decode(self, latents):
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
+                                                                                                latents.dtype)
+        latents = self.stock_pipeline_class._unpatchify_latents(latents * std + mean)
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+
+
+class Flux2KleinAdapter(Flux2Adapter):
+    """FLUX.2 [klein] (4B / 9B): the FLUX.2 transformer without a guidance embedding (true classifier-free guidance
+    against the empty prompt, as ``Flux2KleinPipeline``) and a Qwen3 text encoder (its chat template without thinking,
+    hidden states 9, 18, 27)."""
+
+    name = "flux2_klein"
+    stock_pipeline_class = Flux2KleinPipeline
+    guidance_embedded = False
+
+
 FAMILY_ADAPTERS = {cls.name: cls for cls in (UNet2DAdapter, DiTAdapter, SDAdapter, SDXLAdapter, SD3Adapter,
                                              FluxAdapter, SanaAdapter,
-                                             QwenImageAdapter, ZImageAdapter)}
+                                             QwenImageAdapter, ZImageAdapter,
+                                             Flux2Adapter, Flux2KleinAdapter)}
 # family -> (denoiser component, denoiser class, latent?, conditioning, LoRA route)
 SUPPORTED_FAMILIES = {
     name: (cls.denoiser_slot, cls.denoiser_class, cls.is_latent, cls.conditioning, cls.lora_loader or "peft")
@@ -1625,11 +1803,12 @@ class FDOneStepPipeline(DiffusionPipeline):
             schedule is used).
         unet (`UNet2DModel` | `UNet2DConditionModel`) or transformer (`DiTTransformer2DModel` |
             `SD3Transformer2DModel` | `FluxTransformer2DModel` | `SanaTransformer2DModel` |
-            `QwenImageTransformer2DModel` | `ZImageTransformer2DModel`): the denoiser.
-        vae (`AutoencoderKL` | `AutoencoderDC` | `AutoencoderKLQwenImage`): latent families.
+            `QwenImageTransformer2DModel` | `ZImageTransformer2DModel` | `Flux2Transformer2DModel`): the denoiser.
+        vae (`AutoencoderKL` | `AutoencoderDC` | `AutoencoderKLQwenImage` | `AutoencoderKLFlux2`): latent families.
         text_encoder / tokenizer, text_encoder_2 / tokenizer_2, text_encoder_3 / tokenizer_3: the text
         components of the family's stock pipeline, under the same names (SD: one CLIP; SDXL and SD3: two CLIPs,
-        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2; Qwen-Image: Qwen2.5-VL; Z-Image: Qwen3).
+        SD3 an optional T5 third; Flux: CLIP and T5; SANA: Gemma-2; Qwen-Image: Qwen2.5-VL; Z-Image: Qwen3;
+        FLUX.2: Mistral3 and its processor; FLUX.2 klein: Qwen3).
 
     Everything that differs between families lives in one adapter class per family (``pipe.adapter``, see
     ``FAMILY_ADAPTERS``). One-step settings (all in the pipeline config, see the module docstring): ``family``,
@@ -1793,7 +1972,8 @@ class FDOneStepPipeline(DiffusionPipeline):
 
     def noise_level(self) -> dict:
         """``{"kind": "ddpm", "alpha_prod": a}`` or ``{"kind": "flow", "sigma": s}`` of the configured timestep."""
-        return noise_level(self.scheduler, self.config.timestep, image_seq_len=self.adapter.image_seq_len())
+        return noise_level(self.scheduler, self.config.timestep, image_seq_len=self.adapter.image_seq_len(),
+                           mu=self.adapter.flow_shift_mu())
 
     # ------------------------------------------------------------------ conditioning
     def _stock_text_pipeline(self) -> DiffusionPipeline:

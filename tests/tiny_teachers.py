@@ -496,6 +496,152 @@ def zimage_teacher(shift: float = 3.0, use_dynamic_shifting: bool = False):
 
 
 TEACHERS.update(qwenimage=qwenimage_teacher, zimage=zimage_teacher)
+FAMILY_KWARGS.update(qwenimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH},
+                     zimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH})
+
+
+# ---------------------------------------------------------------------------------------- FLUX.2 (dev and klein)
+FLUX2_MAX_LENGTH = 40  # FLUX.2-dev's prompt template puts its system message (~30 words here) before the prompt
+FLUX2_KLEIN_MAX_LENGTH = 16
+FLUX2_WORDS = tuple(GEMMA_WORDS) + tuple(
+    "you are an ai that reasons about image descriptions give structured responses focusing on object "
+    "relationships attribution and actions without speculation".split()
+) + tuple(".,")
+
+
+def _word_level_tokenizer(special_tokens: list[str], pad: str, chat_template: str):
+    """A word-level fast tokenizer (lower-case words and punctuation, ``<unk>`` for the rest) whose special tokens are
+    a chat format's, built with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(special_tokens)}
+    for word in FLUX2_WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token=pad,
+                                   additional_special_tokens=[t for t in special_tokens if t not in ("<unk>", pad)],
+                                   chat_template=chat_template)
+
+
+# Mistral-Small-3.1's chat format, reduced to what Flux2Pipeline's format_input sends (a system and a user turn of
+# text parts); the real template ships with the real processor
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}[/INST]{% endif %}{% endfor %}"
+)
+# Qwen3's chat format for a user turn and the generation prompt (enable_thinking=False: an empty think block)
+QWEN3_THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% if enable_thinking is defined and enable_thinking is "
+    "false %}<think> </think> {% endif %}{% endif %}"
+)
+
+
+def tiny_pixtral_processor():
+    """A real ``PixtralProcessor`` (FLUX.2-dev's ``tokenizer``: ``apply_chat_template`` over a Mistral-style word-level
+    tokenizer and a ``PixtralImageProcessor``)."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]"]
+    tokenizer = _word_level_tokenizer(specials, "<pad>", MISTRAL3_CHAT_TEMPLATE)
+    tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
+    return PixtralProcessor(image_processor=PixtralImageProcessor(patch_size=8), tokenizer=tokenizer, patch_size=8,
+                            chat_template=MISTRAL3_CHAT_TEMPLATE)
+
+
+def tiny_qwen3_tokenizer():
+    """A word-level fast tokenizer in Qwen3's chat format (``<|im_start|>`` turns, ``<think>`` block), padding with
+    ``<|endoftext|>`` as Qwen's does."""
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    return _word_level_tokenizer(specials, "<|endoftext|>", QWEN3_THINKING_CHAT_TEMPLATE)
+
+
+def tiny_mistral3(vocab_size: int, hidden: int = 16, layers: int = 30):
+    """``Mistral3ForConditionalGeneration`` (Mistral text model + Pixtral vision tower); ``layers`` >= 30 because
+    Flux2Pipeline stacks the hidden states 10, 20 and 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=256, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    vision = PixtralVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                 head_dim=8, image_size=16, patch_size=8)
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=8, spatial_merge_size=1,
+                            projector_hidden_act="gelu", vision_feature_layer=-1)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def tiny_qwen3_lm(vocab_size: int, hidden: int = 16, layers: int = 28):
+    """``Qwen3ForCausalLM``; ``layers`` >= 27 because Flux2KleinPipeline stacks the hidden states 9, 18 and 27."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, pad_token_id=1,
+    )).eval()
+
+
+def tiny_flux2_vae():
+    """``AutoencoderKLFlux2`` with 2 levels (vae_scale_factor 2; 4 with FLUX.2's 2x2 patches), 4 latent channels, and
+    batch-norm statistics of its patchified latents away from (0, 1) as a trained one has them."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16,
+    ).eval()
+    vae.bn.running_mean.copy_(0.1 * torch.randn(16))
+    vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    return vae
+
+
+def _flux2_transformer(guidance_embeds: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def _flux2_scheduler():
+    # FLUX.2's: dynamic shifting, whose mu Flux2Pipeline computes from the image size (compute_empirical_mu)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                           max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+
+
+def flux2_teacher():
+    """FLUX.2-dev layout: ``Flux2Pipeline`` over a Mistral3 (Pixtral) text encoder and processor, a guidance-distilled
+    ``Flux2Transformer2DModel`` (3 stacked hidden states x 16 = joint attention 48) and ``AutoencoderKLFlux2``."""
+    from diffusers import Flux2Pipeline
+
+    processor = tiny_pixtral_processor()
+    return Flux2Pipeline(scheduler=_flux2_scheduler(), vae=tiny_flux2_vae(),
+                         text_encoder=tiny_mistral3(len(processor.tokenizer)), tokenizer=processor,
+                         transformer=_flux2_transformer(guidance_embeds=True))
+
+
+def flux2_klein_teacher(is_distilled: bool = False):
+    """FLUX.2-klein layout: ``Flux2KleinPipeline`` over a Qwen3 text encoder, a ``Flux2Transformer2DModel`` without
+    guidance embedding (true classifier-free guidance) and ``AutoencoderKLFlux2``."""
+    from diffusers import Flux2KleinPipeline
+
+    tokenizer = tiny_qwen3_tokenizer()
+    return Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=tiny_flux2_vae(), text_encoder=tiny_qwen3_lm(len(tokenizer)),
+                              tokenizer=tokenizer, transformer=_flux2_transformer(guidance_embeds=False),
+                              is_distilled=is_distilled)
+
+
+TEACHERS.update(flux2=flux2_teacher, flux2_klein=flux2_klein_teacher)
+FAMILY_KWARGS.update(flux2={"sample_size": 4, "max_sequence_length": FLUX2_MAX_LENGTH},
+                     flux2_klein={"sample_size": 4, "max_sequence_length": FLUX2_KLEIN_MAX_LENGTH})
 
 
 # ---------------------------------------------------------------------------------------- read from the registry
@@ -515,5 +661,3 @@ def call_kwargs(family: str, batch: int = 2) -> dict:
 def well_conditioned_settings(teacher) -> dict:
     """``timestep=500`` for epsilon teachers (whose top level amplifies float32 rounding 157x), else nothing."""
     return {"timestep": 500} if teacher.scheduler.config.get("prediction_type") == "epsilon" else {}
-FAMILY_KWARGS.update(qwenimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH},
-                     zimage={"sample_size": 8, "max_sequence_length": QWEN_MAX_LENGTH})

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "guidance): its label, which must be the last class embedding (DiT: its own, automatic).")
     g.add_argument("--resolution", type=int, default=None,
                    help="Image resolution in pixels (default: the model's sample size).")
+    g.add_argument("--max_sequence_length", type=_positive_int, default=None,
+                   help="Text tokens of each prompt for families whose stock pipeline takes max_sequence_length (SD3, "
+                        "Flux, SANA, FLUX.2; default: the stock pipeline's).")
 
     g = p.add_argument_group("config (a recipe as a file: its values become the defaults; flags win)")
     g.add_argument("--config", type=str, nargs="+", default=None,
@@ -469,6 +472,7 @@ def build_one_step_pipeline(args):
         guidance_scale=args.guidance_scale,
         output_bound=args.output_bound,
         **({"null_class_label": args.null_class_label} if args.null_class_label is not None else {}),
+        **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length is not None else {}),
         **teacher_load_kwargs(args),
     )
     if args.resolution is not None:

@@ -427,13 +427,16 @@ def check_conditioning_args(args, index: dict) -> None:
 
 def prompt_token_limits(pipe) -> list[tuple[object, int]]:
     """``(tokenizer, tokens read)`` of each of a text pipeline's tokenizers: a CLIP tokenizer reads its
-    ``model_max_length`` (77); a T5 / Gemma one the pipeline's ``max_sequence_length`` (SD3, Flux, SANA)."""
+    ``model_max_length`` (77); a T5 / Gemma one the pipeline's ``max_sequence_length`` (SD3, Flux, SANA). A processor
+    (FLUX.2-dev's ``PixtralProcessor``, whose first argument is images) counts with its text tokenizer."""
     max_sequence_length = getattr(getattr(pipe, "config", None), "max_sequence_length", None)
     out = []
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is None:
             continue
+        if getattr(tokenizer, "image_processor", None) is not None and hasattr(tokenizer, "tokenizer"):
+            tokenizer = tokenizer.tokenizer
         limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
         if "CLIP" not in type(tokenizer).__name__ and max_sequence_length:
             limit = int(max_sequence_length)

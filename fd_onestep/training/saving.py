@@ -32,7 +32,7 @@ def lora_base_info(args, pipe) -> dict:
         "revision": args.revision,
         "variant": args.variant,
         "one_step_settings": {k: pipe.config[k] for k in ("timestep", "prediction_type", "guidance_scale",
-                                                          "output_bound", "sample_size")},
+                                                          "output_bound", "sample_size", "max_sequence_length")},
         "how_to_load": lora_loading_code(args.output_dir),
     }
     recipe = stock_recipe_of(pipe) if pipe.is_text_conditional else None
