@@ -243,6 +243,22 @@ def _eigh_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
     return int(_EIGH_FLOPS_PER_D3 * batch * a_shape[-1] ** 3)
 
 
+class _GlobalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker: the plan reads only the global total (it attributes FLOPs
+    to parts itself, ``_Parts``). The tracker's multi-grad hooks close over autograd nodes in reference cycles, so
+    the saved tensors of every graph they touch die only when Python's garbage collector runs, and the step's
+    transient peak depended on when it ran (a process's import history, its allocation counts): the same flags gave
+    different peaks from ``fd-onestep plan`` and ``train_fd_onestep.py --plan``. A real run has no tracker."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
 def _flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -251,7 +267,9 @@ def _flop_counter():
         op = getattr(torch.ops.aten, name, None)
         if op is not None:
             mapping[op] = _eigh_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
 
 
 class _Parts:

@@ -216,3 +216,43 @@ def test_the_training_scripts_plan_prints_the_plan_of_the_same_flags(script, cap
     from_trainer = capsys.readouterr().out
     assert "step peak" in from_cli and from_cli == from_trainer
     assert not (tmp_path / "never").exists()
+
+
+def test_the_step_peak_does_not_depend_on_when_the_garbage_collector_runs():
+    """Issue 32: `fd-onestep plan` and `train_fd_onestep.py --plan` printed different step peaks for the same flags.
+    The FLOP counter's module tracker hooked every module's outputs in reference cycles with their autograd nodes,
+    so the tensors those nodes saved were freed only when Python's garbage collector ran, which a process's import
+    history decides. With the collector off, every storage of a step must still be freed the moment it is dropped."""
+    import gc
+
+    from fd_onestep.plan import _flop_counter
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU())
+    x = torch.randn(8, 64)
+    for p in model.parameters():  # as the plan does: gradients exist before the step
+        p.grad = torch.zeros_like(p)
+
+    def step():
+        live = LiveBytes()
+        with _flop_counter(), live:
+            for _ in range(3):  # each forward's graph dies once its loss is dropped
+                model(x).square().sum().backward()
+            after = live.current
+        return after, live.peak
+
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        without_collector = step()
+        gc.collect()
+    finally:
+        if was_enabled:
+            gc.enable()
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)  # a collection at every allocation of a container
+    try:
+        with_collector = step()
+    finally:
+        gc.set_threshold(*threshold)
+    assert without_collector == with_collector
