@@ -93,6 +93,10 @@ def build_prompt_store(args, accelerator, pipe, prompts, weight_dtype=None):
         return None
     for name in text_encoder_names(pipe):
         getattr(pipe, name).requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    from fd_onestep.training.representations import demo_of
+
+    demo = demo_of(args)  # a demo's comparison asks for its own prompts (digits-text: held-out phrasings)
+    prompts = [*prompts, *((getattr(demo, "comparison_prompts", lambda: None)() or []) if demo is not None else [])]
     folder = Path(args.prompt_embeddings_dir or Path(args.output_dir) / "prompt_embeddings")
     extra = {"guidance_scale": pipe.config.guidance_scale, "family": pipe.family, "dtype": str(weight_dtype)}
     with torch.no_grad():
