@@ -50,6 +50,9 @@ from fd_onestep.errors import RunError, run_reporting_errors  # noqa: E402,F401
 from fd_onestep.losses import FDLoss, MultiEncoderFDLoss  # noqa: E402
 from fd_onestep.populations import build_population  # noqa: E402
 from fd_onestep.training.checkpoint_hooks import load_checkpoint, register_checkpoint_hooks, save_checkpoint  # noqa: E402
+from fd_onestep.training.sharded_run import (build_prompt_store, check_sharded_options, clip_gradients,  # noqa: E402
+                                             prepare_denoiser)
+from fd_onestep.training.sharding import is_sharded  # noqa: E402
 from fd_onestep.training.checks import (  # noqa: E402,F401  (the checks live there; tests reach them here)
     check_args,
     check_inputs,
@@ -310,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--class_histogram or the reference stats' 'class_histogram' metadata).")
     g.add_argument("--class_histogram", type=str, default=None, help="JSON file: list of per-class counts.")
     g.add_argument("--prompts_file", type=str, default=None, help="Text models: training prompts, one per line.")
+    g.add_argument("--prompt_embeddings_dir", type=str, default=None,
+                   help="Text models: folder of the prompt embeddings on disk, encoded once and reused by a resumed "
+                        "run or a run with the same prompts and text encoders (default: DIR/prompt_embeddings).")
     g.add_argument("--dataset_name", type=str, default=None, help="Text models: a datasets id/folder with captions.")
     g.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
     g.add_argument("--dataset_split", type=str, default="train", help="Split of --dataset_name the prompts come from.")
@@ -450,6 +456,7 @@ def build_accelerator(args):
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(args, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
         logger.info(f"CPU run: {torch.get_num_threads()} torch threads per process")
+    check_sharded_options(args, accelerator)  # FSDP2 (docs/several_gpus.md): what it does not support yet
     return accelerator
 
 
@@ -507,23 +514,29 @@ def build_decode_savers(args, pipe):
     return DecodeSavers(micro_batch_size=args.decode_micro_batch_size, surrogate=surrogate)
 
 
-def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, class_histogram, device,
+def build_generator(args, pipe, reps: Representations, prompts, prompt_labels, class_histogram, accelerator,
                     weight_dtype=None):
     """The trainable one-step generator (full denoiser or a LoRA on it). Returns ``(gen, trainable params)``.
 
     Under mixed precision (``weight_dtype``) the frozen VAE / text encoders and a LoRA's base weights are cast
     to the weight dtype and the LoRA parameters kept in float32 (``OneStepGenerator.add_lora``), as diffusers'
-    examples do; a full fine-tune keeps its float32 weights.
+    examples do; a full fine-tune keeps its float32 weights. Text-to-image: the prompts are encoded once into the
+    prompt store on disk (``--prompt_embeddings_dir``), then the text encoders leave the device.
     """
     from fd_onestep.onestep import OneStepGenerator, prepare_training
+    from fd_onestep.prompt_store import offload_text_encoders
 
     if args.debug_float64:
         weight_dtype = None  # float64 everywhere: nothing is cast down
         for module in [pipe.denoiser, *(getattr(pipe, n) for n in pipe.frozen_component_names),
                        *reps.all_encoders.values()]:
             module.to(torch.float64)
-    gen = OneStepGenerator(pipe, prompts=prompts, prompt_labels=prompt_labels, class_histogram=class_histogram, device=device,
-                           weight_dtype=weight_dtype, decode_savers=build_decode_savers(args, pipe))
+    store = build_prompt_store(args, accelerator, pipe, prompts, weight_dtype)
+    gen = OneStepGenerator(pipe, prompts=prompts, prompt_labels=prompt_labels, class_histogram=class_histogram,
+                           device=accelerator.device, weight_dtype=weight_dtype,
+                           decode_savers=build_decode_savers(args, pipe), prompt_store=store)
+    if store is not None:
+        offload_text_encoders(pipe)
     trainable = prepare_training(
         gen, use_lora=args.use_lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_target_modules=args.lora_target_modules, gradient_checkpointing=args.gradient_checkpointing,
@@ -578,9 +591,8 @@ def build_discriminator(args, gen, reps: Representations, device):
 
 
 def build_optimizer(args, trainable, accelerator):
-    """AdamW, the lr schedule and (``--use_ema``) the generator-weights EMA."""
+    """AdamW and the lr schedule."""
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     world = accelerator.num_processes
     learning_rate = args.learning_rate
@@ -597,12 +609,19 @@ def build_optimizer(args, trainable, accelerator):
         num_warmup_steps=args.lr_warmup_steps * world, num_training_steps=args.max_train_steps * world,
         num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
+    return optimizer, lr_scheduler
+
+
+def build_ema(args, trainable, accelerator):
+    """``--use_ema``: the generator-weights EMA of the prepared (under FSDP2: sharded) trainable parameters."""
+    from diffusers.training_utils import EMAModel
+
     ema = None
     if args.use_ema:
         ema = EMAModel(trainable, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
                        use_ema_warmup=args.ema_use_warmup, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
         ema.to(accelerator.device)
-    return optimizer, lr_scheduler, ema
+    return ema
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -660,7 +679,7 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
     if dump_gradients_to and accelerator.is_main_process:
         dump_gradients(accelerator, denoiser, dump_gradients_to, step=progress.global_step + 1)
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+    grad_norm = clip_gradients(accelerator, denoiser, trainable, max_norm)
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -909,15 +928,18 @@ def main(args) -> dict:
     reps = build_representations(args, device)
     prompts, prompt_labels, class_histogram = load_conditioning(args, pipe, reps)
     warn_long_prompts(prompts, prompt_token_limits(pipe))
-    gen, trainable = build_generator(args, pipe, reps, prompts, prompt_labels, class_histogram, device,
+    gen, trainable = build_generator(args, pipe, reps, prompts, prompt_labels, class_histogram, accelerator,
                                      weight_dtype_of(accelerator))
     fd_loss = build_fd_loss(args, reps, device)
     discriminator = build_discriminator(args, gen, reps, device)
-    optimizer, lr_scheduler, ema = build_optimizer(args, trainable, accelerator)
+    optimizer, lr_scheduler = build_optimizer(args, trainable, accelerator)
+    # under FSDP2 (several processes) sharded block by block; trainable: the prepared parameters
+    denoiser, optimizer, lr_scheduler, trainable = prepare_denoiser(accelerator, gen, optimizer, lr_scheduler, trainable)
+    ema = build_ema(args, trainable, accelerator)
     sampling_rng = CheckpointableGenerator(args.seed)
     progress = TrainingProgress()
-    register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint, discriminator)
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(gen.denoiser, optimizer, lr_scheduler)
+    register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint, discriminator,
+                              sharded=is_sharded(denoiser))
 
     if accelerator.is_main_process and args.report_to:
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)

@@ -1,6 +1,11 @@
 """Resumable checkpoints through accelerate's save/load state hooks: the denoiser (or its LoRA) in diffusers
 format, the FD populations, the generator EMA, the discriminator head, the sampling RNG and the progress, all as
-safetensors; loading a damaged checkpoint is a :class:`RunError` naming it."""
+safetensors; loading a damaged checkpoint is a :class:`RunError` naming it.
+
+Sharded (FSDP2) runs: accelerate itself writes and reads the denoiser and optimizer as sharded
+``torch.distributed.checkpoint`` folders (``pytorch_model_fsdp_0/``, ``optimizer_0/``), every process its own
+shards, and passes the hooks no model; the generator EMA, whose shadow weights are sharded like the denoiser's, is
+written and read the same way (``generator_ema/``) by every process."""
 
 from __future__ import annotations
 
@@ -20,13 +25,17 @@ logger = get_logger(__name__, log_level="INFO")
 
 # Checkpoints: everything as safetensors (+ JSON), through accelerate's save/load state hooks
 def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng, progress, fingerprint,
-                              discriminator=None):
+                              discriminator=None, sharded=False):
+    from fd_onestep.training.sharding import load_sharded_state, save_sharded_state
+
     slot = gen.pipeline.denoiser_slot
 
     def save_model_hook(models, weights, ckpt_dir):
+        ckpt_dir = Path(ckpt_dir)
+        if sharded and ema is not None:  # a collective: every process writes its shards
+            save_sharded_state(ema.state_dict(), ckpt_dir / "generator_ema")
         if accelerator.is_main_process:
-            ckpt_dir = Path(ckpt_dir)
-            for model in models:
+            for model in ([] if sharded else models):
                 model = unwrap(accelerator, model)
                 if args.use_lora:
                     gen.save_lora(ckpt_dir / f"{slot}_lora", denoiser=model)
@@ -34,7 +43,7 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
                     model.save_pretrained(ckpt_dir / slot)
             save_state_file({name: loss.population.state_dict() for name, loss in fd_loss.losses.items()},
                             ckpt_dir / "fd_populations.safetensors")
-            if ema is not None:
+            if ema is not None and not sharded:
                 save_state_file(ema.state_dict(), ckpt_dir / "generator_ema.safetensors")
             if discriminator is not None:
                 save_state_file(discriminator.training_state(), ckpt_dir / "discriminator.safetensors")
@@ -80,7 +89,9 @@ def register_checkpoint_hooks(accelerator, args, gen, fd_loss, ema, sampling_rng
         pop_states = load_state_file(ckpt_dir / "fd_populations.safetensors")
         for name, loss in fd_loss.losses.items():
             loss.population.load_state_dict(pop_states[name])
-        if ema is not None:
+        if ema is not None and sharded:
+            ema.load_state_dict(load_sharded_state(ema.state_dict(), ckpt_dir / "generator_ema"))
+        elif ema is not None:
             ema.load_state_dict(load_state_file(ckpt_dir / "generator_ema.safetensors"))
             ema.to(accelerator.device)
         if discriminator is not None:

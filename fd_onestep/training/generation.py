@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
+from fd_onestep.training.sharding import is_sharded
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -90,8 +91,9 @@ def stream_features(accelerator, gen, model, total: int, seed: int, encoders, ba
         noise, cond, start = draw_local_batch(accelerator, gen, n, rng, first_index=done if balanced else None)
         features, labels = None, class_labels_of(cond)
         # inference mode: no autograd bookkeeping in the generator or the encoders (the yielded tensors are
-        # only read afterwards: moments, warm starts, PNGs)
-        with torch.inference_mode():
+        # only read afterwards: moments, warm starts, PNGs); a sharded (FSDP2) model: no_grad, since the root
+        # module keeps its gathered parameters after the forward and inference tensors cannot enter training
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
             if noise.shape[0]:
                 images = generate_images(accelerator, gen, model, noise, cond)
                 if on_images is not None:

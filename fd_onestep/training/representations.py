@@ -14,7 +14,8 @@ def demo_of(args):
     """The hooks of the bundled demo the run's config names (key ``demo``: ``"module:attribute"``), or None.
 
     A demo's hooks object may give: ``encoder_aliases`` ({spec: short name}), ``classifier_source(name)``,
-    ``training_prompts()`` (prompts and the class each names, or None), ``real_images(max_images)`` (the
+    ``training_prompts()`` (prompts and the class each names, or None), ``comparison_prompts()`` (the
+    other prompts its comparison encodes, stored in the prompt store, or None), ``real_images(max_images)`` (the
     adversarial term's real images), ``model_card_base(args, pipe)`` (the card's base-model line, or None),
     ``compares_latent`` and ``run_comparison(args, accelerator, gen, model, reps)`` (the end-of-run comparison).
     """

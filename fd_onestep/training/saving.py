@@ -41,16 +41,37 @@ def lora_base_info(args, pipe) -> dict:
     return info
 
 
-def save_weights(args, gen, model, folder: Path) -> None:
+def gather_weights(args, model):
+    """A sharded (FSDP2) ``model``'s weights gathered on the main process's CPU for :func:`save_weights`: a plain
+    unsharded denoiser (full fine-tune) or the LoRA's state dict; None on the other processes and for a model that
+    is not sharded. A collective: call on every process."""
+    from fd_onestep.training.sharding import full_state_dict, is_sharded, sharded_lora_state_dict, unsharded_denoiser
+
+    if not is_sharded(model):
+        return None
+    if args.use_lora:
+        return sharded_lora_state_dict(model) or None
+    state = full_state_dict(model)
+    return unsharded_denoiser(model, state) if state else None
+
+
+def save_weights(args, gen, model, folder: Path, gathered=None) -> None:
     """The generator ``model`` into ``folder``: the LoRA + its base-model info with --use_lora, else the whole
-    one-step pipeline. Callers swap in the EMA weights first (:func:`ema_weights`)."""
+    one-step pipeline. Callers swap in the EMA weights first (:func:`ema_weights`). ``gathered``: a sharded model's
+    weights from :func:`gather_weights`, written instead of ``model``'s."""
     if args.use_lora:
         from fd_onestep.evaluation import LORA_INFO_FILE
+        from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+        from fd_onestep.training.sharding import _plain_module
 
-        gen.save_lora(folder, denoiser=model)
+        if gathered is None:
+            gen.save_lora(folder, denoiser=model)
+        else:
+            FDOneStepPipeline.save_lora_weights(folder, denoiser_lora_layers=gathered, family=gen.family,
+                                                lora_config=_plain_module(model).peft_config["default"])
         (folder / LORA_INFO_FILE).write_text(json.dumps(lora_base_info(args, gen.pipeline), indent=2))
     else:
-        gen.save_pipeline(folder, denoiser=model)
+        gen.save_pipeline(folder, denoiser=gathered if gathered is not None else model)
 
 
 def save_weights_atomically(args, gen, model, target: Path) -> None:
@@ -74,6 +95,7 @@ def save_final_weights(args, accelerator, gen, model, progress) -> dict:
     output_dir = Path(args.output_dir)
     best_dir = output_dir / "best"
     use_best = args.final_weights == "best" and progress.best_step is not None and best_dir.is_dir()
+    gathered = None if use_best else gather_weights(args, model)  # a sharded model: every process takes part
     if accelerator.is_main_process:
         if use_best:
             logger.info(f"--final_weights best: the output pipeline is the step-{progress.best_step} one "
@@ -84,6 +106,6 @@ def save_final_weights(args, accelerator, gen, model, progress) -> dict:
                     shutil.rmtree(target)
                 (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target)
         else:
-            save_weights(args, gen, model, output_dir)
+            save_weights(args, gen, model, output_dir, gathered)
     accelerator.wait_for_everyone()
     return {"which": "best" if use_best else "last", "step": progress.best_step if use_best else progress.global_step}

@@ -50,6 +50,14 @@ class DigitsDemo:
         pairs = [(digit_prompt(c, phrasing), c) for c in range(NUM_CLASSES) for phrasing in TRAINING_PHRASINGS]
         return [p for p, _ in pairs], [c for _, c in pairs]
 
+    def comparison_prompts(self) -> list[str] | None:
+        """digits-text: every prompt the comparison may ask for (each digit in every training and held-out phrasing),
+        stored with the training prompts in the prompt store; None for the others."""
+        if not self.text:
+            return None
+        return [digit_prompt(c, phrasing) for c in range(NUM_CLASSES)
+                for phrasing in (*TRAINING_PHRASINGS, *HELD_OUT_PHRASINGS)]
+
     def real_images(self, max_images: int) -> torch.Tensor:
         """The adversarial term's real images: the digits train split."""
         return load_digits_split("train")[0][:max_images]

@@ -1,0 +1,108 @@
+"""The training script sharded (FSDP2), and its prompt store.
+
+- Two gloo processes launched the way a GPU user launches (``accelerate launch --use_fsdp --fsdp_version 2``; on CPU
+  ``enable_fsdp2`` applies the configuration accelerate drops): the bundled digits UNet, full fine-tune, 4 steps of
+  global batch 8. The gathered output weights equal a one-process run of the same global batch (max relative
+  difference <= 1e-5, float32 AdamW), a sharded run stopped at step 2 (``--stop_after_steps``) and resumed equals
+  the uninterrupted one bit for bit, and the output folder is a pipeline ``FDOneStepPipeline`` loads.
+- A text-to-image run encodes its prompts once into the store on disk, trains from it with the text encoders off
+  the device, and a resumed run reuses the store without encoding.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import FAST_ARGS, accelerate_launch, encoder_args, run_script
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _sharded_launch():
+    # accelerate refuses --multi_gpu beside --use_fsdp: the FSDP launch is multi-process by itself
+    return [*(a for a in accelerate_launch(2) if a != "--multi_gpu"), "--use_fsdp", "--fsdp_version", "2"]
+
+
+def _args(assets, out):
+    from fd_onestep.demos.digits import TEACHER_PATH
+
+    return ["--pretrained_model_name_or_path", str(TEACHER_PATH), *encoder_args(assets), *FAST_ARGS,
+            "--max_train_steps", "4", "--checkpointing_steps", "0", "--use_ema", "--ema_decay", "0.7",
+            "--validation_steps", "0", "--num_validation_images", "0", "--num_validation_samples", "0",
+            "--output_dir", str(out)]
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12))
+               for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sharded_training_equals_one_process_resumes_exactly_and_saves_a_pipeline(assets, tmp_path):
+    from fd_onestep import FDOneStepPipeline
+    from fd_onestep.demos.digits import TEACHER_PATH
+
+    one, straight, resumed = tmp_path / "one", tmp_path / "straight", tmp_path / "resumed"
+    run_script([*_args(assets, one), "--train_batch_size", "8"], launcher=accelerate_launch(1))
+    proc = run_script(_args(assets, straight), launcher=_sharded_launch())
+    assert "FSDP2: sharding the denoiser over 2 processes" in proc.stderr
+    run_script([*_args(assets, resumed), "--stop_after_steps", "2"], launcher=_sharded_launch())
+    # accelerate's sharded model and optimizer folders, and the generator EMA sharded the same way
+    assert all((resumed / "checkpoint-2" / name).is_dir()
+               for name in ("pytorch_model_fsdp_0", "optimizer_0", "generator_ema"))
+    proc = run_script([*_args(assets, resumed), "--resume_from_checkpoint", "latest"], launcher=_sharded_launch())
+    assert "resumed at step 2" in proc.stderr
+
+    a, b = load_file(str(straight / WEIGHTS)), load_file(str(resumed / WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    single = load_file(str(one / WEIGHTS))
+    assert all(t.dtype == torch.float32 for t in single.values())
+    assert _max_relative_difference(single, a) <= 1e-5
+    teacher = load_file(str(TEACHER_PATH / WEIGHTS))
+    assert _max_relative_difference(teacher, single) > 1e-3  # training moved the weights far more than the tolerance
+
+    pipe = FDOneStepPipeline.from_pretrained(straight)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
+def test_a_text_run_encodes_its_prompts_once_and_trains_with_the_text_encoders_off_the_device(
+        script, tmp_path, monkeypatch):
+    """The trainer's ``build_generator`` on the digits-text teacher: the store is built, the text encoders are taken
+    off the device (here: to the meta device, so any later use of them would fail) after the generator is built, the
+    generator draws its conditioning from the store; a resumed run's build encodes nothing."""
+    from accelerate import Accelerator
+
+    import fd_onestep.prompt_store as prompt_store
+    from fd_onestep.demos.digits import TEXT_TEACHER_PATH
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    prompts = ["the digit three", "a 7", "the digit three", "a handwritten five"]
+    stats = tmp_path / "stats.safetensors"  # parse_args checks it exists; build_generator never reads it
+    stats.touch()
+    args = script.parse_args(["--pretrained_model_name_or_path", str(TEXT_TEACHER_PATH), "--encoders", "x",
+                              "--reference_stats", str(stats), "--output_dir", str(tmp_path / "run")])
+    offload = prompt_store.offload_text_encoders
+    monkeypatch.setattr(prompt_store, "offload_text_encoders", lambda pipe: offload(pipe, device="meta"))
+    accelerator = Accelerator(cpu=True)
+    encoded = []
+
+    def build(encode_fails=False):
+        pipe = FDOneStepPipeline.from_teacher(str(TEXT_TEACHER_PATH), local_files_only=True)
+        encode = pipe.encode_conditioning
+        monkeypatch.setattr(pipe, "encode_conditioning", lambda prompt, **kw: encoded.append(prompt) or encode(
+            prompt=prompt, **kw))
+        gen, _ = script.build_generator(args, pipe, None, prompts, None, None, accelerator)
+        return pipe, gen
+
+    pipe, gen = build()
+    assert sorted(p for chunk in encoded for p in chunk) == sorted(set(prompts))  # each distinct prompt once
+    assert (tmp_path / "run" / "prompt_embeddings" / prompt_store.PROMPT_STORE_MANIFEST).is_file()
+    assert all(p.device.type == "meta" for p in pipe.text_encoder.parameters())
+    cond = gen.sample_conditioning(4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(cond.prompt_embeds).all() and cond.prompt_embeds.device.type == "cpu"
+
+    encoded.clear()
+    build()  # the resumed run: same prompts, same text encoders
+    assert encoded == []
