@@ -72,10 +72,19 @@ def text_encoder_digest(pipeline, extra: dict | None = None) -> str:
             h.update((config.to_json_string() if hasattr(config, "to_json_string") else repr(config)).encode())
             for key, tensor in component.state_dict().items():
                 h.update(json.dumps([key, *_tensor_fingerprint(tensor)]).encode())
-        else:  # a tokenizer
-            h.update(json.dumps([len(component), getattr(component, "model_max_length", None)]).encode())
+        else:  # a tokenizer, or a processor (FLUX.2-dev's PixtralProcessor): its text tokenizer
+            tokenizer = text_tokenizer(component)
+            h.update(json.dumps([len(tokenizer), getattr(tokenizer, "model_max_length", None)]).encode())
     h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def text_tokenizer(component):
+    """The text tokenizer of a pipeline's ``tokenizer`` component: itself, or a processor's (a multimodal
+    processor such as FLUX.2-dev's ``PixtralProcessor`` takes images first and has no length)."""
+    if getattr(component, "image_processor", None) is not None and hasattr(component, "tokenizer"):
+        return component.tokenizer
+    return component
 
 
 def text_encoder_names(pipeline, tokenizers: bool = False) -> list[str]:

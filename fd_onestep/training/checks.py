@@ -16,6 +16,7 @@ from accelerate.logging import get_logger
 
 from fd_onestep.cli import check_output_path
 from fd_onestep.errors import RunError
+from fd_onestep.prompt_store import text_tokenizer
 from fd_onestep.training.checkpoints import resolve_resume_checkpoint, set_aside_newer_checkpoints
 from fd_onestep.training.hub import check_push_to_hub
 from fd_onestep.training.inputs import load_caption_dataset, read_prompts_file
@@ -435,8 +436,7 @@ def prompt_token_limits(pipe) -> list[tuple[object, int]]:
         tokenizer = getattr(pipe, name, None)
         if tokenizer is None:
             continue
-        if getattr(tokenizer, "image_processor", None) is not None and hasattr(tokenizer, "tokenizer"):
-            tokenizer = tokenizer.tokenizer
+        tokenizer = text_tokenizer(tokenizer)
         limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
         if "CLIP" not in type(tokenizer).__name__ and max_sequence_length:
             limit = int(max_sequence_length)
