@@ -40,7 +40,8 @@ if importlib.util.find_spec("fd_onestep") is None or importlib.util.find_spec("f
              "`pip install .`) in the repository root, then run the script again.")
 
 # diffusers, transformers and the pipeline (10-15 s of imports on a loaded 2-core machine, measured) are imported
-# inside the functions that build models, so that --help, --show_config and --plan answer without them.
+# inside the functions that need them. The parser is one of those: its help lists the families from the adapter
+# registry (pipelines/pipeline_fd_onestep.py), so every entry point, --help included, imports diffusers once.
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
