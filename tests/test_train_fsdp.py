@@ -4,10 +4,16 @@
   ``enable_fsdp2`` applies the configuration accelerate drops): the bundled digits UNet, full fine-tune, 4 steps of
   global batch 8. The gathered output weights equal a one-process run of the same global batch (max relative
   difference <= 1e-5, float32 AdamW), a sharded run stopped at step 2 (``--stop_after_steps``) and resumed equals
-  the uninterrupted one bit for bit, and the output folder is a pipeline ``FDOneStepPipeline`` loads.
+  the uninterrupted one bit for bit, and the output folder is a pipeline ``FDOneStepPipeline`` loads. The same
+  run validates, keeps the best weights, writes samples and compares with the teacher (the parts the main process
+  runs alone: the other process joins each forward), and dumps the first step's gradient, gathered from the shards.
+- The tiny FLUX teacher, LoRA, with the exact population: the gathered LoRA equals the one-process run's and loads
+  into the stock pipeline.
 - A text-to-image run encodes its prompts once into the store on disk, trains from it with the text encoders off
   the device, and a resumed run reuses the store without encoding.
 """
+
+import json
 
 import pytest
 import torch
@@ -31,6 +37,18 @@ def _args(assets, out):
             "--output_dir", str(out)]
 
 
+# validation every 2 steps (grid, fresh-sample FDs, the best weights), samples in chunks of 32 (16 per process) with
+# a last chunk of one row, and the teacher comparison: the parts of a run the main process runs alone, or that split
+# rows unevenly. None changes the training: the resumed run below, without them, ends bit for bit the same.
+MAIN_PROCESS_PARTS = ["--validation_steps", "2", "--num_validation_images", "4", "--num_validation_samples", "16",
+                      "--keep_best_by", "fd_mean", "--num_output_samples", "33",
+                      "--compare_with_teacher", "--num_comparison_samples", "8"]
+
+
+def _dump(out):
+    return ["--debug_dump_first_step_grad", str(out / "grad.safetensors")]
+
+
 def _max_relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys() and a
     return max(float((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12))
@@ -44,8 +62,9 @@ def test_sharded_training_equals_one_process_resumes_exactly_and_saves_a_pipelin
     from fd_onestep.demos.digits import TEACHER_PATH
 
     one, straight, resumed = tmp_path / "one", tmp_path / "straight", tmp_path / "resumed"
-    run_script([*_args(assets, one), "--train_batch_size", "8"], launcher=accelerate_launch(1))
-    proc = run_script(_args(assets, straight), launcher=_sharded_launch())
+    run_script([*_args(assets, one), "--train_batch_size", "8", *_dump(one)], launcher=[])
+    proc = run_script([*_args(assets, straight), *_dump(straight), *MAIN_PROCESS_PARTS], launcher=_sharded_launch(),
+                      timeout=300)
     assert "FSDP2: sharding the denoiser over 2 processes" in proc.stderr
     run_script([*_args(assets, resumed), "--stop_after_steps", "2"], launcher=_sharded_launch())
     # accelerate's sharded model and optimizer folders, and the generator EMA sharded the same way
@@ -53,6 +72,17 @@ def test_sharded_training_equals_one_process_resumes_exactly_and_saves_a_pipelin
                for name in ("pytorch_model_fsdp_0", "optimizer_0", "generator_ema"))
     proc = run_script([*_args(assets, resumed), "--resume_from_checkpoint", "latest"], launcher=_sharded_launch())
     assert "resumed at step 2" in proc.stderr
+
+    # the first step's gradient, gathered from the shards, is the one process's gradient of the global batch
+    # (relative to the whole gradient's norm: some, e.g. attention key biases, are zero up to round-off)
+    g1, g2 = load_file(str(one / "grad.safetensors")), load_file(str(straight / "grad.safetensors"))
+    assert g1.keys() == g2.keys() and g1
+    v1, v2 = (torch.cat([g[k].double().flatten() for k in sorted(g1)]) for g in (g1, g2))
+    assert float((v1 - v2).norm() / v1.norm()) <= 1e-5
+    # what the main process runs alone, the other process joining each forward of the sharded denoiser
+    assert (straight / "validation" / "grid_000002.png").is_file() and (straight / "validation_grid.png").is_file()
+    assert (straight / "best" / "fd_onestep_best.json").is_file() and (straight / "comparison.md").is_file()
+    assert len(list((straight / "samples").rglob("*.png"))) == 33  # 32 + 1: a last chunk one process has no row of
 
     a, b = load_file(str(straight / WEIGHTS)), load_file(str(resumed / WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -106,3 +136,48 @@ def test_a_text_run_encodes_its_prompts_once_and_trains_with_the_text_encoders_o
     encoded.clear()
     build()  # the resumed run: same prompts, same text encoders
     assert encoded == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_sharded_lora_run_of_flux_with_the_exact_population_gives_the_one_process_lora(assets, tmp_path):
+    """The tiny FLUX teacher, LoRA, the exact two-pass population (2 micro-batches, FSDP2's gradient sync off on the
+    first): 2 sharded processes train the 1-process run's LoRA (same global batch), its file loads into the stock
+    ``FluxPipeline``, which then takes the 1-process run's one step."""
+    from diffusers import DiffusionPipeline
+    from tiny_teachers import flux_teacher
+
+    from fd_onestep import FDOneStepPipeline
+
+    torch.manual_seed(0)
+    flux_teacher().save_pretrained(tmp_path / "flux")
+
+    def args(out, batch):
+        return ["--pretrained_model_name_or_path", str(tmp_path / "flux"), "--prompts_file", assets["prompts_file"],
+                *encoder_args(assets), *FAST_ARGS, "--max_train_steps", "3", "--learning_rate", "1e-3",
+                "--train_batch_size", str(batch), "--use_lora", "--lora_rank", "4", "--fd_population", "exact",
+                "--fd_micro_batches", "2", "--checkpointing_steps", "0", "--validation_steps", "0",
+                "--num_validation_images", "0", "--num_validation_samples", "0", "--resolution", "32",
+                # float64: compares the algorithm, not the round-off of different batch shapes that AdamW's
+                # normalized steps carry into a LoRA starting from zero
+                "--debug_float64", "--output_dir", str(out)]
+
+    run_script(args(tmp_path / "one", 4), launcher=[])
+    assert "FSDP2: sharding the denoiser" in run_script(args(tmp_path / "two", 2), launcher=_sharded_launch()).stderr
+    lora = "pytorch_lora_weights.safetensors"
+    one, two = load_file(str(tmp_path / "one" / lora)), load_file(str(tmp_path / "two" / lora))
+    assert _max_relative_difference(one, two) <= 1e-5
+    assert max(float(t.abs().max()) for k, t in one.items() if "lora_B" in k) > 1e-3  # B starts at zero: trained
+
+    images = {}
+    for run in ("one", "two"):
+        info = json.loads((tmp_path / run / "fd_onestep_lora.json").read_text())
+        recipe = FDOneStepPipeline.from_teacher(info["base_model"], **info["one_step_settings"]).stock_one_step()
+        stock = DiffusionPipeline.from_pretrained(tmp_path / "flux")
+        stock.set_progress_bar_config(disable=True)
+        stock.load_lora_weights(tmp_path / run)  # FluxPipeline's own loader takes the gathered file as it is
+        stock.scheduler = recipe["scheduler"]
+        images[run] = stock(prompt=["a red square", "a green cat"], generator=torch.Generator().manual_seed(1),
+                            output_type="pt", **recipe["call_kwargs"]).images
+    assert type(stock).__name__ == "FluxPipeline"
+    assert (images["one"] - images["two"]).abs().max() <= 1e-4

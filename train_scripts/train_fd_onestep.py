@@ -51,9 +51,9 @@ from fd_onestep.errors import RunError, run_reporting_errors  # noqa: E402,F401
 from fd_onestep.losses import FDLoss, MultiEncoderFDLoss  # noqa: E402
 from fd_onestep.populations import build_population  # noqa: E402
 from fd_onestep.training.checkpoint_hooks import load_checkpoint, register_checkpoint_hooks, save_checkpoint  # noqa: E402
-from fd_onestep.training.sharded_run import (build_prompt_store, check_sharded_options, clip_gradients,  # noqa: E402
+from fd_onestep.training.sharded_run import (build_prompt_store, clip_gradients,  # noqa: E402
                                              prepare_denoiser)
-from fd_onestep.training.sharding import is_sharded  # noqa: E402
+from fd_onestep.training.sharding import is_sharded, run_on_main_process  # noqa: E402
 from fd_onestep.training.checks import (  # noqa: E402,F401  (the checks live there; tests reach them here)
     check_args,
     check_inputs,
@@ -98,7 +98,8 @@ from fd_onestep.training.representations import (  # noqa: E402,F401
     label_aliases,
 )
 from fd_onestep.training.run_args import fingerprint_digest, public_args, run_fingerprint  # noqa: E402,F401
-from fd_onestep.training.saving import lora_base_info, save_final_weights, save_weights_atomically  # noqa: E402,F401
+from fd_onestep.training.saving import (gather_weights, lora_base_info, save_final_weights,  # noqa: E402,F401
+                                        save_weights_atomically)
 from fd_onestep.training.state import CheckpointableGenerator, TrainingProgress  # noqa: E402
 from fd_onestep.training.stop import StopRequest  # noqa: E402
 from fd_onestep.training.teacher_comparison import run_comparison  # noqa: E402
@@ -457,7 +458,6 @@ def build_accelerator(args):
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(args, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
         logger.info(f"CPU run: {torch.get_num_threads()} torch threads per process")
-    check_sharded_options(args, accelerator)  # FSDP2 (docs/several_gpus.md): what it does not support yet
     return accelerator
 
 
@@ -677,7 +677,7 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
         objective += float(loss.detach()) / k
     # EMA / queue: advance once with the step's k micro-batches; exact: pass 2 == pass 1, else an error (collective)
     fd_loss.end_step()
-    if dump_gradients_to and accelerator.is_main_process:
+    if dump_gradients_to:  # every process: a sharded denoiser's gradients are gathered from all
         dump_gradients(accelerator, denoiser, dump_gradients_to, step=progress.global_step + 1)
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
     grad_norm = clip_gradients(accelerator, denoiser, trainable, max_norm)
@@ -706,12 +706,15 @@ def train_step(args, accelerator, gen, denoiser, encoders, fd_loss, optimizer, l
 
 
 def dump_gradients(accelerator, denoiser, path, step: int) -> None:
-    """The (DDP-averaged, unclipped) gradients of the trainable parameters as a safetensors file."""
+    """The (process-averaged, unclipped) gradients of the trainable parameters as a safetensors file, written by
+    the main process (call on every process: a sharded denoiser's are gathered from all)."""
     from safetensors.torch import save_file
 
-    model = unwrap(accelerator, denoiser)
-    grads = {n: p.grad.detach().cpu().contiguous() for n, p in model.named_parameters()
-             if p.requires_grad and p.grad is not None}
+    from fd_onestep.training.sharding import full_gradients
+
+    grads = full_gradients(unwrap(accelerator, denoiser))
+    if not accelerator.is_main_process:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(grads, str(path), metadata={"step": str(step), "processes": str(accelerator.num_processes)})
@@ -720,42 +723,55 @@ def dump_gradients(accelerator, denoiser, path, step: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+def save_validation_grid(args, accelerator, gen, model, step: int) -> None:
+    """Main process: ``--num_validation_images`` samples of fixed noise as ``DIR/validation/grid_<step>.png`` (and
+    ``DIR/validation_grid.png``, TensorBoard's ``validation`` images)."""
+    from fd_onestep.images import image_grid
+
+    output_dir = Path(args.output_dir)
+    rng = torch.Generator().manual_seed(args.seed + 2)
+    noise = gen.sample_noise(args.num_validation_images, generator=rng, device=accelerator.device)
+    cond = gen.sample_conditioning(args.num_validation_images, generator=rng, device=accelerator.device)
+    with torch.no_grad():
+        images = generate_images(accelerator, gen, model, noise, cond)
+    (output_dir / "validation").mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images)
+    grid.save(output_dir / "validation" / f"grid_{step:06d}.png")
+    grid.save(output_dir / "validation_grid.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            from diffusers.image_processor import VaeImageProcessor
+
+            np_images = VaeImageProcessor.denormalize(images).cpu().numpy()  # [-1, 1] -> [0, 1]
+            tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
+
+
 def log_validation(args, accelerator, gen, model, reps: Representations, step: int, progress, population_fds) -> dict:
-    """Validation grid, fresh-sample FDs in every representation, and the best pipeline so far (``DIR/best``).
+    """Validation grid, CLIP score, fresh-sample FDs in every representation, and the best pipeline so far
+    (``DIR/best``). Every process calls it: the FDs are computed over all, and the parts the main process runs alone
+    (grid, CLIP score) have the others join a sharded denoiser's forwards (:func:`run_on_main_process`).
 
     ``model`` is the unwrapped generator with the weights to validate (EMA swapped in by the caller).
     """
-    from fd_onestep.images import image_grid
-
     output_dir = Path(args.output_dir)
     was_training = model.training
     model.eval()
     result = {"step": step}
-    if args.num_validation_images and accelerator.is_main_process:
-        rng = torch.Generator().manual_seed(args.seed + 2)
-        noise = gen.sample_noise(args.num_validation_images, generator=rng, device=accelerator.device)
-        cond = gen.sample_conditioning(args.num_validation_images, generator=rng, device=accelerator.device)
-        with torch.no_grad():
-            images = generate_images(accelerator, gen, model, noise, cond)
-        (output_dir / "validation").mkdir(parents=True, exist_ok=True)
-        grid = image_grid(images)
-        grid.save(output_dir / "validation" / f"grid_{step:06d}.png")
-        grid.save(output_dir / "validation_grid.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                from diffusers.image_processor import VaeImageProcessor
-
-                np_images = VaeImageProcessor.denormalize(images).cpu().numpy()  # [-1, 1] -> [0, 1]
-                tracker.writer.add_images("validation", np_images, step, dataformats="NCHW")
-    if args.eval_clip_model and accelerator.is_main_process:
+    if args.num_validation_images:
+        run_on_main_process(accelerator, model, lambda m: save_validation_grid(args, accelerator, gen, m, step))
+    if args.eval_clip_model:
         from fd_onestep.clip_score import generator_clip_score
 
-        clip = generator_clip_score(args.eval_clip_model, gen, lambda n, c: generate_images(accelerator, gen, model, n, c),
-                                    args.num_validation_samples or args.num_validation_images, seed=args.seed + 4,
-                                    batch_size=args.sample_batch_size, device=accelerator.device)
-        result["clip_score"] = {"model": clip.name, "score": clip.compute(), "num_samples": clip.count}
-        accelerator.log({"clip_score": clip.compute()}, step=step)
-        logger.info(f"step {step}: CLIP score {clip.compute():.2f} ({clip.count} samples, {clip.name})")
+        def clip_score(m):
+            return generator_clip_score(args.eval_clip_model, gen, lambda n, c: generate_images(accelerator, gen, m, n, c),
+                                        args.num_validation_samples or args.num_validation_images, seed=args.seed + 4,
+                                        batch_size=args.sample_batch_size, device=accelerator.device)
+
+        clip = run_on_main_process(accelerator, model, clip_score)
+        if accelerator.is_main_process:
+            result["clip_score"] = {"model": clip.name, "score": clip.compute(), "num_samples": clip.count}
+            accelerator.log({"clip_score": clip.compute()}, step=step)
+            logger.info(f"step {step}: CLIP score {clip.compute():.2f} ({clip.count} samples, {clip.name})")
     if args.num_validation_samples:
         fds, adherence = fresh_sample_fds(args, accelerator, gen, model, reps, args.num_validation_samples,
                                           args.seed + 3, args.sample_batch_size)
@@ -800,8 +816,9 @@ def log_validation(args, accelerator, gen, model, reps: Representations, step: i
             if progress.best_metric is None or metric < progress.best_metric:
                 progress.best_metric, progress.best_step = metric, step
                 best_dir = output_dir / "best"
+                gathered = gather_weights(args, model)  # a sharded model: every process takes part
                 if accelerator.is_main_process:
-                    save_weights_atomically(args, gen, model, best_dir)
+                    save_weights_atomically(args, gen, model, best_dir, gathered)
                     (best_dir / "fd_onestep_best.json").write_text(json.dumps(
                         {"step": step, "keep_best_by": args.keep_best_by, "metric": metric, "fds": fds}, indent=2))
                 logger.info(f"step {step}: new best {args.keep_best_by} = {metric:.4g} -> {best_dir}")
@@ -1035,11 +1052,12 @@ def main(args) -> dict:
         if args.num_output_samples:
             write_samples(args, accelerator, gen, model)
         summary["comparison"] = None
-        if args.compare_with_teacher and accelerator.is_main_process:
+        if args.compare_with_teacher:
             logger.info("Comparing the student with its teacher (naive one step, multi-step sampler)")
             demo = demo_of(args)  # a demo's config names its own comparison
             compare = demo.run_comparison if demo is not None else run_comparison
-            summary["comparison"] = compare(args, accelerator, gen, model, reps)
+            summary["comparison"] = run_on_main_process(accelerator, model,
+                                                        lambda m: compare(args, accelerator, gen, m, reps))
             summary["comparison_table"] = str(output_dir / "comparison.md")
     if accelerator.is_main_process:
         space = prepare_space(output_dir, hub_repo_id, hub_token, push=args.push_to_hub) if args.hub_space else None

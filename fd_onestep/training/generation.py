@@ -81,7 +81,8 @@ def stream_features(accelerator, gen, model, total: int, seed: int, encoders, ba
     split over processes).
 
     ``on_images(images, first_global_index, labels)`` sees each local chunk of images; a process with no rows
-    in a chunk yields ``(None, None)`` (every process yields once per chunk, so collectives stay in step).
+    in a chunk yields ``(None, None)`` (every process yields once per chunk, so collectives stay in step; with a
+    sharded denoiser it still runs a forward of one spare sample, since every process must join each forward).
     ``balanced``: class-conditional models get every class equally often (:func:`draw_local_batch`).
     """
     rng = torch.Generator().manual_seed(seed)
@@ -99,6 +100,10 @@ def stream_features(accelerator, gen, model, total: int, seed: int, encoders, ba
                 if on_images is not None:
                     on_images(images, done + start, labels)
                 features = encode(images, encoders)
+            elif is_sharded(model):  # a sharded forward needs every process: join it with a sample that is dropped
+                spare = torch.Generator().manual_seed(seed)
+                generate_images(accelerator, gen, model, gen.sample_noise(1, generator=spare, device=accelerator.device),
+                                gen.sample_conditioning(1, generator=spare, device=accelerator.device))
         yield features, (labels if features is not None else None)
         done += n
 

@@ -74,12 +74,13 @@ def save_weights(args, gen, model, folder: Path, gathered=None) -> None:
         gen.save_pipeline(folder, denoiser=gathered if gathered is not None else model)
 
 
-def save_weights_atomically(args, gen, model, target: Path) -> None:
-    """Main process: :func:`save_weights` into ``target``, replacing it only once the new folder is complete."""
+def save_weights_atomically(args, gen, model, target: Path, gathered=None) -> None:
+    """Main process: :func:`save_weights` into ``target`` (a sharded model: its ``gathered`` weights), replacing
+    it only once the new folder is complete."""
     tmp = target.with_name(f".{target.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_weights(args, gen, model, tmp)
+    save_weights(args, gen, model, tmp, gathered)
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         if old.exists():

@@ -1,4 +1,4 @@
-"""The training script's sharded (FSDP2) run: which options it supports, the prepared denoiser, the prompt store.
+"""The training script's sharded (FSDP2) run: the prepared denoiser, gradient clipping, the prompt store.
 
 The library parts are :mod:`fd_onestep.training.sharding` (the FSDP2 route, sharded checkpoints, gathering) and
 :mod:`fd_onestep.prompt_store`; this module wires them into ``train_scripts/train_fd_onestep.py`` so that the
@@ -19,7 +19,7 @@ import torch
 
 from fd_onestep.errors import RunError
 
-__all__ = ["sharding_requested", "check_sharded_options", "prepare_denoiser", "build_prompt_store", "clip_gradients"]
+__all__ = ["sharding_requested", "prepare_denoiser", "build_prompt_store", "clip_gradients"]
 
 
 def sharding_requested(accelerator) -> bool:
@@ -30,36 +30,6 @@ def sharding_requested(accelerator) -> bool:
 
     return accelerator.num_processes > 1 and (accelerator.distributed_type == DistributedType.FSDP
                                               or fsdp2_requested())
-
-
-def check_sharded_options(args, accelerator) -> None:
-    """Before any model loads: the options a sharded run does not support yet, one line naming each and the fix.
-
-    Validation, the model card's samples and the teacher comparison run the unwrapped denoiser on the main process
-    only, which a sharded denoiser cannot do (every process must join each forward); the first step's gradient
-    dump reads whole gradients; the exact population's per-micro-batch ``no_sync`` is DDP's.
-    """
-    if not sharding_requested(accelerator):
-        return
-    wanted = []
-    if args.validation_steps is None or args.validation_steps > 0 or args.num_validation_images \
-            or args.num_validation_samples:
-        wanted.append("validation (--validation_steps 0 --num_validation_images 0 --num_validation_samples 0)")
-    if args.num_output_samples:
-        wanted.append("--num_output_samples (0)")
-    if args.compare_with_teacher:
-        wanted.append("--compare_with_teacher (--no-compare_with_teacher)")
-    if args.debug_dump_first_step_grad:
-        wanted.append("--debug_dump_first_step_grad (drop it)")
-    if args.fd_population == "exact":
-        wanted.append("--fd_population exact (ema or queue)")
-    if getattr(args, "final_weights", "last") == "best":
-        wanted.append("--final_weights best (last)")
-    if wanted:
-        raise RunError(
-            "a sharded (FSDP2) run does not support yet: " + "; ".join(wanted)
-            + ". Set these as shown, or launch without --use_fsdp (data parallelism)."
-        )
 
 
 def prepare_denoiser(accelerator, gen, optimizer, lr_scheduler, trainable):

@@ -46,6 +46,8 @@ __all__ = [
     "sharded_lora_state_dict",
     "save_sharded_state",
     "load_sharded_state",
+    "run_on_main_process",
+    "full_gradients",
     "SHARDED_STATE_MARKER",
 ]
 
@@ -258,3 +260,80 @@ def load_sharded_state(template: Any, folder: str | os.PathLike) -> Any:
     skeleton = json.loads((Path(folder) / SHARDED_STATE_MARKER).read_text())
     dcp.load(tensors, checkpoint_id=str(folder))
     return unflatten_state(tensors, skeleton)
+
+
+class _DenoiserOfMainProcess(torch.nn.Module):
+    """The main process's view of a sharded denoiser inside :func:`run_on_main_process`: each call first sends its
+    inputs to the other processes, which join the forward (FSDP2 gathers each block from the shards of all)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module = model
+
+    def __getattr__(self, name):  # config, dtype, ...: the denoiser's own
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+    def forward(self, *args, **kwargs):
+        from accelerate.utils import send_to_device
+
+        _send_to_followers(("forward", send_to_device((args, kwargs), "cpu")))
+        # no_grad outside inference mode: a sharded root keeps its gathered parameters after a forward, and
+        # inference tensors among them could not enter the next training step
+        with torch.inference_mode(False), torch.no_grad():
+            return self.module(*args, **kwargs)
+
+
+def _send_to_followers(message):
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([message], from_process=0)[0]
+
+
+def run_on_main_process(accelerator, model: torch.nn.Module, fn):
+    """``fn(denoiser)`` on the main process, for code that runs there alone and calls the denoiser (validation
+    grids, CLIP score, the teacher comparison); returns its result there and None on the other processes.
+
+    A sharded (FSDP2) denoiser runs a forward only with every process taking part. Here ``fn`` gets a stand-in
+    whose every call first broadcasts its inputs (through the CPU, :func:`accelerate.utils.broadcast_object_list`),
+    and the other processes run the same forward under ``no_grad`` and the run's autocast, discarding its output,
+    until ``fn`` returns; an exception in ``fn`` is raised on every process. Inference only. A model that is not
+    sharded: ``fn(model)`` on the main process, nothing on the others. A collective: call on every process.
+    """
+    from accelerate.utils import send_to_device
+
+    if not is_sharded(model):
+        return fn(model) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        try:
+            result = fn(_DenoiserOfMainProcess(model))
+        except BaseException as err:
+            _send_to_followers(("failed", f"{type(err).__name__}: {err}"))
+            raise
+        _send_to_followers(("done", None))
+        return result
+    while True:
+        kind, payload = _send_to_followers(None)
+        if kind == "done":
+            return None
+        if kind == "failed":
+            raise RuntimeError(f"the main process failed in code it runs alone with the sharded denoiser: {payload}")
+        args, kwargs = send_to_device(payload, accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            model(*args, **kwargs)
+
+
+def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole gradients of a model's trainable parameters on the CPU, by parameter name (the plain model's
+    names). Sharded (FSDP2): each gathered from the processes' shards (``DTensor.full_tensor``), a collective:
+    call on every process; every process gets them."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in _plain_module(model).named_parameters():
+        if p.requires_grad and p.grad is not None:
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            out[name] = grad.detach().cpu().contiguous()
+    return out
