@@ -120,6 +120,8 @@ def train(accelerator, family, lora, out: Path, checkpoint_at=None, resume_from=
     try:
         _loop(accelerator, gen, denoiser, optimizer, scheduler, ema, trainable, encoder, fd_loss, rng, progress, out,
               lora, checkpoint_at, resume_from)
+        if sharded and resume_from is None:
+            check_run_on_main_process(accelerator, gen, denoiser, out)
     finally:
         for hook in hooks:
             hook.remove()
@@ -178,6 +180,25 @@ def _loop(accelerator, gen, denoiser, optimizer, scheduler, ema, trainable, enco
             gen.pipeline.save_lora_weights(out / "lora", denoiser_lora_layers=weights, family=gen.family,
                                            lora_config=_plain_module(denoiser).peft_config["default"])
     accelerator.wait_for_everyone()
+
+
+def check_run_on_main_process(accelerator, gen, denoiser, out: Path):
+    """``run_on_main_process``: the main process alone calls the sharded denoiser (the other joins each forward) and
+    gets what every process computes together; an exception there is raised on every process. Written to
+    ``main_process-<rank>.json``."""
+    from fd_onestep.training.sharding import run_on_main_process
+
+    noise = gen.sample_noise(2, generator=torch.Generator().manual_seed(0), device=accelerator.device)
+    cond = gen.sample_conditioning(2, generator=torch.Generator().manual_seed(0), device=accelerator.device)
+    with torch.no_grad():
+        together = gen(denoiser, noise, cond)
+    alone = run_on_main_process(accelerator, denoiser, lambda model: gen(model, noise, cond))
+    record = {"same_images": None if alone is None else bool(torch.equal(alone, together))}
+    try:
+        run_on_main_process(accelerator, denoiser, lambda model: (gen(model, noise, cond), 1 / 0))
+    except (ZeroDivisionError, RuntimeError) as err:
+        record["raised"] = type(err).__name__
+    (out / f"main_process-{accelerator.process_index}.json").write_text(json.dumps(record))
 
 
 def main():

@@ -90,6 +90,15 @@ def test_resuming_a_sharded_checkpoint_continues_bit_for_bit(runs, run):
             assert torch.equal(straight[key], resumed[key]), f"{name}:{key}"
 
 
+@pytest.mark.parametrize("run", RUNS)
+def test_code_the_main_process_runs_alone_calls_the_sharded_denoiser_with_the_other_joining(runs, run):
+    """``run_on_main_process``: the main process's call gives the images both processes compute together, the other
+    process returns None; an exception in the main process's code is raised on both (no process is left waiting)."""
+    records = [json.loads((runs / "two" / run / "straight" / f"main_process-{r}.json").read_text()) for r in (0, 1)]
+    assert records[0] == {"same_images": True, "raised": "ZeroDivisionError"}
+    assert records[1] == {"same_images": None, "raised": "RuntimeError"}
+
+
 def test_the_gathered_lora_file_gives_the_one_process_images_and_loads_into_the_stock_pipeline(runs):
     """The FLUX LoRA gathered once from the shards, in diffusers' LoRA file format: the one-step pipeline with it
     makes the 1-process run's images, and the stock ``FluxPipeline.load_lora_weights`` takes the file as it is (the
