@@ -53,6 +53,9 @@ Pipeline config (``pipe.config``; saved in ``model_index.json``)
   Mistral3 / Qwen3 tokens (chat template and prompt) for "flux2" / "flux2_klein".
 - ``force_zeros_for_empty_prompt``: "sdxl": without a negative prompt the negative branch is zeros.
 - ``complex_human_instruction``: "sana": the lines prepended to each prompt (default ``SanaPipeline``'s).
+- ``is_distilled``: "flux2_klein": a step-distilled teacher (``is_distilled`` in its ``model_index.json``, which
+  ``from_teacher`` reads) takes no guidance, as ``Flux2KleinPipeline`` ignores its ``guidance_scale``; None for
+  other families.
 
 Prompts are encoded by the family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
 ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``SanaPipeline``, ``QwenImagePipeline``, ``ZImagePipeline``,
@@ -467,6 +470,7 @@ class FamilyAdapter:
             settings["sample_size"] = cfg_size if isinstance(cfg_size, int) else int(cfg_size[0])
         if settings["max_sequence_length"] is None:
             settings["max_sequence_length"] = cls.default_max_sequence_length
+        settings["is_distilled"] = None  # a setting of step-distilled families only
         return settings
 
     @classmethod
@@ -1632,6 +1636,17 @@ class Flux2KleinAdapter(Flux2Adapter):
     stock_pipeline_class = Flux2KleinPipeline
     guidance_embedded = False
 
+    @classmethod
+    def resolve_settings(cls, denoiser, scheduler, settings):
+        distilled = bool(settings.get("is_distilled"))
+        settings = super().resolve_settings(denoiser, scheduler, settings)
+        settings["is_distilled"] = distilled
+        return settings
+
+    def uses_negative_branch(self, guidance_scale):
+        # a step-distilled klein takes no guidance: Flux2KleinPipeline ignores guidance_scale (with a warning)
+        return super().uses_negative_branch(guidance_scale) and not self.pipe.config.is_distilled
+
 
 FAMILY_ADAPTERS = {cls.name: cls for cls in (UNet2DAdapter, DiTAdapter, SDAdapter, SDXLAdapter, SD3Adapter,
                                              FluxAdapter, SanaAdapter,
@@ -1813,7 +1828,8 @@ class FDOneStepPipeline(DiffusionPipeline):
     Everything that differs between families lives in one adapter class per family (``pipe.adapter``, see
     ``FAMILY_ADAPTERS``). One-step settings (all in the pipeline config, see the module docstring): ``family``,
     ``timestep``, ``prediction_type``, ``guidance_scale``, ``output_bound``, ``sample_size``,
-    ``null_class_label``, ``max_sequence_length``, ``force_zeros_for_empty_prompt``, ``complex_human_instruction``.
+    ``null_class_label``, ``max_sequence_length``, ``force_zeros_for_empty_prompt``, ``complex_human_instruction``,
+    ``is_distilled``.
     """
 
     SUPPORTED_FAMILIES = SUPPORTED_FAMILIES
@@ -1853,6 +1869,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         max_sequence_length: int | None = None,
         force_zeros_for_empty_prompt: bool | None = None,
         complex_human_instruction: list[str] | None = None,
+        is_distilled: bool | None = None,
     ):
         super().__init__()
         denoiser = unet if unet is not None else transformer
@@ -1894,7 +1911,7 @@ class FDOneStepPipeline(DiffusionPipeline):
         settings = adapter_cls.resolve_settings(denoiser, scheduler, dict(
             sample_size=sample_size, null_class_label=null_class_label, max_sequence_length=max_sequence_length,
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-            complex_human_instruction=complex_human_instruction,
+            complex_human_instruction=complex_human_instruction, is_distilled=is_distilled,
         ))
 
         self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, **components)
@@ -1909,6 +1926,7 @@ class FDOneStepPipeline(DiffusionPipeline):
             max_sequence_length=settings["max_sequence_length"],
             force_zeros_for_empty_prompt=settings["force_zeros_for_empty_prompt"],
             complex_human_instruction=settings["complex_human_instruction"],
+            is_distilled=settings.get("is_distilled"),
         )
         self.adapter = adapter_cls(self)
         self.vae_scale_factor = self.adapter.vae_scale_factor()
@@ -2341,7 +2359,8 @@ class FDOneStepPipeline(DiffusionPipeline):
 
     def _settings(self) -> dict:
         keys = ("family", "timestep", "prediction_type", "guidance_scale", "output_bound", "sample_size",
-                "null_class_label", "max_sequence_length", "force_zeros_for_empty_prompt", "complex_human_instruction")
+                "null_class_label", "max_sequence_length", "force_zeros_for_empty_prompt", "complex_human_instruction",
+                "is_distilled")
         return {k: self.config[k] for k in keys}
 
     def with_denoiser(self, denoiser: torch.nn.Module) -> "FDOneStepPipeline":

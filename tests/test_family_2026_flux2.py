@@ -237,3 +237,28 @@ def test_the_other_way_of_training_each_family(script, assets, folders, tmp_path
         assert pipe.family == family and pipe.config.sample_size == 4
         images = pipe(prompt=["two cats"], generator=torch.Generator().manual_seed(0), output_type="pt").images
         assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_a_step_distilled_klein_takes_no_guidance_as_its_stock_pipeline(tmp_path):
+    """``is_distilled: true`` in a FLUX.2 [klein] teacher's model_index (the step-distilled releases):
+    ``Flux2KleinPipeline`` ignores ``guidance_scale`` there, and so does the one step, by the stock pipeline's own
+    reading of the setting (a guided call equals the unguided one and the stock one-step call)."""
+    torch.manual_seed(0)
+    teacher = flux2_klein_teacher()
+    teacher.register_to_config(is_distilled=True)
+    teacher.save_pretrained(tmp_path / "klein")
+    kwargs = FAMILY_KWARGS["flux2_klein"]
+    pipe = FDOneStepPipeline.from_teacher(tmp_path / "klein", **kwargs, guidance_scale=4.0)
+    assert pipe.config.is_distilled is True
+    noise = torch.randn(2, *pipe.noise_shape(), generator=torch.Generator().manual_seed(3))
+    guided = pipe(prompt=PROMPTS, latents=noise, output_type="pt").images
+    plain = pipe(prompt=PROMPTS, latents=noise, guidance_scale=1.0, output_type="pt").images
+    assert torch.equal(guided, plain)
+    stock = Flux2KleinPipeline.from_pretrained(tmp_path / "klein")
+    stock.set_progress_bar_config(disable=True)
+    expected = one_step_by_hand(stock, noise, PROMPTS, 1000, 1.0, kwargs["max_sequence_length"])
+    assert (guided - expected).abs().max() <= 1e-4
+    # the same teacher without the setting does guide
+    assert not FDOneStepPipeline.from_teacher(tmp_path / "klein", **kwargs, is_distilled=False,
+                                              guidance_scale=4.0)(prompt=PROMPTS, latents=noise,
+                                                                  output_type="pt").images.equal(guided)
