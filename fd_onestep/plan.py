@@ -423,7 +423,12 @@ class Plan:
     fd_state: int  # bytes of populations and reference statistics
     steps: dict = field(default_factory=dict)  # batch -> StepMeasure
     notes: list = field(default_factory=list)
-    block_bytes: int = 0  # the denoiser's largest FSDP2 unit (one block of fd_onestep.training.sharding), bytes
+    # FSDP2 units (the blocks of fd_onestep.training.sharding): a unit gathers only the parameters no nested unit
+    # holds. The largest unit's weights, the largest unit's gradients (float32, trainable parameters only), and the
+    # root's (the parameters in no block; FSDP2 keeps the root gathered from its forward to its backward), bytes
+    block_bytes: int = 0
+    block_grad_bytes: int = 0
+    root_bytes: int = 0
     prompt_bytes: int = 0  # one prompt's stored embeddings (weight dtype), bytes; 0 for models without prompts
 
     # -- memory
@@ -465,17 +470,12 @@ class Plan:
         per_sample = (b - a) / (b2 - b1)
         return int(b1 + (cap - self.static - a) // per_sample)
 
-    def fsdp_per_gpu(self, num_gpus: int, batch: int) -> float:
-        """Per-GPU bytes under fully sharded data parallel (docs/plan.md): the denoiser's weights, gradients and
-        optimizer state sharded over ``num_gpus``; frozen modules replicated; activations per GPU unchanged."""
-        denoiser = self.weights["denoiser"]
-        sharded = (denoiser + self.gradients + self.optimizer_state) / num_gpus
-        return self.static - denoiser - self.gradients - self.optimizer_state + sharded + self.transient(batch)
-
     def sharded(self, num_gpus: int, batch: int) -> dict:
         """Per-GPU bytes of a sharded run (FSDP2, docs/several_gpus.md), part by part: the denoiser's weights,
         gradients and AdamW state divided over ``num_gpus``; two of its blocks gathered whole at a time (the one
-        running and the one prefetched) and one block's unsharded gradients before its reduce-scatter; the VAE, the
+        running and the one prefetched) and one block's unsharded gradients before its reduce-scatter (a block's own
+        parameters: those of blocks nested in it are gathered as blocks of their own); the root's parameters, in no
+        block, gathered for the whole step; the VAE, the
         FD encoders and the FD state replicated; the text encoders off the GPU (the prompts are stored on disk);
         the activations per GPU as without sharding."""
         text = {k: v for k, v in self.weights.items() if k.startswith("text_encoder")}
@@ -484,7 +484,8 @@ class Plan:
             "denoiser weights (1/N)": self.weights["denoiser"] / num_gpus,
             "gradients (1/N)": self.gradients / num_gpus,
             "optimizer state (1/N)": self.optimizer_state / num_gpus,
-            "gathered blocks (2 blocks' weights, 1 block's gradients)": 2 * self.block_bytes + self.block_bytes,
+            "gathered blocks (2 blocks' weights, 1 block's gradients)": 2 * self.block_bytes + self.block_grad_bytes,
+            "gathered root (parameters in no block, with their gradients)": self.root_bytes,
             "replicated: VAE, FD encoders": replicated,
             "populations and reference statistics": self.fd_state,
             "activations and transients": self.transient(batch),
@@ -561,8 +562,9 @@ class Plan:
                           f"50,000 prompts), memory-mapped; host memory a process adds: one shard of 1024 prompts "
                           f"while encoding ({gb(self.prompt_store_host_bytes())}), whatever the number of prompts.", ""]
         elif not s.use_lora and self.peak(1) > s.gpu_memory_gb * 1e9:
-            lines.append(f"Full fine-tune under fully sharded data parallel on {s.num_gpus} GPUs: "
-                         f"{gb(self.fsdp_per_gpu(s.num_gpus, b))} per GPU at batch {b} (docs/plan.md).")
+            lines.append(f"Full fine-tune sharded over {s.num_gpus} GPUs (FSDP2): "
+                         f"{gb(self.sharded_per_gpu(s.num_gpus, b))} per GPU at batch {b}; --fsdp gives it part by "
+                         "part (docs/several_gpus.md).")
             lines.append("")
         per = self.flops_per_sample()
         total = sum(per.values())
@@ -668,6 +670,20 @@ def _real_tensors():
 
 def _module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _unit_bytes(unit: torch.nn.Module, units: list, trainable_grads: bool = False) -> int:
+    """Bytes an FSDP2 unit gathers: the parameters and buffers of ``unit`` outside the other ``units`` nested in it;
+    ``trainable_grads``: instead, the float32 gradients of its trainable parameters."""
+    nested = {id(m) for m in units if m is not unit}
+    own, stack = [], [unit]
+    while stack:
+        module = stack.pop()
+        own.append(module)
+        stack.extend(child for child in module.children() if id(child) not in nested)
+    if trainable_grads:
+        return sum(4 * p.numel() for m in own for p in m.parameters(recurse=False) if p.requires_grad)
+    return sum(t.numel() * t.element_size() for m in own for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
 
 
 def _dtype(name: str):
@@ -776,7 +792,10 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
     from .training.sharding import denoiser_block_classes
 
     blocks = set(denoiser_block_classes(denoiser))
-    plan.block_bytes = max(_module_bytes(m) for m in denoiser.modules() if type(m).__name__ in blocks)
+    units = [m for m in denoiser.modules() if type(m).__name__ in blocks]
+    plan.block_bytes = max(_unit_bytes(m, units) for m in units)
+    plan.block_grad_bytes = max(_unit_bytes(m, units, trainable_grads=True) for m in units)
+    plan.root_bytes = _unit_bytes(denoiser, units) + _unit_bytes(denoiser, units, trainable_grads=True)
     if pipe.is_text_conditional:
         example = pipe.example_conditioning(1, device="cpu", dtype=weight_dtype)
         plan.prompt_bytes = sum(t.numel() * t.element_size() for t in vars(example).values()

@@ -102,8 +102,25 @@ def test_largest_batch_is_extrapolated_linearly_from_batches_1_and_2():
 
 def test_fully_sharded_memory_divides_weights_gradients_and_optimizer_state():
     plan = synthetic_plan()
-    # weights 10 GB + gradients 4 GB + AdamW 8 GB sharded over 8 GPUs, activations per GPU unchanged
-    assert plan.fsdp_per_gpu(8, 1) == pytest.approx((10e9 + 4e9 + 8e9) / 8 + 7e9)
+    plan.block_bytes, plan.block_grad_bytes, plan.root_bytes = 1e9, 2e9, 0.5e9
+    # weights 10 GB + gradients 4 GB + AdamW 8 GB sharded over 8 GPUs, two blocks' weights and one block's
+    # gradients gathered, the root gathered, activations per GPU unchanged
+    assert plan.sharded_per_gpu(8, 1) == pytest.approx((10e9 + 4e9 + 8e9) / 8 + 2e9 + 2e9 + 0.5e9 + 7e9)
+
+
+def test_a_block_gathers_only_the_parameters_no_block_nested_in_it_holds():
+    """FSDP2 units nest (SDXL's CrossAttnUpBlock2D holds BasicTransformerBlocks, each a unit of its own): a unit
+    gathers its own parameters; the root gathers those in no unit; gradients count trainable parameters only."""
+    from fd_onestep.plan import _unit_bytes
+
+    inner = [torch.nn.Linear(4, 4) for _ in range(2)]  # 20 parameters each
+    outer = torch.nn.Sequential(torch.nn.Linear(4, 2), *inner)  # 10 of its own
+    root = torch.nn.Sequential(torch.nn.Linear(2, 1), outer)  # 3 of its own
+    units = [outer, *inner]
+    inner[0].weight.requires_grad_(False)
+    assert _unit_bytes(outer, units) == 4 * 10 and _unit_bytes(inner[0], units) == 4 * 20
+    assert _unit_bytes(root, units) == 4 * 3
+    assert _unit_bytes(inner[0], units, trainable_grads=True) == 4 * 4  # its bias only
 
 
 @pytest.mark.slow
