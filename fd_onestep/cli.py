@@ -210,6 +210,11 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--use_lora", "--lora", dest="use_lora", action="store_true",
                       help="Train a LoRA (default: full fine-tune of the denoiser).")
     plan.add_argument("--lora_rank", type=_positive_int, default=8, help="LoRA rank.")
+    plan.add_argument("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance inside the one step "
+                      "(1 = off): with true guidance (a negative prompt or the null class) the denoiser sees twice the "
+                      "batch.")
+    plan.add_argument("--max_sequence_length", type=_positive_int, default=None,
+                      help="Text tokens of each prompt (default: the stock pipeline's).")
     plan.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                       help="Default: accelerate's config (ACCELERATE_MIXED_PRECISION or its config file; no without "
                       "one), as the training script.")

@@ -353,6 +353,8 @@ class PlanSettings:
     utilization: float = DEFAULT_UTILIZATION
     num_gpus: int = 8
     fsdp: bool = False  # plan a sharded run (FSDP2 over num_gpus, text encoders off the GPU, prompt store)
+    guidance_scale: float = 1.0  # > 1 with true classifier-free guidance: the denoiser sees twice the batch
+    max_sequence_length: Optional[int] = None  # text tokens per prompt (default: the stock pipeline's)
 
     @property
     def savers(self) -> list[str]:
@@ -398,7 +400,8 @@ def settings_from_args(args) -> "PlanSettings":
         fd_ema_beta=getattr(args, "fd_ema_beta", 0.999), gpu_memory_gb=getattr(args, "gpu_memory_gb", 80.0),
         peak_tflops=getattr(args, "peak_tflops", DEFAULT_PEAK_TFLOPS),
         utilization=getattr(args, "utilization", DEFAULT_UTILIZATION), num_gpus=getattr(args, "num_gpus", 8),
-        fsdp=getattr(args, "fsdp", False),
+        fsdp=getattr(args, "fsdp", False), guidance_scale=getattr(args, "guidance_scale", 1.0),
+        max_sequence_length=getattr(args, "max_sequence_length", None),
     )
 
 
@@ -733,7 +736,8 @@ def _plan_in_mode(settings: PlanSettings, folder: Path, batches) -> Plan:
 
     weight_dtype = _dtype(settings.mixed_precision)
     torch.manual_seed(0)
-    pipe = build_pipeline(folder, settings.resolution)
+    pipe = build_pipeline(folder, settings.resolution, guidance_scale=settings.guidance_scale,
+                          **({"max_sequence_length": settings.max_sequence_length} if settings.max_sequence_length else {}))
     resolution = pipe.image_shape()[-1]
     surrogate = None
     if settings.surrogate_decoder:

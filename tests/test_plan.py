@@ -218,7 +218,7 @@ def test_plan_and_the_training_script_take_the_same_flags_with_the_same_defaults
     assert trainer.get_default("encoders") is None and plan_parser.get_default("encoders") == ["inception", "dinov2"]
     for name in ("train_batch_size", "use_lora", "lora_rank", "mixed_precision", "resolution",
                  "gradient_checkpointing", "vae_gradient_checkpointing", "decode_micro_batch_size", "surrogate_decoder",
-                 "encoder_gradient_checkpointing", "gpu_memory_gb"):
+                 "encoder_gradient_checkpointing", "gpu_memory_gb", "guidance_scale", "max_sequence_length"):
         assert plan_parser.get_default(name) == trainer.get_default(name), name
 
 
@@ -273,3 +273,21 @@ def test_the_step_peak_does_not_depend_on_when_the_garbage_collector_runs():
     finally:
         gc.set_threshold(*threshold)
     assert without_collector == with_collector
+
+
+def test_guidance_and_the_prompt_length_of_the_run_reach_the_plan(tmp_path):
+    """--guidance_scale > 1 (true guidance: the negative branch batched with the prompt) doubles the denoiser's
+    compute per sample; a longer --max_sequence_length (SD3's T5 tokens in its joint attention) adds to it."""
+    from tiny_teachers import TEACHERS
+
+    torch.manual_seed(0)
+    TEACHERS["sd3"]().save_pretrained(tmp_path / "sd3")
+
+    def denoiser_flops(**kwargs):
+        settings = PlanSettings(teacher=str(tmp_path / "sd3"), encoders=[digits.encoder_spec("dinov2-digits")],
+                                mixed_precision="no", use_lora=True, **kwargs)
+        return make_plan(settings, batches=[1, 2]).flops_per_sample()["denoiser"]
+
+    short = denoiser_flops(max_sequence_length=16)
+    assert denoiser_flops(max_sequence_length=16, guidance_scale=3.0) == pytest.approx(2 * short, rel=1e-6)
+    assert denoiser_flops(max_sequence_length=64) > short
