@@ -77,6 +77,22 @@ def test_published_dit_model_index_naming_the_legacy_transformer2dmodel_is_the_d
                    for cls in FAMILY_ADAPTERS.values())
 
 
+def test_a_saved_dit_teacher_naming_transformer2dmodel_loads_as_the_dit_family(tmp_path):
+    import json
+
+    from tiny_teachers import dit_teacher
+
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    dit_teacher().save_pretrained(tmp_path)
+    for file, key in (("model_index.json", "transformer"), ("transformer/config.json", "_class_name")):
+        config = json.loads((tmp_path / file).read_text())
+        config[key] = ["diffusers", "Transformer2DModel"] if key == "transformer" else "Transformer2DModel"
+        (tmp_path / file).write_text(json.dumps(config))
+    pipe = FDOneStepPipeline.from_teacher(str(tmp_path))
+    assert pipe.family == "dit" and type(pipe.transformer).__name__ == "DiTTransformer2DModel"
+
+
 _FAMILY_NAME = r"""["'](?:""" + "|".join(map(re.escape, FAMILY_ADAPTERS)) + r""")["']"""
 _COMPARISONS = [
     re.compile(r"(?:==|!=|\bin\b)\s*\(?\s*" + _FAMILY_NAME),  # family == "sd", family in ("sd3", "flux")
