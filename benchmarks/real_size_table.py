@@ -26,9 +26,12 @@ def savers_for(name: str) -> dict:
     import diffusers
 
     tiny = real_config_index()["tiny_decoder_of"].get(name)
-    vae_class = json.loads((REAL_CONFIGS_DIR / name / "model_index.json").read_text())["vae"][1]
-    savers = {"gradient_checkpointing": True, "decode_micro_batch_size": 1}
-    if getattr(diffusers, vae_class)._supports_gradient_checkpointing:  # not AutoencoderDC (SANA)
+    vae = json.loads((REAL_CONFIGS_DIR / name / "model_index.json").read_text()).get("vae")
+    savers = {"gradient_checkpointing": True}
+    if vae is None:  # a pixel-space teacher (DDPMPipeline): no decode to save on
+        return savers
+    savers["decode_micro_batch_size"] = 1
+    if getattr(diffusers, vae[1])._supports_gradient_checkpointing:  # not AutoencoderDC (SANA)
         savers["vae_gradient_checkpointing"] = True
     if tiny:
         savers["surrogate_decoder"] = tiny

@@ -726,6 +726,15 @@ class DiTAdapter(_ClassFamilyAdapter):
     block_classes = ("BasicTransformerBlock",)  # DiTTransformer2DModel has no _no_split_modules
 
     @classmethod
+    def owns_model_index(cls, config):
+        # the published DiT repositories (facebook/DiT-XL-2-256, -512; converted before diffusers 0.28) name the
+        # legacy `Transformer2DModel`, which diffusers loads as a DiTTransformer2DModel (norm_type ada_norm_zero)
+        entry = config.get(cls.denoiser_slot)
+        return super().owns_model_index(config) or (
+            config.get("_class_name") == "DiTPipeline" and isinstance(entry, (list, tuple))
+            and entry[1] == "Transformer2DModel")
+
+    @classmethod
     def resolve_settings(cls, denoiser, scheduler, settings):
         settings = super().resolve_settings(denoiser, scheduler, settings)
         if settings["null_class_label"] is None:

@@ -52,13 +52,6 @@ def test_every_family_is_one_adapter_class_and_every_tiny_teacher_is_detected(te
         assert pipe.denoiser is getattr(pipe, pipe.denoiser_slot)
 
 
-# families planned without a bundled published config (the real-size table has no row for them)
-WITHOUT_REAL_CONFIG = {
-    "unet2d": "pixel-space DDPM teachers are trained per dataset; there is no one published teacher to plan",
-    "dit": "class-conditional ImageNet DiT: not bundled yet",
-}
-
-
 def test_every_registered_family_has_its_tiny_teacher_real_config_and_readme_row():
     """The adapter registry is the one list of families: what a new family must bring is checked against it."""
     import json
@@ -70,9 +63,34 @@ def test_every_registered_family_has_its_tiny_teacher_real_config_and_readme_row
     for family, cls in FAMILY_ADAPTERS.items():
         assert family in TEACHERS, f"{family}: add its tiny teacher to TEACHERS in tests/tiny_teachers.py"
         has_config = any(cls.owns_model_index(index) for index in indexes)
-        assert has_config != (family in WITHOUT_REAL_CONFIG), (
-            f"{family}: bundle its published config in fd_onestep/real_configs/ (named in index.json)")
+        assert has_config, f"{family}: bundle its published config in fd_onestep/real_configs/ (named in index.json)"
         assert f"| `{family}` |" in readme, f"{family}: add its row to the README's supported-families table"
+
+
+def test_published_dit_model_index_naming_the_legacy_transformer2dmodel_is_the_dit_family():
+    # facebook/DiT-XL-2-256 (and the bundled dit-xl-2-256) name Transformer2DModel, which diffusers loads as a
+    # DiTTransformer2DModel; the same class under another pipeline (PixArt's old repositories) is not DiT
+    index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    assert [f for f, cls in FAMILY_ADAPTERS.items() if cls.owns_model_index(index)] == ["dit"]
+    assert not any(cls.owns_model_index({**index, "_class_name": "PixArtAlphaPipeline"})
+                   for cls in FAMILY_ADAPTERS.values())
+
+
+def test_a_saved_dit_teacher_naming_transformer2dmodel_loads_as_the_dit_family(tmp_path):
+    import json
+
+    from tiny_teachers import dit_teacher
+
+    from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
+
+    dit_teacher().save_pretrained(tmp_path)
+    for file, key in (("model_index.json", "transformer"), ("transformer/config.json", "_class_name")):
+        config = json.loads((tmp_path / file).read_text())
+        config[key] = ["diffusers", "Transformer2DModel"] if key == "transformer" else "Transformer2DModel"
+        (tmp_path / file).write_text(json.dumps(config))
+    pipe = FDOneStepPipeline.from_teacher(str(tmp_path))
+    assert pipe.family == "dit" and type(pipe.transformer).__name__ == "DiTTransformer2DModel"
 
 
 _FAMILY_NAME = r"""["'](?:""" + "|".join(map(re.escape, FAMILY_ADAPTERS)) + r""")["']"""
