@@ -11,7 +11,7 @@ functions as the trainer: ``OneStepGenerator`` (noise, conditioning, one-step fo
 population (the multi-process FD gradient), diffusers' ``EMAModel``, ``accelerator.prepare`` /
 ``save_checkpoint_atomically`` / ``load_state``.
 
-usage: sharded_training_worker.py OUT RUN [RUN ...]   (RUN: flux, flux-lora, digits, digits-lora)
+usage: sharded_training_worker.py OUT RUN [RUN ...]   (RUN: flux, flux-lora, digits, digits-lora; the test runs the first three)
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from train_fixtures import REPO_ROOT, SUBPROCESS_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-RUNS = ("flux", "flux-lora", "digits", "digits-lora")
+RUNS = ("flux", "flux-lora", "digits")  # LoRA: FLUX's (the trainer's test adds a FLUX LoRA run of its own)
 WORKER = REPO_ROOT / "tests" / "sharded_training_worker.py"
 
 
