@@ -89,3 +89,18 @@ def test_docs_hold_pages_and_pictures_and_results_hold_the_records():
     for record in sorted((ROOT / "results").rglob("*")):
         if record.is_file() and record.name != "README.md":
             assert record.relative_to(ROOT / "results").as_posix() in index, f"results/README.md omits {record.name}"
+
+
+def test_the_real_size_table_is_the_record_of_its_plans():
+    """Every row of the README's real-size table is a row of results/real_size_plans.json (what
+    benchmarks/real_size_table.py wrote), figure for figure, and every record row is in the table."""
+    import json
+
+    record = json.loads((ROOT / "results" / "real_size_plans.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    table = re.findall(r"^\| [^|]+ \| (\d+) \| (LoRA|full) \| (none|all) \| ([\d.]+) \| ([\d.]+) \| (\d+|none fits) \| "
+                       r"([\d.]+) \|$", text, re.M)
+    expected = [(str(r["resolution"]), "LoRA" if r["lora"] else "full", "all" if r["savers"] else "none",
+                 f"{r['peak_b1'] / 1e9:.1f}", f"{r['peak_b8'] / 1e9:.1f}", str(r["max_batch_80gb"] or "none fits"),
+                 f"{r['sharded_8gpu_b1'] / 1e9:.1f}") for r in record["rows"]]
+    assert len(record["rows"]) >= 44 and sorted(table) == sorted(expected)
