@@ -146,7 +146,8 @@ def _first_step_grad(assets, real_images, out, processes, batch):
     run_script([*_args(assets, real_images), "--output_dir", str(out), "--max_train_steps", "2",
                 "--train_batch_size", str(batch), "--checkpointing_steps", "0", "--fd_warmup_samples", "24",
                 "--num_validation_samples", "0", "--num_validation_images", "0", "--report_to", "none",
-                "--debug_dump_first_step_grad", str(dump), "--debug_float64"], launcher=accelerate_launch(processes))
+                "--debug_dump_first_step_grad", str(dump), "--debug_float64"],
+               launcher=accelerate_launch(processes) if processes > 1 else [])  # one process: plain python
     return load_file(str(dump))
 
 

@@ -3,8 +3,8 @@
 - Two gloo processes launched the way a GPU user launches (``accelerate launch --use_fsdp --fsdp_version 2``; on CPU
   ``enable_fsdp2`` applies the configuration accelerate drops): the bundled digits UNet, full fine-tune, 4 steps of
   global batch 8. The gathered output weights equal a one-process run of the same global batch (max relative
-  difference <= 1e-5, float32 AdamW), a sharded run stopped at step 2 (``--stop_after_steps``) and resumed equals
-  the uninterrupted one bit for bit, and the output folder is a pipeline ``FDOneStepPipeline`` loads. The same
+  difference <= 1e-5, float32 AdamW), a run resumed from its sharded step-2 checkpoint ends bit for bit where
+  the uninterrupted one ends, and the output folder is a pipeline ``FDOneStepPipeline`` loads. The same
   run validates, keeps the best weights, writes samples and compares with the teacher (the parts the main process
   runs alone: the other process joins each forward), and dumps the first step's gradient, gathered from the shards.
 - The tiny FLUX teacher, LoRA, with the exact population: the gathered LoRA equals the one-process run's and loads
@@ -63,14 +63,15 @@ def test_sharded_training_equals_one_process_resumes_exactly_and_saves_a_pipelin
 
     one, straight, resumed = tmp_path / "one", tmp_path / "straight", tmp_path / "resumed"
     run_script([*_args(assets, one), "--train_batch_size", "8", *_dump(one)], launcher=[])
-    proc = run_script([*_args(assets, straight), *_dump(straight), *MAIN_PROCESS_PARTS], launcher=_sharded_launch(),
-                      timeout=300)
+    proc = run_script([*_args(assets, straight), "--checkpointing_steps", "2", *_dump(straight), *MAIN_PROCESS_PARTS],
+                      launcher=_sharded_launch(), timeout=300)
     assert "FSDP2: sharding the denoiser over 2 processes" in proc.stderr
-    run_script([*_args(assets, resumed), "--stop_after_steps", "2"], launcher=_sharded_launch())
     # accelerate's sharded model and optimizer folders, and the generator EMA sharded the same way
-    assert all((resumed / "checkpoint-2" / name).is_dir()
+    assert all((straight / "checkpoint-2" / name).is_dir()
                for name in ("pytorch_model_fsdp_0", "optimizer_0", "generator_ema"))
-    proc = run_script([*_args(assets, resumed), "--resume_from_checkpoint", "latest"], launcher=_sharded_launch())
+    # a fresh run resumed from its step-2 checkpoint (without the parts above, which change nothing trained)
+    proc = run_script([*_args(assets, resumed), "--resume_from_checkpoint", str(straight / "checkpoint-2")],
+                      launcher=_sharded_launch())
     assert "resumed at step 2" in proc.stderr
 
     # the first step's gradient, gathered from the shards, is the one process's gradient of the global batch
@@ -154,7 +155,7 @@ def test_a_sharded_lora_run_of_flux_with_the_exact_population_gives_the_one_proc
 
     def args(out, batch):
         return ["--pretrained_model_name_or_path", str(tmp_path / "flux"), "--prompts_file", assets["prompts_file"],
-                *encoder_args(assets), *FAST_ARGS, "--max_train_steps", "3", "--learning_rate", "1e-3",
+                *encoder_args(assets), *FAST_ARGS, "--max_train_steps", "2", "--learning_rate", "1e-3",
                 "--train_batch_size", str(batch), "--use_lora", "--lora_rank", "4", "--fd_population", "exact",
                 "--fd_micro_batches", "2", "--checkpointing_steps", "0", "--validation_steps", "0",
                 "--num_validation_images", "0", "--num_validation_samples", "0", "--resolution", "32",
