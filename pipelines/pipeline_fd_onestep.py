@@ -110,7 +110,8 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE as FLUX2_SYSTEM_MESSAGE
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, format_input
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -761,6 +762,11 @@ class _TextFamilyAdapter(FamilyAdapter):
         # the stock pipeline that encodes the prompts is the one that takes the same one step
         if cls.stock_pipeline_class is not None:
             cls.stock_pipeline = cls.stock_pipeline_class.__name__
+
+    def prompt_token_counts(self, prompts: list[str]) -> list[int] | None:
+        """Tokens of each prompt as the stock pipeline tokenizes it against ``max_sequence_length``, its prompt
+        template included (untruncated); None where the tokenizer reads the prompt alone."""
+        return None
 
     def stock_text_pipeline(self) -> DiffusionPipeline:
         """The stock diffusers pipeline of this family over this pipeline's own text components (shared, not copied).
@@ -1450,6 +1456,9 @@ class ZImageAdapter(_PaddedPromptAdapter):
     (ZImagePipeline's ``guidance_scale`` is this pipeline's minus one)."""
 
     name = "zimage"
+
+    def prompt_token_counts(self, prompts):
+        return _chat_template_token_counts(self.pipe.tokenizer, prompts, enable_thinking=True)  # ZImagePipeline's
     denoiser_class = ZImageTransformer2DModel
     lora_loader = "ZImageLoraLoaderMixin"
     stock_pipeline_class = ZImagePipeline
@@ -1580,6 +1589,15 @@ class Flux2Adapter(_TextFamilyAdapter):
         # Flux2Pipeline's mu of one step at this image size, not the scheduler's base/max shift interpolation
         return compute_empirical_mu(image_seq_len=self.image_seq_len(), num_steps=1)
 
+    def prompt_token_counts(self, prompts):
+        # Flux2Pipeline: its system message and the Mistral chat template around each prompt (the rendered text
+        # holds its special tokens, as the processor's own tokenizing of it)
+        processor = self.pipe.tokenizer
+        texts = processor.apply_chat_template(format_input(prompts=list(prompts), system_message=FLUX2_SYSTEM_MESSAGE),
+                                              add_generation_prompt=False, tokenize=False)
+        ids = processor.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
+
     def uses_negative_branch(self, guidance_scale):
         return guidance_scale > 1.0 and not self.guidance_embedded
 
@@ -1652,9 +1670,19 @@ class Flux2KleinAdapter(Flux2Adapter):
         settings["is_distilled"] = distilled
         return settings
 
+    def prompt_token_counts(self, prompts):
+        return _chat_template_token_counts(self.pipe.tokenizer, prompts, enable_thinking=False)  # Flux2KleinPipeline's
+
     def uses_negative_branch(self, guidance_scale):
         # a step-distilled klein takes no guidance: Flux2KleinPipeline ignores guidance_scale (with a warning)
         return super().uses_negative_branch(guidance_scale) and not self.pipe.config.is_distilled
+
+
+def _chat_template_token_counts(tokenizer, prompts, **template_kwargs) -> list[int]:
+    """Tokens of each prompt inside a Qwen3 chat template (a user turn and the generation prompt), untruncated."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                           **template_kwargs) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
 
 
 FAMILY_ADAPTERS = {cls.name: cls for cls in (UNet2DAdapter, DiTAdapter, SDAdapter, SDXLAdapter, SD3Adapter,

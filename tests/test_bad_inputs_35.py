@@ -195,7 +195,7 @@ def test_prompts_longer_than_the_text_encoder_reads_are_named_once(assets, caplo
 
     pipe = FDOneStepPipeline.from_teacher(assets["teachers"]["sd"])
     limits = prompt_token_limits(pipe)
-    (limit,) = {n for _, n in limits}
+    (limit,) = {n for *_, n in limits}
     with caplog.at_level(logging.WARNING):
         assert warn_long_prompts(["a cat", " ".join(["dog"] * 1200)], limits) == 1
     assert f"1 of 2 prompts (--prompts_file) are longer than the text encoder's max_sequence_length of {limit}" \

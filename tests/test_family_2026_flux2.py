@@ -177,8 +177,29 @@ def test_long_prompts_are_counted_with_the_processors_text_tokenizer():
 
     torch.manual_seed(0)
     limits = prompt_token_limits(onestep(TEACHERS["flux2"](), **FAMILY_KWARGS["flux2"]))
-    assert [limit for _, limit in limits] == [FAMILY_KWARGS["flux2"]["max_sequence_length"]]
+    assert [limit for *_, limit in limits] == [FAMILY_KWARGS["flux2"]["max_sequence_length"]]
     assert warn_long_prompts(["a red cat", " ".join(["dog"] * 50)], limits) == 1
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "zimage"])
+def test_long_prompts_are_counted_inside_the_stock_pipelines_prompt_template(family):
+    """The stock pipeline truncates the templated prompt (FLUX.2's system message, Qwen3's chat template in FLUX.2
+    [klein] and Z-Image) to
+    max_sequence_length: a prompt whose own tokens fit but whose templated tokens do not is warned about."""
+    from fd_onestep.prompt_store import text_tokenizer
+    from fd_onestep.training.checks import prompt_token_limits, warn_long_prompts
+
+    torch.manual_seed(0)
+    pipe = onestep(TEACHERS[family](), **FAMILY_KWARGS[family])
+    ((what, count, limit),) = prompt_token_limits(pipe)
+    assert "prompt template" in what
+    alone = text_tokenizer(pipe.tokenizer)
+    words = next(n for n in range(1, limit + 1) if count([" ".join(["dog"] * n)])[0] > limit)
+    prompt = " ".join(["dog"] * words)
+    assert len(alone(prompt)["input_ids"]) <= limit  # the prompt alone fits
+    assert warn_long_prompts(["a red cat", prompt], prompt_token_limits(pipe)) == 1
+    # and it is what the stock pipeline cuts: the templated prompt fills max_sequence_length
+    assert count(["a red cat"])[0] < limit
 
 
 # ------------------------------------------------------------------------------------------- the training script

@@ -16,7 +16,6 @@ from accelerate.logging import get_logger
 
 from fd_onestep.cli import check_output_path
 from fd_onestep.errors import RunError
-from fd_onestep.prompt_store import text_tokenizer
 from fd_onestep.training.checkpoints import resolve_resume_checkpoint, set_aside_newer_checkpoints
 from fd_onestep.training.hub import check_push_to_hub
 from fd_onestep.training.inputs import load_caption_dataset, read_prompts_file
@@ -426,11 +425,16 @@ def check_conditioning_args(args, index: dict) -> None:
         )
 
 
-def prompt_token_limits(pipe) -> list[tuple[object, int]]:
-    """``(tokenizer, tokens read)`` of each of a text pipeline's tokenizers: a CLIP tokenizer reads its
-    ``model_max_length`` (77); a T5 / Gemma one the pipeline's ``max_sequence_length`` (SD3, Flux, SANA). A processor
-    (FLUX.2-dev's ``PixtralProcessor``, whose first argument is images) counts with its text tokenizer."""
+def prompt_token_limits(pipe) -> list[tuple[str, object, int]]:
+    """``(what counts, count, tokens read)`` for each of a text pipeline's tokenizers: ``count(prompts)`` gives each
+    prompt's tokens. A CLIP tokenizer reads its ``model_max_length`` (77); a T5 / Gemma / Qwen / Mistral one the
+    pipeline's ``max_sequence_length`` (SD3, Flux, SANA, the 2026 families), counted with the prompt template the
+    stock pipeline wraps each prompt in (the family adapter's ``prompt_token_counts``: FLUX.2's system message,
+    Qwen3's chat template). A processor (FLUX.2-dev's ``PixtralProcessor``) counts with its text tokenizer."""
+    from fd_onestep.prompt_store import text_tokenizer  # imports the pipeline module
+
     max_sequence_length = getattr(getattr(pipe, "config", None), "max_sequence_length", None)
+    adapter = getattr(pipe, "adapter", None)
     out = []
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(pipe, name, None)
@@ -440,23 +444,31 @@ def prompt_token_limits(pipe) -> list[tuple[object, int]]:
         limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
         if "CLIP" not in type(tokenizer).__name__ and max_sequence_length:
             limit = int(max_sequence_length)
-        if 0 < limit < 100_000:  # a tokenizer without a limit truncates nothing
-            out.append((tokenizer, limit))
+        if not 0 < limit < 100_000:  # a tokenizer without a limit truncates nothing
+            continue
+        what = type(tokenizer).__name__
+
+        def count(prompts, tokenizer=tokenizer):
+            return [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
+
+        if name == "tokenizer" and max_sequence_length and adapter is not None \
+                and adapter.prompt_token_counts(["a"]) is not None:
+            what, count = f"{what}, with the pipeline's prompt template", adapter.prompt_token_counts
+        out.append((what, count, limit))
     return out
 
 
-def warn_long_prompts(prompts: list[str] | None, limits: list[tuple[object, int]], flag: str = "--prompts_file") -> int:
+def warn_long_prompts(prompts: list[str] | None, limits: list[tuple[str, object, int]], flag: str = "--prompts_file") -> int:
     """Warn once when prompts are longer than a text encoder reads: they are truncated to its
     ``max_sequence_length``, as the stock pipelines do. ``limits``: :func:`prompt_token_limits`. Returns the
     number of prompts that are cut."""
     most = 0
-    for tokenizer, limit in limits if prompts else ():
-        lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
-        cut = [n for n in lengths if n > limit]
+    for what, count, limit in limits if prompts else ():
+        cut = [n for n in count(list(prompts)) if n > limit]
         if cut:
             _log.warning(
                 f"{len(cut)} of {len(prompts)} prompts ({flag}) are longer than the text encoder's "
-                f"max_sequence_length of {limit} tokens ({type(tokenizer).__name__}; the longest has {max(cut)}): "
+                f"max_sequence_length of {limit} tokens ({what}; the longest has {max(cut)}): "
                 f"they are truncated to their first {limit} tokens, as the stock pipeline does. Shorten them to keep "
                 "every word."
             )
