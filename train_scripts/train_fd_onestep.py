@@ -712,7 +712,9 @@ def dump_gradients(accelerator, denoiser, path, step: int) -> None:
 
     from fd_onestep.training.sharding import full_gradients
 
-    grads = full_gradients(unwrap(accelerator, denoiser))
+    if not accelerator.is_main_process and not is_sharded(denoiser):
+        return  # replicated (DDP): the main process's gradients are every process's
+    grads = full_gradients(unwrap(accelerator, denoiser))  # sharded: a collective
     if not accelerator.is_main_process:
         return
     path = Path(path)
