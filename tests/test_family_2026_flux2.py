@@ -18,7 +18,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from test_lora_fd_onestep import trained_lora
-from test_train_sdxl_sana import _run_card_code, _same_tensors
+from test_train_sdxl_sana import _run_card_code, train_straight_and_resumed
 from tiny_teachers import FAMILY_KWARGS, TEACHERS, flux2_klein_teacher
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
@@ -220,15 +220,9 @@ def _train(script, assets, teacher, out, *extra):
 def test_the_training_script_trains_resumes_exactly_and_writes_a_card_whose_code_runs(script, assets, folders,
                                                                                      tmp_path, family, lora):
     extra = ["--use_lora", "--lora_rank", "2"] if lora else []
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(script, assets, folders[family], straight, *extra)
-    _train(script, assets, folders[family], resumed, *extra, "--stop_after_steps", "1")
-    assert _train(script, assets, folders[family], resumed, *extra, "--resume_from_checkpoint", "latest")[
-        "global_step"] == 2
     weights = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
-    _same_tensors(straight / weights, resumed / weights)
-    for name in ("fd_populations.safetensors", "training_state.safetensors"):
-        _same_tensors(straight / "checkpoint-2" / name, resumed / "checkpoint-2" / name)
+    straight, _ = train_straight_and_resumed(lambda out, *args: _train(script, assets, folders[family], out, *args),
+                                             tmp_path, extra, weights)
     spaces = _run_card_code(straight)
     if lora:  # ours, and the stock pipeline with the LoRA and stock_one_step()'s settings
         assert type(spaces[1]["pipe"]).__name__ == FAMILIES[family].__name__

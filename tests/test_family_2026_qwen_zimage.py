@@ -16,7 +16,7 @@ from diffusers import QwenImagePipeline, ZImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from test_lora_fd_onestep import trained_lora
 from test_pipeline_sdxl_sana import _to_pt
-from test_train_sdxl_sana import _run_card_code, _same_tensors
+from test_train_sdxl_sana import _run_card_code, train_straight_and_resumed
 from tiny_teachers import QWEN_MAX_LENGTH, qwenimage_teacher, zimage_teacher
 
 from fd_onestep.pipelines.pipeline_fd_onestep import FDOneStepPipeline
@@ -241,15 +241,9 @@ def _train(script, assets, family, out, *extra):
 @pytest.mark.parametrize("family,lora", [("qwenimage", True), ("zimage", False)], ids=["qwenimage-lora", "zimage-full"])
 def test_an_interrupted_run_resumes_exactly_and_its_card_code_runs(script, assets, tmp_path, family, lora):
     extra = ["--use_lora", "--lora_rank", "2"] if lora else []
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(script, assets, family, straight, *extra)
-    _train(script, assets, family, resumed, *extra, "--stop_after_steps", "1")
-    summary = _train(script, assets, family, resumed, *extra, "--resume_from_checkpoint", "latest")
-    assert summary["global_step"] == 2
     weights = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
-    _same_tensors(straight / weights, resumed / weights)
-    for name in ("fd_populations.safetensors", "training_state.safetensors"):
-        _same_tensors(straight / "checkpoint-2" / name, resumed / "checkpoint-2" / name)
+    straight, _ = train_straight_and_resumed(lambda out, *args: _train(script, assets, family, out, *args), tmp_path,
+                                             extra, weights)
 
     spaces = _run_card_code(straight)
     if lora:  # ours (the teacher + the LoRA) and the stock pipeline's one step with the LoRA

@@ -48,19 +48,26 @@ def _same_tensors(a, b):
         assert torch.equal(ta[key], tb[key]), f"{a.name}:{key} differs"
 
 
-@pytest.mark.parametrize("family,lora", [("sdxl", True), ("sana", False)], ids=["sdxl-lora", "sana-full"])
-def test_an_interrupted_run_resumes_exactly_and_its_card_code_runs(script, assets, tmp_path, family, lora):
-    extra = ["--use_lora", "--lora_rank", "2"] if lora else []
+def train_straight_and_resumed(train, tmp_path, extra, weights):
+    """A 2-step run (``train(out, *args)``) straight, and stopped after step 1 then resumed from ``latest``: both end
+    with bitwise-equal ``weights`` (a file of the output dir) and checkpoint-2 states. Returns both output dirs."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(script, assets, family, straight, *extra)
-    _train(script, assets, family, resumed, *extra, "--stop_after_steps", "1")
-    summary = _train(script, assets, family, resumed, *extra, "--resume_from_checkpoint", "latest")
-    assert summary["global_step"] == 2
-    slot = "unet" if family == "sdxl" else "transformer"
-    weights = "pytorch_lora_weights.safetensors" if lora else f"{slot}/diffusion_pytorch_model.safetensors"
+    train(straight, *extra)
+    train(resumed, *extra, "--stop_after_steps", "1")
+    assert train(resumed, *extra, "--resume_from_checkpoint", "latest")["global_step"] == 2
     _same_tensors(straight / weights, resumed / weights)
     for name in ("fd_populations.safetensors", "training_state.safetensors"):
         _same_tensors(straight / "checkpoint-2" / name, resumed / "checkpoint-2" / name)
+    return straight, resumed
+
+
+@pytest.mark.parametrize("family,lora", [("sdxl", True), ("sana", False)], ids=["sdxl-lora", "sana-full"])
+def test_an_interrupted_run_resumes_exactly_and_its_card_code_runs(script, assets, tmp_path, family, lora):
+    extra = ["--use_lora", "--lora_rank", "2"] if lora else []
+    slot = "unet" if family == "sdxl" else "transformer"
+    weights = "pytorch_lora_weights.safetensors" if lora else f"{slot}/diffusion_pytorch_model.safetensors"
+    straight, _ = train_straight_and_resumed(lambda out, *args: _train(script, assets, family, out, *args), tmp_path,
+                                             extra, weights)
 
     spaces = _run_card_code(straight)
     if lora:
